@@ -1,0 +1,33 @@
+"""jaxlora: functional LoRA for JAX and Flax. See docs/design.md for how it works."""
+
+from ._config import LoraConfig as LoraConfig
+from ._core import ModuleSummary as ModuleSummary
+from ._core import Summary as Summary
+from ._core import apply as apply
+from ._core import init as init
+from ._core import merge as merge
+from ._core import summary as summary
+from ._core import unmerge as unmerge
+from ._matmul import LoraFactors as LoraFactors
+from ._matmul import delta as delta
+from ._optim import mask as mask
+from ._trace import UnsupportedError as UnsupportedError
+from ._tree import module_path as module_path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraFactors",
+    "ModuleSummary",
+    "Summary",
+    "UnsupportedError",
+    "apply",
+    "delta",
+    "init",
+    "mask",
+    "merge",
+    "module_path",
+    "summary",
+    "unmerge",
+]

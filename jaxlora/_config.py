@@ -1,0 +1,143 @@
+"""`LoraConfig`: what to adapt and how, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+ALL_LINEAR = "all-linear"
+Init = Literal["kaiming", "gaussian"]
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Whether ``pattern`` (a regex) matches ``path`` whole, or a whole trailing part of it.
+
+    ``"query"`` and ``".*/query"`` both match ``"encoder/layer_0/query"``; ``"uery"`` does not.
+    """
+    return re.fullmatch(pattern, path) is not None or re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
+
+
+def _freeze_patterns(name: str, value: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"LoraConfig.{name} must be a dict from regex to number, got {type(value).__name__}.")
+    return tuple(value.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which weights get LoRA factors, their rank, scale, dtype and init.
+
+    Args:
+      rank: the rank ``r`` of ``B·A``; a positive int.
+      alpha: the scale numerator: ``scale = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``rslora``).
+        Defaults to ``rank`` (scale 1).
+      targets: which weights to adapt, matched against module paths such as
+        ``"encoder/layer_0/attention/query"``: a regex, a list of regexes or module names (each must
+        match something), or ``"all-linear"`` (every weight that feeds a matmul).
+        A pattern matches a path whole or a whole trailing part of it, so ``"query"`` matches
+        ``"encoder/layer_0/attention/query"``.
+      exclude: patterns of paths never to adapt, matched the same way.
+      rank_pattern: ``{pattern: rank}`` overriding ``rank`` for matching paths (first match wins).
+      alpha_pattern: ``{pattern: alpha}`` overriding ``alpha`` likewise.
+      rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
+      dropout: dropout rate on the LoRA branch's input; active only when ``apply`` gets a
+        ``dropout_key``.
+      dtype: dtype of ``A`` and ``B`` (float32 by default, also when the weights are bfloat16; the
+        product is computed in the layer's own compute dtype).
+      init: ``"kaiming"`` (PEFT's default: ``A`` uniform in ``±1/sqrt(fan_in)``) or ``"gaussian"``
+        (``A`` normal with std ``1/rank``). ``B`` always starts at zero.
+
+    Raises:
+      ValueError, TypeError: for a field that cannot work, naming the field and the fix.
+
+    Example:
+      >>> import jaxlora
+      >>> config = jaxlora.LoraConfig(rank=8, alpha=16, targets=r".*/(query|value)")
+      >>> config.scale_for("encoder/layer_0/query")
+      2.0
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: str | Sequence[str] = ALL_LINEAR
+    exclude: str | Sequence[str] = ()
+    rank_pattern: Mapping[str, int] | None = None
+    alpha_pattern: Mapping[str, float] | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    dtype: jnp.dtype | str | type = jnp.float32
+    init: Init = "kaiming"
+
+    def __post_init__(self) -> None:
+        problems = []
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank <= 0:
+            problems.append(f"rank must be a positive int, got {self.rank!r}; try rank=8.")
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            problems.append(f"alpha must be a positive number or None (meaning alpha = rank), got {self.alpha!r}.")
+        if isinstance(self.targets, str):
+            targets: tuple[str, ...] = (self.targets,)
+        else:
+            targets = tuple(self.targets)
+        if not targets:
+            problems.append('targets is empty; pass a regex, a list of module names, or "all-linear".')
+        set_("targets", self.targets if isinstance(self.targets, str) else targets)
+        set_("exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+        for name in ("targets", "exclude"):
+            for pattern in self.target_patterns if name == "targets" else self.exclude:
+                if pattern == ALL_LINEAR:
+                    continue
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    problems.append(f"{name} pattern {pattern!r} is not a valid regex: {e}.")
+        set_("rank_pattern", _freeze_patterns("rank_pattern", self.rank_pattern))
+        set_("alpha_pattern", _freeze_patterns("alpha_pattern", self.alpha_pattern))
+        for pattern, r in self.rank_pattern:
+            if not isinstance(r, (int, np.integer)) or r <= 0:
+                problems.append(f"rank_pattern[{pattern!r}] must be a positive int, got {r!r}.")
+        for pattern, a in self.alpha_pattern:
+            if not isinstance(a, (int, float)) or a <= 0:
+                problems.append(f"alpha_pattern[{pattern!r}] must be a positive number, got {a!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            problems.append(f"dtype {self.dtype!r} is not a dtype; use jnp.float32 or jnp.bfloat16.")
+        else:
+            if not jnp.issubdtype(dtype, jnp.floating):
+                problems.append(f"dtype must be floating (A and B are trained), got {dtype}; use jnp.float32.")
+            set_("dtype", dtype)
+        if self.init not in ("kaiming", "gaussian"):
+            problems.append(f'init must be "kaiming" or "gaussian", got {self.init!r}.')
+        if problems:
+            raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
+
+    @property
+    def target_patterns(self) -> tuple[str, ...]:
+        """The targets as a tuple of patterns."""
+        return (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+
+    def rank_for(self, path: str) -> int:
+        """The rank for the module at ``path`` (``rank_pattern`` first, then ``rank``)."""
+        return int(next((r for p, r in self.rank_pattern if matches(p, path)), self.rank))
+
+    def scale_for(self, path: str) -> float:
+        """The scale ``alpha / r`` (or ``alpha / sqrt(r)``) for the module at ``path``."""
+        r = self.rank_for(path)
+        alpha = next((a for p, a in self.alpha_pattern if matches(p, path)), self.alpha)
+        alpha = r if alpha is None else alpha
+        return float(alpha / (math.sqrt(r) if self.rslora else r))
+
+    def excludes(self, path: str) -> bool:
+        """Whether ``exclude`` rules ``path`` out."""
+        return any(matches(p, path) for p in self.exclude)

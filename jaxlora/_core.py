@@ -1,0 +1,294 @@
+"""The functional verbs: `init`, `apply`, `merge`, `unmerge`, `summary`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+from . import _trace
+from ._config import LoraConfig
+from ._matmul import LoraFactors, delta, factor_shapes
+from ._tree import Weight, nearest, select, weights
+
+Params = TypeVar("Params")
+Lora = dict[str, LoraFactors]
+NOT_MATRICES = ("bias", "scale", "offset")  # leaf names that are never LoRA weights
+_NEEDS_TRACE = (
+    "Pass the function that uses the weights so init can trace it (nothing is computed): "
+    "jaxlora.init(key, params, config, fn=model.apply, args=(x,)); args may be jax.ShapeDtypeStruct."
+)
+
+
+def _probe(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], candidates: dict[str, Weight]) -> _trace.Context:
+    ctx = _trace.Context(probing=True)
+    tagged = {w.index: (path, None) for path, w in candidates.items()}
+    jax.eval_shape(lambda p, a: _trace.run(fn, p, a, {}, tagged, ctx), params, tuple(args))
+    return ctx
+
+
+def _roles(path: str, w: Weight, ctx: _trace.Context | None) -> str:
+    if ctx is None:
+        if len(w.leaf.shape) == 2:
+            return "oi" if w.name == "weight" else "io"  # PyTorch/Equinox (out, in); Flax (in, out)
+        raise ValueError(
+            f"{path!r}: weight {jax.tree_util.keystr(w.keypath)} has shape {tuple(w.leaf.shape)}; with more than "
+            "two axes its input, output and stacked-layer axes cannot be told from the shape. " + _NEEDS_TRACE
+        )
+    seen = ctx.usage.get(path, {})
+    if len(seen) < len(w.leaf.shape) or not {"i", "o"} <= set(seen.values()):
+        uses = sorted(ctx.ops.get(path, set())) or ["none"]
+        raise ValueError(
+            f"{path!r}: weight {jax.tree_util.keystr(w.keypath)} {tuple(w.leaf.shape)} never reaches a matmul, "
+            f"convolution or lookup in fn (its uses: {uses}); LoRA cannot adapt it. Leave it out of "
+            "LoraConfig.targets (or add it to exclude)."
+        )
+    return "".join(seen[k] for k in range(len(w.leaf.shape)))
+
+
+def init(
+    key: jax.Array,
+    params: Params,
+    config: LoraConfig,
+    *,
+    fn: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
+) -> Lora:
+    """Make the LoRA factors for every weight of ``params`` that ``config`` targets.
+
+    Args:
+      key: a PRNG key; each module's ``A`` uses ``fold_in(key, crc32(path))``, so adding a target
+        leaves the others' init unchanged.
+      params: the frozen parameters (a Linen variables dict, an ``nnx.State``, any pytree); leaves may
+        be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``), so nothing is materialised.
+      config: what to adapt.
+      fn, args: optional: a function ``fn(params, *args)`` that uses the weights, such as
+        ``model.apply``. Init traces it abstractly to learn which axes of each weight are inputs,
+        outputs or stacked layers (needed for weights with more than two axes: DenseGeneral, Einsum,
+        Conv, scanned layers), and which weights feed a matmul (``"all-linear"``).
+
+    Returns:
+      A dict from module path to `LoraFactors` with ``a`` random and ``b`` zero, so the adapted model
+      starts equal to the base.
+
+    Raises:
+      ValueError: for a target that matches nothing (naming the closest paths), a rank larger than a
+        weight allows, or a weight whose layout cannot be known.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"params": {"dense": {"kernel": jnp.ones((4, 6))}}}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> lora["dense"].a.shape, lora["dense"].b.shape
+      ((4, 2), (2, 6))
+    """
+    candidates = weights(params)
+    ctx = _probe(fn, params, args, candidates) if fn is not None else None
+    if ctx is None:  # no trace: a stacked bias or norm scale is 2-D too, so go by name
+        candidates = {p: w for p, w in candidates.items() if w.name not in NOT_MATRICES}
+    else:  # traced: what reaches a matmul, convolution or lookup
+        candidates = {p: w for p, w in candidates.items() if ctx.ops.get(p, set()) & {"dot_general", "conv", "gather"}}
+    linear = None if ctx is None else {p for p, ops in ctx.ops.items() if "dot_general" in ops}
+    chosen = select(candidates, config, linear)
+    layouts, problems = {}, []
+    for path in chosen:
+        try:
+            layouts[path] = _roles(path, candidates[path], ctx)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("jaxlora.init cannot lay out these weights:\n  " + "\n  ".join(problems))
+    lora: Lora = {}
+    for path, roles in layouts.items():
+        w, r = candidates[path], config.rank_for(path)
+        shape = tuple(w.leaf.shape)
+        fan_in = math.prod(d for d, c in zip(shape, roles) if c == "i")
+        fan_out = math.prod(d for d, c in zip(shape, roles) if c == "o")
+        if r > min(fan_in, fan_out):
+            problems.append(
+                f"{path!r}: rank {r} exceeds min(inputs={fan_in}, outputs={fan_out}) of weight {shape}; "
+                f"use a smaller rank (rank_pattern={{{path!r}: {min(fan_in, fan_out)}}} sets it for this module)."
+            )
+            continue
+        a_shape, b_shape = factor_shapes(shape, roles, r)
+        k = jax.random.fold_in(key, _trace.path_seed(path))
+        lookup = ctx is not None and ctx.ops.get(path, set()) == {"gather"} or ctx is None and w.name == "embedding"
+        if config.init == "gaussian":
+            a = jax.random.normal(k, a_shape, config.dtype) / r
+        elif lookup:  # a row lookup has one-hot inputs (fan-in 1): PEFT's N(0, 1) on the random side
+            a = jax.random.normal(k, a_shape, config.dtype)
+        else:  # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(k, a_shape, config.dtype, -bound, bound)
+        lora[path] = LoraFactors(
+            a=a, b=jnp.zeros(b_shape, config.dtype), scale=config.scale_for(path), roles=roles, dropout=config.dropout
+        )
+    if problems:
+        raise ValueError("jaxlora.init:\n  " + "\n  ".join(problems))
+    return lora
+
+
+def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
+    """The targeted weights of ``params``; raises once, listing every way ``lora`` does not fit."""
+    if not isinstance(lora, Mapping):
+        raise TypeError(f"lora must be the dict that jaxlora.init returns, got {type(lora).__name__}.")
+    candidates = weights(params)
+    problems = []
+    for path, f in lora.items():
+        if not isinstance(f, LoraFactors):
+            problems.append(f"{path!r}: expected LoraFactors, got {type(f).__name__}.")
+        elif path not in candidates:
+            problems.append(f"{path!r} is not an adaptable weight of params; {nearest(path, candidates)}.")
+        else:
+            shape = tuple(candidates[path].leaf.shape)
+            if len(f.roles) != len(shape):
+                problems.append(f"{path!r}: weight {shape} but the LoRA factors were made for {len(f.roles)}-D roles {f.roles!r}.")
+                continue
+            want = factor_shapes(shape, f.roles, f.a.shape[-1])
+            if (tuple(f.a.shape), tuple(f.b.shape)) != want:
+                problems.append(f"{path!r}: weight {shape} needs a {want[0]} and b {want[1]}, got a {tuple(f.a.shape)} and b {tuple(f.b.shape)}.")
+    if problems:
+        raise ValueError(
+            "The LoRA tree does not fit params (was it made for another model? re-run jaxlora.init on these params):\n  "
+            + "\n  ".join(problems)
+        )
+    return {path: candidates[path] for path in lora}
+
+
+def apply(
+    fn: Callable[..., Any],
+    params: Any,
+    lora: Mapping[str, LoraFactors],
+    *args: Any,
+    dropout_key: jax.Array | None = None,
+    unsupported: str = "error",
+    **kwargs: Any,
+) -> Any:
+    """Call ``fn(params, *args, **kwargs)`` with every targeted weight computed as ``W + scale·B·A``.
+
+    Each targeted matmul, convolution or lookup computes ``op(x, W) + scale · (x·A)·B`` and never forms
+    ``W + ΔW``; ``params`` are constants of the computation, so differentiating with respect to
+    ``lora`` computes no gradient for ``W``. Works eagerly and under ``jit``, ``grad``, ``vmap``, and
+    through ``remat``, ``scan``, ``cond`` and nested ``jit`` inside ``fn``.
+
+    Args:
+      fn: any function whose first argument is ``params`` (``model.apply``; a function of an
+        ``nnx.State``; plain JAX).
+      params: the frozen parameters.
+      lora: the tree from `init`.
+      *args, **kwargs: the rest of ``fn``'s arguments; array leaves are traced, other leaves static.
+      dropout_key: a PRNG key to turn on LoRA dropout (the rate is ``LoraConfig.dropout``); without
+        it, as in inference, there is no dropout.
+      unsupported: ``"error"`` (default) raises when a targeted weight reaches an op jaxlora cannot
+        factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
+
+    Returns:
+      What ``fn`` returns.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> jaxlora.apply(lambda p, x: x @ p["w"], params, lora, jnp.ones((1, 4))).shape
+      (1, 6)
+    """
+    if unsupported not in _trace.FALLBACKS:
+        raise ValueError(f'unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.')
+    targets = _fit(params, lora)
+    tagged = {targets[path].index: (path, f) for path, f in lora.items()}
+    ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
+    return _trace.run(fn, params, args, kwargs, tagged, ctx)
+
+
+def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Params:
+    targets = _fit(params, lora)
+    by_index = {targets[path].index: f for path, f in lora.items()}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    for i, f in by_index.items():
+        w = leaves[i]
+        if isinstance(w, jax.ShapeDtypeStruct):
+            raise TypeError(f"merge needs real weights, but params holds only the shape of {targets and i} ({w}).")
+        leaves[i] = (w.astype(jnp.float32) + sign * delta(f, jnp.float32)).astype(w.dtype)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
+    """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
+
+    Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
+    shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"w": jnp.zeros((4, 6))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> bool((jaxlora.merge(params, lora)["w"] == 0).all())  # B = 0 at init
+      True
+    """
+    return _shift(params, lora, 1.0)
+
+
+def unmerge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
+    """The inverse of `merge`: ``W - scale·B·A``, exact up to the weights' dtype rounding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> bool((jaxlora.unmerge(jaxlora.merge(params, lora), lora)["w"] == 1).all())
+      True
+    """
+    return _shift(params, lora, -1.0)
+
+
+class ModuleSummary(NamedTuple):
+    """One adapted weight: its path, shape, rank and LoRA parameter count."""
+
+    path: str
+    weight_shape: tuple[int, ...]
+    rank: int
+    trainable: int
+
+
+class Summary(NamedTuple):
+    """Trainable-parameter counts, per module and in total; ``str()`` prints a table and PEFT's line."""
+
+    modules: tuple[ModuleSummary, ...]
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        width = max([len(m.path) for m in self.modules] + [6])
+        rows = [f"{'module':<{width}}  {'weight':>20}  {'rank':>4}  {'trainable':>12}"]
+        rows += [f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank:>4}  {m.trainable:>12,}" for m in self.modules]
+        rows.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}")
+        return "\n".join(rows)
+
+
+def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
+    """Count trainable (LoRA) and all parameters, like PEFT's ``print_trainable_parameters``.
+
+    Works on abstract trees (``jax.eval_shape`` output): only shapes are read.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> params = {"w": jnp.ones((768, 768))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=8))
+      >>> print(jaxlora.summary(params, lora).trainable)
+      12288
+    """
+    targets = _fit(params, lora)
+    modules = tuple(
+        ModuleSummary(path, tuple(targets[path].leaf.shape), f.a.shape[-1], math.prod(f.a.shape) + math.prod(f.b.shape))
+        for path, f in lora.items()
+    )
+    base = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape"))
+    trainable = sum(m.trainable for m in modules)
+    return Summary(modules, trainable, base + trainable)

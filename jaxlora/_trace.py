@@ -1,0 +1,417 @@
+"""LoRA for any JAX function, by re-running its jaxpr with targeted weights tagged.
+
+``fn(params, *args)`` is traced once to a jaxpr (``jax.make_jaxpr``; public API). The jaxpr is then
+evaluated equation by equation on the caller's values, except that each targeted weight travels as
+a `Tagged` value: ``W`` as the model sees it (after its own casts and transposes) with its LoRA
+factors beside it. When a tagged weight reaches a ``dot_general``, convolution or lookup, the
+equation is replaced by `_matmul.lora_op`; through nested ``jit``, ``remat``, ``scan``, ``cond``,
+``while`` and custom derivative rules the tagged value is carried into the inner jaxpr. Every other
+equation is bound unchanged, so the result is the user's own computation plus the LoRA branches.
+
+The same evaluator *probes* a function: with no factors, it records how each weight's axes are used
+(contracted, produced, stacked), which is how `jaxlora.init` learns a weight's layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Jaxpr, Literal
+
+from ._matmul import LoraFactors, lora_op
+
+FALLBACKS = ("error", "merge")
+_PASS_THROUGH = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint", "stop_gradient"}
+_INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_REMAT = {"remat2", "checkpoint", "remat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How the array a function sees relates to the original weight ``W``.
+
+    ``origin[v]`` is the axis of ``W`` that the view's axis ``v`` is; ``present`` lists ``W``'s axes
+    not yet sliced away by a scan over stacked layers.
+    """
+
+    path: str
+    present: tuple[int, ...]
+    origin: tuple[int, ...]
+
+
+@jax.tree_util.register_pytree_node_class
+class Tagged:
+    """A targeted weight inside the traced function: its view ``w`` and the factors (None when probing)."""
+
+    def __init__(self, w, a, b, view: View, factors: LoraFactors | None):
+        self.w, self.a, self.b, self.view, self.factors = w, a, b, view, factors
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), (self.view, self.factors)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def replace(self, w=None, **view_changes) -> Tagged:
+        view = dataclasses.replace(self.view, **view_changes) if view_changes else self.view
+        return Tagged(self.w if w is None else w, self.a, self.b, view, self.factors)
+
+    def role(self, axis: int) -> str:
+        return self.factors.roles[self.view.origin[axis]]
+
+    def axes(self, side: str) -> list:
+        """The axes of factor ``side`` ("a" or "b") as original-axis numbers, with "r" for the rank."""
+        roles, present = self.factors.roles, self.view.present
+        group = lambda role: [k for k in present if roles[k] == role]  # noqa: E731
+        return group("s") + group("i") + ["r"] if side == "a" else group("s") + ["r"] + group("o")
+
+
+class UnsupportedError(ValueError):
+    """A targeted weight reached an operation that jaxlora cannot factor."""
+
+
+@dataclasses.dataclass
+class Context:
+    """State of one evaluation: probe records, or the dropout key and the fallback policy."""
+
+    probing: bool = False
+    fallback: str = "error"
+    dropout_key: jax.Array | None = None
+    usage: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    ops: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    sites: int = 0
+
+    def record(self, t: Tagged, op: str, roles: dict[int, str]) -> None:
+        self.ops.setdefault(t.view.path, set()).add(op)
+        seen = self.usage.setdefault(t.view.path, {})
+        for axis, role in roles.items():
+            seen.setdefault(t.view.origin[axis], role)
+
+    def next_key(self) -> jax.Array | None:
+        self.sites += 1
+        return None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, self.sites)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _bind(eqn, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
+    params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):  # older JAX returns (subfuns, params)
+        subfuns, params = params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        with manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
+    """Evaluate ``jaxpr`` on ``args``, where some values may be `Tagged` weights."""
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, Tagged) for v in invals):
+            outs = _rule(eqn, invals, ctx)
+        else:
+            outs = _bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    return [_untag(read(v), "returned by the function", ctx) for v in jaxpr.outvars]
+
+
+def _closed(j) -> tuple[Jaxpr, Sequence[Any]]:
+    return (j.jaxpr, j.consts) if hasattr(j, "consts") else (j, ())
+
+
+def _untag(value: Any, where: str, ctx: Context) -> Any:
+    """A plain array for ``value``: the merged weight under the "merge" fallback, else an error."""
+    if not isinstance(value, Tagged):
+        return value
+    if ctx.probing:
+        ctx.ops.setdefault(value.view.path, set()).add(where)
+        return value.w
+    if ctx.fallback == "merge":
+        return value.w + _delta_view(value).astype(value.w.dtype)
+    raise UnsupportedError(
+        f"LoRA weight {value.view.path!r} is {where}, which jaxlora cannot compute in factored form "
+        "(it only factors dot_general, conv_general_dilated and gather). Fix: leave this module out of "
+        'LoraConfig.targets, or pass unsupported="merge" to jaxlora.apply to use W + scale·B·A for this '
+        "use (it materialises the merged weight)."
+    )
+
+
+def _delta_view(t: Tagged) -> jax.Array:
+    """ΔW for the current view of ``t`` (its remaining axes, in view order)."""
+    roles = "".join(t.factors.roles[k] for k in t.view.present)
+    from ._matmul import delta  # local: the one ΔW formula
+
+    d = delta(dataclasses.replace(t.factors, a=t.a, b=t.b, roles=roles))
+    return jnp.transpose(d, [t.view.present.index(k) for k in t.view.origin])
+
+
+def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
+    name = eqn.primitive.name
+    if name in _PASS_THROUGH and len(invals) == 1:
+        (t,) = invals
+        return [t.replace(w=_bind(eqn, [t.w])[0])]
+    if name == "transpose":
+        (t,) = invals
+        perm = eqn.params["permutation"]
+        return [t.replace(w=_bind(eqn, [t.w])[0], origin=tuple(t.view.origin[p] for p in perm))]
+    if name == "dot_general":
+        return [_dot_general(eqn, invals, ctx)]
+    if name == "conv_general_dilated":
+        return [_conv(eqn, invals, ctx)]
+    if name == "gather":
+        return [_gather(eqn, invals, ctx)]
+    if name in _INLINE:
+        j = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+        return evaluate(*_closed(j), invals, ctx)
+    if name in _REMAT:
+        jaxpr, consts = _closed(eqn.params["jaxpr"])
+        body = lambda *args: evaluate(jaxpr, consts, args, ctx)  # noqa: E731
+        return jax.checkpoint(body, policy=eqn.params.get("policy"), prevent_cse=eqn.params.get("prevent_cse", True))(
+            *invals
+        )
+    if name == "scan":
+        return _scan(eqn, invals, ctx)
+    if name == "cond":
+        return _cond(eqn, invals, ctx)
+    if name == "while":
+        return _while(eqn, invals, ctx)
+    plain = [_untag(v, f"used by `{name}`", ctx) for v in invals]
+    return _bind(eqn, plain)
+
+
+# --------------------------------------------------------------------------- factored ops
+
+
+def _split(eqn, invals, ctx, op: str) -> tuple[Tagged, Any, bool]:
+    tagged = [i for i, v in enumerate(invals) if isinstance(v, Tagged)]
+    if len(tagged) != 1:
+        paths = [invals[i].view.path for i in tagged]
+        raise UnsupportedError(f"`{op}` multiplies two LoRA weights {paths} together; target only one of them.")
+    i = tagged[0]
+    return invals[i], invals[1 - i], i == 1
+
+
+def _mismatch(t: Tagged, op: str, what: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"LoRA weight {t.view.path!r} (roles {t.factors.roles!r}: i=input, o=output, s=stacked) is used by "
+        f"`{op}` {what}. Its factors were made for another use: build them with "
+        "jaxlora.init(key, params, config, fn=<this function>, args=<its inputs>) so init traces this use."
+    )
+
+
+def _dot_general(eqn, invals, ctx: Context):
+    t, x, x_is_lhs = _split(eqn, invals, ctx, "dot_general")
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    xc, wc = (lc, rc) if x_is_lhs else (rc, lc)
+    xb, wb = (lb, rb) if x_is_lhs else (rb, lb)
+    wfree = [v for v in range(t.w.ndim) if v not in wc and v not in wb]
+    base_args = (lambda x, w: [x, w]) if x_is_lhs else (lambda x, w: [w, x])
+    base = lambda x, w: _bind(eqn, base_args(x, w))[0]  # noqa: E731
+    if ctx.probing:
+        ctx.record(t, "dot_general", {**{v: "i" for v in wc}, **{v: "s" for v in wb}, **{v: "o" for v in wfree}})
+        return base(x, t.w)
+    origin, roles = t.view.origin, t.factors.roles
+    stacked = [k for k in t.view.present if roles[k] == "s"]
+    if sorted(origin[v] for v in wb) != stacked:
+        raise _mismatch(t, "dot_general", f"with batch axes {tuple(wb)} that are not exactly its stacked axes")
+    contracted = sorted(origin[v] for v in wc)
+    if contracted == [k for k in t.view.present if roles[k] == "i"]:
+        first, second, first_axes, second_axes = t.a, t.b, t.axes("a"), t.axes("b")
+    elif contracted == [k for k in t.view.present if roles[k] == "o"]:  # e.g. a tied embedding's attend
+        first, second, first_axes, second_axes = t.b, t.a, t.axes("b"), t.axes("a")
+    else:
+        raise _mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
+    nb, nxfree = len(xb), x.ndim - len(xc) - len(xb)
+    precision = eqn.params.get("precision")
+    first_dims = ((tuple(xc), tuple(first_axes.index(origin[v]) for v in wc)),
+                  (tuple(xb), tuple(first_axes.index(origin[v]) for v in wb)))
+    second_dims = (((nb + nxfree,), (second_axes.index("r"),)),
+                   (tuple(range(nb)), tuple(second_axes.index(origin[v]) for v in wb)))
+    rest = [k for k in second_axes if k != "r" and k not in stacked]
+    w_out = [nb + nxfree + rest.index(origin[v]) for v in wfree]
+    x_out = list(range(nb, nb + nxfree))
+    perm = list(range(nb)) + (x_out + w_out if x_is_lhs else w_out + x_out)
+    return lora_op(
+        x, t.w, first, second, t.factors.scale,
+        base=base,
+        first_op=lambda x, f: lax.dot_general(x, f, first_dims, precision=precision),
+        second_op=lambda u, s: jnp.transpose(lax.dot_general(u, s, second_dims, precision=precision), perm),
+        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+    )  # fmt: skip
+
+
+def _conv(eqn, invals, ctx: Context):
+    t, x, kernel_is_rhs = _split(eqn, invals, ctx, "conv_general_dilated")
+    p = eqn.params
+    base = lambda x, w: _bind(eqn, [x, w])[0]  # noqa: E731
+    if not kernel_is_rhs:
+        return _bind(eqn, [_untag(t, "the input (not the kernel) of a convolution", ctx), x])[0]
+    dn = p["dimension_numbers"]
+    out_axis = dn.rhs_spec[0]
+    if ctx.probing:
+        ctx.record(t, "conv", {v: ("o" if v == out_axis else "i") for v in range(t.w.ndim)})
+        return base(x, t.w)
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        raise UnsupportedError(
+            f"LoRA weight {t.view.path!r} is the kernel of a grouped convolution (feature_group_count="
+            f"{p['feature_group_count']}, batch_group_count={p['batch_group_count']}), which has no rank-r "
+            "factorisation; leave this module out of LoraConfig.targets."
+        )
+    roles = [t.role(v) for v in range(t.w.ndim)]
+    if roles[out_axis] != "o" or roles.count("o") != 1 or "s" in roles:
+        raise _mismatch(t, "conv_general_dilated", f"with output-feature axis {out_axis}")
+    a_axes = t.axes("a")
+    a_spec = tuple(a_axes.index("r") if v == out_axis else a_axes.index(t.view.origin[v]) for v in dn.rhs_spec)
+    a_params = {**p, "dimension_numbers": lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec)}
+    feature = dn.out_spec[1]
+    return lora_op(
+        x, t.w, t.a, t.b, t.factors.scale,
+        base=base,
+        first_op=lambda x, a: _bind(eqn, [x, a], a_params)[0],
+        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature),
+        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+    )  # fmt: skip
+
+
+def _gather(eqn, invals, ctx: Context):
+    operand, indices = invals
+    if not isinstance(operand, Tagged):
+        return _bind(eqn, [operand, _untag(indices, "used as gather indices", ctx)])[0]
+    t, p = operand, eqn.params
+    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+    base = lambda idx, w: _bind(eqn, [w, idx])[0]  # noqa: E731
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    if ctx.probing:
+        ctx.record(t, "gather", {v: ("i" if v in indexed else "o") for v in range(t.w.ndim)})
+        return base(indices, t.w)
+    roles = [t.role(v) for v in range(t.w.ndim)]
+    o_axis = t.w.ndim - 1
+    simple = roles[-1] == "o" and roles.count("o") == 1 and "s" not in roles and list(t.view.origin) == sorted(t.view.origin)
+    if not simple or o_axis in indexed or sizes[o_axis] != t.w.shape[o_axis]:
+        raise _mismatch(t, "gather", "in a way other than a row lookup (embedding-style)")
+    a_params = {**p, "slice_sizes": tuple(sizes[:-1]) + (t.a.shape[-1],)}
+    out_axis = dn.offset_dims[-1]
+    return lora_op(
+        indices, t.w, t.a, t.b, t.factors.scale,
+        base=base,
+        first_op=lambda idx, a: _bind(eqn, [a, idx], a_params)[0],
+        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- control flow
+
+
+def _slice_leading(t: Tagged, ctx: Context) -> Tagged:
+    """The tagged weight of one scan step: axis 0 of the view sliced away."""
+    k = t.view.origin[0]
+    if ctx.probing:
+        ctx.usage.setdefault(t.view.path, {}).setdefault(k, "s")
+    elif t.factors.roles[k] != "s" or k != min(j for j in t.view.present if t.factors.roles[j] == "s"):
+        raise _mismatch(t, "scan", f"scanning over its axis {k}, which is not its leading stacked axis")
+    return Tagged(t.w, t.a, t.b, View(t.view.path, tuple(j for j in t.view.present if j != k), t.view.origin[1:]), t.factors)
+
+
+def _scan(eqn, invals, ctx: Context):
+    p = eqn.params
+    nconsts, ncarry = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nconsts], invals[nconsts : nconsts + ncarry], invals[nconsts + ncarry :]
+    init = [_untag(v, "carried through a loop", ctx) for v in init]
+    jaxpr, jconsts = _closed(p["jaxpr"])
+    outer_key = ctx.next_key()
+    keys = None if outer_key is None else jax.random.split(outer_key, p["length"])
+
+    def body(carry, step):
+        x, key = step
+        saved, ctx.dropout_key = ctx.dropout_key, key
+        x = [_slice_leading(v, ctx) if isinstance(v, Tagged) else v for v in x]
+        try:
+            outs = evaluate(jaxpr, jconsts, [*consts, *carry, *x], ctx)
+        finally:
+            ctx.dropout_key = saved
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry, *ys]
+
+
+def _cond(eqn, invals, ctx: Context):
+    index, ops = invals[0], invals[1:]
+    branches = [lambda *ops, b=b: evaluate(*_closed(b), ops, ctx) for b in eqn.params["branches"]]
+    return lax.switch(index, branches, *ops)
+
+
+def _while(eqn, invals, ctx: Context):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    init = [_untag(v, "carried through a loop", ctx) for v in init]
+    cj, bj = _closed(p["cond_jaxpr"]), _closed(p["body_jaxpr"])
+    cond = lambda carry: evaluate(*cj, [*cconsts, *carry], ctx)[0]  # noqa: E731
+    body = lambda carry: evaluate(*bj, [*bconsts, *carry], ctx)  # noqa: E731
+    return lax.while_loop(cond, body, init)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(
+    fn: Callable[..., Any],
+    params: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    tagged: dict[int, tuple[str, LoraFactors | None]],
+    ctx: Context,
+) -> Any:
+    """Call ``fn(params, *args, **kwargs)`` with the params leaves in ``tagged`` (by leaf index) tagged.
+
+    Array leaves of ``params``, ``args`` and ``kwargs`` are traced; every other leaf is static.
+    """
+    from ._tree import is_array
+
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+
+    def flat_fn(*values):
+        full = list(leaves)
+        for i, v in zip(dynamic, values):
+            full[i] = v
+        p, a, k = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(p, *a, **k)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*(leaves[i] for i in dynamic))
+    values = []
+    for i in dynamic:
+        v = leaves[i]
+        if i in tagged:
+            path, factors = tagged[i]
+            view = View(path, tuple(range(v.ndim)), tuple(range(v.ndim)))
+            v = Tagged(v, None if factors is None else factors.a, None if factors is None else factors.b, view, factors)
+        values.append(v)
+    outs = evaluate(closed.jaxpr, closed.consts, values, ctx)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def path_seed(path: str) -> int:
+    """A stable 31-bit seed for a module path (independent of which other modules are targeted)."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF

@@ -1,0 +1,125 @@
+"""Module paths: the one place where LoRA keys are made from parameter key paths, and targets matched."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import ALL_LINEAR, LoraConfig, matches
+
+SEPARATOR = "/"
+# Leaf names that *are* their module's weight: the key drops them ("query/kernel" -> "query").
+WEIGHT_NAMES = ("kernel", "embedding", "weight")
+# Leading collection names (Linen's variables dict) and trailing attribute names (NNX variables).
+_COLLECTIONS = ("params",)
+_VALUE_ATTRS = ("value", "raw_value")
+
+
+class Weight(NamedTuple):
+    """A parameter leaf that LoRA can adapt: floating, at least 2-D."""
+
+    index: int  # position among the leaves of jax.tree.leaves(params)
+    keypath: tuple[Any, ...]
+    leaf: Any  # an array or a jax.ShapeDtypeStruct
+    name: str  # the leaf's own name ("kernel")
+
+
+def _entry_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _names(keypath: Iterable[Any]) -> list[str]:
+    names = [_entry_name(e) for e in keypath]
+    if len(names) > 1 and names[0] in _COLLECTIONS:
+        names = names[1:]
+    while len(names) > 1 and names[-1] in _VALUE_ATTRS:
+        names = names[:-1]
+    return names
+
+
+def module_path(keypath: Iterable[Any]) -> str:
+    """The LoRA key of a parameter leaf: its module path, e.g. ``"encoder/layer_0/query"``.
+
+    A leading ``"params"`` collection is dropped, and so is a trailing leaf name in
+    ``WEIGHT_NAMES``; any other leaf keeps its name (``"mlp/w1"``).
+
+    Raises:
+      ValueError: if a name in the path contains ``"/"``, which would make keys ambiguous.
+
+    Example:
+      >>> from jax.tree_util import DictKey
+      >>> module_path((DictKey("params"), DictKey("encoder"), DictKey("query"), DictKey("kernel")))
+      'encoder/query'
+    """
+    names = _names(keypath)
+    bad = [n for n in names if SEPARATOR in n]
+    if bad:
+        raise ValueError(
+            f"Parameter names {bad} contain {SEPARATOR!r}, which jaxlora uses to join module paths; "
+            "rename those modules or parameters."
+        )
+    if len(names) > 1 and names[-1] in WEIGHT_NAMES:
+        names = names[:-1]
+    return SEPARATOR.join(names)
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, np.generic))
+
+
+def weights(params: Any) -> dict[str, Weight]:
+    """Every adaptable leaf of ``params`` (floating, ``ndim >= 2``), keyed by module path."""
+    found: dict[str, Weight] = {}
+    for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        if not is_array(leaf) or len(leaf.shape) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            continue
+        path = module_path(keypath)
+        if path in found:
+            raise ValueError(
+                f"Two weights of params share the module path {path!r} "
+                f"({jax.tree_util.keystr(found[path].keypath)} and {jax.tree_util.keystr(keypath)}); "
+                "give them distinct names."
+            )
+        found[path] = Weight(index, tuple(keypath), leaf, _names(keypath)[-1])
+    return found
+
+
+def nearest(name: str, paths: Iterable[str], n: int = 3) -> str:
+    """A hint listing the paths closest to ``name``."""
+    paths = sorted(paths)
+    close = difflib.get_close_matches(name, paths, n=n, cutoff=0.3)
+    close = close or [p for p in paths if name.split(SEPARATOR)[-1] in p][:n] or paths[:n]
+    return f"closest module paths: {close}" if close else "params has no adaptable weight"
+
+
+def select(candidates: dict[str, Weight], config: LoraConfig, linear: set[str] | None) -> list[str]:
+    """The module paths ``config`` targets, in params order.
+
+    ``linear`` is the set of paths known to feed a matmul (from a trace), or ``None``.
+
+    Raises:
+      ValueError: naming each target pattern that matched nothing, with the closest real paths.
+    """
+    problems, chosen = [], set()
+    for pattern in config.target_patterns:
+        if pattern == ALL_LINEAR:
+            hits = {p for p, w in candidates.items() if (p in linear if linear is not None else w.name != "embedding")}
+        else:
+            hits = {p for p in candidates if matches(pattern, p)}
+        if not hits:
+            problems.append(f"target {pattern!r} matches no adaptable weight; {nearest(pattern, candidates)}.")
+        chosen |= hits
+    if problems:
+        raise ValueError("LoraConfig.targets:\n  " + "\n  ".join(problems))
+    chosen = {p for p in chosen if not config.excludes(p)}
+    if not chosen:
+        raise ValueError(f"Every targeted module is excluded by LoraConfig.exclude={config.exclude}.")
+    return [p for p in candidates if p in chosen]
