@@ -89,10 +89,13 @@ def init(
     ctx = _probe(fn, params, args, candidates) if fn is not None else None
     if ctx is None:  # no trace: a stacked bias or norm scale is 2-D too, so go by name
         candidates = {p: w for p, w in candidates.items() if w.name not in NOT_MATRICES}
-    else:  # traced: what reaches a matmul, convolution or lookup
-        candidates = {p: w for p, w in candidates.items() if ctx.ops.get(p, set()) & {"dot_general", "conv", "gather"}}
+    refused = {}
+    if ctx is not None:  # traced: what reaches a matmul, convolution or lookup
+        factored = {"dot_general", "conv", "gather"}
+        refused = {p: " and ".join(sorted(ctx.ops.get(p, {"unused by fn"}))) for p in candidates if not ctx.ops.get(p, set()) & factored}
+        candidates = {p: w for p, w in candidates.items() if p not in refused}
     linear = None if ctx is None else {p for p, ops in ctx.ops.items() if "dot_general" in ops}
-    chosen = select(candidates, config, linear)
+    chosen = select(candidates, config, linear, refused)
     layouts, problems = {}, []
     for path in chosen:
         try:

@@ -37,12 +37,19 @@ class View:
     """How the array a function sees relates to the original weight ``W``.
 
     ``origin[v]`` is the axis of ``W`` that the view's axis ``v`` is; ``present`` lists ``W``'s axes
-    not yet sliced away by a scan over stacked layers.
+    not yet sliced away by a scan over stacked layers. After a ``reshape`` the axes are re-based: the
+    factors are laid out for the reshaped weight, and ``merged[k]`` lists the axes of the original
+    ``W`` that the new axis ``k`` stands for (``None``: each axis stands for itself).
     """
 
     path: str
     present: tuple[int, ...]
     origin: tuple[int, ...]
+    merged: tuple[tuple[int, ...], ...] | None = None
+
+    def weight_axes(self, k: int) -> tuple[int, ...]:
+        """The axes of the original ``W`` behind axis ``k`` of the (re-based) layout."""
+        return (k,) if self.merged is None else self.merged[k]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -92,7 +99,8 @@ class Context:
         self.ops.setdefault(t.view.path, set()).add(op)
         seen = self.usage.setdefault(t.view.path, {})
         for axis, role in roles.items():
-            seen.setdefault(t.view.origin[axis], role)
+            for k in t.view.weight_axes(t.view.origin[axis]):
+                seen.setdefault(k, role)
 
     def next_key(self) -> jax.Array | None:
         self.sites += 1
@@ -144,7 +152,7 @@ def _untag(value: Any, where: str, ctx: Context) -> Any:
     if not isinstance(value, Tagged):
         return value
     if ctx.probing:
-        ctx.ops.setdefault(value.view.path, set()).add(where)
+        ctx.ops.setdefault(value.view.path, set()).add(f"is {where}")
         return value.w
     if ctx.fallback == "merge":
         return value.w + _delta_view(value).astype(value.w.dtype)
@@ -174,6 +182,14 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         (t,) = invals
         perm = eqn.params["permutation"]
         return [t.replace(w=_bind(eqn, [t.w])[0], origin=tuple(t.view.origin[p] for p in perm))]
+    if name in ("slice", "dynamic_slice") and isinstance(invals[0], Tagged):
+        return [_slice(eqn, invals, ctx)]
+    if name == "split":
+        return _split_axis(eqn, invals[0], ctx)
+    if name == "squeeze":
+        return [_squeeze(eqn, invals[0], ctx)]
+    if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
+        return [_reshape(eqn, invals[0], ctx)]
     if name == "dot_general":
         return [_dot_general(eqn, invals, ctx)]
     if name == "conv_general_dilated":
@@ -197,6 +213,146 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         return _while(eqn, invals, ctx)
     plain = [_untag(v, f"used by `{name}`", ctx) for v in invals]
     return _bind(eqn, plain)
+
+
+# --------------------------------------------------------------------------- views of the weight
+
+
+def _factor_axis(t: Tagged, side: str, v: int) -> int | None:
+    """Where view axis ``v`` of ``t.w`` sits in factor ``side`` ("a" or "b"), or None if not there."""
+    axes = t.axes(side)
+    k = t.view.origin[v]
+    return axes.index(k) if k in axes else None
+
+
+def _slice(eqn, invals, ctx: Context) -> Tagged:
+    """``W[...]`` by ``slice``/``dynamic_slice``: slice ``a`` and ``b`` along the same axes."""
+    t, starts = invals[0], [_untag(v, "used as a slice index", ctx) for v in invals[1:]]
+    w = _bind(eqn, [t.w, *starts])[0]
+    if ctx.probing:
+        return t.replace(w=w)
+    p, a, b = eqn.params, t.a, t.b
+    for v in range(t.w.ndim):
+        if eqn.primitive.name == "slice":
+            start, limit = p["start_indices"][v], p["limit_indices"][v]
+            stride = (p["strides"] or (1,) * t.w.ndim)[v]
+            if (start, limit, stride) == (0, t.w.shape[v], 1):
+                continue
+            cut = lambda f, i: lax.slice_in_dim(f, start, limit, stride, axis=i)  # noqa: E731
+        else:
+            size = p["slice_sizes"][v]
+            if size == t.w.shape[v]:
+                continue
+            cut = lambda f, i: lax.dynamic_slice_in_dim(f, starts[v], size, axis=i)  # noqa: E731
+        ia, ib = _factor_axis(t, "a", v), _factor_axis(t, "b", v)
+        a = a if ia is None else cut(a, ia)
+        b = b if ib is None else cut(b, ib)
+    return Tagged(w, a, b, t.view, t.factors)
+
+
+def _split_axis(eqn, t: Tagged, ctx: Context) -> list[Tagged]:
+    """``jnp.split(W, ...)`` (a fused QKV kernel): each piece slices ``a`` or ``b`` alike."""
+    outs, axis = _bind(eqn, [t.w]), eqn.params["axis"] % t.w.ndim
+    if ctx.probing:
+        return [t.replace(w=w) for w in outs]
+    ia, ib = _factor_axis(t, "a", axis), _factor_axis(t, "b", axis)
+    pieces, start = [], 0
+    for w in outs:
+        size = w.shape[axis]
+        cut = lambda f, i, start=start, size=size: f if i is None else lax.slice_in_dim(f, start, start + size, axis=i)  # noqa: E731
+        pieces.append(Tagged(w, cut(t.a, ia), cut(t.b, ib), t.view, t.factors))
+        start += size
+    return pieces
+
+
+def _squeeze(eqn, t: Tagged, ctx: Context) -> Tagged:
+    """Drop size-1 axes (``W[i]`` of a stacked weight): the same axes leave ``a`` and ``b``."""
+    dims = sorted(d % t.w.ndim for d in eqn.params["dimensions"])
+    w = _bind(eqn, [t.w])[0]
+    gone = [t.view.origin[v] for v in dims]
+    if ctx.probing:  # an axis of W indexed away (W[i]) is a stacked-layer axis unless another use says otherwise
+        kept = {j for v, k in enumerate(t.view.origin) if v not in dims for j in t.view.weight_axes(k)}
+        for j in {j for k in gone for j in t.view.weight_axes(k)} - kept:
+            ctx.usage.setdefault(t.view.path, {}).setdefault(j, "s")
+    a, b = t.a, t.b
+    if not ctx.probing:
+        a = jnp.squeeze(a, tuple(i for v in dims if (i := _factor_axis(t, "a", v)) is not None))
+        b = jnp.squeeze(b, tuple(i for v in dims if (i := _factor_axis(t, "b", v)) is not None))
+    origin = tuple(k for v, k in enumerate(t.view.origin) if v not in dims)
+    view = dataclasses.replace(t.view, present=tuple(k for k in t.view.present if k not in gone), origin=origin)
+    return Tagged(w, a, b, view, t.factors)
+
+
+def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Split a reshape into runs of old axes and new axes with equal sizes; None if it reorders data."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        go, gn, po, pn = [], [], 1, 1
+        if i < len(old):
+            go, po, i = [i], old[i], i + 1
+        if j < len(new):
+            gn, pn, j = [j], new[j], j + 1
+        while po != pn:
+            if po < pn and i < len(old):
+                go, po, i = [*go, i], po * old[i], i + 1
+            elif pn < po and j < len(new):
+                gn, pn, j = [*gn, j], pn * new[j], j + 1
+            else:
+                return None
+        if (not go or not gn) and groups:  # trailing size-1 axes join the group before them
+            groups[-1] = (groups[-1][0] + go, groups[-1][1] + gn)
+        elif not go or not gn:
+            return None
+        else:
+            groups.append((go, gn))
+    return groups
+
+
+def _reshape(eqn, t: Tagged, ctx: Context) -> Tagged:
+    """A reshape that splits or merges axes of one role (``kernel.reshape(d, heads * hd)``).
+
+    The factors are re-laid out in the reshaped weight's axis order and reshaped alike, so the
+    reshaped view becomes the new reference layout.
+    """
+    new = tuple(eqn.params["new_sizes"])
+    groups = _reshape_groups(t.w.shape, new)
+    if groups is not None and any(len(go) > 1 and len(gn) > 1 for go, gn in groups):
+        groups = None  # regroups axes ((4, 6) -> (6, 4)) rather than splitting or merging them
+    if groups is None:
+        return _bind(eqn, [_untag(t, f"reshaped from {t.w.shape} to {new} (not a split or merge of axes)", ctx)])[0]
+    w = _bind(eqn, [t.w])[0]
+    merged_of = lambda v: t.view.weight_axes(t.view.origin[v])  # noqa: E731
+    merged = [()] * len(new)
+    for go, gn in groups:
+        for j in gn:
+            merged[j] = tuple(sorted({k for v in go for k in merged_of(v)}))
+    view = View(t.view.path, tuple(range(len(new))), tuple(range(len(new))), tuple(merged))
+    if ctx.probing:
+        if any(len(go) > 1 for go, _ in groups):  # merged axes must turn out to share a role
+            ctx.ops.setdefault(t.view.path, set()).add(f"reshape {tuple(t.w.shape)} -> {new}")
+        return Tagged(w, None, None, view, None)
+    roles = [""] * len(new)
+    for go, gn in groups:
+        found = "".join(t.role(v) for v in go)
+        if len(set(found)) != 1:
+            raise _mismatch(t, "reshape", f"{t.w.shape} -> {new}, merging axes of different roles ({found!r})")
+        for j in gn:
+            roles[j] = found[0]
+    view_roles = [t.role(v) for v in range(t.w.ndim)]
+
+    def relayout(f: jax.Array, side: str, role: str) -> jax.Array:
+        axes, rank_axis = t.axes(side), t.axes(side).index("r")
+        stacked = [axes.index(t.view.origin[v]) for v in range(t.w.ndim) if view_roles[v] == "s"]
+        own = [axes.index(t.view.origin[v]) for v in range(t.w.ndim) if view_roles[v] == role]
+        s_new = [new[j] for j in range(len(new)) if roles[j] == "s"]
+        own_new = [new[j] for j in range(len(new)) if roles[j] == role]
+        if side == "a":
+            return jnp.reshape(jnp.transpose(f, [*stacked, *own, rank_axis]), [*s_new, *own_new, f.shape[rank_axis]])
+        return jnp.reshape(jnp.transpose(f, [*stacked, rank_axis, *own]), [*s_new, f.shape[rank_axis], *own_new])
+
+    a, b = relayout(t.a, "a", "i"), relayout(t.b, "b", "o")
+    return Tagged(w, a, b, view, dataclasses.replace(t.factors, roles="".join(roles)))
 
 
 # --------------------------------------------------------------------------- factored ops
@@ -268,10 +424,14 @@ def _conv(eqn, invals, ctx: Context):
         return _bind(eqn, [_untag(t, "the input (not the kernel) of a convolution", ctx), x])[0]
     dn = p["dimension_numbers"]
     out_axis = dn.rhs_spec[0]
+    grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
     if ctx.probing:
-        ctx.record(t, "conv", {v: ("o" if v == out_axis else "i") for v in range(t.w.ndim)})
+        if grouped:
+            ctx.ops.setdefault(t.view.path, set()).add(f"is the kernel of a grouped convolution (feature_group_count={p['feature_group_count']})")
+        else:
+            ctx.record(t, "conv", {v: ("o" if v == out_axis else "i") for v in range(t.w.ndim)})
         return base(x, t.w)
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if grouped:
         raise UnsupportedError(
             f"LoRA weight {t.view.path!r} is the kernel of a grouped convolution (feature_group_count="
             f"{p['feature_group_count']}, batch_group_count={p['batch_group_count']}), which has no rank-r "
@@ -326,10 +486,12 @@ def _slice_leading(t: Tagged, ctx: Context) -> Tagged:
     """The tagged weight of one scan step: axis 0 of the view sliced away."""
     k = t.view.origin[0]
     if ctx.probing:
-        ctx.usage.setdefault(t.view.path, {}).setdefault(k, "s")
+        for j in t.view.weight_axes(k):
+            ctx.usage.setdefault(t.view.path, {}).setdefault(j, "s")
     elif t.factors.roles[k] != "s" or k != min(j for j in t.view.present if t.factors.roles[j] == "s"):
         raise _mismatch(t, "scan", f"scanning over its axis {k}, which is not its leading stacked axis")
-    return Tagged(t.w, t.a, t.b, View(t.view.path, tuple(j for j in t.view.present if j != k), t.view.origin[1:]), t.factors)
+    view = dataclasses.replace(t.view, present=tuple(j for j in t.view.present if j != k), origin=t.view.origin[1:])
+    return Tagged(t.w, t.a, t.b, view, t.factors)
 
 
 def _scan(eqn, invals, ctx: Context):

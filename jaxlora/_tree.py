@@ -100,10 +100,13 @@ def nearest(name: str, paths: Iterable[str], n: int = 3) -> str:
     return f"closest module paths: {close}" if close else "params has no adaptable weight"
 
 
-def select(candidates: dict[str, Weight], config: LoraConfig, linear: set[str] | None) -> list[str]:
+def select(
+    candidates: dict[str, Weight], config: LoraConfig, linear: set[str] | None, refused: dict[str, str] | None = None
+) -> list[str]:
     """The module paths ``config`` targets, in params order.
 
-    ``linear`` is the set of paths known to feed a matmul (from a trace), or ``None``.
+    ``linear`` is the set of paths known to feed a matmul (from a trace), or ``None``; ``refused``
+    maps weights that LoRA cannot adapt to the reason, for the error message.
 
     Raises:
       ValueError: naming each target pattern that matched nothing, with the closest real paths.
@@ -114,7 +117,10 @@ def select(candidates: dict[str, Weight], config: LoraConfig, linear: set[str] |
             hits = {p for p, w in candidates.items() if (p in linear if linear is not None else w.name != "embedding")}
         else:
             hits = {p for p in candidates if matches(pattern, p)}
-        if not hits:
+        refusals = [f"{p!r} {why}" for p, why in (refused or {}).items() if matches(pattern, p)]
+        if not hits and refusals:
+            problems.append(f"target {pattern!r} matches only weights LoRA cannot adapt: {'; '.join(refusals)}.")
+        elif not hits:
             problems.append(f"target {pattern!r} matches no adaptable weight; {nearest(pattern, candidates)}.")
         chosen |= hits
     if problems:
