@@ -1,0 +1,12 @@
+"""Adapter checkpoints: Orbax (`save`, `restore`), PEFT files (`save_peft`, `load_peft`), merged export."""
+
+from ._fingerprint import check as check_base
+from ._fingerprint import fingerprint as fingerprint
+from ._orbax import AdapterInfo as AdapterInfo
+from ._orbax import info as info
+from ._orbax import restore as restore
+from ._orbax import restore_step as restore_step
+from ._orbax import save as save
+from ._orbax import save_args as save_args
+
+__all__ = ["AdapterInfo", "check_base", "fingerprint", "info", "restore", "restore_step", "save", "save_args"]

@@ -1,0 +1,407 @@
+"""Adapter checkpoints in Orbax's format: the LoRA arrays plus a JSON item with everything else.
+
+A checkpoint directory holds two Orbax items: ``lora`` (the arrays ``a`` and ``b`` of every module, in
+Orbax's OCDBT format) and ``lora_meta`` (JSON: format name and version, each module's path, rank, scale,
+roles and dropout, the `LoraConfig` it was made with, and the base fingerprint). The static fields of
+`LoraFactors` are no pytree leaves, so they travel in the JSON and `restore` rebuilds the factors.
+Orbax writes into a temporary directory and renames it when complete, so a save that dies midway
+leaves any earlier checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .._config import LoraConfig
+from .._matmul import LoraFactors
+from . import _fingerprint
+
+FORMAT = "jaxlora.adapter"
+VERSION = 1
+ARRAYS = "lora"  # the Orbax item names; a CheckpointManager may hold other items next to them
+META = "lora_meta"
+Lora = dict[str, LoraFactors]
+PathLike = str | os.PathLike
+
+
+class AdapterInfo(NamedTuple):
+    """What a saved adapter holds, read without loading its arrays (see `info`).
+
+    Attributes:
+      format: ``"orbax"`` or ``"peft"``.
+      version: the format version (jaxlora's, or PEFT's ``peft_version`` string).
+      config: the `LoraConfig` fields as a dict, or ``None`` when unknown.
+      modules: ``{path: {"rank", "scale", "roles", "dropout", "a_shape", "b_shape", "dtype"}}``.
+      base: the base fingerprint ``{path: {"shape", "dtype", "name"}}``, or ``None`` when unknown.
+      size_bytes: bytes on disk.
+    """
+
+    format: str
+    version: Any
+    config: dict[str, Any] | None
+    modules: dict[str, dict[str, Any]]
+    base: dict[str, dict[str, Any]] | None
+    size_bytes: int
+
+    @property
+    def trainable(self) -> int:
+        """The number of LoRA parameters."""
+        return sum(int(np.prod(m["a_shape"])) + int(np.prod(m["b_shape"])) for m in self.modules.values())
+
+
+def config_to_json(config: LoraConfig) -> dict[str, Any]:
+    """`LoraConfig` fields as JSON-able values (patterns as dicts, dtype as its name)."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    out["targets"] = out["targets"] if isinstance(out["targets"], str) else list(out["targets"])
+    out["exclude"] = list(out["exclude"])
+    out["rank_pattern"] = dict(out["rank_pattern"])
+    out["alpha_pattern"] = dict(out["alpha_pattern"])
+    out["dtype"] = jnp.dtype(out["dtype"]).name
+    return out
+
+
+def config_from_json(fields: Mapping[str, Any]) -> LoraConfig:
+    """The inverse of `config_to_json`."""
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in fields.items() if k in names})
+
+
+def metadata(
+    lora: Mapping[str, LoraFactors], *, config: LoraConfig | None = None, params: Any = None
+) -> dict[str, Any]:
+    """The JSON item saved next to the arrays (format, version, modules, config, base fingerprint)."""
+    from .. import __version__
+
+    if not isinstance(lora, Mapping) or not all(isinstance(f, LoraFactors) for f in lora.values()):
+        raise TypeError("lora must be the dict of LoraFactors that jaxlora.init returns.")
+    modules = {
+        path: {
+            "rank": int(f.a.shape[-1]),
+            "scale": float(f.scale),
+            "roles": f.roles,
+            "dropout": float(f.dropout),
+            "a_shape": [int(d) for d in f.a.shape],
+            "b_shape": [int(d) for d in f.b.shape],
+            "dtype": jnp.dtype(f.a.dtype).name,
+            "b_dtype": jnp.dtype(f.b.dtype).name,
+        }
+        for path, f in lora.items()
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "jaxlora_version": __version__,
+        "modules": modules,
+        "config": None if config is None else config_to_json(config),
+        "base": None if params is None else _fingerprint.fingerprint(params, lora),
+    }
+
+
+def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
+    # Keyed by position, not path: module paths contain "/", which Orbax would read as nesting.
+    return {f"m{i}": {"a": f.a, "b": f.b} for i, f in enumerate(lora.values())}
+
+
+def save_args(
+    lora: Mapping[str, LoraFactors], *, config: LoraConfig | None = None, params: Any = None
+) -> dict[str, ocp.args.CheckpointArgs]:
+    """Orbax items that save ``lora``, for an ``ocp.args.Composite`` next to your own items.
+
+    Args:
+      lora: the LoRA tree.
+      config: the `LoraConfig` it was made with (saved for the record and for ``inspect``).
+      params: the base parameters (may be abstract); their fingerprint lets `restore` reject another base.
+
+    Returns:
+      ``{"lora": StandardSave, "lora_meta": JsonSave}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, orbax.checkpoint as ocp
+      >>> lora = jaxlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, jaxlora.LoraConfig(rank=2))
+      >>> sorted(jaxlora.checkpoint.save_args(lora))
+      ['lora', 'lora_meta']
+    """
+    return {
+        ARRAYS: ocp.args.StandardSave(_arrays(lora)),
+        META: ocp.args.JsonSave(metadata(lora, config=config, params=params)),
+    }
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save(
+    directory: PathLike,
+    lora: Mapping[str, LoraFactors],
+    *,
+    config: LoraConfig | None = None,
+    params: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save the LoRA tree (not the base) as an Orbax checkpoint in ``directory``.
+
+    Args:
+      directory: where to write; must not exist unless ``overwrite=True``.
+      lora: the LoRA tree.
+      config: the `LoraConfig` it was made with (optional, recorded).
+      params: the base parameters (may be abstract), recorded as a fingerprint (optional).
+      overwrite: replace an existing checkpoint. The new one is written completely before the old one
+        is removed.
+
+    Returns:
+      The checkpoint's path.
+
+    Raises:
+      FileExistsError: if ``directory`` exists and ``overwrite`` is false.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> path = jaxlora.checkpoint.save(tempfile.mkdtemp() + "/adapter", lora, params=params)
+      >>> jaxlora.checkpoint.restore(path, params=params)["w"].a.shape
+      (4, 2)
+    """
+    path = Path(directory).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
+    items = save_args(lora, config=config, params=params)
+    if not path.exists():
+        _checkpointer().save(path, args=ocp.args.Composite(**items))
+        return path
+    fresh, stale = (
+        path.with_name(f"{path.name}.jaxlora-new-{os.getpid()}"),
+        path.with_name(f"{path.name}.jaxlora-old-{os.getpid()}"),
+    )
+    _checkpointer().save(fresh, args=ocp.args.Composite(**items), force=True)
+    os.replace(path, stale)  # the old checkpoint survives under `stale` until the new one is in place
+    os.replace(fresh, path)
+    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return path
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The JSON item of the checkpoint at ``path``, after checking it is one jaxlora can read."""
+    if not path.exists():
+        raise FileNotFoundError(f"No adapter checkpoint at {path}: it does not exist.")
+    if ".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name:
+        raise ValueError(f"{path} is an unfinished save (it was interrupted); restore the previous checkpoint instead.")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not an adapter checkpoint directory.")
+    meta_file = path / META / "metadata"
+    if not meta_file.is_file():
+        if (path / "adapter_config.json").is_file():
+            hint = "it is a PEFT adapter: use jaxlora.checkpoint.load_peft"
+        elif steps := sorted(p.name for p in path.iterdir() if p.name.isdigit()):
+            hint = f"it holds CheckpointManager steps {steps[-5:]}: pass {path / steps[-1]} or use restore_step"
+        elif (path / "_CHECKPOINT_METADATA").exists():
+            items = sorted(p.name for p in path.iterdir() if p.is_dir())
+            hint = f"it is an Orbax checkpoint with items {items}, but without jaxlora's {META!r} item"
+        else:
+            hint = f"it has no {META}/metadata file"
+        raise ValueError(f"{path} is not a jaxlora adapter checkpoint: {hint}.")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is corrupt: {META}/metadata is not valid JSON ({e}); restore an earlier checkpoint or save again."
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not a jaxlora adapter checkpoint: format {found!r}, expected {FORMAT!r}.")
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise ValueError(
+            f"{path} has format version {meta.get('version')!r}, written by a newer jaxlora "
+            f"({meta.get('jaxlora_version')}); this jaxlora reads versions up to {VERSION}. Upgrade jaxlora."
+        )
+    return meta
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def info(directory: PathLike) -> AdapterInfo:
+    """Describe a saved adapter (Orbax or PEFT format) without loading its arrays.
+
+    Raises:
+      FileNotFoundError, ValueError: for a missing, foreign, unfinished, corrupt or too new directory.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> lora = jaxlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, jaxlora.LoraConfig(rank=2))
+      >>> path = jaxlora.checkpoint.save(tempfile.mkdtemp() + "/adapter", lora)
+      >>> a = jaxlora.checkpoint.info(path)
+      >>> a.format, a.trainable, a.modules["w"]["rank"]
+      ('orbax', 20, 2)
+    """
+    path = Path(directory)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists():
+        from ._peft import peft_info
+
+        return peft_info(path)
+    meta = _read_meta(path)
+    return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(path))
+
+
+def _sharding_for(shardings: Any, path: str, name: str) -> jax.sharding.Sharding | None:
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    entry = shardings.get(path) if isinstance(shardings, Mapping) else None
+    if entry is None:
+        return None
+    return entry[name] if isinstance(entry, Mapping) else getattr(entry, name)
+
+
+def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    if shardings is not None and not isinstance(shardings, (Mapping, jax.sharding.Sharding)):
+        raise TypeError(
+            "shardings must be a jax.sharding.Sharding for every array, or a dict from module path to "
+            f"LoraFactors (or {{'a': ..., 'b': ...}}) of shardings; got {type(shardings).__name__}."
+        )
+    if isinstance(shardings, Mapping) and (extra := sorted(set(shardings) - set(meta["modules"]))):
+        raise ValueError(f"shardings name modules the checkpoint lacks: {extra}; it holds {sorted(meta['modules'])}.")
+    return {
+        f"m{i}": {
+            name: jax.ShapeDtypeStruct(
+                tuple(m[f"{name}_shape"]),
+                jnp.dtype(m["dtype" if name == "a" else "b_dtype"]),
+                sharding=_sharding_for(shardings, path, name),
+            )
+            for name in ("a", "b")
+        }
+        for i, (path, m) in enumerate(meta["modules"].items())
+    }
+
+
+def _rebuild(meta: dict[str, Any], arrays: Mapping[str, Any], where: Path | str) -> Lora:
+    lora, problems = {}, []
+    for i, (path, m) in enumerate(meta["modules"].items()):
+        entry = arrays.get(f"m{i}") if isinstance(arrays, Mapping) else None
+        if entry is None:
+            problems.append(f"{path!r}: arrays missing")
+            continue
+        a, b = entry["a"], entry["b"]
+        if list(a.shape) != m["a_shape"] or list(b.shape) != m["b_shape"]:
+            problems.append(
+                f"{path!r}: a {m['a_shape']} and b {m['b_shape']} expected, found {list(a.shape)} and {list(b.shape)}"
+            )
+            continue
+        lora[path] = LoraFactors(a=a, b=b, scale=m["scale"], roles=m["roles"], dropout=m["dropout"])
+    if problems:
+        raise ValueError(f"{where} is corrupt (its arrays do not match its metadata):\n  " + "\n  ".join(problems))
+    return lora
+
+
+def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -> Lora:
+    """Load an adapter saved by `save`.
+
+    Args:
+      directory: the checkpoint directory.
+      params: the base parameters (may be abstract): checked against the saved fingerprint.
+      shardings: where to place the arrays: a ``jax.sharding.Sharding`` for all, or a dict from module
+        path to `LoraFactors` (or ``{"a": ..., "b": ...}``) of shardings, such as ``jax.tree.map(lambda
+        x: x.sharding, lora)``. Each array is read straight into its shards.
+
+    Returns:
+      The LoRA tree, with the saved scales, roles and dropout.
+
+    Raises:
+      FileNotFoundError: if ``directory`` does not exist.
+      ValueError: for a foreign, unfinished, corrupt or newer-version checkpoint, or a base whose
+        adapted weights have other shapes (naming the mismatching paths).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, alpha=4))
+      >>> path = jaxlora.checkpoint.save(tempfile.mkdtemp() + "/adapter", lora, params=params)
+      >>> jaxlora.checkpoint.restore(path)["w"].scale
+      2.0
+    """
+    path = Path(directory).absolute()
+    meta = _read_meta(path)
+    if params is not None and meta["base"] is not None:
+        _fingerprint.check(meta["base"], params, source=f"The adapter at {path}")
+    if not (path / ARRAYS).is_dir():
+        raise ValueError(
+            f"{path} is corrupt: its {ARRAYS!r} item (the arrays) is missing; restore an earlier checkpoint."
+        )
+    target = _abstract(meta, shardings)
+    try:
+        arrays = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[
+            ARRAYS
+        ]
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+        raise ValueError(
+            f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
+            "restore an earlier checkpoint or save again."
+        ) from e
+    return _rebuild(meta, arrays, path)
+
+
+def restore_step(
+    manager: ocp.CheckpointManager,
+    step: int | None = None,
+    *,
+    params: Any = None,
+    shardings: Any = None,
+    **items: ocp.args.CheckpointArgs,
+) -> tuple[Lora, dict[str, Any]]:
+    """Restore the LoRA tree, and any other items, from a step saved through a ``CheckpointManager``.
+
+    Save with ``manager.save(step, args=ocp.args.Composite(**save_args(lora, ...), opt_state=...))``.
+
+    Args:
+      manager: the ``ocp.CheckpointManager``.
+      step: the step; the latest finished one by default.
+      params, shardings: as in `restore`.
+      **items: Orbax restore args for the other items, e.g. ``opt_state=ocp.args.StandardRestore(abstract)``.
+
+    Returns:
+      ``(lora, {name: restored item})``.
+
+    Raises:
+      FileNotFoundError: if the manager holds no finished step.
+      ValueError: as `restore`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile, orbax.checkpoint as ocp
+      >>> lora = jaxlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, jaxlora.LoraConfig(rank=2))
+      >>> with ocp.CheckpointManager(tempfile.mkdtemp()) as mngr:
+      ...     _ = mngr.save(3, args=ocp.args.Composite(**jaxlora.checkpoint.save_args(lora)))
+      ...     mngr.wait_until_finished()
+      ...     restored, _ = jaxlora.checkpoint.restore_step(mngr)
+      >>> restored["w"].b.shape
+      (2, 6)
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{manager.directory} holds no finished checkpoint step; nothing to resume from.")
+    path = Path(manager.directory) / str(step)
+    meta = _read_meta(path) if path.is_dir() else None
+    if meta is None:
+        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    if params is not None and meta["base"] is not None:
+        _fingerprint.check(meta["base"], params, source=f"The adapter at step {step} of {manager.directory}")
+    args = {ARRAYS: ocp.args.StandardRestore(_abstract(meta, shardings)), **items}
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:
+        raise ValueError(
+            f"Step {step} of {manager.directory} is truncated or corrupt ({type(e).__name__}: {str(e)[:300]}); "
+            "restore an earlier step."
+        ) from e
+    return _rebuild(meta, out[ARRAYS], f"step {step} of {manager.directory}"), {k: out[k] for k in items}
