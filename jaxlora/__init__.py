@@ -13,6 +13,7 @@ from ._matmul import delta as delta
 from ._optim import mask as mask
 from ._trace import UnsupportedError as UnsupportedError
 from ._tree import module_path as module_path
+from . import checkpoint as checkpoint  # noqa: E402 (a subpackage: Orbax and PEFT adapter files)
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "Summary",
     "UnsupportedError",
     "apply",
+    "checkpoint",
     "delta",
     "init",
     "mask",
