@@ -1,0 +1,25 @@
+"""Every example runs (with few steps) and does what it claims."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (flax modules) look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quickstart():
+    result = _load("quickstart").main(pretrain_steps=40, lora_steps=40, rank=4)
+    assert result["code_loss_after"] < result["code_loss_before"]
+    assert result["merged_vs_factored_max_abs"] < 1e-4
+    assert 0 < result["trainable_percent"] < 10
