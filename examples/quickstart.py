@@ -17,13 +17,13 @@ import inspect
 import json
 import textwrap
 import time
+from pydoc_data import topics
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from pydoc_data import topics
 from tqdm import tqdm
 
 import jaxlora
@@ -140,7 +140,9 @@ def main(pretrain_steps: int, lora_steps: int, rank: int) -> dict:
         merged_vs_factored_max_abs=gap,
         seconds=round(time.perf_counter() - start, 1),
     )
-    print(f"held-out code loss: {before:.3f} -> {after:.3f} (nats/char); merged vs factored logits: max |Δ| = {gap:.2e}")
+    print(
+        f"held-out code loss: {before:.3f} -> {after:.3f} (nats/char); merged vs factored logits: max |Δ| = {gap:.2e}"
+    )
     print(json.dumps(result))
     return result
 

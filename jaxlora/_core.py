@@ -92,7 +92,11 @@ def init(
     refused = {}
     if ctx is not None:  # traced: what reaches a matmul, convolution or lookup
         factored = {"dot_general", "conv", "gather"}
-        refused = {p: " and ".join(sorted(ctx.ops.get(p, {"unused by fn"}))) for p in candidates if not ctx.ops.get(p, set()) & factored}
+        refused = {
+            p: " and ".join(sorted(ctx.ops.get(p, {"unused by fn"})))
+            for p in candidates
+            if not ctx.ops.get(p, set()) & factored
+        }
         candidates = {p: w for p, w in candidates.items() if p not in refused}
     linear = None if ctx is None else {p for p, ops in ctx.ops.items() if "dot_general" in ops}
     chosen = select(candidates, config, linear, refused)
@@ -148,14 +152,20 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
         else:
             shape = tuple(candidates[path].leaf.shape)
             if len(f.roles) != len(shape):
-                problems.append(f"{path!r}: weight {shape} but the LoRA factors were made for {len(f.roles)}-D roles {f.roles!r}.")
+                problems.append(
+                    f"{path!r}: weight {shape} but the LoRA factors were made for {len(f.roles)}-D roles {f.roles!r}."
+                )
                 continue
             want = factor_shapes(shape, f.roles, f.a.shape[-1])
             if (tuple(f.a.shape), tuple(f.b.shape)) != want:
-                problems.append(f"{path!r}: weight {shape} needs a {want[0]} and b {want[1]}, got a {tuple(f.a.shape)} and b {tuple(f.b.shape)}.")
+                problems.append(
+                    f"{path!r}: weight {shape} needs a {want[0]} and b {want[1]}, "
+                    f"got a {tuple(f.a.shape)} and b {tuple(f.b.shape)}."
+                )
     if problems:
         raise ValueError(
-            "The LoRA tree does not fit params (was it made for another model? re-run jaxlora.init on these params):\n  "
+            "The LoRA tree does not fit params (was it made for another model? "
+            "re-run jaxlora.init on these params):\n  "
             + "\n  ".join(problems)
         )
     return {path: candidates[path] for path in lora}
@@ -199,7 +209,7 @@ def apply(
       (1, 6)
     """
     if unsupported not in _trace.FALLBACKS:
-        raise ValueError(f'unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.')
+        raise ValueError(f"unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.")
     targets = _fit(params, lora)
     tagged = {targets[path].index: (path, f) for path, f in lora.items()}
     ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
@@ -271,7 +281,9 @@ class Summary(NamedTuple):
         width = max([len(m.path) for m in self.modules] + [6])
         rows = [f"{'module':<{width}}  {'weight':>20}  {'rank':>4}  {'trainable':>12}"]
         rows += [f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank:>4}  {m.trainable:>12,}" for m in self.modules]
-        rows.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}")
+        rows.append(
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        )
         return "\n".join(rows)
 
 

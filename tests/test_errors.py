@@ -41,7 +41,9 @@ def test_config_reports_every_problem_at_once():
 
 
 def test_unknown_target_names_the_closest_paths():
-    with pytest.raises(ValueError, match=r"target 'querry' matches no adaptable weight; closest module paths: \['encoder/query'"):
+    with pytest.raises(
+        ValueError, match=r"target 'querry' matches no adaptable weight; closest module paths: \['encoder/query'"
+    ):
         jaxlora.init(jax.random.key(0), _params(), jaxlora.LoraConfig(targets=["querry", "value"]))
 
 
@@ -52,7 +54,9 @@ def test_everything_excluded():
 
 def test_rank_larger_than_weight_allows():
     params = {"params": {"thin": {"kernel": jnp.zeros((64, 4))}}}
-    with pytest.raises(ValueError, match=r"'thin': rank 8 exceeds min\(inputs=64, outputs=4\).*rank_pattern=\{'thin': 4\}"):
+    with pytest.raises(
+        ValueError, match=r"'thin': rank 8 exceeds min\(inputs=64, outputs=4\).*rank_pattern=\{'thin': 4\}"
+    ):
         jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=8))
 
 
@@ -67,7 +71,11 @@ def test_lora_tree_that_does_not_fit_params():
     params = _params()
     lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
     other = {"params": {"encoder": {"query": {"kernel": jnp.zeros((8, 16))}}}}
-    with pytest.raises(ValueError, match=r"(?s)does not fit params.*'encoder/query': weight \(8, 16\) needs a \(8, 2\) and b \(2, 16\), got a \(8, 2\) and b \(2, 8\).*'encoder/value' is not an adaptable weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not fit params.*'encoder/query': weight \(8, 16\) needs a \(8, 2\) and b \(2, 16\), "
+        r"got a \(8, 2\) and b \(2, 8\).*'encoder/value' is not an adaptable weight",
+    ):
         jaxlora.merge(other, lora)
     with pytest.raises(ValueError, match="does not fit params"):
         jaxlora.apply(lambda p, x: x @ p["params"]["encoder"]["query"]["kernel"], other, lora, jnp.ones((1, 8)))
@@ -110,7 +118,9 @@ def test_grouped_conv_is_refused_with_the_module_named():
     x = jnp.ones((1, 9, 4))
     params = Depthwise().init(jax.random.key(0), x)
     config = jaxlora.LoraConfig(rank=1, targets="dw")
-    with pytest.raises(ValueError, match=r"matches only weights LoRA cannot adapt: 'dw' is the kernel of a grouped convolution"):
+    with pytest.raises(
+        ValueError, match=r"matches only weights LoRA cannot adapt: 'dw' is the kernel of a grouped convolution"
+    ):
         jaxlora.init(jax.random.key(0), params, config, fn=Depthwise().apply, args=(x,))
     lora = {"dw": jaxlora.LoraFactors(jnp.zeros((3, 1, 1)), jnp.zeros((1, 8)), 1.0, "iio")}  # made by hand
     with pytest.raises(jaxlora.UnsupportedError, match="'dw' is the kernel of a grouped convolution"):
@@ -120,8 +130,12 @@ def test_grouped_conv_is_refused_with_the_module_named():
 def test_weight_never_reaching_a_matmul_is_not_a_target():
     fn = lambda p, x: x * p["gain"].sum() + x @ p["w"]
     params = {"gain": jnp.ones((3, 3)), "w": jnp.ones((3, 3))}
-    with pytest.raises(ValueError, match="target 'gain' matches only weights LoRA cannot adapt: 'gain' is used by `reduce_sum`"):
-        jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=1, targets=["gain"]), fn=fn, args=(jnp.ones(3),))
+    with pytest.raises(
+        ValueError, match="target 'gain' matches only weights LoRA cannot adapt: 'gain' is used by `reduce_sum`"
+    ):
+        jaxlora.init(
+            jax.random.key(0), params, jaxlora.LoraConfig(rank=1, targets=["gain"]), fn=fn, args=(jnp.ones(3),)
+        )
 
 
 def test_factors_made_for_another_layout():

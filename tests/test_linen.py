@@ -56,7 +56,9 @@ def test_dense_against_plain_numpy():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zero_b_gives_exactly_the_base_output(name, maybe_jit):
     model, x, params, _ = _setup(name)
-    lora = jaxlora.init(jax.random.key(2), params, jaxlora.LoraConfig(rank=2, targets=MODELS[name][2]), fn=model.apply, args=(x,))
+    lora = jaxlora.init(
+        jax.random.key(2), params, jaxlora.LoraConfig(rank=2, targets=MODELS[name][2]), fn=model.apply, args=(x,)
+    )
     got = maybe_jit(lambda p, l, x: jaxlora.apply(model.apply, p, l, x))(params, lora, x)
     np.testing.assert_array_equal(got, maybe_jit(model.apply)(params, x))
 
@@ -67,7 +69,9 @@ def test_merge_equals_factored_apply_and_unmerge_restores(name):
     merged = jaxlora.merge(params, lora)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     assert jax.tree.map(lambda v: v.dtype, merged) == jax.tree.map(lambda v: v.dtype, params)
-    np.testing.assert_allclose(model.apply(merged, x), jaxlora.apply(model.apply, params, lora, x), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        model.apply(merged, x), jaxlora.apply(model.apply, params, lora, x), rtol=2e-4, atol=2e-4
+    )
     assert_trees_close(jaxlora.unmerge(merged, lora), params, rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +114,9 @@ def test_no_gradient_for_frozen_weights_is_computed():
     model, x, params, lora = _setup("dense")  # kernel (6, 7): no other array has that shape
     loss = lambda l: jnp.sum(jaxlora.apply(model.apply, params, l, x) ** 2)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(lora)
-    shapes = [tuple(v.aval.shape) for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general" for v in e.outvars]
+    shapes = [
+        tuple(v.aval.shape) for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general" for v in e.outvars
+    ]
     assert shapes, "expected matmuls in the gradient"
     assert (6, 7) not in shapes and (7, 6) not in shapes, shapes
     hlo = jax.jit(jax.grad(loss)).lower(lora).as_text()
@@ -149,7 +155,9 @@ def test_dropout_only_with_a_key():
     model, x, params, lora = _setup("dense")
     lora = {p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles, dropout=0.5) for p, f in lora.items()}
     plain = jaxlora.apply(model.apply, params, lora, x)
-    nodrop = jaxlora.apply(model.apply, params, {p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles) for p, f in lora.items()}, x)
+    nodrop = jaxlora.apply(
+        model.apply, params, {p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles) for p, f in lora.items()}, x
+    )
     np.testing.assert_array_equal(plain, nodrop)
     k1 = jaxlora.apply(model.apply, params, lora, x, dropout_key=jax.random.key(7))
     k1_again = jax.jit(lambda k: jaxlora.apply(model.apply, params, lora, x, dropout_key=k))(jax.random.key(7))
@@ -158,7 +166,9 @@ def test_dropout_only_with_a_key():
     assert not np.allclose(k1, plain) and not np.allclose(k1, k2)
     # Dropout touches only the LoRA branch: with B = 0 the output is the base output for any key.
     zero = {p: jaxlora.LoraFactors(f.a, jnp.zeros_like(f.b), f.scale, f.roles, 0.5) for p, f in lora.items()}
-    np.testing.assert_array_equal(jaxlora.apply(model.apply, params, zero, x, dropout_key=jax.random.key(7)), model.apply(params, x))
+    np.testing.assert_array_equal(
+        jaxlora.apply(model.apply, params, zero, x, dropout_key=jax.random.key(7)), model.apply(params, x)
+    )
 
 
 def test_dropout_varies_across_scanned_layers():
@@ -173,7 +183,9 @@ def test_init_from_abstract_params_matches_real():
     x = make_x()
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)
     config = jaxlora.LoraConfig(rank=2, targets=target)
-    from_abstract = jaxlora.init(jax.random.key(2), abstract, config, fn=model.apply, args=(jax.ShapeDtypeStruct(x.shape, x.dtype),))
+    from_abstract = jaxlora.init(
+        jax.random.key(2), abstract, config, fn=model.apply, args=(jax.ShapeDtypeStruct(x.shape, x.dtype),)
+    )
     from_real = jaxlora.init(jax.random.key(2), model.init(jax.random.key(0), x), config, fn=model.apply, args=(x,))
     assert_trees_close(from_abstract, from_real, rtol=0, atol=0)
 
@@ -181,7 +193,9 @@ def test_init_from_abstract_params_matches_real():
 def test_init_of_a_module_does_not_depend_on_other_targets():
     model, x, params, _ = _setup("remat")
     both = jaxlora.init(jax.random.key(5), params, jaxlora.LoraConfig(rank=2), fn=model.apply, args=(x,))
-    one = jaxlora.init(jax.random.key(5), params, jaxlora.LoraConfig(rank=2, targets=["proj"]), fn=model.apply, args=(x,))
+    one = jaxlora.init(
+        jax.random.key(5), params, jaxlora.LoraConfig(rank=2, targets=["proj"]), fn=model.apply, args=(x,)
+    )
     assert set(both) == {"hidden", "proj"} and set(one) == {"proj"}
     np.testing.assert_array_equal(both["proj"].a, one["proj"].a)
 

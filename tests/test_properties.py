@@ -60,4 +60,6 @@ def test_merge_then_unmerge_restores(problem):
     back = jaxlora.unmerge(jaxlora.merge({"w": w}, {"w": f}), {"w": f})["w"]
     assert back.dtype == w.dtype
     scale = float(np.abs(np.asarray(delta_reference(f.a, f.b, "io", f.scale))).max()) + 1.0
-    np.testing.assert_allclose(np.asarray(back, np.float64), np.asarray(w, np.float64), rtol=0, atol=scale * _tol(w.dtype)["atol"] / 5)
+    np.testing.assert_allclose(
+        np.asarray(back, np.float64), np.asarray(w, np.float64), rtol=0, atol=scale * _tol(w.dtype)["atol"] / 5
+    )
