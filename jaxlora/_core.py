@@ -11,11 +11,13 @@ import jax.numpy as jnp
 
 from . import _trace
 from ._config import LoraConfig
+from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, factor_shapes
 from ._tree import Weight, nearest, select, weights
 
 Params = TypeVar("Params")
 Lora = dict[str, LoraFactors]
+FACTORED = {"dot_general", "conv", "gather"}  # the ops a LoRA weight can feed
 NOT_MATRICES = ("bias", "scale", "offset")  # leaf names that are never LoRA weights
 _NEEDS_TRACE = (
     "Pass the function that uses the weights so init can trace it (nothing is computed): "
@@ -26,7 +28,11 @@ _NEEDS_TRACE = (
 def _probe(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], candidates: dict[str, Weight]) -> _trace.Context:
     ctx = _trace.Context(probing=True)
     tagged = {w.index: (path, None) for path, w in candidates.items()}
-    jax.eval_shape(lambda p, a: _trace.run(fn, p, a, {}, tagged, ctx), params, tuple(args))
+    with recording_kinds(fn) as kinds:
+        jax.eval_shape(lambda p, a: _trace.run(fn, p, a, {}, tagged, ctx), params, tuple(args))
+    for path, kind in kinds.items():  # name the module kind where LoRA cannot adapt it
+        if path in ctx.ops and not ctx.ops[path] & FACTORED:
+            ctx.ops[path] = {f"({kind}) {use}" for use in ctx.ops[path]}
     return ctx
 
 
@@ -91,11 +97,10 @@ def init(
         candidates = {p: w for p, w in candidates.items() if w.name not in NOT_MATRICES}
     refused = {}
     if ctx is not None:  # traced: what reaches a matmul, convolution or lookup
-        factored = {"dot_general", "conv", "gather"}
         refused = {
             p: " and ".join(sorted(ctx.ops.get(p, {"unused by fn"})))
             for p in candidates
-            if not ctx.ops.get(p, set()) & factored
+            if not ctx.ops.get(p, set()) & FACTORED
         }
         candidates = {p: w for p, w in candidates.items() if p not in refused}
     linear = None if ctx is None else {p for p, ops in ctx.ops.items() if "dot_general" in ops}
@@ -165,8 +170,7 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
     if problems:
         raise ValueError(
             "The LoRA tree does not fit params (was it made for another model? "
-            "re-run jaxlora.init on these params):\n  "
-            + "\n  ".join(problems)
+            "re-run jaxlora.init on these params):\n  " + "\n  ".join(problems)
         )
     return {path: candidates[path] for path in lora}
 
