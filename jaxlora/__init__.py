@@ -1,5 +1,6 @@
 """jaxlora: functional LoRA for JAX and Flax. See docs/design.md for how it works."""
 
+from . import _nnx as nnx
 from ._config import LoraConfig as LoraConfig
 from ._core import ModuleSummary as ModuleSummary
 from ._core import Summary as Summary
@@ -30,6 +31,7 @@ __all__ = [
     "mask",
     "merge",
     "module_path",
+    "nnx",
     "summary",
     "unmerge",
 ]

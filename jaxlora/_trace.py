@@ -488,10 +488,17 @@ def _slice_leading(t: Tagged, ctx: Context) -> Tagged:
     if ctx.probing:
         for j in t.view.weight_axes(k):
             ctx.usage.setdefault(t.view.path, {}).setdefault(j, "s")
-    elif t.factors.roles[k] != "s" or k != min(j for j in t.view.present if t.factors.roles[j] == "s"):
-        raise _mismatch(t, "scan", f"scanning over its axis {k}, which is not its leading stacked axis")
+    else:
+        _check_leading(t)
     view = dataclasses.replace(t.view, present=tuple(j for j in t.view.present if j != k), origin=t.view.origin[1:])
     return Tagged(t.w, t.a, t.b, view, t.factors)
+
+
+def _check_leading(t: Tagged) -> None:
+    """Raise unless the view's axis 0 is the weight's leading stacked axis (where ``a`` and ``b`` scan too)."""
+    k = t.view.origin[0]
+    if t.factors.roles[k] != "s" or k != min(j for j in t.view.present if t.factors.roles[j] == "s"):
+        raise _mismatch(t, "scan", f"scanning over its axis {k}, which is not its leading stacked axis")
 
 
 def _scan(eqn, invals, ctx: Context):
@@ -499,6 +506,9 @@ def _scan(eqn, invals, ctx: Context):
     nconsts, ncarry = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nconsts], invals[nconsts : nconsts + ncarry], invals[nconsts + ncarry :]
     init = [_untag(v, "carried through a loop", ctx) for v in init]
+    for v in xs:
+        if isinstance(v, Tagged) and not ctx.probing:
+            _check_leading(v)
     jaxpr, jconsts = _closed(p["jaxpr"])
     outer_key = ctx.next_key()
     keys = None if outer_key is None else jax.random.split(outer_key, p["length"])
