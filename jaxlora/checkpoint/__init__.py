@@ -8,5 +8,20 @@ from ._orbax import restore as restore
 from ._orbax import restore_step as restore_step
 from ._orbax import save as save
 from ._orbax import save_args as save_args
+from ._peft import load_peft as load_peft
+from ._peft import save_peft as save_peft
+from ._peft import torch_name as torch_name
 
-__all__ = ["AdapterInfo", "check_base", "fingerprint", "info", "restore", "restore_step", "save", "save_args"]
+__all__ = [
+    "AdapterInfo",
+    "check_base",
+    "fingerprint",
+    "info",
+    "load_peft",
+    "restore",
+    "restore_step",
+    "save",
+    "save_args",
+    "save_peft",
+    "torch_name",
+]

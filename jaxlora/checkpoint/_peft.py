@@ -1,0 +1,456 @@
+"""Hugging Face PEFT adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT stores, per adapted torch module ``<name>``, the tensors
+``base_model.model.<name>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`` (for an
+``nn.Embedding``: ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(features, r)``), and
+computes ``ΔW = scale · B·A`` with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). A
+jaxlora module with ``a: (*I, r)`` and ``b: (r, *O)`` maps to ``A = a.reshape(-1, r).T`` and
+``B = b.reshape(r, -1).T``: a Flax ``Dense`` kernel ``(in, out)`` gives ``A = a.T``, and a
+``DenseGeneral`` kernel flattens its input and output axes as the torch ``Linear`` twin does.
+
+Module names differ between a Flax model and its torch twin, so both directions take ``names``: a
+function from jaxlora module path to torch module name, or a dict ``{regex: replacement}`` (first
+full match wins, ``re`` group references allowed). By default ``"/"`` becomes ``"."``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._matmul import LoraFactors
+from .._tree import nearest, weights
+from . import _fingerprint
+from ._orbax import AdapterInfo, config_to_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+}
+Names = Callable[[str], str] | Mapping[str, str] | None
+Lora = dict[str, LoraFactors]
+
+
+def torch_name(path: str, names: Names = None) -> str:
+    """The torch module name for the jaxlora module ``path`` under the mapping ``names``.
+
+    Raises:
+      ValueError: if a dict mapping has no pattern that fully matches ``path``.
+
+    Example:
+      >>> torch_name("encoder/layer_0/attention/query")
+      'encoder.layer_0.attention.query'
+      >>> torch_name("encoder/layer_0/query", {r"encoder/layer_(\\d+)/(.*)": r"encoder.layer.\\1.attention.self.\\2"})
+      'encoder.layer.0.attention.self.query'
+    """
+    if names is None:
+        return path.replace("/", ".")
+    if callable(names):
+        return str(names(path))
+    for pattern, replacement in names.items():
+        if m := re.fullmatch(pattern, path):
+            return m.expand(replacement)
+    raise ValueError(f"{path!r}: no pattern of the name mapping matches it fully (patterns: {list(names)}).")
+
+
+def _alpha_for(scale: float, r: int, rslora: bool) -> float:
+    """The ``lora_alpha`` that gives exactly ``scale`` under PEFT's formula, preferring round numbers."""
+    denom = math.sqrt(r) if rslora else r
+    raw = scale * denom
+    near, up, down = [], raw, raw
+    for _ in range(64):  # the floats next to raw: one of them usually divides to scale exactly
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, 0.0)
+        near += [up, down]
+    for candidate in (round(raw), round(raw, 6), round(raw, 9), round(raw, 12), raw, *near):
+        if candidate > 0 and candidate / denom == scale:
+            return int(candidate) if float(candidate).is_integer() else float(candidate)
+    return raw  # within one rounding of scale; no float alpha gives it exactly
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_peft_files(
+    directory: str | os.PathLike,
+    lora: Mapping[str, LoraFactors],
+    *,
+    base: _fingerprint.Fingerprint | None = None,
+    names: Names = None,
+    config: Mapping[str, Any] | None = None,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`save_peft` given the base fingerprint instead of params (used to convert Orbax checkpoints)."""
+    from safetensors.numpy import save_file
+
+    path = Path(directory)
+    if not overwrite and any((path / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise FileExistsError(f"{path} already holds a PEFT adapter; pass overwrite=True to replace it.")
+    rslora = bool(config and config.get("rslora"))
+    tensors, problems, modules = {}, [], {}
+    ranks, alphas, dropouts = {}, {}, set()
+    for p, f in lora.items():
+        try:
+            name = torch_name(p, names)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if "s" in f.roles:
+            problems.append(
+                f"{p!r}: stacked-layer axis (roles {f.roles!r}, from nn.scan) has no PEFT equivalent; PEFT "
+                "names each layer's module: unstack the layers first."
+            )
+            continue
+        kind = "embedding" if base is not None and base.get(p, {}).get("name") == "embedding" else "linear"
+        r = int(f.a.shape[-1])
+        a = np.asarray(f.a).reshape(-1, r).T  # (r, in)
+        b = np.asarray(f.b).reshape(r, -1).T  # (out, r)
+        keys = ("lora_A.weight", "lora_B.weight") if kind == "linear" else ("lora_embedding_A", "lora_embedding_B")
+        tensors[f"{PREFIX}{name}.{keys[0]}"] = np.ascontiguousarray(a)
+        tensors[f"{PREFIX}{name}.{keys[1]}"] = np.ascontiguousarray(b)
+        ranks[name], alphas[name] = r, _alpha_for(float(f.scale), r, rslora)
+        dropouts.add(float(f.dropout))
+        modules[p] = {
+            "torch": name,
+            "roles": f.roles,
+            "scale": float(f.scale),
+            "kind": kind,
+            "dropout": float(f.dropout),
+        }
+    dup = [n for n, c in collections.Counter(m["torch"] for m in modules.values()).items() if c > 1]
+    if dup:
+        problems.append(f"the name mapping sends several modules to the same torch names {dup}.")
+    if problems:
+        raise ValueError("Cannot write a PEFT adapter:\n  " + "\n  ".join(problems))
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "use_rslora": rslora,
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        "lora_dropout": max(dropouts) if dropouts else 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    extra = {"version": 1, "modules": modules, "base": base, "config": dict(config) if config else None}
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt", "jaxlora": json.dumps(extra)})
+    )
+    _write_atomic(path / CONFIG_FILE, lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2) + "\n"))
+    return path
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    lora: Mapping[str, LoraFactors],
+    *,
+    params: Any = None,
+    names: Names = None,
+    config: Any = None,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``lora`` as a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Everything needed to reproduce the outputs travels in the files: each module's rank (``r`` and
+    ``rank_pattern``) and its exact scale (``lora_alpha`` and ``alpha_pattern``, chosen so that PEFT's
+    ``lora_alpha / r`` equals jaxlora's scale). The safetensors header also keeps jaxlora's own metadata
+    (roles, paths, base fingerprint), so `load_peft` restores the tree exactly.
+
+    Args:
+      directory: the output directory (created if needed).
+      lora: the LoRA tree.
+      params: the base parameters (may be abstract): tells embeddings (``lora_embedding_A/B``) from
+        linear weights and records the base fingerprint. Without it every module is written as linear.
+      names: jaxlora module path -> torch module name (see the module docstring).
+      config: the `LoraConfig` (its ``rslora`` picks ``use_rslora``; recorded).
+      base_model_name_or_path: written to the config, as PEFT does (e.g. ``"bert-base-uncased"``).
+      overwrite: replace existing adapter files.
+
+    Returns:
+      The directory.
+
+    Raises:
+      FileExistsError: if adapter files exist and ``overwrite`` is false.
+      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile, json
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, alpha=8))
+      >>> out = jaxlora.checkpoint.save_peft(tempfile.mkdtemp(), lora, params=params)
+      >>> cfg = json.loads((out / "adapter_config.json").read_text())
+      >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+      (2, 8, ['fc'])
+    """
+    base = None if params is None else _fingerprint.fingerprint(params, lora)
+    fields = None if config is None else config_to_json(config)
+    return save_peft_files(
+        directory,
+        lora,
+        base=base,
+        names=names,
+        config=fields,
+        base_model_name_or_path=base_model_name_or_path,
+        overwrite=overwrite,
+    )
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern that matches a whole dotted suffix of ``name``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_peft(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Any] | None]:
+    """The config, ``{torch name: {"kind", "A", "B"}}`` and jaxlora's metadata (or ``None``) of a PEFT dir."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"No PEFT adapter at {path}: it does not exist.")
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+    if missing:
+        hint = (
+            " (it is a jaxlora Orbax checkpoint: use jaxlora.checkpoint.restore)"
+            if (path / "lora_meta").is_dir()
+            else ""
+        )
+        raise ValueError(f"{path} is not a PEFT adapter: {missing} missing{hint}.")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the adapter is corrupt.") from None
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
+    if config.get("use_dora"):
+        problems.append("use_dora is true; DoRA's magnitude vectors have no jaxlora equivalent")
+    if config.get("modules_to_save"):
+        problems.append(
+            f"modules_to_save {config['modules_to_save']} holds full trained copies that jaxlora does not load"
+        )
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias is {config['bias']!r}; trained biases are not LoRA factors")
+    modules: dict[str, dict[str, Any]] = {}
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="numpy") as f:
+            meta = f.metadata() or {}
+            for key in f.keys():
+                suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+                if suffix is None or not key.startswith(PREFIX):
+                    problems.append(f"tensor {key!r} is not a LoRA factor jaxlora can read")
+                    continue
+                kind, which = _SUFFIXES[suffix]
+                modules.setdefault(key[len(PREFIX) : -len(suffix)], {"kind": kind})[which] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({type(e).__name__}: {e}).") from e
+    for name, m in modules.items():
+        if "A" not in m or "B" not in m:
+            problems.append(f"{name!r}: has only lora_{'A' if 'A' in m else 'B'}")
+        elif m["A"].ndim != 2 or m["B"].ndim != 2 or m["A"].shape[0] != m["B"].shape[1]:
+            problems.append(f"{name!r}: lora_A {m['A'].shape} and lora_B {m['B'].shape} are not (r, in) and (out, r)")
+    if problems:
+        raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
+    extra = json.loads(meta["jaxlora"]) if "jaxlora" in meta else None
+    return config, modules, extra
+
+
+def _scale(config: Mapping[str, Any], name: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    return float(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    *,
+    params: Any = None,
+    names: Names = None,
+    fn: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
+    dtype: Any = None,
+) -> Lora:
+    """Read a PEFT LoRA adapter (made by PEFT or by `save_peft`) into a jaxlora tree.
+
+    Args:
+      directory: the adapter directory.
+      params: the JAX base parameters (may be abstract). Needed to place the factors of an adapter
+        PEFT made: torch module names are matched by mapping every weight path of ``params`` through
+        ``names``, and each weight's layout (2-D Flax ``(in, out)``, torch ``(out, in)``, or more axes)
+        decides how ``(r, in)`` / ``(out, r)`` are reshaped. Without it only adapters written by
+        `save_peft` (which carry their layout) or 2-D Flax ``(in, out)`` layouts can be read.
+      names: jaxlora module path -> torch module name, as in `save_peft`.
+      fn, args: the model function and example arguments, needed for weights with more than two axes
+        (as in `jaxlora.init`).
+      dtype: cast the factors to this dtype (default: as stored).
+
+    Returns:
+      The LoRA tree, with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) per module,
+      ``rank_pattern`` and ``alpha_pattern`` applied.
+
+    Raises:
+      FileNotFoundError: if ``directory`` does not exist.
+      ValueError: for a directory that is not a readable LoRA adapter (naming what is missing, DoRA,
+        ``modules_to_save``, trained biases), torch names no weight of ``params`` maps to, or factor
+        shapes that do not fit the weights.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, alpha=8))
+      >>> out = jaxlora.checkpoint.save_peft(tempfile.mkdtemp(), lora, params=params)
+      >>> back = jaxlora.checkpoint.load_peft(out, params=params)
+      >>> back["fc"].a.shape, back["fc"].scale
+      ((4, 2), 4.0)
+    """
+    path = Path(directory)
+    config, modules, extra = read_peft(path)
+    saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    problems: list[str] = []
+    # torch name -> (jaxlora path, roles, weight shape or None)
+    placed: dict[str, tuple[str, str | None, tuple[int, ...] | None]] = {}
+    if params is not None:
+        candidates = weights(params)
+        by_torch: dict[str, str] = {}
+        for p in candidates:
+            try:
+                by_torch.setdefault(torch_name(p, names), p)
+            except ValueError:
+                continue
+        for name in modules:
+            if name in saved and saved[name][0] in candidates:
+                by_torch[name] = saved[name][0]
+            if name not in by_torch:
+                problems.append(
+                    f"torch module {name!r} matches no weight of params; "
+                    f"{nearest(name, by_torch)} (after the name mapping)"
+                )
+        if problems:
+            raise ValueError(
+                f"Cannot place the PEFT adapter at {path} on params "
+                "(pass names= mapping jaxlora paths to torch names):\n  " + "\n  ".join(problems)
+            )
+        paths = {by_torch[n] for n in modules}
+        roles = {p: saved[n][1]["roles"] for n, (p, _) in saved.items() if p in paths and n in modules}
+        need = sorted(paths - set(roles))
+        if need:
+            from .. import _core
+            from .._config import LoraConfig
+
+            probe = jax.eval_shape(
+                lambda: _core.init(
+                    jax.random.key(0),
+                    params,
+                    LoraConfig(rank=1, targets=[f"^{re.escape(p)}" for p in need]),
+                    fn=fn,
+                    args=args,
+                )
+            )
+            roles.update({p: f.roles for p, f in probe.items()})
+        for name in modules:
+            p = by_torch[name]
+            placed[name] = (p, roles[p], tuple(int(d) for d in candidates[p].leaf.shape))
+    else:
+        for name in modules:
+            if name in saved:
+                placed[name] = (saved[name][0], saved[name][1]["roles"], None)
+            elif names is None:
+                placed[name] = (name.replace(".", "/"), None, None)
+            else:
+                problems.append(f"{name!r}: a name mapping can only be inverted against params; pass params=")
+    lora: Lora = {}
+    for name, m in modules.items():
+        if name not in placed:
+            continue
+        p, role, shape = placed[name]
+        A, B = m["A"], m["B"]  # (r, in), (out, r)
+        r = A.shape[0]
+        if role is None:
+            role = "io"
+        if "s" in role:
+            problems.append(f"{name!r}: the weight at {p!r} is stacked (roles {role!r}); PEFT adapters are per layer")
+            continue
+        if shape is not None:
+            i_shape = tuple(d for d, c in zip(shape, role) if c == "i")
+            o_shape = tuple(d for d, c in zip(shape, role) if c == "o")
+        elif name in saved:
+            i_shape, o_shape = tuple(extra["base"][p]["shape"][k] for k, c in enumerate(role) if c == "i"), None
+            o_shape = tuple(extra["base"][p]["shape"][k] for k, c in enumerate(role) if c == "o")
+        else:
+            i_shape, o_shape = (A.shape[1],), (B.shape[0],)
+        if A.shape[1] != math.prod(i_shape) or B.shape[0] != math.prod(o_shape):
+            problems.append(
+                f"{name!r} -> {p!r}: lora_A {A.shape} and lora_B {B.shape} need (r, {math.prod(i_shape)}) and "
+                f"({math.prod(o_shape)}, r) for weight {shape}"
+            )
+            continue
+        a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
+        b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
+        dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
+        lora[p] = LoraFactors(a=a, b=b, scale=_scale(config, name, r), roles=role, dropout=dropout)
+    if problems:
+        raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
+    return lora
+
+
+def peft_info(directory: str | os.PathLike) -> AdapterInfo:
+    """`jaxlora.checkpoint.info` for a PEFT directory."""
+    path = Path(directory)
+    config, modules, extra = read_peft(path)
+    saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    out = {}
+    for name, m in modules.items():
+        r = int(m["A"].shape[0])
+        p, roles = (saved[name][0], saved[name][1]["roles"]) if name in saved else (name, None)
+        out[p] = {
+            "torch": name,
+            "kind": m["kind"],
+            "rank": r,
+            "scale": _scale(config, name, r),
+            "roles": roles,
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "a_shape": list(m["A"].shape[::-1]),
+            "b_shape": list(m["B"].shape[::-1]),
+            "dtype": str(m["A"].dtype),
+        }
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    config_fields = (extra or {}).get("config") or {
+        k: config.get(k)
+        for k in ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "lora_dropout")
+    }
+    return AdapterInfo(
+        "peft", config.get("peft_version", "unknown"), config_fields, out, (extra or {}).get("base"), size
+    )

@@ -1,0 +1,263 @@
+"""PEFT adapter files: round trip, exact scales, errors, and (with torch + peft) outputs equal to PyTorch's."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_close
+
+import jaxlora
+from jaxlora import checkpoint as ckpt
+
+# Flax names differ from the torch twin's on purpose: the mapping below connects them.
+NAMES = {"tok": "embed", "proj_in": "fc1", "heads": "attn.heads", "proj_out": "fc2"}
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(50, 16, name="tok")(ids)
+        h = nn.gelu(nn.Dense(32, name="proj_in")(h))
+        h = nn.DenseGeneral((2, 8), name="heads")(h)  # kernel (32, 2, 8): a torch Linear(32, 16)
+        h = h.reshape(h.shape[:-2] + (16,))
+        return nn.Dense(4, name="proj_out")(h)
+
+
+@pytest.fixture(scope="module")
+def model():
+    net, ids = Net(), (jnp.arange(14).reshape(2, 7) * 7) % 50
+    return net, net.init(jax.random.key(0), ids), ids
+
+
+def _with_b(lora, seed=1):
+    keys = iter(jax.random.split(jax.random.key(seed), len(lora)))
+    return {
+        p: jaxlora.LoraFactors(f.a, jax.random.normal(next(keys), f.b.shape) * 0.5, f.scale, f.roles, f.dropout)
+        for p, f in lora.items()
+    }
+
+
+def _lora(model, **kw):
+    net, params, ids = model
+    config = jaxlora.LoraConfig(
+        rank=4, alpha=8, targets=list(NAMES), rank_pattern={"heads": 2}, alpha_pattern={"proj_out": 3}, **kw
+    )
+    return config, _with_b(jaxlora.init(jax.random.key(2), params, config, fn=net.apply, args=(ids,)))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_round_trip_and_config(tmp_path, model, rslora):
+    net, params, ids = model
+    config, lora = _lora(model, rslora=rslora)
+    out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES, config=config, base_model_name_or_path="twin")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is rslora
+    assert cfg["target_modules"] == ["attn.heads", "embed", "fc1", "fc2"]
+    assert cfg["rank_pattern"] == {"attn.heads": 2} and cfg["alpha_pattern"] == {"fc2": 3}
+    assert cfg["base_model_name_or_path"] == "twin"
+    from safetensors.numpy import load_file
+
+    t = load_file(str(out / "adapter_model.safetensors"))
+    np.testing.assert_array_equal(t["base_model.model.fc1.lora_A.weight"], np.asarray(lora["proj_in"].a).T)  # (r, in)
+    np.testing.assert_array_equal(t["base_model.model.fc1.lora_B.weight"], np.asarray(lora["proj_in"].b).T)  # (out, r)
+    assert t["base_model.model.attn.heads.lora_A.weight"].shape == (2, 32)
+    assert t["base_model.model.attn.heads.lora_B.weight"].shape == (16, 2)
+    assert t["base_model.model.embed.lora_embedding_A"].shape == (4, 50)  # (r, vocab)
+    assert t["base_model.model.embed.lora_embedding_B"].shape == (16, 4)  # (features, r)
+    for p, f in lora.items():  # PEFT's scale formula gives jaxlora's scale exactly
+        name = NAMES[p]
+        r = cfg["rank_pattern"].get(name, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(name, cfg["lora_alpha"])
+        assert alpha / (math.sqrt(r) if rslora else r) == f.scale, p
+    for kw in (
+        {},
+        {"params": params, "names": NAMES},
+        {"params": params, "names": NAMES, "fn": net.apply, "args": (ids,)},
+    ):
+        back = ckpt.load_peft(out, **kw)
+        assert list(sorted(back)) == sorted(lora)
+        assert_trees_close(back, lora, rtol=0, atol=0)
+        assert all(back[p].scale == lora[p].scale and back[p].roles == lora[p].roles for p in lora)
+    np.testing.assert_array_equal(
+        jaxlora.apply(net.apply, params, back, ids), jaxlora.apply(net.apply, params, lora, ids)
+    )
+    about = ckpt.info(out)
+    assert about.format == "peft" and about.modules["heads"]["rank"] == 2 and about.base["tok"]["name"] == "embedding"
+
+
+def test_exact_alpha_for_odd_scales():
+    from jaxlora.checkpoint._peft import _alpha_for
+
+    # scales as jaxlora makes them (alpha / r or alpha / sqrt(r)) come back exactly
+    for alpha0, r, rs in [
+        (16, 8, False),
+        (0.3, 3, False),
+        (16, 7, True),
+        (2, 6, False),
+        (0.7, 5, True),
+        (1e-3, 64, True),
+    ]:
+        scale = alpha0 / (math.sqrt(r) if rs else r)
+        alpha = _alpha_for(scale, r, rs)
+        assert alpha / (math.sqrt(r) if rs else r) == scale, (scale, r, rs, alpha)
+    # a scale no float alpha reaches (0.1 = x / 3 has no float solution) is off by at most one rounding
+    assert _alpha_for(0.1, 3, False) / 3 == pytest.approx(0.1, rel=2e-16)
+    assert _alpha_for(2.0, 8, False) == 16 and isinstance(_alpha_for(2.0, 8, False), int)
+
+
+def test_foreign_layout_needs_params_and_mapping(tmp_path, model):
+    """An adapter without jaxlora's metadata (as PEFT writes it) is placed through params and names."""
+    net, params, ids = model
+    _, lora = _lora(model)
+    out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})  # strip jaxlora's header
+    back = ckpt.load_peft(out, params=params, names=NAMES, fn=net.apply, args=(ids,))
+    assert_trees_close(back, lora, rtol=0, atol=0)
+    assert back["heads"].roles == "ioo"
+    with pytest.raises(ValueError, match="(?s)'attn.heads': no pattern|torch module 'attn.heads' matches no weight"):
+        ckpt.load_peft(out, params=params, names={k: v for k, v in NAMES.items() if k != "heads"})
+    with pytest.raises(ValueError, match="torch module 'fc1' matches no weight of params"):
+        ckpt.load_peft(out, params=params)
+    with pytest.raises(ValueError, match="a name mapping can only be inverted against params"):
+        ckpt.load_peft(out, names=NAMES)
+    with pytest.raises(ValueError, match="more than\\s+two axes|never reaches"):
+        ckpt.load_peft(out, params=params, names=NAMES)  # DenseGeneral's layout needs fn
+
+
+def test_errors(tmp_path, model):
+    net, params, ids = model
+    _, lora = _lora(model)
+    out = ckpt.save_peft(tmp_path / "a", lora, params=params, names=NAMES)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ckpt.save_peft(out, lora, params=params, names=NAMES)
+    ckpt.save_peft(out, lora, params=params, names=NAMES, overwrite=True)
+    with pytest.raises(ValueError, match="'proj_in': no pattern of the name mapping"):
+        ckpt.save_peft(tmp_path / "b", lora, names={"tok|heads|proj_out": "x"})
+    with pytest.raises(ValueError, match=r"same torch names \['x'\]"):
+        ckpt.save_peft(tmp_path / "b", lora, names=lambda p: "x")
+    stacked = {"s": jaxlora.LoraFactors(jnp.ones((3, 4, 2)), jnp.ones((3, 2, 5)), 1.0, "sio")}
+    with pytest.raises(ValueError, match="stacked-layer axis .* unstack"):
+        ckpt.save_peft(tmp_path / "c", stacked)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_peft(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"not a PEFT adapter: \['adapter_config.json', 'adapter_model.safetensors'\]"):
+        ckpt.load_peft(tmp_path / "empty")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True, "modules_to_save": ["cls"]}))
+    with pytest.raises(ValueError, match="(?s)use_dora is true.*modules_to_save \\['cls'\\]"):
+        ckpt.load_peft(out, params=params, names=NAMES)
+    (out / "adapter_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ckpt.load_peft(out)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    data = (out / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ckpt.load_peft(out)
+
+
+def test_wrong_shapes_named(tmp_path, model):
+    net, params, ids = model
+    _, lora = _lora(model)
+    out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES)
+    other = jax.tree_util.tree_map(lambda x: x, params)
+    other["params"]["proj_in"]["kernel"] = jnp.zeros((16, 40))
+    with pytest.raises(
+        ValueError, match=r"'fc1' -> 'proj_in': lora_A \(4, 16\) and lora_B \(32, 4\) need \(r, 16\) and \(40, r\)"
+    ):
+        ckpt.load_peft(out, params=other, names=NAMES, fn=net.apply, args=(ids,))
+
+
+# ---- cross-check against PyTorch + PEFT ------------------------------------------------------------
+
+
+def _torch_twin(params):
+    torch = pytest.importorskip(
+        "torch", reason="torch not installed: pip install -e '.[peft]' to run the PEFT cross-checks"
+    )
+    pytest.importorskip("peft", reason="peft not installed: pip install -e '.[peft]' to run the PEFT cross-checks")
+    from torch import nn as tnn
+
+    class Attn(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = tnn.Linear(32, 16)
+
+    class Twin(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc1, self.attn, self.fc2 = (
+                tnn.Embedding(50, 16),
+                tnn.Linear(16, 32),
+                Attn(),
+                tnn.Linear(16, 4),
+            )
+
+        def forward(self, ids):
+            h = tnn.functional.gelu(self.fc1(self.embed(ids)), approximate="tanh")
+            return self.fc2(self.attn.heads(h))
+
+    p = params["params"]
+    twin, t = Twin(), lambda x: torch.tensor(np.asarray(x))
+    with torch.no_grad():
+        twin.embed.weight.copy_(t(p["tok"]["embedding"]))
+        twin.fc1.weight.copy_(t(p["proj_in"]["kernel"]).T)
+        twin.fc1.bias.copy_(t(p["proj_in"]["bias"]))
+        twin.attn.heads.weight.copy_(t(p["heads"]["kernel"].reshape(32, 16)).T)
+        twin.attn.heads.bias.copy_(t(p["heads"]["bias"].reshape(16)))
+        twin.fc2.weight.copy_(t(p["proj_out"]["kernel"]).T)
+        twin.fc2.bias.copy_(t(p["proj_out"]["bias"]))
+    return torch, twin.eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_torch_peft_loads_jaxlora_adapter(tmp_path, model, rslora):
+    net, params, ids = model
+    torch, twin = _torch_twin(params)
+    import peft
+
+    with torch.no_grad():
+        base = twin(torch.tensor(np.asarray(ids))).numpy()
+    np.testing.assert_allclose(base, net.apply(params, ids), atol=2e-5)  # the twins agree without LoRA
+    config, lora = _lora(model, rslora=rslora)
+    ckpt.save_peft(tmp_path, lora, params=params, names=NAMES, config=config)
+    loaded = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+    with torch.no_grad():
+        got = loaded(torch.tensor(np.asarray(ids))).numpy()
+    want = jaxlora.apply(net.apply, params, lora, ids)
+    assert np.abs(np.asarray(want) - base).max() > 0.1  # the adapter changes the output
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+
+
+def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
+    net, params, ids = model
+    torch, twin = _torch_twin(params)
+    import peft
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["embed", "fc1", "heads", "fc2"],
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"heads": 5},
+        use_rslora=True,
+        init_lora_weights=False,  # random B: a non-trivial adapter
+    )
+    peft_model = peft.get_peft_model(twin, cfg).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(np.asarray(ids))).numpy()
+    lora = ckpt.load_peft(tmp_path, params=params, names=NAMES, fn=net.apply, args=(ids,))
+    assert lora["proj_out"].rank == 2 and lora["heads"].scale == 5 / 2 and lora["tok"].scale == 16 / 2
+    got = jaxlora.apply(net.apply, params, lora, ids)
+    assert np.abs(want - np.asarray(net.apply(params, ids))).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
