@@ -12,6 +12,8 @@ from ._core import unmerge as unmerge
 from ._matmul import LoraFactors as LoraFactors
 from ._matmul import delta as delta
 from ._optim import mask as mask
+from ._sharding import init_sharded as init_sharded
+from ._sharding import shardings as shardings
 from ._trace import UnsupportedError as UnsupportedError
 from ._tree import module_path as module_path
 from . import checkpoint as checkpoint  # noqa: E402 (a subpackage: Orbax and PEFT adapter files)
@@ -28,10 +30,12 @@ __all__ = [
     "checkpoint",
     "delta",
     "init",
+    "init_sharded",
     "mask",
     "merge",
     "module_path",
     "nnx",
+    "shardings",
     "summary",
     "unmerge",
 ]

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Jaxpr, Literal
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ._matmul import LoraFactors, lora_op
 
@@ -190,6 +192,11 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         return [_squeeze(eqn, invals[0], ctx)]
     if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
         return [_reshape(eqn, invals[0], ctx)]
+    if name == "reshard":  # explicit sharding: move the factors with W (their specs follow W's roles)
+        (t,) = invals
+        return [_reshard(t, _bind(eqn, [t.w])[0], eqn.params["dst_sharding"])]
+    if name == "shard_map":
+        return _shard_map(eqn, invals, ctx)
     if name == "dot_general":
         return [_dot_general(eqn, invals, ctx)]
     if name == "conv_general_dilated":
@@ -399,19 +406,35 @@ def _dot_general(eqn, invals, ctx: Context):
         raise _mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
     nb, nxfree = len(xb), x.ndim - len(xc) - len(xb)
     precision = eqn.params.get("precision")
-    first_dims = ((tuple(xc), tuple(first_axes.index(origin[v]) for v in wc)),
-                  (tuple(xb), tuple(first_axes.index(origin[v]) for v in wb)))
-    second_dims = (((nb + nxfree,), (second_axes.index("r"),)),
-                   (tuple(range(nb)), tuple(second_axes.index(origin[v]) for v in wb)))
+    first_dims = (
+        (tuple(xc), tuple(first_axes.index(origin[v]) for v in wc)),
+        (tuple(xb), tuple(first_axes.index(origin[v]) for v in wb)),
+    )
+    second_dims = (
+        ((nb + nxfree,), (second_axes.index("r"),)),
+        (tuple(range(nb)), tuple(second_axes.index(origin[v]) for v in wb)),
+    )
     rest = [k for k in second_axes if k != "r" and k not in stacked]
     w_out = [nb + nxfree + rest.index(origin[v]) for v in wfree]
     x_out = list(range(nb, nb + nxfree))
     perm = list(range(nb)) + (x_out + w_out if x_is_lhs else w_out + x_out)
+    first_out = second_out = None
+    out = eqn.params.get("out_sharding")
+    if out is not None:  # sharding in types: the base op's output spec, carried to both factored ops
+        spec = tuple(out.spec) + (None,) * (len(perm) - len(out.spec))
+        second_spec = [None] * len(perm)
+        for i, j in enumerate(perm):
+            second_spec[j] = spec[i]
+        x_free = [spec[i] for i in range(len(perm)) if perm[i] in x_out]
+        first_out = NamedSharding(out.mesh, P(*spec[:nb], *x_free, None))
+        second_out = NamedSharding(out.mesh, P(*second_spec))
     return lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
-        first_op=lambda x, f: lax.dot_general(x, f, first_dims, precision=precision),
-        second_op=lambda u, s: jnp.transpose(lax.dot_general(u, s, second_dims, precision=precision), perm),
+        first_op=lambda x, f: lax.dot_general(x, f, first_dims, precision=precision, out_sharding=first_out),
+        second_op=lambda u, s: jnp.transpose(
+            lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
+        ),
         dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
     )  # fmt: skip
 
@@ -477,6 +500,65 @@ def _gather(eqn, invals, ctx: Context):
         first_op=lambda idx, a: _bind(eqn, [a, idx], a_params)[0],
         second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def _factor_specs(t: Tagged, spec: Sequence[Any]) -> tuple[P, P]:
+    """Specs of ``t``'s factors for a view of ``W`` sharded as ``spec``: each factor axis takes the
+    entry of the ``W`` axis it shares, the rank axis is replicated (as in `jaxlora.shardings`)."""
+    spec = tuple(spec) + (None,) * (len(t.view.origin) - len(spec))
+    by_axis = {k: spec[v] for v, k in enumerate(t.view.origin)}
+    return tuple(P(*(None if k == "r" else by_axis[k] for k in t.axes(side))) for side in ("a", "b"))  # type: ignore[return-value]
+
+
+def _reshard(t: Tagged, w: Any, dst: Any) -> Tagged:
+    if t.factors is None:
+        return t.replace(w=w)
+    a_spec, b_spec = _factor_specs(t, dst.spec)
+    mesh = dst.mesh
+    a = jax.sharding.reshard(t.a, NamedSharding(mesh, a_spec))
+    b = jax.sharding.reshard(t.b, NamedSharding(mesh, b_spec))
+    return Tagged(w, a, b, t.view, t.factors)
+
+
+def _shard_map(eqn, invals, ctx: Context):
+    """A tagged weight entering ``shard_map``: its factors enter too, split like ``W``'s axes."""
+    p = eqn.params
+    jaxpr, consts = _closed(p["jaxpr"])
+    flat, specs, slots = [], [], []
+    for v, spec in zip(invals, p["in_specs"]):
+        if isinstance(v, Tagged):
+            if v.factors is None:  # probing: no factors
+                flat.append(v.w), specs.append(spec), slots.append((v, 1))
+                continue
+            a_spec, b_spec = _factor_specs(v, spec)
+            flat += [v.w, v.a, v.b]
+            specs += [spec, a_spec, b_spec]
+            slots.append((v, 3))
+        else:
+            flat.append(v), specs.append(spec), slots.append((None, 1))
+
+    def body(*local):
+        vals, i = [], 0
+        for t, n in slots:
+            if t is None:
+                vals.append(local[i])
+            else:
+                a, b = (local[i + 1], local[i + 2]) if n == 3 else (None, None)
+                vals.append(Tagged(local[i], a, b, t.view, t.factors))
+            i += n
+        return evaluate(jaxpr, consts, vals, ctx)
+
+    return jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=tuple(specs),
+        out_specs=list(p["out_specs"]),
+        check_vma=p.get("check_vma", True),
+        axis_names=set(p.get("newly_manual_axes", p["mesh"].axis_names)),
+    )(*flat)
 
 
 # --------------------------------------------------------------------------- control flow
