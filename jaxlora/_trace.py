@@ -245,12 +245,12 @@ def _slice(eqn, invals, ctx: Context) -> Tagged:
             stride = (p["strides"] or (1,) * t.w.ndim)[v]
             if (start, limit, stride) == (0, t.w.shape[v], 1):
                 continue
-            cut = lambda f, i: lax.slice_in_dim(f, start, limit, stride, axis=i)  # noqa: E731
+            cut = lambda f, i, s=start, e=limit, k=stride: lax.slice_in_dim(f, s, e, k, axis=i)  # noqa: E731
         else:
             size = p["slice_sizes"][v]
             if size == t.w.shape[v]:
                 continue
-            cut = lambda f, i: lax.dynamic_slice_in_dim(f, starts[v], size, axis=i)  # noqa: E731
+            cut = lambda f, i, s=starts[v], n=size: lax.dynamic_slice_in_dim(f, s, n, axis=i)  # noqa: E731
         ia, ib = _factor_axis(t, "a", v), _factor_axis(t, "b", v)
         a = a if ia is None else cut(a, ia)
         b = b if ib is None else cut(b, ib)

@@ -380,3 +380,19 @@ def test_grouped_convolution_kernel():
     lora = _lora(params, lambda p, x: conv(p["w"], x, 1), x, targets="w")
     with pytest.raises(jaxlora.UnsupportedError, match="'w' is the kernel of a grouped convolution"):
         jaxlora.apply(lambda p, x: conv(p["w"], jnp.concatenate([x, x], -1), 2), params, lora, x)
+
+
+@pytest.mark.slow
+def test_example_plain_jax_finetune():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "plain_jax_finetune.py"
+    spec = importlib.util.spec_from_file_location("plain_jax_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plain_jax_finetune"] = module
+    spec.loader.exec_module(module)
+    result = module.main(lora_steps=60, rank=4)
+    assert result["loss_after"] < 0.5 * result["loss_before"], result
+    assert result["merged_vs_factored_max_abs"] < 1e-4

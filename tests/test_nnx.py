@@ -249,3 +249,20 @@ def test_model_verbs_refuse_a_non_module(verb):
     args = {"init": (jax.random.key(0), params, jaxlora.LoraConfig(rank=2))}.get(verb, (params, {}))
     with pytest.raises(TypeError, match=rf"jaxlora.nnx.{verb} takes an nnx.Module, got dict.*use jaxlora.{verb}"):
         getattr(jaxlora.nnx, verb)(*args)
+
+
+@pytest.mark.slow
+def test_example_nnx_finetune():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "nnx_finetune.py"
+    spec = importlib.util.spec_from_file_location("nnx_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nnx_finetune"] = module
+    spec.loader.exec_module(module)
+    result = module.main(lora_steps=60, rank=4)
+    assert result["loss_after"] < 0.5 * result["loss_before"], result
+    assert result["merged_vs_factored_max_abs"] < 1e-4
+    assert result["model_unchanged"]
