@@ -298,6 +298,8 @@ def _lora_for_matmul(shape):
 REFUSALS = {
     "elementwise": (lambda p, x: x @ (2.0 * p["w"]), "used by `mul`"),
     "reduction": (lambda p, x: x @ p["w"] + jnp.sum(p["w"] ** 2), "used by `integer_pow`"),
+    "slice_then_mul": (lambda p, x: x[:, :2] @ (2.0 * p["w"][1:3]), "used by `mul`"),
+    "reshape_then_mul": (lambda p, x: x @ (2.0 * p["w"].reshape(D, 2, 2)).reshape(D, D), "used by `mul`"),
     "returned": (lambda p, x: (x @ p["w"], p["w"]), "returned by the function"),
     "loop_carry": (
         lambda p, x: lax.scan(lambda w, _: (jnp.tanh(w), None), p["w"], None, length=2)[0],
@@ -319,7 +321,9 @@ def test_unsupported_use_raises_naming_op_and_path(name):
         jaxlora.apply(fn, params, lora, _x())
 
 
-@pytest.mark.parametrize("name", ["elementwise", "reduction", "regroup_reshape", "conv_input"])
+@pytest.mark.parametrize(
+    "name", ["elementwise", "reduction", "regroup_reshape", "conv_input", "slice_then_mul", "reshape_then_mul"]
+)
 def test_merge_fallback_uses_the_merged_weight_for_that_use(name, maybe_jit):
     params, lora = _lora_for_matmul((D, D))
     fn, x = REFUSALS[name][0], _x()
@@ -396,3 +400,16 @@ def test_example_plain_jax_finetune():
     result = module.main(lora_steps=60, rank=4)
     assert result["loss_after"] < 0.5 * result["loss_before"], result
     assert result["merged_vs_factored_max_abs"] < 1e-4
+
+
+def test_gather_that_is_not_a_row_lookup():
+    params, lora = _lora_for_matmul((D, D))
+    with pytest.raises(jaxlora.UnsupportedError, match="'w'.*`gather` in a way other than a row lookup"):
+        jaxlora.apply(lambda p, x: x @ jnp.take(p["w"], jnp.array([2, 0, 1, 3]), axis=1), params, lora, _x())
+
+
+def test_matmul_that_does_not_batch_over_the_stacked_axis():
+    params = {"w": _weights((L, D, D))}
+    lora = _lora(params, _scan, _x())
+    with pytest.raises(jaxlora.UnsupportedError, match=r"'w'.*`dot_general` with batch axes \(\) that are not exactly"):
+        jaxlora.apply(lambda p, x: jnp.einsum("bd,ldo->lbo", x, p["w"]), params, lora, _x())
