@@ -319,3 +319,76 @@ def test_restore_step_errors(tmp_path, trained):
     with pytest.raises(ValueError, match=r"CheckpointManager steps \['1'\]"):
         ckpt.restore(tmp_path / "run")
     assert_trees_close(ckpt.restore(tmp_path / "run" / "1"), trained[4], rtol=0, atol=0)
+
+
+# ---- merged export ----------------------------------------------------------------------------------
+
+
+def test_save_merged_safetensors_and_orbax(tmp_path, trained):
+    from safetensors.numpy import load_file
+
+    net, params, ids, config, lora = trained
+    want = jaxlora.merge(params, lora)
+    out = ckpt.save_merged(tmp_path / "m.safetensors", params, lora)
+    got = load_file(str(out))
+    flat = {"/".join(str(k.key) for k in kp[1:]): v for kp, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    assert sorted(got) == sorted(flat)
+    for k in flat:
+        np.testing.assert_array_equal(got[k], np.asarray(flat[k]), err_msg=k)
+    # numpy reference for one merged weight
+    f = lora["mlp"]
+    ref = np.asarray(params["params"]["mlp"]["kernel"], np.float64) + f.scale * np.asarray(
+        f.a, np.float64
+    ) @ np.asarray(f.b, np.float64)
+    np.testing.assert_allclose(got["mlp/kernel"], ref, rtol=1e-5, atol=1e-6)
+    # a renaming layout with a transpose (e.g. to torch (out, in))
+    t = ckpt.save_merged(
+        tmp_path / "t.safetensors",
+        params,
+        lora,
+        layout=lambda p: (p.replace("/", "."), (1, 0) if p.endswith("mlp/kernel") else None),
+    )
+    np.testing.assert_array_equal(load_file(str(t))["mlp.kernel"], got["mlp/kernel"].T)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ckpt.save_merged(out, params, lora)
+    with pytest.raises(ValueError, match='format must be "safetensors" or "orbax"'):
+        ckpt.save_merged(tmp_path / "x", params, lora, format="npz")
+    o = ckpt.save_merged(tmp_path / "orbax", params, lora, format="orbax")
+    with ocp.StandardCheckpointer() as c:
+        back = c.restore(o.absolute(), jax.eval_shape(lambda: params))
+    assert_trees_close(back, want, rtol=0, atol=0)
+
+
+def test_merge_safetensors_streams_one_tensor_at_a_time(tmp_path):
+    """Merging a PEFT adapter into a 32 MB base keeps traced host memory near one 4 MB tensor."""
+    import tracemalloc
+
+    from safetensors.numpy import load_file, save_file
+
+    n, d = 8, 1024
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.fc.weight": rng.standard_normal((d, d), np.float32) for i in range(n)}
+    base["embed.weight"] = rng.standard_normal((100, d), np.float32)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    params = {k.replace(".", "/"): v for k, v in base.items()}  # torch layout: "weight" (out, in); "embed" lookup
+    params = {"layers": {str(i): {"fc": {"weight": base[f"layers.{i}.fc.weight"]}} for i in range(n)}}
+    lora = _random_b(jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=4, alpha=8)))
+    ckpt.save_peft(tmp_path / "adapter", lora)
+    del params
+    tracemalloc.start()
+    try:
+        ckpt.merge_safetensors(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * d * d * 4, f"peak {peak / 2**20:.1f} MB for a {n * d * d * 4 / 2**20:.0f} MB model"
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for i in range(n):
+        f = lora[f"layers/{i}/fc"]
+        ref = base[f"layers.{i}.fc.weight"] + f.scale * (np.asarray(f.a) @ np.asarray(f.b)).T
+        np.testing.assert_allclose(got[f"layers.{i}.fc.weight"], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["embed.weight"], base["embed.weight"])
+    wrong = {"layers": {"0": {"fc": {"weight": jnp.zeros((d, 2 * d))}}}}
+    ckpt.save_peft(tmp_path / "wrong", jaxlora.init(jax.random.key(0), wrong, jaxlora.LoraConfig(rank=2)))
+    with pytest.raises(ValueError, match=r"'layers.0.fc.weight': base \(1024, 1024\), adapter expects \(1024, 2048\)"):
+        ckpt.merge_safetensors(tmp_path / "base.safetensors", tmp_path / "wrong", tmp_path / "o2.safetensors")

@@ -2,6 +2,8 @@
 
 from ._fingerprint import check as check_base
 from ._fingerprint import fingerprint as fingerprint
+from ._merged import merge_safetensors as merge_safetensors
+from ._merged import save_merged as save_merged
 from ._orbax import AdapterInfo as AdapterInfo
 from ._orbax import info as info
 from ._orbax import restore as restore
@@ -18,6 +20,7 @@ __all__ = [
     "fingerprint",
     "info",
     "load_peft",
+    "merge_safetensors",
     "restore",
     "restore_step",
     "save",

@@ -78,7 +78,11 @@ def config_from_json(fields: Mapping[str, Any]) -> LoraConfig:
 
 
 def metadata(
-    lora: Mapping[str, LoraFactors], *, config: LoraConfig | None = None, params: Any = None
+    lora: Mapping[str, LoraFactors],
+    *,
+    config: LoraConfig | None = None,
+    params: Any = None,
+    fingerprint: _fingerprint.Fingerprint | None = None,
 ) -> dict[str, Any]:
     """The JSON item saved next to the arrays (format, version, modules, config, base fingerprint)."""
     from .. import __version__
@@ -104,7 +108,7 @@ def metadata(
         "jaxlora_version": __version__,
         "modules": modules,
         "config": None if config is None else config_to_json(config),
-        "base": None if params is None else _fingerprint.fingerprint(params, lora),
+        "base": _fingerprint.fingerprint(params, lora) if params is not None else fingerprint,
     }
 
 
@@ -114,7 +118,11 @@ def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
 
 
 def save_args(
-    lora: Mapping[str, LoraFactors], *, config: LoraConfig | None = None, params: Any = None
+    lora: Mapping[str, LoraFactors],
+    *,
+    config: LoraConfig | None = None,
+    params: Any = None,
+    fingerprint: _fingerprint.Fingerprint | None = None,
 ) -> dict[str, ocp.args.CheckpointArgs]:
     """Orbax items that save ``lora``, for an ``ocp.args.Composite`` next to your own items.
 
@@ -122,6 +130,7 @@ def save_args(
       lora: the LoRA tree.
       config: the `LoraConfig` it was made with (saved for the record and for ``inspect``).
       params: the base parameters (may be abstract); their fingerprint lets `restore` reject another base.
+      fingerprint: the base fingerprint itself (``info(path).base``), when params are not at hand.
 
     Returns:
       ``{"lora": StandardSave, "lora_meta": JsonSave}``.
@@ -134,7 +143,7 @@ def save_args(
     """
     return {
         ARRAYS: ocp.args.StandardSave(_arrays(lora)),
-        META: ocp.args.JsonSave(metadata(lora, config=config, params=params)),
+        META: ocp.args.JsonSave(metadata(lora, config=config, params=params, fingerprint=fingerprint)),
     }
 
 
@@ -148,6 +157,7 @@ def save(
     *,
     config: LoraConfig | None = None,
     params: Any = None,
+    fingerprint: _fingerprint.Fingerprint | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Save the LoRA tree (not the base) as an Orbax checkpoint in ``directory``.
@@ -157,6 +167,7 @@ def save(
       lora: the LoRA tree.
       config: the `LoraConfig` it was made with (optional, recorded).
       params: the base parameters (may be abstract), recorded as a fingerprint (optional).
+      fingerprint: the base fingerprint itself, when params are not at hand (optional).
       overwrite: replace an existing checkpoint. The new one is written completely before the old one
         is removed.
 
@@ -177,7 +188,7 @@ def save(
     path = Path(directory).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
-    items = save_args(lora, config=config, params=params)
+    items = save_args(lora, config=config, params=params, fingerprint=fingerprint)
     if not path.exists():
         _checkpointer().save(path, args=ocp.args.Composite(**items))
         return path

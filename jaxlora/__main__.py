@@ -1,0 +1,244 @@
+"""The jaxlora command line: ``python -m jaxlora inspect|merge|convert``.
+
+Exit status: 0 on success, 1 when the command fails (the message on stderr names the problem and the
+fix), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "python -m jaxlora"
+
+
+class CliError(Exception):
+    """A failure reported to the user as one line on stderr, with exit status 1."""
+
+
+def _names(spec: str | None) -> Any:
+    """``--names``: a JSON file with ``{regex: replacement}``, or ``module:ATTR`` / ``path/to/file.py:ATTR``."""
+    if spec is None:
+        return None
+    if spec.endswith(".json"):
+        return json.loads(Path(spec).read_text())
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise CliError(f"--names {spec!r}: expected FILE.json, MODULE:ATTR or FILE.py:ATTR.")
+    if where.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if loaded is None or loaded.loader is None or not Path(where).is_file():
+            raise CliError(f"--names {spec!r}: no Python file {where}.")
+        module = importlib.util.module_from_spec(loaded)
+        sys.modules[loaded.name] = module
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not hasattr(module, attr):
+        raise CliError(f"--names {spec!r}: {where} has no attribute {attr!r}.")
+    return getattr(module, attr)
+
+
+def _kind(path: Path) -> str:
+    """``"orbax"`` (a jaxlora adapter), ``"peft"``, ``"safetensors"`` or ``"params"`` (an Orbax PyTree)."""
+    if not path.exists():
+        raise CliError(f"{path} does not exist.")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return "safetensors"
+        raise CliError(
+            f"{path} is a file but not .safetensors; expected a checkpoint directory or a .safetensors file."
+        )
+    if (path / "lora_meta").is_dir():
+        return "orbax"
+    if (path / "adapter_config.json").is_file():
+        return "peft"
+    if (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
+        return "params"
+    raise CliError(f"{path} is neither a jaxlora adapter, a PEFT adapter nor an Orbax checkpoint.")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from . import checkpoint
+
+    about = checkpoint.info(args.dir)
+    if args.json:
+        print(json.dumps(about._asdict() | {"trainable": about.trainable}, indent=2))
+        return
+    ranks = sorted({m["rank"] for m in about.modules.values()})
+    scales = sorted({m["scale"] for m in about.modules.values()})
+    print(f"adapter:    {args.dir}")
+    version = "" if about.version in (None, "unknown") else f" (version {about.version})"
+    print(f"format:     {about.format}{version}")
+    print(f"size:       {_human(about.size_bytes)} on disk ({about.size_bytes:,} bytes)")
+    print(f"modules:    {len(about.modules)}")
+    print(f"rank:       {ranks[0] if len(ranks) == 1 else ranks}")
+    print(f"scale:      {scales[0] if len(scales) == 1 else scales}")
+    print(f"parameters: {about.trainable:,} (LoRA)")
+    if about.config:
+        print("config:     " + ", ".join(f"{k}={v!r}" for k, v in about.config.items()))
+    if about.base:
+        base = sum(int(_prod(b["shape"])) for b in about.base.values())
+        print(f"base:       {len(about.base)} adapted weights, {base:,} parameters")
+    else:
+        print("base:       no fingerprint recorded")
+    width = max(len(p) for p in about.modules) if about.modules else 6
+    for p, m in about.modules.items():
+        shape = about.base[p]["shape"] if about.base and p in about.base else "?"
+        dtype = about.base[p]["dtype"] if about.base and p in about.base else m["dtype"]
+        print(f"  {p:<{width}}  weight {str(shape):<16} {dtype:<9} rank {m['rank']:<3} scale {m['scale']:g}")
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _load_adapter(path: Path, *, params: Any = None, names: Any = None) -> tuple[Any, Any]:
+    """The LoRA tree and its info, from either format."""
+    from . import checkpoint
+
+    about = checkpoint.info(path)
+    if about.format == "orbax":
+        return checkpoint.restore(path, params=params), about
+    return checkpoint.load_peft(path, params=params, names=names), about
+
+
+def _restore_params(path: Path) -> Any:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        return c.restore(path.absolute())
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .checkpoint._peft import save_peft_files
+
+    base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
+    base_kind, adapter_kind, names = _kind(base), _kind(adapter), _names(args.names)
+    if adapter_kind not in ("orbax", "peft"):
+        raise CliError(
+            f"{adapter} is not an adapter (found a {base_kind} checkpoint); expected jaxlora or PEFT format."
+        )
+    if base_kind == "safetensors":  # a Hugging Face checkpoint: PEFT's names and math, streamed
+        if adapter_kind == "orbax":
+            lora, about = _load_adapter(adapter)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_peft_files(tmp, lora, base=about.base, names=names, config=about.config)
+                checkpoint.merge_safetensors(base, tmp, out, overwrite=args.overwrite)
+        else:
+            checkpoint.merge_safetensors(base, adapter, out, overwrite=args.overwrite)
+    elif base_kind == "params":
+        params = _restore_params(base)
+        lora, _ = _load_adapter(adapter, params=params, names=names)
+        fmt = "safetensors" if out.suffix == ".safetensors" else "orbax"
+        checkpoint.save_merged(out, params, lora, format=fmt, overwrite=args.overwrite)
+    else:
+        raise CliError(
+            f"BASE {base} is a {base_kind} adapter; pass the base model (.safetensors or an Orbax checkpoint)."
+        )
+    print(f"wrote {out}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .checkpoint._orbax import config_from_json
+    from .checkpoint._peft import save_peft_files
+
+    src, dst = Path(args.src), Path(args.dst)
+    kind, names = _kind(src), _names(args.names)
+    if kind not in ("orbax", "peft"):
+        raise CliError(f"{src} is not an adapter (it is a {kind} checkpoint).")
+    to = args.to or ("peft" if kind == "orbax" else "orbax")
+    if to == kind:
+        raise CliError(f"{src} is already in {kind} format; pick --to {'peft' if kind == 'orbax' else 'orbax'}.")
+    params = _restore_params(Path(args.base)) if args.base else None
+    lora, about = _load_adapter(src, params=params, names=names)
+    if to == "peft":
+        save_peft_files(dst, lora, base=about.base, names=names, config=about.config, overwrite=args.overwrite)
+    else:
+        config = None
+        if about.config and "rank" in about.config:  # written by jaxlora: the LoraConfig fields
+            config = config_from_json(about.config)
+        checkpoint.save(dst, lora, config=config, params=params, fingerprint=about.base, overwrite=args.overwrite)
+    print(f"wrote {dst} ({to})")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Inspect, merge and convert jaxlora and PEFT LoRA adapters.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    names_help = "module-name mapping: FILE.json ({regex: replacement}), MODULE:ATTR or FILE.py:ATTR"
+
+    s = sub.add_parser("inspect", help="describe an adapter directory (Orbax or PEFT)",
+                       description="Print an adapter's format, config, targets, ranks, parameter count, size on disk "
+                       "and base fingerprint.")  # fmt: skip
+    s.add_argument("dir", help="adapter directory")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(run=cmd_inspect)
+
+    s = sub.add_parser("merge", help="write the base with an adapter merged in",
+                       description="Merge ADAPTER into BASE and write the full parameters to OUT. BASE is a Hugging "
+                       "Face .safetensors file (merged one tensor at a time with PEFT's math; a jaxlora adapter is "
+                       "converted with --names) or an Orbax checkpoint of the params (OUT: an Orbax directory, or "
+                       "a .safetensors file written one weight at a time).")  # fmt: skip
+    s.add_argument("base")
+    s.add_argument("adapter")
+    s.add_argument("out")
+    s.add_argument("--names", help=names_help)
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(run=cmd_merge)
+
+    about = "Convert SRC (jaxlora Orbax or PEFT adapter) to the other format at DST."
+    s = sub.add_parser("convert", help="convert an adapter between the Orbax and PEFT formats", description=about)
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", choices=("peft", "orbax"), help="target format (default: the other one)")
+    s.add_argument("--names", help=names_help)
+    s.add_argument("--base", help="Orbax checkpoint of the base params: needed to place an adapter PEFT made")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    s.set_defaults(run=cmd_convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status.
+
+    Example:
+      >>> main(["inspect", "/nonexistent"])
+      1
+    """
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CliError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        message = str(e)
+        if isinstance(e, FileExistsError):
+            message = message.replace("pass overwrite=True", "pass --overwrite")
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends quietly, as shell users expect
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Merged export: the full parameters with ``W + scale·B·A`` folded in, written one weight at a time.
+
+The safetensors writers compute the file's header from shapes alone, then merge and write each weight
+in turn, so the extra host memory stays near one weight, not a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._matmul import LoraFactors, delta
+from .._tree import _names, nearest
+from ._peft import read_peft
+
+_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+Layout = Callable[[str], tuple[str, tuple[int, ...] | None]]
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path.")
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: list[tuple[str, tuple[int, ...], Any]],
+    produce: Callable[[int], np.ndarray],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write a safetensors file whose tensors are made one at a time by ``produce(i)``; returns the bytes written.
+
+    ``entries`` lists ``(name, shape, dtype)`` in file order; only the tensor being written is in memory.
+    The file appears atomically (written under a temporary name, then renamed).
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _DTYPES[np.dtype(dtype).name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for i, (name, shape, dtype) in enumerate(entries):
+            array = np.ascontiguousarray(produce(i))
+            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"{name}: produced {array.shape} {array.dtype}, header says {tuple(shape)} {dtype}")
+            f.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B"))
+            del array
+    os.replace(tmp, path)
+    return 8 + len(raw) + offset
+
+
+def leaf_paths(params: Any) -> list[str]:
+    """``"/"``-joined names of every leaf of ``params`` (a leading ``params`` collection dropped)."""
+    return ["/".join(_names(kp)) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def save_merged(
+    path: str | os.PathLike,
+    params: Any,
+    lora: Mapping[str, LoraFactors],
+    *,
+    format: str = "safetensors",
+    layout: Layout | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``merge(params, lora)`` to disk: a safetensors file or an Orbax checkpoint.
+
+    Args:
+      path: the output file (safetensors) or directory (Orbax).
+      params: the base parameters.
+      lora: the LoRA tree.
+      format: ``"safetensors"``: streamed, one merged weight in memory at a time; keys are leaf paths
+        such as ``"encoder/layer_0/query/kernel"`` unless ``layout`` renames them. ``"orbax"``: a standard
+        Orbax PyTree checkpoint of the merged params (restore with ``ocp.StandardCheckpointer``); only the
+        adapted weights are copied, the others are written from ``params`` as they are.
+      layout: safetensors only: ``leaf path -> (key, axes permutation or None)``, e.g. to write a
+        Hugging Face checkpoint with torch names and ``(out, in)`` kernels.
+      overwrite: replace an existing output.
+
+    Returns:
+      The output path.
+
+    Raises:
+      FileExistsError: if the output exists and ``overwrite`` is false.
+      ValueError: if ``lora`` does not fit ``params``, or for an unknown ``format``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> from safetensors.numpy import load_file
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}}
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> out = jaxlora.checkpoint.save_merged(tempfile.mkdtemp() + "/m.safetensors", params, lora)
+      >>> sorted(load_file(out))
+      ['fc/bias', 'fc/kernel']
+    """
+    from .._core import _fit
+
+    path = Path(path)
+    _check_target(path, overwrite)
+    targets = _fit(params, lora)
+    by_index = {w.index: lora[p] for p, w in targets.items()}
+    leaves = jax.tree_util.tree_leaves(params)
+
+    def merged(i: int) -> Any:
+        w = leaves[i]
+        if i not in by_index:
+            return w
+        return (w.astype(jnp.float32) + delta(by_index[i], jnp.float32)).astype(w.dtype)
+
+    if format == "orbax":
+        import orbax.checkpoint as ocp
+
+        treedef = jax.tree_util.tree_structure(params)
+        tree = jax.tree_util.tree_unflatten(treedef, [merged(i) for i in range(len(leaves))])
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(path.absolute(), tree, force=overwrite)
+        return path
+    if format != "safetensors":
+        raise ValueError(f'format must be "safetensors" or "orbax", got {format!r}.')
+    entries, perms = [], []
+    for name, leaf in zip(leaf_paths(params), leaves):
+        key, perm = layout(name) if layout else (name, None)
+        shape = tuple(leaf.shape) if perm is None else tuple(leaf.shape[k] for k in perm)
+        entries.append((key, shape, np.dtype(leaf.dtype)))
+        perms.append(perm)
+
+    def produce(i: int) -> np.ndarray:
+        array = np.asarray(merged(i))
+        return array if perms[i] is None else np.transpose(array, perms[i])
+
+    write_safetensors(path, entries, produce, metadata={"format": "pt", "merged_by": "jaxlora"})
+    return path
+
+
+def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, float]]:
+    from ._peft import _scale
+
+    config, modules, _ = read_peft(adapter)
+    for name, m in modules.items():
+        yield name, m["kind"], m["A"], m["B"], _scale(config, name, m["A"].shape[0])
+
+
+def merge_safetensors(
+    base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Merge a PEFT adapter into a Hugging Face safetensors checkpoint, one tensor at a time (PEFT's math).
+
+    ``W (out, in) += scale · B·A`` for ``lora_A``/``lora_B`` and ``W (vocab, features) += scale · (B·A)ᵀ`` for
+    embeddings, summed in float32 and cast back to ``W``'s dtype. Only one base tensor is read at a time.
+
+    Raises:
+      FileExistsError: if ``out`` exists and ``overwrite`` is false.
+      ValueError: naming adapter modules whose ``<name>.weight`` the base lacks or whose shape differs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile, numpy as np
+      >>> from safetensors.numpy import save_file, load_file
+      >>> d = tempfile.mkdtemp()
+      >>> save_file({"fc.weight": np.zeros((6, 4), np.float32)}, d + "/base.safetensors")
+      >>> params = {"fc": {"weight": jnp.zeros((6, 4))}}  # torch layout (out, in)
+      >>> lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> _ = jaxlora.checkpoint.save_peft(d + "/adapter", lora)
+      >>> out = jaxlora.checkpoint.merge_safetensors(d + "/base.safetensors", d + "/adapter", d + "/m.safetensors")
+      >>> load_file(out)["fc.weight"].shape
+      (6, 4)
+    """
+    from safetensors import safe_open
+
+    out = Path(out)
+    _check_target(out, overwrite)
+    deltas = {f"{name}.weight": (kind, A, B, s) for name, kind, A, B, s in _peft_deltas(adapter)}
+    with safe_open(str(base), framework="numpy") as f:
+        keys = list(f.keys())
+        meta = f.metadata() or {}
+        problems = [f"{k!r}: not in the base; {nearest(k, keys)}" for k in deltas if k not in keys]
+        entries = []
+        for k in keys:
+            sl = f.get_slice(k)
+            shape, dtype = tuple(sl.get_shape()), _np_dtype(sl.get_dtype())
+            entries.append((k, shape, dtype))
+            if k in deltas:
+                kind, A, B, _ = deltas[k]
+                want = (B.shape[0], A.shape[1]) if kind == "linear" else (A.shape[1], B.shape[0])
+                if shape != want:
+                    problems.append(f"{k!r}: base {shape}, adapter expects {want}")
+        if problems:
+            raise ValueError(f"The adapter {adapter} does not fit the base {base}:\n  " + "\n  ".join(problems))
+
+        def produce(i: int) -> np.ndarray:
+            k, _, dtype = entries[i]
+            w = f.get_tensor(k)
+            if k not in deltas:
+                return w
+            kind, A, B, s = deltas[k]
+            d = B.astype(np.float32) @ A.astype(np.float32)  # one weight-sized temporary, updated in place
+            d *= np.float32(s)
+            d = d if kind == "linear" else d.T
+            d += w
+            del w
+            return d.astype(dtype, copy=False)
+
+        write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"})
+    return out
+
+
+def _np_dtype(code: str) -> np.dtype:
+    names = {v: k for k, v in _DTYPES.items()}
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(names[code])

@@ -1,0 +1,142 @@
+"""The command line on real checkpoints: inspect, merge, convert; exit codes and messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import assert_trees_close
+
+import jaxlora
+from jaxlora import checkpoint as ckpt
+from jaxlora.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A base (Orbax params), a jaxlora adapter and the same adapter in PEFT format."""
+    d = tmp_path_factory.mktemp("cli")
+    up, down = jax.random.normal(jax.random.key(0), (8, 32)), jax.random.normal(jax.random.key(1), (32, 8))
+    params = {"params": {"up": {"kernel": up}, "down": {"kernel": down, "bias": jnp.zeros(8)}}}
+    config = jaxlora.LoraConfig(rank=4, alpha=8, rank_pattern={"down": 2})
+    lora = jaxlora.init(jax.random.key(2), params, config)
+    lora = {p: jaxlora.LoraFactors(f.a, f.b + 0.1, f.scale, f.roles) for p, f in lora.items()}
+    with ocp.StandardCheckpointer() as c:
+        c.save(d / "base", params)
+    ckpt.save(d / "adapter", lora, config=config, params=params)
+    ckpt.save_peft(d / "peft", lora, params=params, config=config)
+    return d, params, config, lora
+
+
+def test_inspect_text_and_json(saved, capsys):
+    d, params, config, lora = saved
+    assert main(["inspect", str(d / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "format:     orbax (version 1)" in out and "modules:    2" in out and "rank:       [2, 4]" in out
+    assert f"parameters: {sum(f.a.size + f.b.size for f in lora.values()):,} (LoRA)" in out
+    assert "base:       2 adapted weights, 512 parameters" in out
+    assert "up" in out and "weight [8, 32]" in out and "on disk" in out
+    assert main(["inspect", "--json", str(d / "peft")]) == 0
+    about = json.loads(capsys.readouterr().out)
+    assert about["format"] == "peft" and about["modules"]["down"]["rank"] == 2 and about["config"]["alpha"] == 8
+
+
+def test_convert_both_ways(saved, tmp_path, capsys):
+    d, params, config, lora = saved
+    assert main(["convert", str(d / "adapter"), str(tmp_path / "p")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert_trees_close(ckpt.load_peft(tmp_path / "p", params=params), lora, rtol=0, atol=0)
+    assert main(["convert", str(tmp_path / "p"), str(tmp_path / "o")]) == 0
+    back = ckpt.restore(tmp_path / "o", params=params)
+    assert_trees_close(back, lora, rtol=0, atol=0)
+    assert ckpt.info(tmp_path / "o").config == ckpt.info(d / "adapter").config
+    assert ckpt.info(tmp_path / "o").base == ckpt.info(d / "adapter").base
+    assert main(["convert", str(d / "peft"), str(tmp_path / "o2"), "--base", str(d / "base")]) == 0
+    assert_trees_close(ckpt.restore(tmp_path / "o2", params=params), lora, rtol=0, atol=0)
+
+
+def test_merge_orbax_and_safetensors(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d, params, config, lora = saved
+    want = jaxlora.merge(params, lora)
+    for adapter in ("adapter", "peft"):
+        out = tmp_path / f"merged_{adapter}"
+        assert main(["merge", str(d / "base"), str(d / adapter), str(out)]) == 0
+        with ocp.StandardCheckpointer() as c:
+            assert_trees_close(c.restore(out.absolute(), jax.eval_shape(lambda: params)), want, rtol=0, atol=0)
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "m.safetensors")]) == 0
+    np.testing.assert_array_equal(
+        load_file(str(tmp_path / "m.safetensors"))["up/kernel"], want["params"]["up"]["kernel"]
+    )
+    # a Hugging Face style base: torch names and (out, in) layouts, with a name mapping for the jaxlora adapter
+    t = lambda x: np.ascontiguousarray(np.asarray(x).T)  # noqa: E731 (save_file writes the raw buffer)
+    hf = {
+        "model.up_proj.weight": t(params["params"]["up"]["kernel"]),
+        "model.down_proj.weight": t(params["params"]["down"]["kernel"]),
+    }
+    save_file(hf, str(tmp_path / "hf.safetensors"))
+    (tmp_path / "names.json").write_text(json.dumps({"(up|down)": r"model.\1_proj"}))
+    assert main(["merge", str(tmp_path / "hf.safetensors"), str(d / "adapter"), str(tmp_path / "hf_merged.safetensors"),
+                 "--names", str(tmp_path / "names.json")]) == 0  # fmt: skip
+    got = load_file(str(tmp_path / "hf_merged.safetensors"))
+    np.testing.assert_allclose(
+        got["model.up_proj.weight"], np.asarray(want["params"]["up"]["kernel"]).T, rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["model.down_proj.weight"], np.asarray(want["params"]["down"]["kernel"]).T, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_errors_and_exit_codes(saved, tmp_path, capsys):
+    d, params, config, lora = saved
+    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "inspect: error: No adapter checkpoint at" in capsys.readouterr().err
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(d / "adapter")]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(d / "adapter"), str(tmp_path / "x"), "--to", "orbax"]) == 1
+    assert "already in orbax format; pick --to peft" in capsys.readouterr().err
+    assert main(["convert", str(d / "base"), str(tmp_path / "x")]) == 1
+    assert "is not an adapter" in capsys.readouterr().err
+    assert main(["merge", str(d / "adapter"), str(d / "adapter"), str(tmp_path / "y")]) == 1
+    assert "pass the base model" in capsys.readouterr().err
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "z"), "--names", "nope"]) == 1
+    assert "expected FILE.json, MODULE:ATTR" in capsys.readouterr().err
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "z"), "--names", "json:NOPE"]) == 1
+    assert "json has no attribute 'NOPE'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(d / "base")])
+    assert e.value.code == 2
+    assert "the following arguments are required: adapter, out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["merge"], ["convert"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: python -m jaxlora {command[0] if command else ''}".strip() in out
+    if not command:
+        assert all(c in out for c in ("inspect", "merge", "convert"))
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_shell(saved):
+    """As a shell user runs it: output on stdout, errors on stderr, exit statuses 0 and 1."""
+    d = saved[0]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jaxlora", *a], env=env, capture_output=True, text=True)  # noqa: E731
+    r = run("inspect", str(d / "adapter"))
+    assert r.returncode == 0 and "rank:" in r.stdout and r.stderr == ""
+    r = run("inspect", str(d / "nope"))
+    assert r.returncode == 1 and r.stdout == "" and "python -m jaxlora inspect: error:" in r.stderr
