@@ -175,6 +175,7 @@ class Llama(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         c = self.cfg
         table = _param(self, "embed", (c.vocab, c.dim), ("vocab", "embed"), 1)
+        table = nn.with_logical_constraint(table, ("vocab", None))  # a vocab-parallel lookup, embed gathered
         x = jnp.take(table, tokens, axis=0).astype(c.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -348,10 +349,15 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument(
+        "--coordinator", default=None, help="host:port of process 0 (auto on TPU, SLURM, Open MPI, k8s)"
+    )
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.multihost:  # on TPU pods and SLURM/Kubernetes GPU clusters the coordinator is found automatically
-        jax.distributed.initialize()
+    if args.multihost:  # on TPU pods and SLURM / Open MPI / Kubernetes clusters the arguments are found automatically
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = PRESETS[args.preset]
     mesh = make_mesh(args.mesh)
     s = setup(cfg, mesh, batch=args.batch, seq=args.seq, rank=args.rank, lr=args.lr, seed=args.seed)
