@@ -31,8 +31,9 @@ Lora = dict[str, LoraFactors]
 def call(graphdef: nnx.GraphDef, *states: Any, method: str | None = None) -> Callable[..., Any]:
     """A pure function ``fn(params, *args, **kwargs)`` that runs the NNX model ``graphdef`` describes.
 
-    ``fn`` rebuilds the model with ``nnx.merge(graphdef, params, *states)`` and calls it (or its
-    ``method``); it is what `jaxlora.init` and `jaxlora.apply` take as ``fn``.
+    ``fn`` rebuilds the model with ``nnx.merge(graphdef, params, *states, copy=True)`` and calls it
+    (or its ``method``); it is what `jaxlora.init` and `jaxlora.apply` take as ``fn``. Updates the
+    call makes to RNG counters or batch statistics land on the copy, never on ``states``.
 
     Args:
       graphdef: from ``graphdef, params, *states = nnx.split(model, nnx.Param, ...)``.
@@ -53,7 +54,7 @@ def call(graphdef: nnx.GraphDef, *states: Any, method: str | None = None) -> Cal
     """
 
     def fn(params: Any, *args: Any, **kwargs: Any) -> Any:
-        model = nnx.merge(graphdef, params, *states)
+        model = nnx.merge(graphdef, params, *states, copy=True)  # fresh Variables: the call may update them
         return (model if method is None else getattr(model, method))(*args, **kwargs)
 
     return fn
@@ -135,7 +136,7 @@ def apply(
     graphdef, params, rest = _split(model, "apply")
 
     def fn(params: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
-        module = nnx.merge(graphdef, params, rest)
+        module = nnx.merge(graphdef, params, rest, copy=True)
         out = (module if method is None else getattr(module, method))(*args, **kwargs)
         return (out, nnx.state(module, nnx.Not(nnx.Param))) if updates else out
 

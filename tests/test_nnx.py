@@ -236,6 +236,58 @@ def test_split_params_from_other_state_and_method():
     assert out.shape == (2, D)
 
 
+class _BatchNormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(D, D, rngs=rngs)
+        self.bn = nnx.BatchNorm(D, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.bn(self.proj(x)))
+
+
+def test_batch_stats_and_rng_updates_are_returned_not_applied():
+    model = _BatchNormNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (8, D))
+    lora = _nonzero_b(jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(x,)))
+
+    def loss(lora):
+        out, state = jaxlora.nnx.apply(model, lora, x, updates=True)
+        return jnp.mean(out**2), state
+
+    (_, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+    assert sorted(grads) == ["proj"]
+    np.testing.assert_array_equal(model.bn.mean[...], np.zeros(D))  # not mutated by apply
+    h = np.asarray(x @ jaxlora.nnx.merge(model, lora).proj.kernel[...]) + np.asarray(model.proj.bias[...])
+    np.testing.assert_allclose(state["bn"]["mean"][...], 0.01 * h.mean(0), rtol=1e-4, atol=1e-6)  # momentum 0.99
+    nnx.update(model, state)  # the caller decides to keep the statistics
+    np.testing.assert_allclose(model.bn.mean[...], 0.01 * h.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_call_with_train_mode_state_inside_init_apply_and_jit():
+    model = _BatchNormNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (8, D))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fn = jaxlora.nnx.call(graphdef, rest)  # dropout and batch norm update their (copied) state
+    lora = _nonzero_b(jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=2), fn=fn, args=(x,)))
+    got = jax.jit(lambda p, l: jaxlora.apply(fn, p, l, x))(params, lora)
+    np.testing.assert_allclose(got, fn(jaxlora.merge(params, lora), x), rtol=1e-4, atol=1e-4)
+    assert int(rest["drop"]["rngs"]["count"][...]) == 0
+
+
+def test_an_nnx_model_is_itself_a_params_pytree():
+    model, lora = _setup(["query", "mlp"])
+    fn = lambda m, ids: m(ids)
+    assert sorted(
+        jaxlora.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2, targets="query"), fn=fn, args=(IDS,))
+    ) == [
+        "layers/0/attn/query",
+        "layers/1/attn/query",
+    ]
+    np.testing.assert_allclose(jaxlora.apply(fn, model, lora, IDS), jaxlora.nnx.apply(model, lora, IDS), rtol=1e-6)
+    assert isinstance(jaxlora.merge(model, lora), Model)
+
+
 def test_summary_counts_nnx_params():
     model = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
     lora = jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=4))
