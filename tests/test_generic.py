@@ -268,6 +268,17 @@ def test_reshape_after_a_transpose_and_inside_a_scan(maybe_jit):
     _check(fn, params, x, lora, maybe_jit)
 
 
+def test_stacked_axis_split_by_a_reshape_into_nested_scans(maybe_jit):
+    def fn(p, x):  # 6 layers run as 3 groups of 2: two stacked axes, one per scan
+        inner = lambda h, w: (jnp.tanh(h @ w), None)
+        return lax.scan(lambda h, ws: (lax.scan(inner, h, ws)[0], None), x, p["w"].reshape(3, 2, D, D))[0]
+
+    params, x = {"w": _weights((6, D, D))}, _x()
+    lora = _lora(params, fn, x)
+    assert lora["w"].roles == "sio" and lora["w"].a.shape == (6, D, 2)
+    _check(fn, params, x, lora, maybe_jit)
+
+
 def test_fused_qkv_split_and_slice(maybe_jit):
     def fn(p, x):
         q, k, v = jnp.split(p["qkv"], 3, axis=1)
