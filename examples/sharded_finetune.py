@@ -323,7 +323,11 @@ def batches(
         local = {"inputs": seqs[:, :-1], "targets": seqs[:, 1:]}
         index = sharding.addressable_devices_indices_map((batch, seq))
         rows = sorted({idx[0].indices(batch)[:2] for idx in index.values()})
-        lo, hi = rows[0][0], rows[-1][1]  # this host's contiguous block of rows
+        lo, hi = rows[0][0], rows[-1][1]  # this host's block of rows
+        if any(end != start for (_, end), (start, _) in zip(rows, rows[1:])):
+            raise ValueError(
+                f"this host's batch rows {rows} are not contiguous; put the hosts on the mesh's data axis."
+            )
         yield {k: jax.make_array_from_process_local_data(sharding, v[lo:hi], (batch, seq)) for k, v in local.items()}
         step += 1
 

@@ -551,14 +551,15 @@ def _shard_map(eqn, invals, ctx: Context):
             i += n
         return evaluate(jaxpr, consts, vals, ctx)
 
-    return jax.shard_map(
+    mapped = jax.shard_map(
         body,
         mesh=p["mesh"],
         in_specs=tuple(specs),
         out_specs=list(p["out_specs"]),
         check_vma=p.get("check_vma", True),
         axis_names=set(p.get("newly_manual_axes", p["mesh"].axis_names)),
-    )(*flat)
+    )
+    return jax.jit(mapped)(*flat)  # traced even when called eagerly: eager shard_map refuses custom_vjp
 
 
 # --------------------------------------------------------------------------- control flow
