@@ -131,7 +131,7 @@ def shardings(
       rules: Flax logical axis rules, e.g. ``[("embed", "fsdp"), ("mlp", "tensor")]``. Applied to
         logical names: ``nn.LogicallyPartitioned`` boxes (which otherwise use their own rules or
         ``nn.logical_axis_rules``), NNX names, and ``PartitionSpec`` leaves (which without ``rules``
-        hold mesh axis names).
+        hold mesh axis names). As in Flax, a name no rule maps is replicated.
       rank_axis: the mesh axis (or axes) for the rank axis of ``a`` and ``b``, or a function of the
         module path returning one; ``None`` (default) replicates it.
 
