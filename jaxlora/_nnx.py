@@ -70,7 +70,15 @@ def _split(model: Any, verb: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return graphdef, params, rest
 
 
-def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *, args: tuple[Any, ...] | None = None) -> Lora:
+def init(
+    key: jax.Array,
+    model: nnx.Module,
+    config: LoraConfig,
+    *,
+    args: tuple[Any, ...] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    method: str | None = None,
+) -> Lora:
     """`jaxlora.init` for the ``nnx.Param`` weights of an NNX model.
 
     Args:
@@ -81,6 +89,8 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *, args: tuple[A
         traces the model abstractly to learn each weight's input, output and stacked axes (needed for
         ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv`` and ``nnx.vmap``/``nnx.scan`` stacks).
         Without them only 2-D weights can be laid out.
+      kwargs: keyword arguments of that call (``deterministic=True``); held fixed while tracing.
+      method: the name of the method to trace instead of ``__call__``.
 
     Returns:
       The LoRA tree: module path (``"layers/0/attn/query"``) to `LoraFactors`.
@@ -94,7 +104,10 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *, args: tuple[A
       (['kernel'], (4, 2))
     """
     graphdef, params, rest = _split(model, "init")
-    fn = None if args is None else call(graphdef, rest)
+    if args is None and kwargs is None:
+        return _core.init(key, params, config)
+    model_fn = call(graphdef, rest, method=method)
+    fn = lambda params, *args: model_fn(params, *args, **(kwargs or {}))  # noqa: E731
     return _core.init(key, params, config, fn=fn, args=tuple(args or ()))
 
 

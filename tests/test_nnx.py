@@ -229,6 +229,8 @@ def test_split_params_from_other_state_and_method():
     lora = _nonzero_b(jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=2), fn=fn, args=(x,)))
     assert sorted(lora) == ["proj"]
     np.testing.assert_allclose(jaxlora.apply(fn, params, lora, x), jaxlora.nnx.apply(model, lora, x, method="logits"))
+    by_method = jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(x,), method="logits")
+    assert_trees_close(by_method, jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=2), fn=fn, args=(x,)))
     count = int(model.drop.rngs.count[...])
     out, state = jaxlora.nnx.apply(model, lora, x, updates=True)
     assert int(model.drop.rngs.count[...]) == count, "apply does not mutate the model"
@@ -318,3 +320,20 @@ def test_example_nnx_finetune():
     assert result["loss_after"] < 0.5 * result["loss_before"], result
     assert result["merged_vs_factored_max_abs"] < 1e-4
     assert result["model_unchanged"]
+
+
+def test_init_and_apply_pass_keyword_arguments():
+    class Switch(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.LinearGeneral(D, (2, 3), rngs=rngs)
+            self.b = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x, *, use_a: bool):
+            return self.a(x) if use_a else self.b(x)
+
+    model, x = Switch(nnx.Rngs(0)), jnp.ones((2, D))
+    lora = jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(x,), kwargs={"use_a": True})
+    assert sorted(lora) == ["a"] and lora["a"].roles == "ioo"  # only what that call reaches
+    lora = _nonzero_b(lora)
+    got = jaxlora.nnx.apply(model, lora, x, use_a=True)
+    np.testing.assert_allclose(got, jaxlora.nnx.merge(model, lora)(x, use_a=True), rtol=1e-5, atol=1e-5)
