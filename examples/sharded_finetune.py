@@ -243,18 +243,32 @@ class Setup:
 
 
 def setup(
-    cfg: LlamaConfig, mesh: Mesh, *, batch: int, seq: int, rank: int = 8, lr: float = 1e-2, seed: int = 0
+    cfg: LlamaConfig,
+    mesh: Mesh,
+    *,
+    batch: int,
+    seq: int,
+    rank: int = 8,
+    lr: float = 1e-2,
+    seed: int = 0,
+    params: Any = None,
 ) -> Setup:
-    """Build the sharded model, the sharded LoRA tree, the optimizer state and the jitted step."""
+    """Build the sharded model, the sharded LoRA tree, the optimizer state and the jitted step.
+
+    ``params`` are the frozen weights (say, loaded on the host from a checkpoint); they are placed with
+    the derived shardings. Without them, random weights are created, each device making only its shards.
+    """
     model = Llama(cfg)
     key_params, key_lora = jax.random.split(jax.random.key(seed))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         boxed = jax.eval_shape(model.init, key_params, tokens)  # nn.LogicallyPartitioned leaves, no memory
         param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)
-        # Stand-in for loading a checkpoint: each device creates only its own shards.
-        init_params = lambda k: nn.unbox(model.init(k, jnp.zeros(tokens.shape, tokens.dtype)))  # noqa: E731
-        params = jax.jit(init_params, out_shardings=param_shardings)(key_params)
+        if params is None:  # stand-in for loading a checkpoint
+            init_params = lambda k: nn.unbox(model.init(k, jnp.zeros(tokens.shape, tokens.dtype)))  # noqa: E731
+            params = jax.jit(init_params, out_shardings=param_shardings)(key_params)
+        else:
+            params = jax.device_put(params, param_shardings)
 
         config = jaxlora.LoraConfig(rank=rank, alpha=2 * rank, targets=["q", "k", "v", "o", "gate", "up", "down"])
         # A follows W's fsdp (input) axis, B W's tensor (output) axis; both born sharded inside jit.
