@@ -126,8 +126,23 @@ def _bind(eqn, invals: Sequence[Any], params: dict[str, Any] | None = None) -> l
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
-    """Evaluate ``jaxpr`` on ``args``, where some values may be `Tagged` weights."""
+def evaluate(
+    jaxpr: Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    ctx: Context,
+    forwardable: Sequence[int] = (),
+    forwards: dict[int, int] | None = None,
+) -> list[Any]:
+    """Evaluate ``jaxpr`` on ``args``, where some values may be `Tagged` weights.
+
+    A tagged output that is the tagged input ``args[j]`` itself (for ``j`` in ``forwardable``)
+    comes back as its plain ``w``, a placeholder, and ``forwards[i] = j`` records it: the caller
+    puts the tagged input back in its place (`_forward`). A call that hands its weights back
+    untouched (``nnx.remat`` and ``nnx.scan`` return the module's state) thus returns the tagged
+    weight, not a weight without its LoRA branch. Any other tagged output is untagged (an error, or
+    the merged weight).
+    """
     env: dict[Any, Any] = {}
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
     for var, val in zip(jaxpr.constvars, consts):
@@ -142,7 +157,21 @@ def evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
             outs = _bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs):
             env[var] = val
-    return [_untag(read(v), "returned by the function", ctx) for v in jaxpr.outvars]
+    outs = []
+    for i, v in enumerate(jaxpr.outvars):
+        val = read(v)
+        j = next((j for j in forwardable if args[j] is val), None) if isinstance(val, Tagged) else None
+        if j is not None and forwards is not None:
+            forwards[i] = j
+            outs.append(val.w)
+        else:
+            outs.append(_untag(val, "returned by the function", ctx))
+    return outs
+
+
+def _forward(outs: Sequence[Any], forwards: dict[int, int], invals: Sequence[Any]) -> list[Any]:
+    """``outs`` with each output that forwards a tagged input replaced by that input."""
+    return [invals[forwards[i]] if i in forwards else o for i, o in enumerate(outs)]
 
 
 def _closed(j) -> tuple[Jaxpr, Sequence[Any]]:
@@ -204,14 +233,16 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
     if name == "gather":
         return [_gather(eqn, invals, ctx)]
     if name in _INLINE:
-        j = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-        return evaluate(*_closed(j), invals, ctx)
+        jaxpr, consts = _closed(eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr"))
+        forwards: dict[int, int] = {}
+        return _forward(evaluate(jaxpr, consts, invals, ctx, range(len(invals)), forwards), forwards, invals)
     if name in _REMAT:
         jaxpr, consts = _closed(eqn.params["jaxpr"])
-        body = lambda *args: evaluate(jaxpr, consts, args, ctx)  # noqa: E731
-        return jax.checkpoint(body, policy=eqn.params.get("policy"), prevent_cse=eqn.params.get("prevent_cse", True))(
-            *invals
-        )
+        forwards = {}
+        body = lambda *args: evaluate(jaxpr, consts, args, ctx, range(len(invals)), forwards)  # noqa: E731
+        policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
+        outs = jax.checkpoint(body, policy=policy, prevent_cse=prevent_cse)(*invals)
+        return _forward(outs, forwards, invals)
     if name == "scan":
         return _scan(eqn, invals, ctx)
     if name == "cond":
@@ -601,19 +632,40 @@ def _scan(eqn, invals, ctx: Context):
         saved, ctx.dropout_key = ctx.dropout_key, key
         x = [_slice_leading(v, ctx) if isinstance(v, Tagged) else v for v in x]
         try:
-            outs = evaluate(jaxpr, jconsts, [*consts, *carry, *x], ctx)
+            # A step handing back its own slice of a stacked weight (nnx.scan returns the layer
+            # state): the stacked output is that weight itself. Carried outputs are never forwarded.
+            args = [*consts, *carry, *x]
+            step: dict[int, int] = {}
+            outs = evaluate(jaxpr, jconsts, args, ctx, range(nconsts + ncarry, len(invals)), step)
+            forwards.update({i: j for i, j in step.items() if i >= ncarry})
+            for i in (i for i in step if i < ncarry):
+                outs[i] = _untag(args[step[i]], "carried through a loop", ctx)
         finally:
             ctx.dropout_key = saved
         return outs[:ncarry], outs[ncarry:]
 
+    forwards: dict[int, int] = {}
     carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return [*carry, *ys]
+    return _forward([*carry, *ys], forwards, invals)
 
 
 def _cond(eqn, invals, ctx: Context):
     index, ops = invals[0], invals[1:]
-    branches = [lambda *ops, b=b: evaluate(*_closed(b), ops, ctx) for b in eqn.params["branches"]]
-    return lax.switch(index, branches, *ops)
+    # An output that every branch forwards from the same tagged operand is that operand.
+    per_branch: list[dict[int, int]] = [{} for _ in eqn.params["branches"]]
+    branches = [
+        lambda *ops, b=b, f=f: evaluate(*_closed(b), ops, ctx, range(len(ops)), f)
+        for b, f in zip(eqn.params["branches"], per_branch)
+    ]
+    outs = lax.switch(index, branches, *ops)
+    for i in set().union(*per_branch):
+        if len({f.get(i) for f in per_branch}) != 1 and not ctx.probing:
+            j = next(f[i] for f in per_branch if i in f)
+            raise UnsupportedError(
+                f"LoRA weight {ops[j].view.path!r} is returned unchanged by only some branches of a `cond`; "
+                "return it from every branch or from none (or leave this module out of LoraConfig.targets)."
+            )
+    return _forward(outs, per_branch[0], ops)
 
 
 def _while(eqn, invals, ctx: Context):

@@ -424,3 +424,49 @@ def test_matmul_that_does_not_batch_over_the_stacked_axis():
     lora = _lora(params, _scan, _x())
     with pytest.raises(jaxlora.UnsupportedError, match=r"'w'.*`dot_general` with batch axes \(\) that are not exactly"):
         jaxlora.apply(lambda p, x: jnp.einsum("bd,ldo->lbo", x, p["w"]), params, lora, _x())
+
+
+# --------------------------------------------------------------------------- weights handed back by inner calls
+
+
+def _jit_hands_back(p, x):
+    w, h = jax.jit(lambda w, h: (w, jnp.tanh(h @ w[0])))(p["w"], x)
+    return h @ w[1]
+
+
+def _remat_hands_back(p, x):
+    w, h = jax.checkpoint(lambda w, h: (w, jnp.tanh(h @ w[0])))(p["w"], x)
+    return h @ w[2]
+
+
+def _scan_hands_back(p, x):  # nnx.scan returns the layer state as the stacked output, like this
+    h, ws = lax.scan(lambda h, w: (jnp.tanh(h @ w), w), x, p["w"])
+    return h @ ws[1]
+
+
+def _cond_hands_back(p, x):
+    w, h = lax.cond(x.sum() > 0, lambda w, h: (w, h @ w[0]), lambda w, h: (w, -h @ w[1]), p["w"], x)
+    return jnp.tanh(h) @ w[2]
+
+
+@pytest.mark.parametrize("fn", [_jit_hands_back, _remat_hands_back, _scan_hands_back, _cond_hands_back])
+def test_a_weight_handed_back_unchanged_keeps_its_lora(fn, maybe_jit):
+    params, x = {"w": _weights((L, D, D))}, _x()
+    lora = _lora(params, fn, x)
+    assert lora["w"].roles == "sio"
+    _check(fn, params, x, lora, maybe_jit)
+
+
+def test_a_weight_handed_back_by_only_one_branch():
+    params, lora = _lora_for_matmul((D, D))
+    fn = lambda p, x: x @ lax.cond(x.sum() > 0, lambda w: w, lambda w: jnp.zeros_like(w), p["w"])
+    with pytest.raises(jaxlora.UnsupportedError, match="'w' is returned unchanged by only some branches of a `cond`"):
+        jaxlora.apply(fn, params, lora, _x())
+
+
+def test_a_stacked_slice_handed_to_the_carry():
+    params = {"w": _weights((L, D, D))}
+    lora = _lora(params, _scan, _x())
+    fn = lambda p, x: x @ lax.scan(lambda c, w: (w, None), jnp.zeros((D, D)), p["w"])[0]
+    with pytest.raises(jaxlora.UnsupportedError, match="'w' is carried through a loop"):
+        jaxlora.apply(fn, params, lora, _x())

@@ -51,18 +51,19 @@ class Model(nnx.Module):
 class Stacked(nnx.Module):
     """Layers created with nnx.vmap and run with nnx.scan (or nnx.vmap as an ensemble)."""
 
-    def __init__(self, rngs, n=3, ensemble=False):
+    def __init__(self, rngs, n=3, ensemble=False, remat=False):
         @nnx.split_rngs(splits=n)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
             return Attention(rngs)
 
-        self.layers, self.ensemble = make(rngs), ensemble
+        self.layers, self.ensemble, self.remat = make(rngs), ensemble, remat
 
     def __call__(self, x):
         if self.ensemble:
             return nnx.vmap(lambda layer, x: layer(x), in_axes=(0, 0))(self.layers, x)
-        return nnx.scan(lambda layer, x: layer(x), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
+        step = nnx.remat(lambda layer, x: layer(x)) if self.remat else (lambda layer, x: layer(x))
+        return nnx.scan(step, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
 
 
 IDS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
@@ -164,9 +165,11 @@ def test_module_level_merge_and_unmerge_leave_the_model_alone():
     assert_trees_close(nnx.state(model), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ensemble", [False, True], ids=["scan", "vmap"])
-def test_layers_stacked_with_nnx_vmap_and_scan(ensemble, maybe_jit):
-    model = Stacked(nnx.Rngs(0), ensemble=ensemble)
+@pytest.mark.parametrize(
+    "ensemble,remat", [(False, False), (False, True), (True, False)], ids=["scan", "remat", "vmap"]
+)
+def test_layers_stacked_with_nnx_vmap_and_scan(ensemble, remat, maybe_jit):
+    model = Stacked(nnx.Rngs(0), ensemble=ensemble, remat=remat)
     x = jax.random.normal(jax.random.key(3), (3, 2, D) if ensemble else (2, D))
     lora = _nonzero_b(jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(x,)))
     assert {p: f.roles for p, f in lora.items()} == {"layers/query": "sioo", "layers/out": "siio"}
