@@ -340,3 +340,21 @@ def test_init_and_apply_pass_keyword_arguments():
     lora = _nonzero_b(lora)
     got = jaxlora.nnx.apply(model, lora, x, use_a=True)
     np.testing.assert_allclose(got, jaxlora.nnx.merge(model, lora)(x, use_a=True), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_transforms_inside_the_model(maybe_jit):
+    class Inner(nnx.Module):  # nnx.jit, nnx.cond and nnx.remat hand the layer state back
+        def __init__(self, rngs):
+            self.a = nnx.Linear(D, D, rngs=rngs)
+            self.b = nnx.LinearGeneral(D, (2, 3), rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.jit(lambda m, x: jnp.tanh(m(x)))(self.a, x)
+            h = nnx.cond(x.sum() > 0, lambda m, h: m(h), lambda m, h: -m(h), self.b, h)
+            return nnx.remat(lambda m, h: m(h))(self.a, h.reshape(2, D))
+
+    model, x = Inner(nnx.Rngs(0)), jax.random.normal(jax.random.key(3), (2, D))
+    lora = _nonzero_b(jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(x,)))
+    assert {p: f.roles for p, f in lora.items()} == {"a": "io", "b": "ioo"}
+    got = maybe_jit(lambda m, l, x: jaxlora.nnx.apply(m, l, x))(model, lora, x)
+    np.testing.assert_allclose(got, jaxlora.nnx.merge(model, lora)(x), rtol=1e-5, atol=1e-5)
