@@ -68,7 +68,7 @@ def make_task(model: Model, key: jax.Array):
     for name, (d_in, d_out) in (("fc1", (D_MODEL, 2 * D_MODEL)), ("fc2", (2 * D_MODEL, D_MODEL))):
         kernel = state["blocks"][name]["kernel"]
         ku, kv, key = jax.random.split(key, 3)
-        u = jax.random.normal(ku, (LAYERS, d_in, 2)) / d_in**0.5
+        u = 0.3 * jax.random.normal(ku, (LAYERS, d_in, 2)) / d_in**0.5
         v = jax.random.normal(kv, (LAYERS, 2, d_out))
         kernel.set_value(kernel[...] + u @ v)
     fn = jax.jit(jaxlora.nnx.call(graphdef))  # the model as a pure function of its state
