@@ -87,6 +87,10 @@ def test_round_trip_and_config(tmp_path, model, rslora):
     )
     about = ckpt.info(out)
     assert about.format == "peft" and about.modules["heads"]["rank"] == 2 and about.base["tok"]["name"] == "embedding"
+    # without params the layout still travels in jaxlora's header (every module is written as linear then)
+    bare = ckpt.save_peft(tmp_path / "bare", lora, names=NAMES, config=config)
+    assert_trees_close(ckpt.load_peft(bare), lora, rtol=0, atol=0)
+    assert ckpt.load_peft(bare)["heads"].a.shape == (32, 2)
 
 
 def test_exact_alpha_for_odd_scales():
@@ -256,6 +260,9 @@ def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
     peft_model.save_pretrained(str(tmp_path))
     with torch.no_grad():
         want = peft_model(torch.tensor(np.asarray(ids))).numpy()
+    about = ckpt.info(tmp_path)  # a foreign adapter: no jaxlora metadata, torch names
+    assert about.format == "peft" and about.base is None and about.modules["fc2"]["rank"] == 2
+    assert about.modules["embed"]["kind"] == "embedding" and about.modules["attn.heads"]["scale"] == 5 / 2
     lora = ckpt.load_peft(tmp_path, params=params, names=NAMES, fn=net.apply, args=(ids,))
     assert lora["proj_out"].rank == 2 and lora["heads"].scale == 5 / 2 and lora["tok"].scale == 16 / 2
     got = jaxlora.apply(net.apply, params, lora, ids)

@@ -134,6 +134,8 @@ def save_peft_files(
             "scale": float(f.scale),
             "kind": kind,
             "dropout": float(f.dropout),
+            "a_shape": [int(d) for d in f.a.shape],
+            "b_shape": [int(d) for d in f.b.shape],
         }
     dup = [n for n, c in collections.Counter(m["torch"] for m in modules.values()).items() if c > 1]
     if dup:
@@ -406,9 +408,8 @@ def load_peft(
         if shape is not None:
             i_shape = tuple(d for d, c in zip(shape, role) if c == "i")
             o_shape = tuple(d for d, c in zip(shape, role) if c == "o")
-        elif name in saved:
-            i_shape, o_shape = tuple(extra["base"][p]["shape"][k] for k, c in enumerate(role) if c == "i"), None
-            o_shape = tuple(extra["base"][p]["shape"][k] for k, c in enumerate(role) if c == "o")
+        elif name in saved and "a_shape" in saved[name][1]:
+            i_shape, o_shape = tuple(saved[name][1]["a_shape"][:-1]), tuple(saved[name][1]["b_shape"][1:])
         else:
             i_shape, o_shape = (A.shape[1],), (B.shape[0],)
         if A.shape[1] != math.prod(i_shape) or B.shape[0] != math.prod(o_shape):
