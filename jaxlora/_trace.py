@@ -243,6 +243,8 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
         outs = jax.checkpoint(body, policy=policy, prevent_cse=prevent_cse)(*invals)
         return _forward(outs, forwards, invals)
+    if name == "optimization_barrier":  # an identity that orders computation: keep the factors inside it too
+        return list(lax.optimization_barrier(list(invals)))
     if name == "scan":
         return _scan(eqn, invals, ctx)
     if name == "cond":

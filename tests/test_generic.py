@@ -196,6 +196,7 @@ TRANSFORMS = {
     "custom_jvp": lambda p, x: jnp.tanh(_matmul_jvp(x, p["w"][0])),
     "custom_vjp": lambda p, x: jnp.tanh(_matmul_vjp(x, p["w"][1])),
     "vmap": _vmap_batched,
+    "optimization_barrier": lambda p, x: jnp.tanh(x @ lax.optimization_barrier((p["w"], x))[0][2]),
 }
 
 
@@ -209,7 +210,18 @@ def test_transforms_over_a_stacked_weight(name, maybe_jit):
 
 
 @pytest.mark.parametrize(
-    "name", ["scan", "remat_scan", "python_loop", "cond", "nested_jit", "checkpoint", "custom_jvp", "custom_vjp"]
+    "name",
+    [
+        "scan",
+        "remat_scan",
+        "python_loop",
+        "cond",
+        "nested_jit",
+        "checkpoint",
+        "custom_jvp",
+        "custom_vjp",
+        "optimization_barrier",
+    ],
 )
 def test_gradients_through_transforms_match_the_merged_model(name):
     fn, params, x = TRANSFORMS[name], {"w": _weights((L, D, D))}, _x()
