@@ -1,6 +1,7 @@
 """jaxlora: functional LoRA for JAX and Flax. See docs/design.md for how it works."""
 
-from . import _nnx as nnx
+from . import _nnx as nnx  # the Flax NNX front-end: jaxlora.nnx.call, .init, .apply, ...
+from . import checkpoint as checkpoint  # a subpackage: Orbax and PEFT adapter files
 from ._config import LoraConfig as LoraConfig
 from ._core import ModuleSummary as ModuleSummary
 from ._core import Summary as Summary
@@ -16,7 +17,6 @@ from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
 from ._trace import UnsupportedError as UnsupportedError
 from ._tree import module_path as module_path
-from . import checkpoint as checkpoint  # noqa: E402 (a subpackage: Orbax and PEFT adapter files)
 
 __version__ = "0.1.0"
 
