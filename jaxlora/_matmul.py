@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import string
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 
@@ -97,6 +99,7 @@ def lora_op(
     second_op: Callable[[Array, Array], Array],
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
+    concat: tuple[int, int] | None = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -104,18 +107,95 @@ def lora_op(
     the same op to the factor that shares ``W``'s input axes, which brings ``x`` down to rank ``r``,
     and ``second_op`` lifts the result back to the op's output. The factors are cast to the
     activations' dtype, so a bfloat16 model stays in bfloat16 while ``a`` and ``b`` stay float32.
-    No gradient for ``W`` exists: it is a constant of this function.
+    No gradient for ``W`` is computed unless ``W`` itself is differentiated.
+
+    For floating ``x`` the derivative is a custom VJP (`factored`): it saves only the LoRA input
+    and the rank-``r`` product ``x·a`` (in the activations' dtype), and its backward pass computes
+    the activation gradient and the two small factor gradients, never a ``W``-shaped array.
+
+    ``concat=(x_axis, w_axis)`` (used only while the private switch ``_CONCAT_FORWARD`` is on) says
+    that ``base`` contracts exactly those axes and that the rank product ``t = first_op(x, first)``
+    has its rank axis at ``x_axis`` and ``second`` at ``w_axis``: then the forward pass is one op,
+    ``base([x | t], [W ; second])``, whose contraction also sums the LoRA term (no separate pass
+    over the output, and the sum is accumulated in float32).
     """
-    y = base(x, w)
-    if dropout_key is not None and dropout_rate > 0.0 and jnp.issubdtype(x.dtype, jnp.floating):
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    xl = x
+    if dropout_key is not None and dropout_rate > 0.0 and floating:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else y.dtype
-    t = first_op(x, first.astype(dtype))
-    t = (t * jnp.asarray(scale, t.dtype)).astype(dtype)
-    return y + second_op(t, second.astype(dtype)).astype(y.dtype)
+        xl = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
+    if floating:
+        concat = concat if _CONCAT_FORWARD else None
+        return factored(x, xl, w, first, second, scale, base, first_op, second_op, concat)
+    y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
+    t = first_op(x, first.astype(y.dtype))
+    t = (t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
+    return y + second_op(t, second.astype(y.dtype)).astype(y.dtype)
 
 
-def rank_dot(t: Array, second: Array, t_axis: int, second_axis: int, batch: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
+def _rank_product(xl: Array, first: Array, scale: float, first_op: Callable) -> tuple[Array, Array]:
+    """``(scale·first)`` cast to the activations' dtype, and ``t = first_op(xl, scale·first)``."""
+    f = (first * jnp.asarray(scale, first.dtype)).astype(xl.dtype)
+    return f, first_op(xl, f)
+
+
+# Off by default: the one-op forward is not bit-identical to ``base(x, W)`` when ``B = 0`` (the longer
+# contraction rounds differently), which users rely on; benchmarks/train_step.py measures it.
+_CONCAT_FORWARD = False
+
+
+def _combine(x, w, t, s, base, second_op, concat):
+    """``base(x, W) + second_op(t, s)``: one op on ``[x | t]`` and ``[W ; s]`` when ``concat`` allows."""
+    if concat is not None:
+        x_axis, w_axis = concat
+        return base(jnp.concatenate([x, t], x_axis), jnp.concatenate([w, s.astype(w.dtype)], w_axis))
+    y = base(x, w)
+    return y + second_op(t, s).astype(y.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def factored(x, xl, w, first, second, scale, base, first_op, second_op, concat=None):
+    """``base(x, W) + second_op(first_op(xl, scale·first), second)`` with a VJP that has no ``dW``.
+
+    ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). Residuals: ``xl``, the rank-``r``
+    product, ``W`` (a buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
+    """
+    f, t = _rank_product(xl, first, scale, first_op)
+    return _combine(x, w, t, second.astype(t.dtype), base, second_op, concat)
+
+
+def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, concat):
+    # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
+    # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x).
+    need = tuple(p.perturbed for p in (x, xl, w, first, second))
+    x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
+    f, t = _rank_product(xl, first, scale, first_op)
+    s = second.astype(t.dtype)
+    out = _combine(x, w, t, s, base, second_op, concat)
+    keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
+    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
+
+
+def _factored_bwd(scale, base, first_op, second_op, concat, res, g):
+    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl = res
+    if isinstance(g, SymbolicZero):
+        return None, None, None, None, None
+    # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
+    dx = jax.vjp(lambda x: base(x, w), x)[1](g)[0].astype(x.dtype) if need_x else None
+    dw = jax.vjp(lambda w: base(x, w), w)[1](g)[0].astype(w.dtype) if need_w else None
+    dt, ds = jax.vjp(second_op, t, s)[1](g.astype(t.dtype))
+    dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype) if need_xl else None
+    df = jax.vjp(lambda f: first_op(xl, f), f)[1](dt)[0] if first else None
+    dfirst = (df.astype(first[0].dtype) * jnp.asarray(scale, first[0].dtype)) if first else None
+    dsecond = ds.astype(second[0].dtype) if second else None
+    return dx, dxl, dw, dfirst, dsecond
+
+
+factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
+
+
+def rank_dot(
+    t: Array, second: Array, t_axis: int, second_axis: int, batch: tuple[tuple[int, ...], tuple[int, ...]]
+) -> Array:
     """Contract ``t``'s rank axis with ``second``'s, batching over shared stacked axes."""
     return lax.dot_general(t, second, (((t_axis,), (second_axis,)), batch))

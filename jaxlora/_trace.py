@@ -461,6 +461,12 @@ def _dot_general(eqn, invals, ctx: Context):
         x_free = [spec[i] for i in range(len(perm)) if perm[i] in x_out]
         first_out = NamedSharding(out.mesh, P(*spec[:nb], *x_free, None))
         second_out = NamedSharding(out.mesh, P(*second_spec))
+    # One op for the base and the LoRA term (lora_op's `concat`) when x is contracted on its last axis
+    # with a 2-D W's first axis and copying x costs less than a second pass over the output (K < 2 N).
+    concat = None
+    if (out is None and x_is_lhs and not xb and tuple(xc) == (x.ndim - 1,) and tuple(wc) == (0,)
+            and t.w.ndim == 2 and tuple(origin) == (0, 1) and roles == "io" and x.shape[-1] < 2 * t.w.shape[1]):
+        concat = (x.ndim - 1, 0)
     return lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
@@ -468,7 +474,7 @@ def _dot_general(eqn, invals, ctx: Context):
         second_op=lambda u, s: jnp.transpose(
             lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
         ),
-        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(), concat=concat,
     )  # fmt: skip
 
 

@@ -1,0 +1,114 @@
+"""What the benchmark scripts share: running each mode in its own process, and the result file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, the MFU denominator the issue names
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "device": dev.device_kind,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _parse(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if returncode != 0 or not lines:
+        tail = (stderr or stdout).strip().splitlines()[-8:]
+        errs = [ln for ln in tail if "Error" in ln or "RESOURCE_EXHAUSTED" in ln] or tail
+        return {"error": " | ".join(errs)[-600:]}
+    return json.loads(lines[-1])
+
+
+def run_workers(module: str, jobs: dict[str, list[str]], timeout: float, parallel: bool) -> dict[str, dict[str, Any]]:
+    """Run ``python -m module --worker *args`` for each job, each in a fresh process (its own peak memory).
+
+    With ``parallel``, all processes compile at once (compilation and autotuning dominate a run), then
+    each in turn is told to time its steps while the others wait idle, so timings never overlap.
+    The last JSON line a worker prints is its result.
+    """
+    env = dict(os.environ)
+    if not parallel:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+        out = {}
+        for name, args in jobs.items():
+            try:
+                p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
+                                   timeout=timeout, env=env)  # fmt: skip
+                out[name] = _parse(p.returncode, p.stdout, p.stderr)
+            except subprocess.TimeoutExpired:
+                out[name] = {"error": f"timed out after {timeout:.0f} s"}
+            print(f"  {name}: {out[name].get('median_ms', out[name].get('error'))}", flush=True)
+        return out
+    sync = tempfile.mkdtemp(prefix="bench_sync_")
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    procs = {}
+    for i, (name, args) in enumerate(jobs.items()):
+        penv = dict(env, BENCH_SYNC=os.path.join(sync, str(i)))
+        procs[name] = subprocess.Popen([sys.executable, "-m", module, "--worker", *args], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, env=penv)  # fmt: skip
+    deadline = time.time() + timeout
+    ready = lambda i: os.path.exists(os.path.join(sync, f"{i}.ready"))  # noqa: E731
+    while time.time() < deadline and not all(ready(i) or p.poll() is not None for i, p in enumerate(procs.values())):
+        time.sleep(0.5)
+    out = {}
+    for i, (name, p) in enumerate(procs.items()):
+        if ready(i) and p.poll() is None:
+            open(os.path.join(sync, f"{i}.go"), "w").close()
+        try:
+            stdout, stderr = p.communicate(timeout=max(10.0, deadline - time.time()))
+            out[name] = _parse(p.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            out[name] = {"error": f"timed out after {timeout:.0f} s"}
+        print(f"  {name}: {out[name].get('median_ms', out[name].get('error'))}", flush=True)
+    return out
+
+
+def sync_point() -> None:
+    """In a worker: say it is compiled and warm, then wait for its turn to time (see `run_workers`)."""
+    base = os.environ.get("BENCH_SYNC")
+    if not base:
+        return
+    open(base + ".ready", "w").close()
+    while not os.path.exists(base + ".go"):
+        time.sleep(0.05)
+
+
+def write(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=False)
+        print(f"wrote {path}")
+
+
+def gb(b: int | None) -> str:
+    return "-" if b is None else f"{b / 1e9:.2f} GB"

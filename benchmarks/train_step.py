@@ -1,0 +1,220 @@
+"""Training-step time and peak memory: full fine-tuning against LoRA, each mode in its own process.
+
+Modes:
+  full    full fine-tuning: bfloat16 weights, adamw (float32 first moment), params donated.
+  lora    jaxlora.apply on the frozen Linen model, adamw on the float32 LoRA factors.
+  nnx     the same model written in Flax NNX with every projection an ``nnx.LoRALinear``.
+  merge   merge ``W + s·A·B`` every step (jaxlora.merge inside the step), then the plain model.
+  frozen  the frozen model's forward pass and loss only (no gradient): a floor.
+  lora_plain  jaxlora with its custom VJP swapped for plain autodiff of the same math (an ablation).
+  lora_concat jaxlora with the experimental one-op forward ``[x | x·A]·[W ; B]`` switched on (an ablation).
+
+Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
+``--scan``); it prints a table and writes JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+MODES = ("full", "lora", "nnx", "merge", "frozen", "lora_plain", "lora_concat")
+
+
+def _worker(a: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxlora
+
+    from . import common, models
+
+    cfg = dataclasses.replace(models.CONFIGS[a.config], remat=a.remat, scan=a.scan, **json.loads(a.override))
+    tokens = models.tokens_for(cfg)
+    rest = params = fwd = None
+    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
+    opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
+    t0 = time.perf_counter()
+
+    if a.mode == "nnx":
+        from flax import nnx
+
+        model = models.NnxDecoder(cfg, a.rank, nnx.Rngs(0))
+        graphdef, train, rest = nnx.split(model, nnx.LoRAParam, ...)
+        opt_state = opt.init(train)
+
+        def loss_of(train, rest, tokens):
+            return models.loss_fn(nnx.merge(graphdef, train, rest)(tokens), tokens)
+
+        def step(train, opt_state, rest, tokens):
+            loss, g = jax.value_and_grad(loss_of)(train, rest, tokens)
+            updates, opt_state = opt.update(g, opt_state, train)
+            return optax.apply_updates(train, updates), opt_state, loss
+
+        step = jax.jit(step, donate_argnums=(0, 1))
+        state = [train, opt_state]
+        run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], rest, tokens))  # noqa: E731
+    else:
+        model = models.Decoder(cfg)
+        params = jax.jit(model.init)(jax.random.key(0), tokens)
+        apply = lambda p, t: models.loss_fn(model.apply(p, t), t)  # noqa: E731
+        if a.mode == "full":
+            opt_state = jax.jit(opt.init)(params)
+
+            def step(params, opt_state, tokens):
+                loss, g = jax.value_and_grad(apply)(params, tokens)
+                updates, opt_state = opt.update(g, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            step = jax.jit(step, donate_argnums=(0, 1))
+            state = [params, opt_state]
+            run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], tokens))  # noqa: E731
+        elif a.mode == "frozen":
+            fwd = jax.jit(apply)
+            state = [None]
+            run = lambda: state.__setitem__(0, fwd(params, tokens))  # noqa: E731
+        else:
+            lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
+            if a.mode == "lora_plain":  # the ablation: plain autodiff of the reference math
+                from jaxlora import _matmul
+
+                def plain(x, xl, w, first, second, scale, base, first_op, second_op, concat=None):
+                    f, t = _matmul._rank_product(xl, first, scale, first_op)
+                    y = base(x, w)
+                    return y + second_op(t, second.astype(t.dtype)).astype(y.dtype)
+
+                _matmul.factored = plain
+            if a.mode == "lora_concat":  # the ablation: base op and LoRA term as one op on concatenations
+                from jaxlora import _matmul
+
+                _matmul._CONCAT_FORWARD = True
+            if a.mode in ("lora", "lora_plain", "lora_concat"):
+                loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
+            elif a.mode == "merge":
+                loss_of = lambda l, p, t: apply(jaxlora.merge(p, l), t)  # noqa: E731
+            else:
+                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES}")
+            opt_state = opt.init(lora)
+
+            def step(lora, opt_state, params, tokens):
+                loss, g = jax.value_and_grad(loss_of)(lora, params, tokens)
+                updates, opt_state = opt.update(g, opt_state, lora)
+                return optax.apply_updates(lora, updates), opt_state, loss
+
+            step = jax.jit(step, donate_argnums=(0, 1))
+            state = [lora, opt_state]
+            run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], params, tokens))  # noqa: E731
+
+    def blocking():
+        run()
+        jax.block_until_ready(state[-1])
+
+    blocking()  # compile
+    compile_s = time.perf_counter() - t0
+    for _ in range(a.warmup):
+        blocking()
+    common.sync_point()
+    ms = models.timeit(blocking, a.steps, 1)
+    if a.hlo:  # the optimised HLO of the step, for reading which kernels XLA made
+        fn = step if a.mode != "frozen" else fwd
+        args = {"full": lambda: (state[0], state[1], tokens), "frozen": lambda: (params, tokens)}.get(
+            a.mode, lambda: (state[0], state[1], rest if a.mode == "nnx" else params, tokens)
+        )()
+        with open(a.hlo, "w") as f:
+            f.write(fn.lower(*args).compile().as_text())
+    if a.profile:
+        import glob
+        import os
+        import shutil
+
+        with jax.profiler.trace(a.profile + "_raw", create_perfetto_trace=True):
+            for _ in range(3):
+                blocking()
+        for g in glob.glob(a.profile + "_raw/**/*perfetto*", recursive=True):
+            shutil.copy(g, a.profile + "." + os.path.basename(g).split(".", 1)[1])
+    out = {
+        "mode": a.mode,
+        "median_ms": models.median(ms),
+        "min_ms": min(ms),
+        "step_ms": [round(x, 3) for x in ms],
+        "peak_bytes": models.peak_bytes(),
+        "loss": float(state[-1]),
+        "compile_s": round(compile_s, 1),
+    }
+    out["tokens_per_s"] = cfg.batch * cfg.seq / (out["median_ms"] / 1e3)
+    if a.mode == "full":
+        out["model_tflops"] = cfg.train_flops() / 1e12
+        out["achieved_tflops_per_s"] = cfg.train_flops() / (out["median_ms"] / 1e3) / 1e12
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="A")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--mode", default="full")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--override", default="{}", help="JSON of ModelConfig fields to change, e.g. '{\"n_layers\": 2}'")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", default=None)
+    p.add_argument("--parallel", action="store_true", help="compile all modes at once, then time them one by one")
+    p.add_argument("--hlo", default=None, help="worker: write the compiled step's HLO text here")
+    p.add_argument("--profile", default=None, help="worker: write a perfetto trace of 3 steps to this prefix")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(_worker(a)), flush=True)
+        return {}
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # this process only reads the device name
+    from . import common, models
+
+    cfg = dataclasses.replace(models.CONFIGS[a.config], remat=a.remat, scan=a.scan, **json.loads(a.override))
+    flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    flags += ["--override", a.override] + (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
+    result = {
+        **common.environment(),
+        "benchmark": "train_step",
+        "config_name": a.config,
+        "config": dataclasses.asdict(cfg),
+        "params": cfg.params(),
+        "lora": {"rank": a.rank, "alpha": 2 * a.rank, "targets": list(models.targets(cfg)), "dtype": "float32"},
+        "optimizer": "optax.adamw(1e-4, mu_dtype=float32)",
+        "modes": {},
+    }
+    jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel)
+    full = result["modes"].get("full", {})
+    for r in result["modes"].values():
+        if "median_ms" in r and "median_ms" in full:
+            r["ratio_to_full"] = r["median_ms"] / full["median_ms"]
+            if r.get("peak_bytes") and full.get("peak_bytes"):
+                r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
+    if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
+        result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
+    print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
+          f"batch {cfg.batch}x{cfg.seq}  rank {a.rank}  {cfg.params() / 1e6:.0f}M params")  # fmt: skip
+    print(f"{'mode':<8} {'step ms':>9} {'ratio':>6} {'peak memory':>12} {'mem ratio':>9}")
+    for mode, r in result["modes"].items():
+        if "error" in r:
+            print(f"{mode:<8} failed: {r['error'][:200]}")
+            continue
+        ratio, mratio = r.get("ratio_to_full"), r.get("memory_ratio_to_full")
+        print(f"{mode:<8} {r['median_ms']:>9.2f} {ratio if ratio is None else round(ratio, 3)!s:>6} "
+              f"{common.gb(r['peak_bytes']):>12} {mratio if mratio is None else round(mratio, 3)!s:>9}")  # fmt: skip
+    if "mfu_full" in result:
+        print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
+    common.write(result, a.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

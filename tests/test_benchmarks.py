@@ -1,0 +1,46 @@
+"""A CPU smoke run of the benchmark scripts on a tiny model (the numbers are not checked, only the plumbing)."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import inference, train_step
+
+
+def _args(mode, **kw):
+    base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, override="{}",
+                hlo=None, profile=None)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen"])
+def test_train_step_modes_run(mode):
+    out = train_step._worker(_args(mode))
+    assert out["mode"] == mode and out["median_ms"] > 0 and len(out["step_ms"]) == 2
+    assert out["loss"] == pytest.approx(out["loss"])  # finite
+
+
+@pytest.mark.parametrize("opts", [dict(remat=True), dict(scan=True)])
+def test_train_step_remat_and_scan(opts):
+    assert train_step._worker(_args("lora", **opts))["median_ms"] > 0
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged", "merge_donated", "copy"])
+def test_inference_modes_run(mode):
+    out = inference._worker(_args(mode, steps=2))
+    assert out["median_ms"] > 0
+    if mode == "copy":
+        assert out["weight_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path):
+    path = tmp_path / "r.json"
+    train_step.main(["--config", "tiny", "--modes", "full,lora_plain", "--steps", "2", "--warmup", "1",
+                     "--rank", "4", "--out", str(path)])  # fmt: skip
+    result = json.loads(path.read_text())
+    assert result["device"] and result["versions"]["jax"] and result["config"]["d_model"] == 64
+    assert set(result["modes"]) == {"full", "lora_plain"}
+    assert result["modes"]["full"]["ratio_to_full"] == 1.0
+    assert "median_ms" in result["modes"]["lora_plain"], result["modes"]["lora_plain"]
