@@ -78,12 +78,14 @@ CONFIGS = {
     ),  # fmt: skip
     "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab=256, batch=2, seq=32, dtype="float32"),
     "cpu": ModelConfig(d_model=512, n_layers=4, n_heads=8, vocab=4096, batch=4, seq=256, dtype="float32"),
+    "cpu_wide": ModelConfig(d_model=1024, n_layers=2, n_heads=8, vocab=2048, batch=4, seq=128, dtype="float32"),
 }
 
 
 def attention(q, k, v):
     """Causal attention on ``(batch, seq, heads, head_dim)``: cuDNN's fused kernel on a GPU."""
-    impl = "cudnn" if jax.default_backend() == "gpu" else None
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)  # cuDNN's dtypes
+    impl = "cudnn" if fused else None
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
 
