@@ -193,9 +193,3 @@ def _factored_bwd(scale, base, first_op, second_op, concat, res, g):
 
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
 
-
-def rank_dot(
-    t: Array, second: Array, t_axis: int, second_axis: int, batch: tuple[tuple[int, ...], tuple[int, ...]]
-) -> Array:
-    """Contract ``t``'s rank axis with ``second``'s, batching over shared stacked axes."""
-    return lax.dot_general(t, second, (((t_axis,), (second_axis,)), batch))

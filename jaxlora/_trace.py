@@ -489,7 +489,9 @@ def _conv(eqn, invals, ctx: Context):
     grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
     if ctx.probing:
         if grouped:
-            ctx.ops.setdefault(t.view.path, set()).add(f"is the kernel of a grouped convolution (feature_group_count={p['feature_group_count']})")
+            ctx.ops.setdefault(t.view.path, set()).add(
+                f"is the kernel of a grouped convolution (feature_group_count={p['feature_group_count']})"
+            )
         else:
             ctx.record(t, "conv", {v: ("o" if v == out_axis else "i") for v in range(t.w.ndim)})
         return base(x, t.w)
@@ -528,7 +530,9 @@ def _gather(eqn, invals, ctx: Context):
         return base(indices, t.w)
     roles = [t.role(v) for v in range(t.w.ndim)]
     o_axis = t.w.ndim - 1
-    simple = roles[-1] == "o" and roles.count("o") == 1 and "s" not in roles and list(t.view.origin) == sorted(t.view.origin)
+    simple = (
+        roles[-1] == "o" and roles.count("o") == 1 and "s" not in roles and list(t.view.origin) == sorted(t.view.origin)
+    )
     if not simple or o_axis in indexed or sizes[o_axis] != t.w.shape[o_axis]:
         raise _mismatch(t, "gather", "in a way other than a row lookup (embedding-style)")
     a_params = {**p, "slice_sizes": tuple(sizes[:-1]) + (t.a.shape[-1],)}
@@ -623,9 +627,26 @@ def _check_leading(t: Tagged) -> None:
         raise _mismatch(t, "scan", f"scanning over its axis {k}, which is not its leading stacked axis")
 
 
+def _scan_counts(eqn) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation.
+
+    Older JAX names them in the params; newer JAX does not, so they are read off the avals: consts
+    and carries have the same shape outside and inside the body, scanned operands and stacked
+    outputs gain a leading ``length`` axis, and each group comes in the order consts, carry, xs.
+    """
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        return p["num_consts"], p["num_carry"]
+    inner = _closed(p["jaxpr"])[0]
+    same = lambda outer, body: [tuple(o.aval.shape) == tuple(i.aval.shape) for o, i in zip(outer, body)]  # noqa: E731
+    prefix = lambda flags: next((i for i, f in enumerate(flags) if not f), len(flags))  # noqa: E731
+    ncarry = prefix(same(eqn.outvars, inner.outvars))
+    return prefix(same(eqn.invars, inner.invars)) - ncarry, ncarry
+
+
 def _scan(eqn, invals, ctx: Context):
     p = eqn.params
-    nconsts, ncarry = p["num_consts"], p["num_carry"]
+    nconsts, ncarry = _scan_counts(eqn)
     consts, init, xs = invals[:nconsts], invals[nconsts : nconsts + ncarry], invals[nconsts + ncarry :]
     init = [_untag(v, "carried through a loop", ctx) for v in init]
     for v in xs:
