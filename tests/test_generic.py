@@ -482,3 +482,20 @@ def test_a_stacked_slice_handed_to_the_carry():
     fn = lambda p, x: x @ lax.scan(lambda c, w: (w, None), jnp.zeros((D, D)), p["w"])[0]
     with pytest.raises(jaxlora.UnsupportedError, match="'w' is carried through a loop"):
         jaxlora.apply(fn, params, lora, _x())
+
+
+def test_scan_operand_counts_without_named_params():
+    """JAX 0.11's scan equation names no num_consts/num_carry: they are read off the avals."""
+    import types
+
+    from jaxlora._trace import _scan_counts
+
+    def f(w, c, x):
+        return lax.scan(lambda carry, xw: (carry + jnp.sum(xw[0] @ xw[1]) * c, xw[0] @ xw[1]), jnp.zeros(()), (x, w))
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 4, 5)), jnp.ones(()), jnp.ones((3, 2, 4)))
+    eqn = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
+    assert _scan_counts(eqn) == (eqn.params["num_consts"], eqn.params["num_carry"]) == (1, 1)
+    params = {k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")}
+    bare = types.SimpleNamespace(params=params, invars=eqn.invars, outvars=eqn.outvars)
+    assert _scan_counts(bare) == (1, 1)
