@@ -26,7 +26,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
@@ -192,4 +191,3 @@ def _factored_bwd(scale, base, first_op, second_op, concat, res, g):
 
 
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
-

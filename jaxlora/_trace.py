@@ -464,8 +464,17 @@ def _dot_general(eqn, invals, ctx: Context):
     # One op for the base and the LoRA term (lora_op's `concat`) when x is contracted on its last axis
     # with a 2-D W's first axis and copying x costs less than a second pass over the output (K < 2 N).
     concat = None
-    if (out is None and x_is_lhs and not xb and tuple(xc) == (x.ndim - 1,) and tuple(wc) == (0,)
-            and t.w.ndim == 2 and tuple(origin) == (0, 1) and roles == "io" and x.shape[-1] < 2 * t.w.shape[1]):
+    if (
+        out is None
+        and x_is_lhs
+        and not xb
+        and tuple(xc) == (x.ndim - 1,)
+        and tuple(wc) == (0,)
+        and t.w.ndim == 2
+        and tuple(origin) == (0, 1)
+        and roles == "io"
+        and x.shape[-1] < 2 * t.w.shape[1]
+    ):
         concat = (x.ndim - 1, 0)
     return lora_op(
         x, t.w, first, second, t.factors.scale,

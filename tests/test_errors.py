@@ -119,7 +119,8 @@ def test_grouped_conv_is_refused_with_the_module_named():
     params = Depthwise().init(jax.random.key(0), x)
     config = jaxlora.LoraConfig(rank=1, targets="dw")
     with pytest.raises(
-        ValueError, match=r"matches only weights LoRA cannot adapt: 'dw' \(Conv\) is the kernel of a grouped convolution"
+        ValueError,
+        match=r"matches only weights LoRA cannot adapt: 'dw' \(Conv\) is the kernel of a grouped convolution",
     ):
         jaxlora.init(jax.random.key(0), params, config, fn=Depthwise().apply, args=(x,))
     lora = {"dw": jaxlora.LoraFactors(jnp.zeros((3, 1, 1)), jnp.zeros((1, 8)), 1.0, "iio")}  # made by hand
