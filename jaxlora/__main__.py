@@ -122,8 +122,17 @@ def _load_adapter(path: Path, *, params: Any = None, names: Any = None) -> tuple
 
 
 def _restore_params(path: Path) -> Any:
+    import jax
     import orbax.checkpoint as ocp
 
+    if (path / "orbax.checkpoint").exists():  # Orbax's v1 layout, e.g. a merged export of jaxlora's
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shapes = ocp.v1.metadata(path.absolute()).metadata
+        is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), shapes, is_leaf=is_array
+        )
+        return ocp.v1.load(path.absolute(), abstract)
     with ocp.StandardCheckpointer() as c:
         return c.restore(path.absolute())
 

@@ -354,9 +354,39 @@ def test_save_merged_safetensors_and_orbax(tmp_path, trained):
     with pytest.raises(ValueError, match='format must be "safetensors" or "orbax"'):
         ckpt.save_merged(tmp_path / "x", params, lora, format="npz")
     o = ckpt.save_merged(tmp_path / "orbax", params, lora, format="orbax")
-    with ocp.StandardCheckpointer() as c:
-        back = c.restore(o.absolute(), jax.eval_shape(lambda: params))
-    assert_trees_close(back, want, rtol=0, atol=0)
+    assert_trees_close(ocp.v1.load(o, jax.tree.map(ocp.utils.to_shape_dtype_struct, params)), want, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ckpt.save_merged(o, params, lora, format="orbax")
+    assert_trees_close(
+        ocp.v1.load(
+            ckpt.save_merged(o, params, lora, format="orbax", overwrite=True),
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
+        ),
+        want,
+    )
+
+
+def test_save_merged_orbax_writes_in_chunks(tmp_path, trained, monkeypatch):
+    """With a chunk smaller than one weight, every weight goes through its own partial save."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    from jaxlora.checkpoint import _merged
+
+    net, params, ids, config, lora = trained
+    calls = []
+    real = partial.save
+    monkeypatch.setattr(_merged, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(
+        partial, "save", lambda path, chunk: (calls.append(len(jax.tree.leaves(chunk))), real(path, chunk))
+    )
+    out = ckpt.save_merged(tmp_path / "orbax", params, lora, format="orbax")
+    assert calls == [1] * len(jax.tree.leaves(params))
+    assert_trees_close(
+        ocp.v1.load(out, jax.tree.map(ocp.utils.to_shape_dtype_struct, params)),
+        jaxlora.merge(params, lora),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_merge_safetensors_streams_one_tensor_at_a_time(tmp_path):

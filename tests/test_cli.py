@@ -70,8 +70,9 @@ def test_merge_orbax_and_safetensors(saved, tmp_path):
     for adapter in ("adapter", "peft"):
         out = tmp_path / f"merged_{adapter}"
         assert main(["merge", str(d / "base"), str(d / adapter), str(out)]) == 0
-        with ocp.StandardCheckpointer() as c:
-            assert_trees_close(c.restore(out.absolute(), jax.eval_shape(lambda: params)), want, rtol=0, atol=0)
+        assert_trees_close(
+            ocp.v1.load(out, jax.tree.map(ocp.utils.to_shape_dtype_struct, params)), want, rtol=0, atol=0
+        )
     assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "m.safetensors")]) == 0
     np.testing.assert_array_equal(
         load_file(str(tmp_path / "m.safetensors"))["up/kernel"], want["params"]["up"]["kernel"]
@@ -140,3 +141,12 @@ def test_shell(saved):
     assert r.returncode == 0 and "rank:" in r.stdout and r.stderr == ""
     r = run("inspect", str(d / "nope"))
     assert r.returncode == 1 and r.stdout == "" and "python -m jaxlora inspect: error:" in r.stderr
+
+
+def test_merged_export_can_be_a_base_again(saved, tmp_path):
+    """A merged Orbax export (Orbax's v1 layout) is accepted as the base of another merge."""
+    d, params, config, lora = saved
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "once")]) == 0
+    assert main(["merge", str(tmp_path / "once"), str(d / "adapter"), str(tmp_path / "twice")]) == 0
+    twice = ocp.v1.load(tmp_path / "twice", jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+    assert_trees_close(twice, jaxlora.merge(jaxlora.merge(params, lora), lora), rtol=1e-6, atol=1e-6)

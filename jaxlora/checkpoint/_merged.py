@@ -1,7 +1,8 @@
 """Merged export: the full parameters with ``W + scale·B·A`` folded in, written one weight at a time.
 
 The safetensors writers compute the file's header from shapes alone, then merge and write each weight
-in turn, so the extra host memory stays near one weight, not a second copy of the model.
+in turn, so the extra host memory stays near one weight, not a second copy of the model; the Orbax
+writer hands Orbax's partial-save session a chunk of merged weights at a time.
 """
 
 from __future__ import annotations
@@ -78,6 +79,46 @@ def leaf_paths(params: Any) -> list[str]:
     return ["/".join(_names(kp)) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+CHUNK_BYTES = 256 * 2**20  # merged weights held in memory at once by the Orbax export (or one weight)
+
+
+def _save_orbax_in_chunks(path: Path, params: Any, merged: Callable[[int], Any], overwrite: bool) -> None:
+    """An Orbax PyTree checkpoint written through Orbax's partial-save session, a chunk of weights a call.
+
+    The tree is saved as nested dicts keyed by the params' path names (Linen's own layout).
+    """
+    import shutil
+
+    from orbax.checkpoint.experimental.v1 import partial
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    staging = path.with_name(path.name + ".partial_save")
+    for stale in (staging, path) if overwrite else (staging,):
+        if stale.exists():  # an old output (asked to replace) or an interrupted earlier export
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+    def flush(indices: list[int]) -> None:
+        chunk: dict[str, Any] = {}
+        for i in indices:
+            *parents, leaf = [str(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e)))) for e in flat[i][0]]
+            node = chunk
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = merged(i)
+        partial.save(path.absolute(), chunk)
+
+    pending, size = [], 0
+    for i, (_, leaf) in enumerate(flat):
+        pending.append(i)
+        size += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if size >= CHUNK_BYTES:
+            flush(pending)
+            pending, size = [], 0
+    if pending:
+        flush(pending)
+    partial.finalize(path.absolute())
+
+
 def save_merged(
     path: str | os.PathLike,
     params: Any,
@@ -94,9 +135,10 @@ def save_merged(
       params: the base parameters.
       lora: the LoRA tree.
       format: ``"safetensors"``: streamed, one merged weight in memory at a time; keys are leaf paths
-        such as ``"encoder/layer_0/query/kernel"`` unless ``layout`` renames them. ``"orbax"``: a standard
-        Orbax PyTree checkpoint of the merged params (restore with ``ocp.StandardCheckpointer``); only the
-        adapted weights are copied, the others are written from ``params`` as they are.
+        such as ``"encoder/layer_0/query/kernel"`` unless ``layout`` renames them. ``"orbax"``: an Orbax
+        PyTree checkpoint of the merged params as nested dicts of path names, written through Orbax's
+        partial-save session about ``CHUNK_BYTES`` at a time (restore with
+        ``orbax.checkpoint.v1.load(path)``); unadapted weights are written as they are.
       layout: safetensors only: ``leaf path -> (key, axes permutation or None)``, e.g. to write a
         Hugging Face checkpoint with torch names and ``(out, in)`` kernels.
       overwrite: replace an existing output.
@@ -132,12 +174,7 @@ def save_merged(
         return (w.astype(jnp.float32) + delta(by_index[i], jnp.float32)).astype(w.dtype)
 
     if format == "orbax":
-        import orbax.checkpoint as ocp
-
-        treedef = jax.tree_util.tree_structure(params)
-        tree = jax.tree_util.tree_unflatten(treedef, [merged(i) for i in range(len(leaves))])
-        with ocp.StandardCheckpointer() as saver:
-            saver.save(path.absolute(), tree, force=overwrite)
+        _save_orbax_in_chunks(path, params, merged, overwrite)
         return path
     if format != "safetensors":
         raise ValueError(f'format must be "safetensors" or "orbax", got {format!r}.')
