@@ -28,6 +28,9 @@ M = TypeVar("M", bound=nnx.Module)
 Lora = dict[str, LoraFactors]
 
 
+__all__ = ["apply", "call", "init", "merge", "summary", "unmerge"]
+
+
 def call(graphdef: nnx.GraphDef, *states: Any, method: str | None = None) -> Callable[..., Any]:
     """A pure function ``fn(params, *args, **kwargs)`` that runs the NNX model ``graphdef`` describes.
 
