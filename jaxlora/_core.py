@@ -222,12 +222,15 @@ def apply(
 
 def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Params:
     targets = _fit(params, lora)
-    by_index = {targets[path].index: f for path, f in lora.items()}
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    for i, f in by_index.items():
+    for path, f in lora.items():
+        i = targets[path].index
         w = leaves[i]
         if isinstance(w, jax.ShapeDtypeStruct):
-            raise TypeError(f"merge needs real weights, but params holds only the shape of {targets and i} ({w}).")
+            raise TypeError(
+                f"merge needs real weights, but params holds only the shape of {path!r} ({w}); "
+                "pass the loaded arrays, not jax.eval_shape output."
+            )
         leaves[i] = (w.astype(jnp.float32) + sign * delta(f, jnp.float32)).astype(w.dtype)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
