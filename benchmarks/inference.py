@@ -3,7 +3,7 @@
 Modes, each in its own process:
   merged    the plain model on ``jaxlora.merge(params, lora)`` (merged once, outside the timing).
   unmerged  ``jaxlora.apply(model.apply, params, lora, tokens)``: the factored path.
-  unmerged_concat  the same with the experimental one-op forward ``[x | x·A]·[W ; B]``.
+  unmerged_factored  the same with the transient ``W + ΔW`` form switched off: ``x·W + (x·A)·B``.
   merge     ``jax.jit(jaxlora.merge)`` on the whole model (B random, so nothing folds away).
   merge_donated  the same with ``donate_argnums=0`` (the weights updated in place).
   copy      one copy of the same targeted weights, jitted: the memory-bandwidth yardstick for merge.
@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-MODES = ("merged", "unmerged", "unmerged_concat", "merge", "merge_donated", "copy")
+MODES = ("merged", "unmerged", "unmerged_factored", "merge", "merge_donated", "copy")
 
 
 def _worker(a: argparse.Namespace) -> dict:
@@ -46,10 +46,10 @@ def _worker(a: argparse.Namespace) -> dict:
         merged = jax.jit(jaxlora.merge)(params, lora)
         fwd = jax.jit(model.apply)
         run = lambda: state.__setitem__(0, fwd(merged, tokens))  # noqa: E731
-    elif a.mode in ("unmerged", "unmerged_concat"):
+    elif a.mode in ("unmerged", "unmerged_factored"):
         from jaxlora import _matmul
 
-        _matmul._CONCAT_FORWARD = a.mode == "unmerged_concat"
+        _matmul._CONCAT_FORWARD = a.mode == "unmerged_factored"
         fwd = jax.jit(lambda p, l, t: jaxlora.apply(model.apply, p, l, t))
         run = lambda: state.__setitem__(0, fwd(params, lora, tokens))  # noqa: E731
     elif a.mode == "merge":
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["modes"] = common.run_workers("benchmarks.inference", jobs, a.timeout, a.parallel)
     m = result["modes"]
     ok = lambda k: "median_ms" in m.get(k, {})  # noqa: E731
-    for k in ("unmerged", "unmerged_concat"):
+    for k in ("unmerged", "unmerged_factored"):
         if ok("merged") and ok(k):
             result[f"{k}_over_merged"] = m[k]["median_ms"] / m["merged"]["median_ms"]
     for k in ("merge", "merge_donated"):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{mode:<14} failed: {r['error'][:200]}")
         else:
             print(f"{mode:<14} {r['median_ms']:>9.3f} {common.gb(r['peak_bytes']):>12}")
-    for k in ("unmerged_over_merged", "unmerged_concat_over_merged", "merge_over_copy", "merge_donated_over_copy"):
+    for k in ("unmerged_over_merged", "unmerged_factored_over_merged", "merge_over_copy", "merge_donated_over_copy"):
         if k in result:
             print(f"{k}: {result[k]:.3f}")
     common.write(result, a.out)

@@ -82,6 +82,14 @@ CONFIGS = {
 }
 
 
+def configure(name: str, remat: bool = False, scan: bool = False, override: str = "{}") -> ModelConfig:
+    """``CONFIGS[name]`` with remat/scan switched on by flag (never off: llama8b has both) and JSON overrides."""
+    import json
+
+    c = CONFIGS[name]
+    return dataclasses.replace(c, remat=remat or c.remat, scan=scan or c.scan, **json.loads(override))
+
+
 def attention(q, k, v):
     """Causal attention on ``(batch, seq, heads, head_dim)``: cuDNN's fused kernel on a GPU."""
     fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)  # cuDNN's dtypes

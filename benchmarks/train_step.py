@@ -7,7 +7,7 @@ Modes:
   merge   merge ``W + s·A·B`` every step (jaxlora.merge inside the step), then the plain model.
   frozen  the frozen model's forward pass and loss only (no gradient): a floor.
   lora_plain  jaxlora with its custom VJP swapped for plain autodiff of the same math (an ablation).
-  lora_concat jaxlora with the experimental one-op forward ``[x | x·A]·[W ; B]`` switched on (an ablation).
+  lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-MODES = ("full", "lora", "nnx", "merge", "frozen", "lora_plain", "lora_concat")
+MODES = ("full", "lora", "nnx", "merge", "frozen", "lora_plain", "lora_factored")
 
 
 def _worker(a: argparse.Namespace) -> dict:
@@ -33,7 +33,7 @@ def _worker(a: argparse.Namespace) -> dict:
 
     from . import common, models
 
-    cfg = dataclasses.replace(models.CONFIGS[a.config], remat=a.remat, scan=a.scan, **json.loads(a.override))
+    cfg = models.configure(a.config, a.remat, a.scan, a.override)
     tokens = models.tokens_for(cfg)
     rest = params = fwd = None
     lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
@@ -82,17 +82,17 @@ def _worker(a: argparse.Namespace) -> dict:
             if a.mode == "lora_plain":  # the ablation: plain autodiff of the reference math
                 from jaxlora import _matmul
 
-                def plain(x, xl, w, first, second, scale, base, first_op, second_op, concat=None):
+                def plain(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
                     f, t = _matmul._rank_product(xl, first, scale, first_op)
                     y = base(x, w)
                     return y + second_op(t, second.astype(t.dtype)).astype(y.dtype)
 
                 _matmul.factored = plain
-            if a.mode == "lora_concat":  # the ablation: base op and LoRA term as one op on concatenations
+            if a.mode == "lora_factored":  # the ablation: never the transient W + ΔW
                 from jaxlora import _matmul
 
-                _matmul._CONCAT_FORWARD = True
-            if a.mode in ("lora", "lora_plain", "lora_concat"):
+                _matmul._MERGED = False
+            if a.mode in ("lora", "lora_plain", "lora_factored"):
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":
                 loss_of = lambda l, p, t: apply(jaxlora.merge(p, l), t)  # noqa: E731
@@ -135,7 +135,8 @@ def _worker(a: argparse.Namespace) -> dict:
             for _ in range(3):
                 blocking()
         for g in glob.glob(a.profile + "_raw/**/*perfetto*", recursive=True):
-            shutil.copy(g, a.profile + "." + os.path.basename(g).split(".", 1)[1])
+            shutil.copy(g, a.profile + ".trace." + os.path.basename(g).split(".", 1)[1])
+        shutil.rmtree(a.profile + "_raw")
     out = {
         "mode": a.mode,
         "median_ms": models.median(ms),
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--parallel", action="store_true", help="compile all modes at once, then time them one by one")
     p.add_argument("--hlo", default=None, help="worker: write the compiled step's HLO text here")
-    p.add_argument("--profile", default=None, help="worker: write a perfetto trace of 3 steps to this prefix")
+    p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # this process only reads the device name
     from . import common, models
 
-    cfg = dataclasses.replace(models.CONFIGS[a.config], remat=a.remat, scan=a.scan, **json.loads(a.override))
+    cfg = models.configure(a.config, a.remat, a.scan, a.override)
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     flags += ["--override", a.override] + (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
     result = {
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         "modes": {},
     }
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    if a.profile:
+        jobs = {m: [*j, "--profile", f"{a.profile}_{m}", "--hlo", f"{a.profile}_{m}.hlo.txt"] for m, j in jobs.items()}
     result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel)
     full = result["modes"].get("full", {})
     for r in result["modes"].values():

@@ -68,8 +68,8 @@ def factor_shapes(weight_shape: tuple[int, ...], roles: str, rank: int) -> tuple
     return pick("s") + pick("i") + (rank,), pick("s") + (rank,) + pick("o")
 
 
-def delta(factors: LoraFactors, dtype: jnp.dtype | None = None) -> Array:
-    """``ΔW = scale · a·b`` in ``W``'s own layout, accumulated in float32 and cast to ``dtype``.
+def delta(factors: LoraFactors, dtype: jnp.dtype | None = None, *, accumulate: jnp.dtype | None = jnp.float32) -> Array:
+    """``ΔW = scale · a·b`` in ``W``'s own layout, accumulated in ``accumulate`` and cast to ``dtype``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -82,7 +82,9 @@ def delta(factors: LoraFactors, dtype: jnp.dtype | None = None) -> Array:
     pick = lambda role: "".join(n for n, c in zip(names, factors.roles) if c == role)  # noqa: E731
     r = next(letters)
     spec = f"{pick('s')}{pick('i')}{r},{pick('s')}{r}{pick('o')}->{''.join(names)}"
-    out = jnp.einsum(spec, factors.a, factors.b, preferred_element_type=jnp.float32) * factors.scale
+    out = jnp.einsum(spec, factors.a, factors.b, preferred_element_type=accumulate)
+    if factors.scale != 1:
+        out = out * jnp.asarray(factors.scale, out.dtype)
     return out.astype(dtype or factors.a.dtype)
 
 
@@ -96,9 +98,9 @@ def lora_op(
     base: Callable[[Array, Array], Array],
     first_op: Callable[[Array, Array], Array],
     second_op: Callable[[Array, Array], Array],
+    delta_op: Callable[[Array, Array], Array] | None = None,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
-    concat: tuple[int, int] | None = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -110,13 +112,13 @@ def lora_op(
 
     For floating ``x`` the derivative is a custom VJP (`factored`): it saves only the LoRA input
     and the rank-``r`` product ``x·a`` (in the activations' dtype), and its backward pass computes
-    the activation gradient and the two small factor gradients, never a ``W``-shaped array.
+    the activation gradient and the two small factor gradients, never a ``W``-shaped gradient.
 
-    ``concat=(x_axis, w_axis)`` (used only while the private switch ``_CONCAT_FORWARD`` is on) says
-    that ``base`` contracts exactly those axes and that the rank product ``t = first_op(x, first)``
-    has its rank axis at ``x_axis`` and ``second`` at ``w_axis``: then the forward pass is one op,
-    ``base([x | t], [W ; second])``, whose contraction also sums the LoRA term (no separate pass
-    over the output, and the sum is accumulated in float32).
+    ``delta_op(first, second)``, when given, is ``ΔW`` (unscaled) in the layout ``base`` reads ``W``
+    in. Where one pass over ``W`` costs less than the LoRA term's passes over the activations (many
+    tokens: prefill and training batches, see `merge_is_cheaper`) and there is no LoRA dropout,
+    ``base`` then runs once on a transient ``W + ΔW`` (forward, and the input gradient), the
+    cheapest form; ``W`` itself is never changed, and no ``ΔW`` is kept between steps.
     """
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     xl = x
@@ -124,12 +126,33 @@ def lora_op(
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
         xl = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
     if floating:
-        concat = concat if _CONCAT_FORWARD else None
-        return factored(x, xl, w, first, second, scale, base, first_op, second_op, concat)
+        if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
+            delta_op = None
+        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op)
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
     t = (t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
     return y + second_op(t, second.astype(y.dtype)).astype(y.dtype)
+
+
+# The switches the benchmarks flip to measure each form: None chooses by cost, True/False forces one;
+# _MERGED_IN_TRAINING also lets the training forward and input gradient use the transient W + ΔW.
+_MERGED: bool | None = None
+_MERGED_IN_TRAINING = True
+
+
+def merge_is_cheaper(x: Array, w: Array, base: Callable[[Array, Array], Array]) -> bool:
+    """Whether ``base(x, W + ΔW)`` moves fewer bytes than ``base(x, W) + (x·a)·b``.
+
+    Forming ``W + ΔW`` reads and writes ``W`` about twice (the rank-``r`` product, then the sum); the
+    factored term reads ``x`` once more and reads and writes the output once more (forward), and
+    reads and writes ``dx`` once more (backward). So the merged form wins when
+    ``4·|W| < |x| + |y|``: a training or prefill batch of many tokens, not a decode step.
+    """
+    if _MERGED is not None:
+        return _MERGED
+    y = jax.eval_shape(base, x, w)
+    return 4 * w.size < x.size + y.size
 
 
 def _rank_product(xl: Array, first: Array, scale: float, first_op: Callable) -> tuple[Array, Array]:
@@ -138,52 +161,62 @@ def _rank_product(xl: Array, first: Array, scale: float, first_op: Callable) -> 
     return f, first_op(xl, f)
 
 
-# Off by default: the one-op forward is not bit-identical to ``base(x, W)`` when ``B = 0`` (the longer
-# contraction rounds differently), which users rely on; benchmarks/train_step.py measures it.
-_CONCAT_FORWARD = False
-
-
-def _combine(x, w, t, s, base, second_op, concat):
-    """``base(x, W) + second_op(t, s)``: one op on ``[x | t]`` and ``[W ; s]`` when ``concat`` allows."""
-    if concat is not None:
-        x_axis, w_axis = concat
-        return base(jnp.concatenate([x, t], x_axis), jnp.concatenate([w, s.astype(w.dtype)], w_axis))
-    y = base(x, w)
-    return y + second_op(t, s).astype(y.dtype)
+def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
+    """The transient ``W + ΔW`` (``f`` already holds the scale), in ``W``'s dtype."""
+    return w + delta_op(f, s).astype(w.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def factored(x, xl, w, first, second, scale, base, first_op, second_op, concat=None):
+def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
     """``base(x, W) + second_op(first_op(xl, scale·first), second)`` with a VJP that has no ``dW``.
 
-    ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). Residuals: ``xl``, the rank-``r``
-    product, ``W`` (a buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
+    ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). With ``delta_op`` (then ``xl`` is
+    ``x``) the value is ``base(x, W + ΔW)``. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
+    buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
     """
-    f, t = _rank_product(xl, first, scale, first_op)
-    return _combine(x, w, t, second.astype(t.dtype), base, second_op, concat)
+    f = (first * jnp.asarray(scale, first.dtype)).astype(xl.dtype)
+    s = second.astype(f.dtype)
+    if delta_op is not None:
+        return base(x, _merged(w, f, s, delta_op))
+    y = base(x, w)
+    return y + second_op(first_op(xl, f), s).astype(y.dtype)
 
 
-def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, concat):
+def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op):
     # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
     # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x).
     need = tuple(p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
     f, t = _rank_product(xl, first, scale, first_op)
     s = second.astype(t.dtype)
-    out = _combine(x, w, t, s, base, second_op, concat)
+    if not _MERGED_IN_TRAINING:
+        delta_op = None
+    if delta_op is not None:
+        out = base(x, _merged(w, f, s, delta_op))
+    else:
+        y = base(x, w)
+        out = y + second_op(t, s).astype(y.dtype)
     keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
-    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
+    flags = keep(2, True), keep(0, True), keep(1, True), (True,) if delta_op is not None else ()
+    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), *flags)
 
 
-def _factored_bwd(scale, base, first_op, second_op, concat, res, g):
-    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl = res
+def _factored_bwd(scale, base, first_op, second_op, delta_op, res, g):
+    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl, merged = res
+    delta_op = delta_op if merged else None
     if isinstance(g, SymbolicZero):
         return None, None, None, None, None
     # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
-    dx = jax.vjp(lambda x: base(x, w), x)[1](g)[0].astype(x.dtype) if need_x else None
+    dx = dxl = None
+    if delta_op is not None:  # xl is x: one transposed op on the transient W + ΔW covers both terms
+        if need_x or need_xl:
+            dx = jax.vjp(lambda x: base(x, _merged(w, f, s, delta_op)), x)[1](g)[0].astype(x.dtype)
+    elif need_x:
+        dx = jax.vjp(lambda x: base(x, w), x)[1](g)[0].astype(x.dtype)
     dw = jax.vjp(lambda w: base(x, w), w)[1](g)[0].astype(w.dtype) if need_w else None
     dt, ds = jax.vjp(second_op, t, s)[1](g.astype(t.dtype))
-    dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype) if need_xl else None
+    if delta_op is None and need_xl:
+        dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype)
     df = jax.vjp(lambda f: first_op(xl, f), f)[1](dt)[0] if first else None
     dfirst = (df.astype(first[0].dtype) * jnp.asarray(scale, first[0].dtype)) if first else None
     dsecond = ds.astype(second[0].dtype) if second else None

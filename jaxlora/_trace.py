@@ -195,13 +195,22 @@ def _untag(value: Any, where: str, ctx: Context) -> Any:
     )
 
 
-def _delta_view(t: Tagged) -> jax.Array:
-    """ΔW for the current view of ``t`` (its remaining axes, in view order)."""
+def _delta_view(t: Tagged, a=None, b=None, scale=None, accumulate=jnp.float32) -> jax.Array:
+    """ΔW for the current view of ``t`` (its remaining axes, in view order), from ``t``'s factors or ``a, b``."""
     roles = "".join(t.factors.roles[k] for k in t.view.present)
     from ._matmul import delta  # local: the one ΔW formula
 
-    d = delta(dataclasses.replace(t.factors, a=t.a, b=t.b, roles=roles))
+    a, b = (t.a, t.b) if a is None else (a, b)
+    scale = t.factors.scale if scale is None else scale
+    d = delta(dataclasses.replace(t.factors, a=a, b=b, roles=roles, scale=scale), accumulate=accumulate)
     return jnp.transpose(d, [t.view.present.index(k) for k in t.view.origin])
+
+
+def _delta_op(t: Tagged, swapped: bool = False):
+    """lora_op's ``delta_op``: unscaled ΔW of the view from (first, second), in their dtype."""
+    if swapped:  # first is b (a tied embedding's attend)
+        return lambda first, second: _delta_view(t, second, first, 1.0, None)
+    return lambda first, second: _delta_view(t, first, second, 1.0, None)
 
 
 def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
@@ -431,10 +440,11 @@ def _dot_general(eqn, invals, ctx: Context):
     if sorted(origin[v] for v in wb) != stacked:
         raise _mismatch(t, "dot_general", f"with batch axes {tuple(wb)} that are not exactly its stacked axes")
     contracted = sorted(origin[v] for v in wc)
+    swapped = False
     if contracted == [k for k in t.view.present if roles[k] == "i"]:
         first, second, first_axes, second_axes = t.a, t.b, t.axes("a"), t.axes("b")
     elif contracted == [k for k in t.view.present if roles[k] == "o"]:  # e.g. a tied embedding's attend
-        first, second, first_axes, second_axes = t.b, t.a, t.axes("b"), t.axes("a")
+        first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
     else:
         raise _mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
     nb, nxfree = len(xb), x.ndim - len(xc) - len(xb)
@@ -461,21 +471,6 @@ def _dot_general(eqn, invals, ctx: Context):
         x_free = [spec[i] for i in range(len(perm)) if perm[i] in x_out]
         first_out = NamedSharding(out.mesh, P(*spec[:nb], *x_free, None))
         second_out = NamedSharding(out.mesh, P(*second_spec))
-    # One op for the base and the LoRA term (lora_op's `concat`) when x is contracted on its last axis
-    # with a 2-D W's first axis and copying x costs less than a second pass over the output (K < 2 N).
-    concat = None
-    if (
-        out is None
-        and x_is_lhs
-        and not xb
-        and tuple(xc) == (x.ndim - 1,)
-        and tuple(wc) == (0,)
-        and t.w.ndim == 2
-        and tuple(origin) == (0, 1)
-        and roles == "io"
-        and x.shape[-1] < 2 * t.w.shape[1]
-    ):
-        concat = (x.ndim - 1, 0)
     return lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
@@ -483,7 +478,7 @@ def _dot_general(eqn, invals, ctx: Context):
         second_op=lambda u, s: jnp.transpose(
             lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
         ),
-        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(), concat=concat,
+        delta_op=_delta_op(t, swapped), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
     )  # fmt: skip
 
 
@@ -522,7 +517,7 @@ def _conv(eqn, invals, ctx: Context):
         base=base,
         first_op=lambda x, a: _bind(eqn, [x, a], a_params)[0],
         second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature),
-        dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        delta_op=_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
     )  # fmt: skip
 
 

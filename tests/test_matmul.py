@@ -111,14 +111,17 @@ def test_weight_gradient_when_asked(name):
     _close(got, want, 1e-5, 1e-5)
 
 
-def _dot_outputs(jaxpr) -> list[tuple[int, ...]]:
-    shapes = []
+def _dots(jaxpr) -> list[tuple[tuple[int, ...], int]]:
+    """(output shape, contracted size) of every dot_general, nested jaxprs included."""
+    found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = int(np.prod([eqn.invars[0].aval.shape[d] for d in lc]))
+            found.append((tuple(eqn.outvars[0].aval.shape), k))
         for sub in jax.core.subjaxprs(eqn.params) if hasattr(jax.core, "subjaxprs") else _params_jaxprs(eqn.params):
-            shapes += _dot_outputs(sub)
-    return shapes
+            found += _dots(sub)
+    return found
 
 
 def _params_jaxprs(params):
@@ -130,13 +133,16 @@ def _params_jaxprs(params):
                 yield u.jaxpr
 
 
-def test_lora_gradient_forms_no_weight_shaped_product():
+@pytest.mark.parametrize("merged", [False, True])
+def test_lora_gradient_forms_no_weight_gradient(merged, monkeypatch):
+    """No dot contracts the tokens into a W-shaped array (xᵀ·g); the merged form's ΔW = a·b contracts r."""
+    monkeypatch.setattr(_matmul, "_MERGED", merged)
     model, x, params, lora = _setup("dense", jnp.float32)
     x = jnp.ones((4, 16, 8))
-    jaxpr = jax.make_jaxpr(jax.grad(_loss_fast(model)))(lora, params, x).jaxpr
-    shapes = _dot_outputs(jaxpr)
-    assert shapes, "expected the dots of the forward and backward passes"
-    assert (8, 6) not in shapes and (6, 8) not in shapes, shapes
+    dots = _dots(jax.make_jaxpr(jax.grad(_loss_fast(model)))(lora, params, x).jaxpr)
+    assert dots, "expected the dots of the forward and backward passes"
+    w_shaped = [k for shape, k in dots if shape in ((8, 6), (6, 8))]
+    assert all(k == 2 for k in w_shaped) and bool(w_shaped) == merged, dots  # only ΔW, contracting r = 2
 
 
 def test_constant_input_gets_no_input_gradient():
@@ -148,18 +154,26 @@ def test_constant_input_gets_no_input_gradient():
     assert len(dots) == 6, "\n".join(dots)
 
 
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_op_forward_matches(dtype, monkeypatch):
-    """The experimental one-op forward ``[x | x·a]·[W ; b]`` gives the same values and gradients."""
-    model, x, params, lora = _setup("dense", jnp.dtype(dtype))
-    plain_y = jaxlora.apply(model.apply, params, lora, x)
-    plain_g = jax.grad(_loss_fast(model), argnums=(0, 2))(lora, params, x)
-    monkeypatch.setattr(_matmul, "_CONCAT_FORWARD", True)
-    y = jaxlora.apply(model.apply, params, lora, x)
-    g = jax.grad(_loss_fast(model), argnums=(0, 2))(lora, params, x)
+def test_merged_and_factored_forms_agree(name, dtype, monkeypatch):
+    """The transient ``W + ΔW`` form and the factored form give the same values and gradients."""
+    model, x, params, lora = _setup(name, jnp.dtype(dtype))
+    results = []
+    for merged in (False, True):
+        monkeypatch.setattr(_matmul, "_MERGED", merged)
+        y = jax.jit(lambda l, p, x: jaxlora.apply(model.apply, p, l, x))(lora, params, x)
+        g = jax.jit(jax.grad(_loss_fast(model), argnums=(0, 2)))(lora, params, x)
+        results.append((y, g))
     tol = 1e-5 if dtype == "float32" else 3e-2
-    _close(y, plain_y, tol, tol)
-    _close(g, plain_g, tol, tol)
+    _close(results[1], results[0], tol, tol)
+
+
+def test_merge_is_cheaper_for_many_tokens_only():
+    w = jnp.zeros((64, 64))
+    base = lambda x, w: x @ w  # noqa: E731
+    assert _matmul.merge_is_cheaper(jnp.zeros((512, 64)), w, base)  # a training or prefill batch
+    assert not _matmul.merge_is_cheaper(jnp.zeros((8, 64)), w, base)  # a decode step
 
 
 def test_dropout_gradient_is_that_of_the_dropped_branch():
@@ -178,7 +192,7 @@ def test_dropout_gradient_is_that_of_the_dropped_branch():
     _close(jax.grad(fast, argnums=(0, 1))(lora, x), jax.grad(plain, argnums=(0, 1))(lora, x), 1e-5, 1e-5)
 
 
-def _plain_factored(x, xl, w, first, second, scale, base, first_op, second_op, concat=None):
+def _plain_factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
     f, t = _matmul._rank_product(xl, first, scale, first_op)
     y = base(x, w)
     return y + second_op(t, second.astype(t.dtype)).astype(y.dtype)
