@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 runs behind benchmarks/results/*.json. Usage: bash benchmarks/gpu_run.sh SECTION...
-# Sections: profile (config A, 3 traced steps per mode), train_a, infer_a, remat, scan, b, llama.
+# Sections: profile (config A, 3 traced steps per mode), train_a, peers_a, infer_a, remat, scan, b, llama.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -14,14 +14,14 @@ for section in "$@"; do
       timeout 200 $T --config A --modes full,lora,lora_factored,frozen --timeout 190 --profile $OUT/prof_A --out $OUT/train_A.json
       python3 -m benchmarks.trace_summary $OUT/prof_A_*.trace.json.gz --out $OUT/prof_A_summary.json > $OUT/prof_A_summary.txt
       grep -A3 "ms/step" $OUT/prof_A_summary.txt | grep -v "^ *[0-9]" | head -40 ;;
-    train_a) timeout 200 $T --config A --modes full,lora,lora_factored,frozen --timeout 190 --out $OUT/train_A.json ;;
-    peers_a) timeout 200 $T --config A --modes full,nnx,merge,lora_plain --timeout 190 --out $OUT/train_A_peers.json ;;
+    train_a) timeout 200 $T --config A --modes full,lora,lora_single,lora_factored,frozen --timeout 190 --out $OUT/train_A.json ;;
+    peers_a) timeout 200 $T --config A --modes full,nnx,merge --timeout 190 --out $OUT/train_A_peers.json ;;
     infer_a) timeout 120 $I --config A --modes merged,unmerged,unmerged_factored,merge,merge_donated,copy --timeout 110 --out $OUT/inference_A.json ;;
     remat) timeout 150 $T --config A --remat --modes full,lora,lora_factored --timeout 140 --out $OUT/train_A_remat.json ;;
-    scan) timeout 150 $T --config A --scan --modes full,lora,lora_factored --timeout 140 --out $OUT/train_A_scan.json ;;
-    b) timeout 150 $T --config B --modes full,lora,lora_factored,nnx,frozen --timeout 140 --out $OUT/train_B.json ;;
+    scan) timeout 150 $T --config A --scan --modes full,lora,lora_single,lora_factored --timeout 140 --out $OUT/train_A_scan.json ;;
+    b) timeout 160 $T --config B --modes full,lora,lora_single,nnx,frozen --timeout 150 --out $OUT/train_B.json ;;
     llama)
-      timeout 240 python3 -m benchmarks.train_step --config llama8b --modes lora --steps 5 --warmup 2 --timeout 230 --out $OUT/train_llama8b_lora.json
+      timeout 240 python3 -m benchmarks.train_step --config llama8b --modes lora --steps 5 --warmup 2 --window 3 --timeout 230 --out $OUT/train_llama8b_lora.json
       timeout 120 python3 -m benchmarks.train_step --config llama8b --modes full --steps 3 --warmup 1 --timeout 110 --out $OUT/train_llama8b_full.json ;;
     *) echo "unknown section $section" ;;
   esac

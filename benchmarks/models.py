@@ -244,6 +244,25 @@ def timeit(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
     return out
 
 
+def timeit_pipelined(run: Callable[[], object], wait: Callable[[], object], steps: int, window: int) -> list[float]:
+    """Milliseconds per step when ``window`` steps are dispatched back to back and waited for once.
+
+    This is how a training loop runs: the host queues the next step while the device runs this one,
+    so per-step host work (argument handling, launching the compiled program) is hidden. One value per
+    window, ``steps`` windows.
+    """
+    import time
+
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for _ in range(window):
+            run()
+        wait()
+        out.append((time.perf_counter() - t0) * 1e3 / window)
+    return out
+
+
 def peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")

@@ -8,6 +8,9 @@ Modes:
   frozen  the frozen model's forward pass and loss only (no gradient): a floor.
   lora_plain  jaxlora with its custom VJP swapped for plain autodiff of the same math (an ablation).
   lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
+  lora_merged   jaxlora with the transient ``W + ΔW`` form for every op, whatever its cost rule says (an ablation).
+  lora_single   jaxlora without the one-read ops on ``[W | a]`` and ``[W ; b]`` (an ablation).
+  lora_bwd_side jaxlora with the one-read op on ``[W ; b]`` in the backward pass only (an ablation).
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -21,10 +24,22 @@ import json
 import os
 import time
 
-MODES = ("full", "lora", "nnx", "merge", "frozen", "lora_plain", "lora_factored")
+MODES = ("full", "lora", "nnx", "merge", "frozen")
+ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single", "lora_bwd_side")
 
 
 def _worker(a: argparse.Namespace) -> dict:
+    """One mode, timed; jaxlora's private switches that an ablation flips are restored afterwards."""
+    from jaxlora import _matmul
+
+    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored
+    try:
+        return _measure(a)
+    finally:
+        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored = saved
+
+
+def _measure(a: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -79,25 +94,25 @@ def _worker(a: argparse.Namespace) -> dict:
             run = lambda: state.__setitem__(0, fwd(params, tokens))  # noqa: E731
         else:
             lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
-            if a.mode == "lora_plain":  # the ablation: plain autodiff of the reference math
-                from jaxlora import _matmul
+            from jaxlora import _matmul
 
-                def plain(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
-                    f, t = _matmul._rank_product(xl, first, scale, first_op)
+            if a.mode == "lora_plain":  # the ablation: plain autodiff of the reference math
+
+                def plain(x, xl, w, first, second, scale, base, first_op, second_op, *_):
+                    f, s = _matmul._cast(first, second, scale, xl.dtype)
                     y = base(x, w)
-                    return y + second_op(t, second.astype(t.dtype)).astype(y.dtype)
+                    return y + second_op(first_op(xl, f), s).astype(y.dtype)
 
                 _matmul.factored = plain
-            if a.mode == "lora_factored":  # the ablation: never the transient W + ΔW
-                from jaxlora import _matmul
-
-                _matmul._MERGED = False
-            if a.mode in ("lora", "lora_plain", "lora_factored"):
+            if a.mode in ("lora_factored", "lora_merged"):  # the ablations: never / always the transient W + ΔW
+                _matmul._MERGED = a.mode == "lora_merged"
+            _matmul._SIDE_BY_SIDE = {"lora_single": False, "lora_bwd_side": "backward"}.get(a.mode, True)
+            if a.mode.startswith("lora"):
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":
                 loss_of = lambda l, p, t: apply(jaxlora.merge(p, l), t)  # noqa: E731
             else:
-                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES}")
+                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS}")
             opt_state = opt.init(lora)
 
             def step(lora, opt_state, params, tokens):
@@ -119,6 +134,7 @@ def _worker(a: argparse.Namespace) -> dict:
         blocking()
     common.sync_point()
     ms = models.timeit(blocking, a.steps, 1)
+    piped = models.timeit_pipelined(run, lambda: jax.block_until_ready(state[-1]), a.steps, a.window)
     if a.hlo:  # the optimised HLO of the step, for reading which kernels XLA made
         fn = step if a.mode != "frozen" else fwd
         args = {"full": lambda: (state[0], state[1], tokens), "frozen": lambda: (params, tokens)}.get(
@@ -140,6 +156,7 @@ def _worker(a: argparse.Namespace) -> dict:
     out = {
         "mode": a.mode,
         "median_ms": models.median(ms),
+        "pipelined_ms": models.median(piped),
         "min_ms": min(ms),
         "step_ms": [round(x, 3) for x in ms],
         "peak_bytes": models.peak_bytes(),
@@ -162,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--scan", action="store_true")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--window", type=int, default=4, help="steps dispatched back to back for pipelined_ms")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--override", default="{}", help="JSON of ModelConfig fields to change, e.g. '{\"n_layers\": 2}'")
     p.add_argument("--timeout", type=float, default=900)
@@ -180,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = models.configure(a.config, a.remat, a.scan, a.override)
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    flags += ["--override", a.override] + (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
+    flags += ["--window", str(a.window), "--override", a.override]
+    flags += (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
     result = {
         **common.environment(),
         "benchmark": "train_step",
@@ -199,20 +218,22 @@ def main(argv: list[str] | None = None) -> dict:
     for r in result["modes"].values():
         if "median_ms" in r and "median_ms" in full:
             r["ratio_to_full"] = r["median_ms"] / full["median_ms"]
+            r["pipelined_ratio_to_full"] = r["pipelined_ms"] / full["pipelined_ms"]
             if r.get("peak_bytes") and full.get("peak_bytes"):
                 r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
     if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
         result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
     print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
           f"batch {cfg.batch}x{cfg.seq}  rank {a.rank}  {cfg.params() / 1e6:.0f}M params")  # fmt: skip
-    print(f"{'mode':<8} {'step ms':>9} {'ratio':>6} {'peak memory':>12} {'mem ratio':>9}")
+    print(f"{'mode':<14} {'step ms':>8} {'ratio':>6} {'pipelined':>9} {'ratio':>6} {'peak memory':>12} {'ratio':>6}")
+    rounded = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for mode, r in result["modes"].items():
         if "error" in r:
-            print(f"{mode:<8} failed: {r['error'][:200]}")
+            print(f"{mode:<14} failed: {r['error'][:200]}")
             continue
-        ratio, mratio = r.get("ratio_to_full"), r.get("memory_ratio_to_full")
-        print(f"{mode:<8} {r['median_ms']:>9.2f} {ratio if ratio is None else round(ratio, 3)!s:>6} "
-              f"{common.gb(r['peak_bytes']):>12} {mratio if mratio is None else round(mratio, 3)!s:>9}")  # fmt: skip
+        print(f"{mode:<14} {r['median_ms']:>8.2f} {rounded(r.get('ratio_to_full')):>6} {r['pipelined_ms']:>9.2f} "
+              f"{rounded(r.get('pipelined_ratio_to_full')):>6} {common.gb(r['peak_bytes']):>12} "
+              f"{rounded(r.get('memory_ratio_to_full')):>6}")  # fmt: skip
     if "mfu_full" in result:
         print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
     common.write(result, a.out)

@@ -26,6 +26,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
@@ -99,6 +100,7 @@ def lora_op(
     first_op: Callable[[Array, Array], Array],
     second_op: Callable[[Array, Array], Array],
     delta_op: Callable[[Array, Array], Array] | None = None,
+    side_by_side: bool = False,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
 ) -> Array:
@@ -119,6 +121,10 @@ def lora_op(
     tokens: prefill and training batches, see `merge_is_cheaper`) and there is no LoRA dropout,
     ``base`` then runs once on a transient ``W + ΔW`` (forward, and the input gradient), the
     cheapest form; ``W`` itself is never changed, and no ``ΔW`` is kept between steps.
+
+    ``side_by_side`` says that ``W`` is 2-D ``(in, out)``, contracted with the last axis of ``x``
+    (a Dense layer). Then ``x`` is read once for ``x·W`` and ``x·a`` (one op on ``[W | a]``), and the
+    output gradient once for ``g·Wᵀ`` and ``g·bᵀ`` (one op on ``[W ; b]``).
     """
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     xl = x
@@ -128,17 +134,18 @@ def lora_op(
     if floating:
         if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
             delta_op = None
-        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op)
+        side_by_side = side_by_side and bool(_SIDE_BY_SIDE) and xl is x and w.dtype == x.dtype and not _on_mesh()
+        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side)
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
     t = (t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
     return y + second_op(t, second.astype(y.dtype)).astype(y.dtype)
 
 
-# The switches the benchmarks flip to measure each form: None chooses by cost, True/False forces one;
-# _MERGED_IN_TRAINING also lets the training forward and input gradient use the transient W + ΔW.
+# The switches the benchmarks flip to measure each form: _MERGED None chooses by cost, True/False
+# forces one; _SIDE_BY_SIDE False turns the one-read ops on [W | a] and [W ; b] off.
 _MERGED: bool | None = None
-_MERGED_IN_TRAINING = True
+_SIDE_BY_SIDE: bool | str = True  # or "backward": only the backward pass's op on [W ; b]
 
 
 def merge_is_cheaper(x: Array, w: Array, base: Callable[[Array, Array], Array]) -> bool:
@@ -147,18 +154,23 @@ def merge_is_cheaper(x: Array, w: Array, base: Callable[[Array, Array], Array]) 
     Forming ``W + ΔW`` reads and writes ``W`` about twice (the rank-``r`` product, then the sum); the
     factored term reads ``x`` once more and reads and writes the output once more (forward), and
     reads and writes ``dx`` once more (backward). So the merged form wins when
-    ``4·|W| < |x| + |y|``: a training or prefill batch of many tokens, not a decode step.
+    ``4·|W| < |x| + |y|``: a training or prefill batch of many tokens, not a decode step; and not on a
+    mesh of several devices (see `_on_mesh`).
     """
     if _MERGED is not None:
         return _MERGED
     y = jax.eval_shape(base, x, w)
-    return 4 * w.size < x.size + y.size
+    return 4 * w.size < x.size + y.size and not _on_mesh()
 
 
-def _rank_product(xl: Array, first: Array, scale: float, first_op: Callable) -> tuple[Array, Array]:
-    """``(scale·first)`` cast to the activations' dtype, and ``t = first_op(xl, scale·first)``."""
-    f = (first * jnp.asarray(scale, first.dtype)).astype(xl.dtype)
-    return f, first_op(xl, f)
+def _on_mesh() -> bool:
+    """Whether the program runs on a mesh of several devices (``jax.set_mesh``).
+
+    There the factored form is kept: its extra collectives are factor-sized, while the partitioner
+    may gather ``W + ΔW`` (or ``[W | a]``, whose concatenation crosses a sharded axis) on its own.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
 
 
 def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
@@ -166,56 +178,80 @@ def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
     return w + delta_op(f, s).astype(w.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
+def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, need_t=True):
+    """The op's value and (if needed or used) the rank product ``t = first_op(xl, f)``."""
+    wm = w if delta_op is None else _merged(w, f, s, delta_op)
+    t = None
+    if side_by_side and (need_t or delta_op is None):  # one read of x for both products
+        out = w.shape[1]
+        yt = base(x, jnp.concatenate([wm, f.astype(wm.dtype)], axis=1))
+        # t is kept for the backward pass: the barrier makes it its own small array, so the residual
+        # does not hold the whole [y | t] output alive until then.
+        y, t = yt[..., :out], lax.optimization_barrier(yt[..., out:])
+    else:
+        y = base(x, wm)
+        if need_t or delta_op is None:
+            t = first_op(xl, f)
+    if delta_op is None:
+        y = y + second_op(t, s).astype(y.dtype)
+    return y, t
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None, side_by_side=False):
     """``base(x, W) + second_op(first_op(xl, scale·first), second)`` with a VJP that has no ``dW``.
 
     ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). With ``delta_op`` (then ``xl`` is
     ``x``) the value is ``base(x, W + ΔW)``. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
     buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
     """
-    f = (first * jnp.asarray(scale, first.dtype)).astype(xl.dtype)
-    s = second.astype(f.dtype)
-    if delta_op is not None:
-        return base(x, _merged(w, f, s, delta_op))
-    y = base(x, w)
-    return y + second_op(first_op(xl, f), s).astype(y.dtype)
+    f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side here: with B = 0 this is exactly base(x, W)
+    return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, need_t=False)[0]
 
 
-def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op):
+def _cast(first: Array, second: Array, scale: float, dtype) -> tuple[Array, Array]:
+    """The factors in the activations' dtype, the scale folded into the first."""
+    return (first * jnp.asarray(scale, first.dtype)).astype(dtype), second.astype(dtype)
+
+
+def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side):
     # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
     # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x).
     need = tuple(p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
-    f, t = _rank_product(xl, first, scale, first_op)
-    s = second.astype(t.dtype)
-    if not _MERGED_IN_TRAINING:
-        delta_op = None
-    if delta_op is not None:
-        out = base(x, _merged(w, f, s, delta_op))
-    else:
-        y = base(x, w)
-        out = y + second_op(t, s).astype(y.dtype)
+    f, s = _cast(first, second, scale, xl.dtype)
+    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side and _SIDE_BY_SIDE != "backward")
     keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
-    flags = keep(2, True), keep(0, True), keep(1, True), (True,) if delta_op is not None else ()
-    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), *flags)
+    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
 
 
-def _factored_bwd(scale, base, first_op, second_op, delta_op, res, g):
-    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl, merged = res
-    delta_op = delta_op if merged else None
+def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res, g):
+    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl = res
     if isinstance(g, SymbolicZero):
         return None, None, None, None, None
     # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
-    dx = dxl = None
-    if delta_op is not None:  # xl is x: one transposed op on the transient W + ΔW covers both terms
-        if need_x or need_xl:
-            dx = jax.vjp(lambda x: base(x, _merged(w, f, s, delta_op)), x)[1](g)[0].astype(x.dtype)
-    elif need_x:
-        dx = jax.vjp(lambda x: base(x, w), x)[1](g)[0].astype(x.dtype)
+    dx = dxl = dt = None
+    g = g.astype(t.dtype)
+    if need_x or (need_xl and delta_op is not None):
+        # The weight this op needs (W + ΔW again, and/or [W ; b]) is made only once g exists: the barrier
+        # stops XLA from keeping the forward's W + ΔW alive or preparing every layer's weight up front.
+        wm = w
+        if delta_op is not None or side_by_side:
+            wm, f, s, g = lax.optimization_barrier((w, f, s, g))
+            wm = wm if delta_op is None else _merged(wm, f, s, delta_op)
+        if side_by_side:  # one read of g for g·Wᵀ and g·bᵀ
+            k = w.shape[0]
+            z = jnp.zeros((*x.shape[:-1], k + s.shape[0]), x.dtype)
+            dz = jax.vjp(lambda z: base(z, jnp.concatenate([wm, s.astype(wm.dtype)], axis=0)), z)[1](g)[0]
+            dx, dt = dz[..., :k], dz[..., k:].astype(t.dtype)
+        else:
+            dx = jax.vjp(lambda x: base(x, wm), x)[1](g)[0]
+        dx = dx.astype(x.dtype)
+    if dt is None:
+        dt = jax.vjp(lambda t: second_op(t, s), t)[1](g)[0]
+    ds = jax.vjp(lambda s: second_op(t, s), s)[1](g)[0]
     dw = jax.vjp(lambda w: base(x, w), w)[1](g)[0].astype(w.dtype) if need_w else None
-    dt, ds = jax.vjp(second_op, t, s)[1](g.astype(t.dtype))
-    if delta_op is None and need_xl:
+    if delta_op is None and need_xl:  # (with delta_op, xl is x and dx has the LoRA term already)
         dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype)
     df = jax.vjp(lambda f: first_op(xl, f), f)[1](dt)[0] if first else None
     dfirst = (df.astype(first[0].dtype) * jnp.asarray(scale, first[0].dtype)) if first else None

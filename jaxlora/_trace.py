@@ -91,6 +91,7 @@ class Context:
     """State of one evaluation: probe records, or the dropout key and the fallback policy."""
 
     probing: bool = False
+    in_remat: bool = False  # inside jax.checkpoint, where the one-read [W | a] op measured slower
     fallback: str = "error"
     dropout_key: jax.Array | None = None
     usage: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
@@ -250,7 +251,11 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         forwards = {}
         body = lambda *args: evaluate(jaxpr, consts, args, ctx, range(len(invals)), forwards)  # noqa: E731
         policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
-        outs = jax.checkpoint(body, policy=policy, prevent_cse=prevent_cse)(*invals)
+        outer, ctx.in_remat = ctx.in_remat, True
+        try:
+            outs = jax.checkpoint(body, policy=policy, prevent_cse=prevent_cse)(*invals)
+        finally:
+            ctx.in_remat = outer
         return _forward(outs, forwards, invals)
     if name == "optimization_barrier":  # an identity that orders computation: keep the factors inside it too
         return list(lax.optimization_barrier(list(invals)))
@@ -471,6 +476,10 @@ def _dot_general(eqn, invals, ctx: Context):
         x_free = [spec[i] for i in range(len(perm)) if perm[i] in x_out]
         first_out = NamedSharding(out.mesh, P(*spec[:nb], *x_free, None))
         second_out = NamedSharding(out.mesh, P(*second_spec))
+    # a Dense layer: x's last axis against a 2-D (in, out) W, so [W | a] and [W ; b] are one op each
+    dense = (out is None and x_is_lhs and not xb and tuple(xc) == (x.ndim - 1,) and tuple(wc) == (0,)
+             and t.w.ndim == 2 and tuple(origin) == (0, 1) and roles == "io" and not swapped
+             and not ctx.in_remat)  # fmt: skip
     return lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
@@ -478,7 +487,8 @@ def _dot_general(eqn, invals, ctx: Context):
         second_op=lambda u, s: jnp.transpose(
             lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
         ),
-        delta_op=_delta_op(t, swapped), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        delta_op=_delta_op(t, swapped), side_by_side=dense, dropout_rate=t.factors.dropout,
+        dropout_key=ctx.next_key(),
     )  # fmt: skip
 
 

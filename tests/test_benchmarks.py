@@ -9,15 +9,15 @@ from benchmarks import inference, train_step
 
 
 def _args(mode, **kw):
-    base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, override="{}",
-                hlo=None, profile=None)  # fmt: skip
+    base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, window=2,
+                override="{}", hlo=None, profile=None)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen"])
+@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen", "lora_single", "lora_factored"])
 def test_train_step_modes_run(mode):
     out = train_step._worker(_args(mode))
-    assert out["mode"] == mode and out["median_ms"] > 0 and len(out["step_ms"]) == 2
+    assert out["mode"] == mode and out["median_ms"] > 0 and len(out["step_ms"]) == 2 and out["pipelined_ms"] > 0
     assert out["loss"] == pytest.approx(out["loss"])  # finite
 
 

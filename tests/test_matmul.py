@@ -150,23 +150,26 @@ def test_constant_input_gets_no_input_gradient():
     model, x, params, lora = _setup("dense", jnp.float32)
     hlo = jax.jit(jax.grad(_loss_fast(model))).lower(lora, params, x).compile().as_text()
     dots = [line for line in hlo.splitlines() if " dot(" in line]
-    # forward: x·W, x·a, t·b; backward: g·bᵀ, tᵀ·g, xᵀ·(g·bᵀ); no g·Wᵀ and no (g·bᵀ)·aᵀ
-    assert len(dots) == 6, "\n".join(dots)
+    # forward: x·[W | a] (one op), t·b; backward: g·bᵀ, tᵀ·g, xᵀ·(g·bᵀ); no g·Wᵀ and no (g·bᵀ)·aᵀ
+    assert len(dots) == 5, "\n".join(dots)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_merged_and_factored_forms_agree(name, dtype, monkeypatch):
-    """The transient ``W + ΔW`` form and the factored form give the same values and gradients."""
+def test_every_form_agrees(name, dtype, monkeypatch):
+    """Factored or transient ``W + ΔW``, with or without the one-read ops on ``[W | a]`` and ``[W ; b]``:
+    the same values and gradients."""
     model, x, params, lora = _setup(name, jnp.dtype(dtype))
     results = []
-    for merged in (False, True):
+    for merged, side in [(False, False), (False, True), (True, False), (True, True), (True, "backward")]:
         monkeypatch.setattr(_matmul, "_MERGED", merged)
+        monkeypatch.setattr(_matmul, "_SIDE_BY_SIDE", side)
         y = jax.jit(lambda l, p, x: jaxlora.apply(model.apply, p, l, x))(lora, params, x)
         g = jax.jit(jax.grad(_loss_fast(model), argnums=(0, 2)))(lora, params, x)
         results.append((y, g))
     tol = 1e-5 if dtype == "float32" else 3e-2
-    _close(results[1], results[0], tol, tol)
+    for r in results[1:]:
+        _close(r, results[0], tol, tol)
 
 
 def test_merge_is_cheaper_for_many_tokens_only():
@@ -192,7 +195,7 @@ def test_dropout_gradient_is_that_of_the_dropped_branch():
     _close(jax.grad(fast, argnums=(0, 1))(lora, x), jax.grad(plain, argnums=(0, 1))(lora, x), 1e-5, 1e-5)
 
 
-def _plain_factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None):
-    f, t = _matmul._rank_product(xl, first, scale, first_op)
+def _plain_factored(x, xl, w, first, second, scale, base, first_op, second_op, *_):
+    f, s = _matmul._cast(first, second, scale, xl.dtype)
     y = base(x, w)
-    return y + second_op(t, second.astype(t.dtype)).astype(y.dtype)
+    return y + second_op(first_op(xl, f), s).astype(y.dtype)
