@@ -17,12 +17,12 @@ for section in "$@"; do
     train_a) timeout 200 $T --config A --modes full,lora,lora_single,lora_factored,frozen --timeout 190 --out $OUT/train_A.json ;;
     peers_a) timeout 200 $T --config A --modes full,nnx,merge --timeout 190 --out $OUT/train_A_peers.json ;;
     infer_a) timeout 120 $I --config A --modes merged,unmerged,unmerged_factored,merge,merge_donated,copy --timeout 110 --out $OUT/inference_A.json ;;
-    remat) timeout 150 $T --config A --remat --modes full,lora,lora_factored --timeout 140 --out $OUT/train_A_remat.json ;;
-    scan) timeout 150 $T --config A --scan --modes full,lora,lora_single,lora_factored --timeout 140 --out $OUT/train_A_scan.json ;;
-    b) timeout 160 $T --config B --modes full,lora,lora_single,nnx,frozen --timeout 150 --out $OUT/train_B.json ;;
+    remat) timeout 130 $T --config A --remat --modes full,lora,lora_factored --timeout 120 --out $OUT/train_A_remat.json ;;
+    scan) timeout 130 $T --config A --scan --modes full,lora,lora_factored --timeout 120 --out $OUT/train_A_scan.json ;;
+    b) timeout 130 $T --config B --modes full,lora,lora_single --timeout 120 --out $OUT/train_B.json ;;
     llama)
-      timeout 240 python3 -m benchmarks.train_step --config llama8b --modes lora --steps 5 --warmup 2 --window 3 --timeout 230 --out $OUT/train_llama8b_lora.json
-      timeout 120 python3 -m benchmarks.train_step --config llama8b --modes full --steps 3 --warmup 1 --timeout 110 --out $OUT/train_llama8b_full.json ;;
+      timeout 200 python3 -m benchmarks.train_step --config llama8b --modes lora --steps 5 --warmup 2 --window 3 --timeout 190 --out $OUT/train_llama8b_lora.json
+      timeout 90 python3 -m benchmarks.train_step --config llama8b --modes full --steps 3 --warmup 1 --timeout 80 --out $OUT/train_llama8b_full.json ;;
     *) echo "unknown section $section" ;;
   esac
 done
