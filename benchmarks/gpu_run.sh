@@ -14,6 +14,9 @@ for section in "$@"; do
       timeout 200 $T --config A --modes full,lora,lora_factored,frozen --timeout 190 --profile $OUT/prof_A --out $OUT/train_A.json
       python3 -m benchmarks.trace_summary $OUT/prof_A_*.trace.json.gz --out $OUT/prof_A_summary.json > $OUT/prof_A_summary.txt
       grep -A3 "ms/step" $OUT/prof_A_summary.txt | grep -v "^ *[0-9]" | head -40 ;;
+    final)  # the two headline configs on the final code
+      timeout 150 $T --config B --modes full,lora --timeout 140 --out $OUT/train_B.json
+      timeout 150 $T --config A --modes full,lora --timeout 140 --out $OUT/train_A_final.json ;;
     train_a) timeout 200 $T --config A --modes full,lora,lora_single,lora_factored,frozen --timeout 190 --out $OUT/train_A.json ;;
     peers_a) timeout 200 $T --config A --modes full,nnx,merge --timeout 190 --out $OUT/train_A_peers.json ;;
     infer_a) timeout 120 $I --config A --modes merged,unmerged,unmerged_factored,merge,merge_donated,copy --timeout 110 --out $OUT/inference_A.json ;;

@@ -123,8 +123,9 @@ def lora_op(
     cheapest form; ``W`` itself is never changed, and no ``ΔW`` is kept between steps.
 
     ``side_by_side`` says that ``W`` is 2-D ``(in, out)``, contracted with the last axis of ``x``
-    (a Dense layer). Then ``x`` is read once for ``x·W`` and ``x·a`` (one op on ``[W | a]``), and the
-    output gradient once for ``g·Wᵀ`` and ``g·bᵀ`` (one op on ``[W ; b]``).
+    (a Dense layer). With the transient ``W + ΔW`` and under differentiation, ``x`` is then read once
+    for ``x·W`` and ``x·a`` (one op on ``[W | a]``), and the output gradient once for ``g·Wᵀ`` and
+    ``g·bᵀ`` (one op on ``[W ; b]``).
     """
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     xl = x
@@ -134,7 +135,8 @@ def lora_op(
     if floating:
         if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
             delta_op = None
-        side_by_side = side_by_side and bool(_SIDE_BY_SIDE) and xl is x and w.dtype == x.dtype and not _on_mesh()
+        # the one-read ops pay off with the transient W + ΔW (measured slower and larger without it)
+        side_by_side = side_by_side and bool(_SIDE_BY_SIDE) and delta_op is not None and w.dtype == x.dtype
         return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side)
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
@@ -182,7 +184,7 @@ def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, 
     """The op's value and (if needed or used) the rank product ``t = first_op(xl, f)``."""
     wm = w if delta_op is None else _merged(w, f, s, delta_op)
     t = None
-    if side_by_side and (need_t or delta_op is None):  # one read of x for both products
+    if side_by_side and need_t:  # one read of x for both products
         out = w.shape[1]
         yt = base(x, jnp.concatenate([wm, f.astype(wm.dtype)], axis=1))
         # t is kept for the backward pass: the barrier makes it its own small array, so the residual
@@ -233,12 +235,12 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res,
     dx = dxl = dt = None
     g = g.astype(t.dtype)
     if need_x or (need_xl and delta_op is not None):
-        # The weight this op needs (W + ΔW again, and/or [W ; b]) is made only once g exists: the barrier
-        # stops XLA from keeping the forward's W + ΔW alive or preparing every layer's weight up front.
+        # W + ΔW is made again only once g exists: the barrier stops XLA from keeping the forward's
+        # copy alive, or preparing every layer's up front.
         wm = w
-        if delta_op is not None or side_by_side:
+        if delta_op is not None:
             wm, f, s, g = lax.optimization_barrier((w, f, s, g))
-            wm = wm if delta_op is None else _merged(wm, f, s, delta_op)
+            wm = _merged(wm, f, s, delta_op)
         if side_by_side:  # one read of g for g·Wᵀ and g·bᵀ
             k = w.shape[0]
             z = jnp.zeros((*x.shape[:-1], k + s.shape[0]), x.dtype)
