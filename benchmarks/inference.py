@@ -60,7 +60,7 @@ def _measure(a: argparse.Namespace) -> dict:
     elif a.mode in ("unmerged", "unmerged_factored"):
         from jaxlora import _matmul
 
-        _matmul._CONCAT_FORWARD = a.mode == "unmerged_factored"
+        _matmul._MERGED = False if a.mode == "unmerged_factored" else None
         fwd = jax.jit(lambda p, l, t: jaxlora.apply(model.apply, p, l, t))
         run = lambda: state.__setitem__(0, fwd(params, lora, tokens))  # noqa: E731
     elif a.mode == "merge":
