@@ -45,7 +45,8 @@ def _measure(a: argparse.Namespace) -> dict:
     tokens = models.tokens_for(cfg)
     model = models.Decoder(cfg)
     params = jax.jit(model.init)(jax.random.key(0), tokens)
-    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
+    targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
+    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
     lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
     lora = {
         k: dataclasses.replace(f, b=0.01 * jax.random.normal(jax.random.key(i), f.b.shape, f.b.dtype))
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--mode", default="merged")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="", help="comma-separated LoRA targets (default: every projection)")
+    p.add_argument("--lora-dtype", default="float32", help="dtype of A and B")
     p.add_argument("--scan", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -129,13 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = dataclasses.replace(models.CONFIGS[a.config], remat=False, scan=a.scan, **json.loads(a.override))
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    flags += ["--targets", a.targets, "--lora-dtype", a.lora_dtype]
     flags += ["--override", a.override] + (["--scan"] if a.scan else [])
     result = {
         **common.environment(),
         "benchmark": "inference",
         "config_name": a.config,
         "config": dataclasses.asdict(cfg),
-        "lora": {"rank": a.rank, "targets": list(models.targets(cfg)), "dtype": "float32"},
+        "lora": {
+            "rank": a.rank,
+            "dtype": a.lora_dtype,
+            "targets": a.targets.split(",") if a.targets else list(models.targets(cfg)),
+        },
         "modes": {},
     }
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}

@@ -51,7 +51,8 @@ def _measure(a: argparse.Namespace) -> dict:
     cfg = models.configure(a.config, a.remat, a.scan, a.override)
     tokens = models.tokens_for(cfg)
     rest = params = fwd = None
-    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
+    targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
+    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
     opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
     t0 = time.perf_counter()
 
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--mode", default="full")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="", help="comma-separated LoRA targets (default: every projection)")
+    p.add_argument("--lora-dtype", default="float32", help="dtype of A and B")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--scan", action="store_true")
     p.add_argument("--steps", type=int, default=10)
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = models.configure(a.config, a.remat, a.scan, a.override)
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    flags += ["--targets", a.targets, "--lora-dtype", a.lora_dtype]
     flags += ["--window", str(a.window), "--override", a.override]
     flags += (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
     result = {
@@ -206,7 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
         "config_name": a.config,
         "config": dataclasses.asdict(cfg),
         "params": cfg.params(),
-        "lora": {"rank": a.rank, "alpha": 2 * a.rank, "targets": list(models.targets(cfg)), "dtype": "float32"},
+        "lora": {
+            "rank": a.rank,
+            "alpha": 2 * a.rank,
+            "dtype": a.lora_dtype,
+            "targets": a.targets.split(",") if a.targets else list(models.targets(cfg)),
+        },
         "optimizer": "optax.adamw(1e-4, mu_dtype=float32)",
         "modes": {},
     }

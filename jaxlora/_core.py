@@ -186,8 +186,9 @@ def apply(
 ) -> Any:
     """Call ``fn(params, *args, **kwargs)`` with every targeted weight computed as ``W + scale·B·A``.
 
-    Each targeted matmul, convolution or lookup computes ``op(x, W) + scale · (x·A)·B`` and never forms
-    ``W + ΔW``; ``params`` are constants of the computation, so differentiating with respect to
+    Each targeted matmul, convolution or lookup computes ``op(x, W) + scale · (x·A)·B`` (or, where a
+    batch has many tokens, ``op(x, W + ΔW)`` on a transient sum: fewer bytes moved; ``W`` is never
+    changed); ``params`` are constants of the computation, so differentiating with respect to
     ``lora`` computes no gradient for ``W``. Works eagerly and under ``jit``, ``grad``, ``vmap``, and
     through ``remat``, ``scan``, ``cond`` and nested ``jit`` inside ``fn``.
 

@@ -14,7 +14,8 @@ With ``S``, ``I`` and ``O`` the axes of each role, in ``W``'s order, the factors
     ΔW[s, i, o] = scale * Σ_r a[s, i, r] · b[s, r, o]
 
 so a Flax Dense kernel ``(in, out)`` gets ``a: (in, r)`` and ``b: (r, out)``, and the layer computes
-``x·W + scale · (x·a)·b`` without ever forming ``W + ΔW``.
+``x·W + scale · (x·a)·b``, or ``x·(W + ΔW)`` on a transient sum where that moves fewer bytes
+(`merge_is_cheaper`); ``W`` itself is never changed.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from benchmarks import inference, train_step
 
 def _args(mode, **kw):
     base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, window=2,
-                override="{}", hlo=None, profile=None)  # fmt: skip
+                override="{}", hlo=None, profile=None, targets="", lora_dtype="float32")  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -21,7 +21,7 @@ def test_train_step_modes_run(mode):
     assert out["loss"] == pytest.approx(out["loss"])  # finite
 
 
-@pytest.mark.parametrize("opts", [dict(remat=True), dict(scan=True)])
+@pytest.mark.parametrize("opts", [dict(remat=True), dict(scan=True), dict(targets="q,v", lora_dtype="bfloat16")])
 def test_train_step_remat_and_scan(opts):
     assert train_step._worker(_args("lora", **opts))["median_ms"] > 0
 

@@ -200,3 +200,29 @@ def _plain_factored(x, xl, w, first, second, scale, base, first_op, second_op, *
     f, s = _matmul._cast(first, second, scale, xl.dtype)
     y = base(x, w)
     return y + second_op(first_op(xl, f), s).astype(y.dtype)
+
+
+def _big_float32(jaxpr, size) -> int:
+    """How many float32 values of at least ``size`` elements the jaxpr (and its sub-jaxprs) makes."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += sum(v.aval.dtype == jnp.float32 and v.aval.size >= size for v in eqn.outvars)
+        for sub in jax.core.subjaxprs(eqn.params) if hasattr(jax.core, "subjaxprs") else _params_jaxprs(eqn.params):
+            n += _big_float32(sub, size)
+    return n
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_bfloat16_step_makes_no_float32_activation(merged, monkeypatch):
+    """float32 A and B never pull a bfloat16 activation (or its gradient) up to float32."""
+    monkeypatch.setattr(_matmul, "_MERGED", merged)
+    model = nn.Dense(64, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = jnp.ones((4, 32, 64), jnp.bfloat16)
+    params = model.init(jax.random.key(0), x)
+    lora = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=4))
+    assert all(f.a.dtype == jnp.float32 for f in lora.values())
+    loss = lambda lora, x: jnp.sum(jaxlora.apply(model.apply, params, lora, x))  # noqa: E731
+    base = lambda x: jnp.sum(model.apply(params, x))  # noqa: E731
+    got = _big_float32(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(lora, x).jaxpr, x.size // 4)
+    want = _big_float32(jax.make_jaxpr(jax.grad(base))(x).jaxpr, x.size // 4)
+    assert got == want, (got, want)
