@@ -152,18 +152,28 @@ _SIDE_BY_SIDE: bool | str = True  # or "backward": only the backward pass's op o
 
 
 def merge_is_cheaper(x: Array, w: Array, base: Callable[[Array, Array], Array]) -> bool:
-    """Whether ``base(x, W + ΔW)`` moves fewer bytes than ``base(x, W) + (x·a)·b``.
+    """Whether ``base(x, W + ΔW)`` costs less than ``base(x, W) + (x·a)·b``.
 
-    Forming ``W + ΔW`` reads and writes ``W`` about twice (the rank-``r`` product, then the sum); the
-    factored term reads ``x`` once more and reads and writes the output once more (forward), and
-    reads and writes ``dx`` once more (backward). So the merged form wins when
-    ``4·|W| < |x| + |y|``: a training or prefill batch of many tokens, not a decode step; and not on a
-    mesh of several devices (see `_on_mesh`).
+    On a GPU or TPU the rank-``r`` products are bound by memory: forming ``W + ΔW`` reads and writes
+    ``W`` about twice (the product, then the sum), while the factored term reads ``x`` once more and
+    reads and writes the output once more (forward), and ``dx`` once more (backward); so the merged
+    form wins when ``4·|W| < |x| + |y|``. On a CPU they are bound by arithmetic: ``ΔW`` costs
+    ``r·|W|`` multiply-adds (twice in training) against ``r·(|x| + |y|)`` for the factored term, so
+    ``2·|W| < |x| + |y|``. Either way: a training or prefill batch of many tokens, not a decode step;
+    and not on a mesh of several devices (see `_on_mesh`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> merge_is_cheaper(jnp.zeros((4096, 64)), jnp.zeros((64, 64)), jnp.dot)  # many tokens
+      True
+      >>> merge_is_cheaper(jnp.zeros((8, 64)), jnp.zeros((64, 64)), jnp.dot)  # a decode step
+      False
     """
     if _MERGED is not None:
         return _MERGED
     y = jax.eval_shape(base, x, w)
-    return 4 * w.size < x.size + y.size and not _on_mesh()
+    weight_cost = 2 if jax.default_backend() == "cpu" else 4
+    return weight_cost * w.size < x.size + y.size and not _on_mesh()
 
 
 def _on_mesh() -> bool:
