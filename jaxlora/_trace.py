@@ -207,10 +207,8 @@ def _delta_view(t: Tagged, a=None, b=None, scale=None, accumulate=jnp.float32) -
     return jnp.transpose(d, [t.view.present.index(k) for k in t.view.origin])
 
 
-def _delta_op(t: Tagged, swapped: bool = False):
-    """lora_op's ``delta_op``: unscaled ΔW of the view from (first, second), in their dtype."""
-    if swapped:  # first is b (a tied embedding's attend)
-        return lambda first, second: _delta_view(t, second, first, 1.0, None)
+def _delta_op(t: Tagged):
+    """lora_op's ``delta_op``: unscaled ΔW of the view from (first = a, second = b), in their dtype."""
     return lambda first, second: _delta_view(t, first, second, 1.0, None)
 
 
@@ -487,7 +485,9 @@ def _dot_general(eqn, invals, ctx: Context):
         second_op=lambda u, s: jnp.transpose(
             lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
         ),
-        delta_op=_delta_op(t, swapped), side_by_side=dense, dropout_rate=t.factors.dropout,
+        # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction and rounds
+        # differently, so B = 0 would no longer give exactly the base logits
+        delta_op=None if swapped else _delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
         dropout_key=ctx.next_key(),
     )  # fmt: skip
 
