@@ -198,7 +198,7 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
     result["merged_bytes"] = _size(merged_file)
     _, merged = mb.load(weights=merged_file)  # a Hugging Face checkpoint again: torch names, (out, in) kernels
     got = bert.apply(merged, te_ids[:16], te_mask[:16])
-    result["merged_vs_factored_max_abs"] = float(jnp.abs(got - ref).max())
+    result["merged_vs_unmerged_max_abs"] = float(jnp.abs(got - ref).max())
     result["out_dir"] = str(out)
     result["total_s"] = time.time() - t0
     return result

@@ -126,11 +126,11 @@ def main(lora_steps: int = 200, rank: int = 4) -> dict:
         trainable_percent=round(summary.percent, 3),
         loss_before=round(before, 4),
         loss_after=round(after, 4),
-        merged_vs_factored_max_abs=gap,
+        merged_vs_unmerged_max_abs=gap,
         model_unchanged=unchanged,
         seconds=round(time.perf_counter() - start, 1),
     )
-    print(f"test loss: {before:.4f} -> {after:.4f}; merged vs factored: max |Δ| = {gap:.2e}")
+    print(f"test loss: {before:.4f} -> {after:.4f}; merged vs unmerged: max |Δ| = {gap:.2e}")
     print(json.dumps(result))
     return result
 

@@ -137,11 +137,11 @@ def main(pretrain_steps: int, lora_steps: int, rank: int) -> dict:
         trainable_percent=round(summary.percent, 3),
         code_loss_before=round(before, 3),
         code_loss_after=round(after, 3),
-        merged_vs_factored_max_abs=gap,
+        merged_vs_unmerged_max_abs=gap,
         seconds=round(time.perf_counter() - start, 1),
     )
     print(
-        f"held-out code loss: {before:.3f} -> {after:.3f} (nats/char); merged vs factored logits: max |Δ| = {gap:.2e}"
+        f"held-out code loss: {before:.3f} -> {after:.3f} (nats/char); merged vs unmerged logits: max |Δ| = {gap:.2e}"
     )
     print(json.dumps(result))
     return result

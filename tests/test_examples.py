@@ -21,5 +21,5 @@ def _load(name):
 def test_quickstart():
     result = _load("quickstart").main(pretrain_steps=40, lora_steps=40, rank=4)
     assert result["code_loss_after"] < result["code_loss_before"]
-    assert result["merged_vs_factored_max_abs"] < 1e-4
+    assert result["merged_vs_unmerged_max_abs"] < 1e-4
     assert 0 < result["trainable_percent"] < 10

@@ -39,7 +39,7 @@ def test_example_runs_and_round_trips(run):
     assert r["full_acc"] is None  # full fine-tuning skipped to keep the test short
     assert r["lora_modules"] == 36 and 1.0 < r["lora_trainable_percent"] < 2.0
     assert r["reload_orbax_max_abs"] == 0.0 and r["reload_peft_max_abs"] == 0.0
-    assert r["merged_vs_factored_max_abs"] < 1e-5
+    assert r["merged_vs_unmerged_max_abs"] < 1e-5
     assert r["orbax_bytes"] < r["base_bytes"] / 50 and r["peft_bytes"] < r["base_bytes"] / 50
 
 
