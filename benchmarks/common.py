@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, the MFU denominator the issue names
@@ -90,6 +92,18 @@ def run_workers(module: str, jobs: dict[str, list[str]], timeout: float, paralle
             out[name] = {"error": f"timed out after {timeout:.0f} s"}
         print(f"  {name}: {out[name].get('median_ms', out[name].get('error'))}", flush=True)
     return out
+
+
+@contextlib.contextmanager
+def switches_restored() -> Iterator[None]:
+    """Restore jaxlora's private switches (the ablations' forms of the LoRA op) on exit."""
+    from jaxlora import _matmul
+
+    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored
+    try:
+        yield
+    finally:
+        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored = saved
 
 
 def sync_point() -> None:

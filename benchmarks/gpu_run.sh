@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The H100 runs behind benchmarks/results/*.json. Usage: bash benchmarks/gpu_run.sh SECTION...
-# Sections: profile (config A, 3 traced steps per mode), train_a, peers_a, infer_a, remat, scan, b, llama.
+# Sections: profile (config A, 3 traced steps per mode), final, train_a, peers_a, infer_a, remat, scan, b, llama.
+# This session ran: profile infer_a llama | train_a peers_a infer_a | b remat scan llama | final, and
+# inference A with merged,unmerged,unmerged_factored (inference_A_forms.json).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"

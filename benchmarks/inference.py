@@ -24,13 +24,10 @@ MODES = ("merged", "unmerged", "unmerged_factored", "merge", "merge_donated", "c
 
 def _worker(a: argparse.Namespace) -> dict:
     """One mode, timed; jaxlora's private switches that an ablation flips are restored afterwards."""
-    from jaxlora import _matmul
+    from . import common
 
-    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored
-    try:
+    with common.switches_restored():
         return _measure(a)
-    finally:
-        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored = saved
 
 
 def _measure(a: argparse.Namespace) -> dict:

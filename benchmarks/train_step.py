@@ -10,7 +10,6 @@ Modes:
   lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
   lora_merged   jaxlora with the transient ``W + ΔW`` form for every op, whatever its cost rule says (an ablation).
   lora_single   jaxlora without the one-read ops on ``[W | a]`` and ``[W ; b]`` (an ablation).
-  lora_bwd_side jaxlora with the one-read op on ``[W ; b]`` in the backward pass only (an ablation).
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -25,18 +24,15 @@ import os
 import time
 
 MODES = ("full", "lora", "nnx", "merge", "frozen")
-ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single", "lora_bwd_side")
+ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single")
 
 
 def _worker(a: argparse.Namespace) -> dict:
     """One mode, timed; jaxlora's private switches that an ablation flips are restored afterwards."""
-    from jaxlora import _matmul
+    from . import common
 
-    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored
-    try:
+    with common.switches_restored():
         return _measure(a)
-    finally:
-        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored = saved
 
 
 def _measure(a: argparse.Namespace) -> dict:
@@ -107,7 +103,7 @@ def _measure(a: argparse.Namespace) -> dict:
                 _matmul.factored = plain
             if a.mode in ("lora_factored", "lora_merged"):  # the ablations: never / always the transient W + ΔW
                 _matmul._MERGED = a.mode == "lora_merged"
-            _matmul._SIDE_BY_SIDE = {"lora_single": False, "lora_bwd_side": "backward"}.get(a.mode, True)
+            _matmul._SIDE_BY_SIDE = a.mode != "lora_single"
             if a.mode.startswith("lora"):
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":

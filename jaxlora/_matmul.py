@@ -137,7 +137,7 @@ def lora_op(
         if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
             delta_op = None
         # the one-read ops pay off with the transient W + ΔW (measured slower and larger without it)
-        side_by_side = side_by_side and bool(_SIDE_BY_SIDE) and delta_op is not None and w.dtype == x.dtype
+        side_by_side = side_by_side and _SIDE_BY_SIDE and delta_op is not None and w.dtype == x.dtype
         return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side)
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
@@ -148,7 +148,7 @@ def lora_op(
 # The switches the benchmarks flip to measure each form: _MERGED None chooses by cost, True/False
 # forces one; _SIDE_BY_SIDE False turns the one-read ops on [W | a] and [W ; b] off.
 _MERGED: bool | None = None
-_SIDE_BY_SIDE: bool | str = True  # or "backward": only the backward pass's op on [W ; b]
+_SIDE_BY_SIDE = True
 
 
 def merge_is_cheaper(x: Array, w: Array, base: Callable[[Array, Array], Array]) -> bool:
@@ -233,7 +233,7 @@ def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, del
     need = tuple(p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
     f, s = _cast(first, second, scale, xl.dtype)
-    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side and _SIDE_BY_SIDE != "backward")
+    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side)
     keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
     return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
 
