@@ -35,6 +35,19 @@ def _worker(a: argparse.Namespace) -> dict:
         return _measure(a)
 
 
+def _optimizer_step(opt, loss_of):
+    """``jit(step)(trained, opt_state, *rest) -> (trained, opt_state, loss)``, donating the first two."""
+    import jax
+    import optax
+
+    def step(trained, opt_state, *rest):
+        loss, g = jax.value_and_grad(loss_of)(trained, *rest)
+        updates, opt_state = opt.update(g, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def _measure(a: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
@@ -62,12 +75,7 @@ def _measure(a: argparse.Namespace) -> dict:
         def loss_of(train, rest, tokens):
             return models.loss_fn(nnx.merge(graphdef, train, rest)(tokens), tokens)
 
-        def step(train, opt_state, rest, tokens):
-            loss, g = jax.value_and_grad(loss_of)(train, rest, tokens)
-            updates, opt_state = opt.update(g, opt_state, train)
-            return optax.apply_updates(train, updates), opt_state, loss
-
-        step = jax.jit(step, donate_argnums=(0, 1))
+        step = _optimizer_step(opt, loss_of)
         state = [train, opt_state]
         run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], rest, tokens))  # noqa: E731
     else:
@@ -77,12 +85,7 @@ def _measure(a: argparse.Namespace) -> dict:
         if a.mode == "full":
             opt_state = jax.jit(opt.init)(params)
 
-            def step(params, opt_state, tokens):
-                loss, g = jax.value_and_grad(apply)(params, tokens)
-                updates, opt_state = opt.update(g, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            step = jax.jit(step, donate_argnums=(0, 1))
+            step = _optimizer_step(opt, apply)
             state = [params, opt_state]
             run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], tokens))  # noqa: E731
         elif a.mode == "frozen":
@@ -112,12 +115,7 @@ def _measure(a: argparse.Namespace) -> dict:
                 raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS}")
             opt_state = opt.init(lora)
 
-            def step(lora, opt_state, params, tokens):
-                loss, g = jax.value_and_grad(loss_of)(lora, params, tokens)
-                updates, opt_state = opt.update(g, opt_state, lora)
-                return optax.apply_updates(lora, updates), opt_state, loss
-
-            step = jax.jit(step, donate_argnums=(0, 1))
+            step = _optimizer_step(opt, loss_of)
             state = [lora, opt_state]
             run = lambda: state.__setitem__(slice(0, 3), step(state[0], state[1], params, tokens))  # noqa: E731
 

@@ -256,7 +256,7 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res,
             k = w.shape[0]
             z = jnp.zeros((*x.shape[:-1], k + s.shape[0]), x.dtype)
             dz = jax.vjp(lambda z: base(z, jnp.concatenate([wm, s.astype(wm.dtype)], axis=0)), z)[1](g)[0]
-            dx, dt = dz[..., :k], dz[..., k:].astype(t.dtype)
+            dx, dt = dz[..., :k], dz[..., k:]
         else:
             dx = jax.vjp(lambda x: base(x, wm), x)[1](g)[0]
         dx = dx.astype(x.dtype)
