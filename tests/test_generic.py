@@ -488,7 +488,7 @@ def test_scan_operand_counts_without_named_params():
     """JAX 0.11's scan equation names no num_consts/num_carry: they are read off the avals."""
     import types
 
-    from jaxlora._trace import _scan_counts
+    from jaxlora._trace import scan_counts as _scan_counts
 
     def f(w, c, x):
         return lax.scan(lambda carry, xw: (carry + jnp.sum(xw[0] @ xw[1]) * c, xw[0] @ xw[1]), jnp.zeros(()), (x, w))

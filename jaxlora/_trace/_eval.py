@@ -1,0 +1,269 @@
+"""Evaluation: re-run a jaxpr equation by equation, with targeted weights travelling as `Tagged`.
+
+``fn(params, *args)`` is traced once to a jaxpr (``jax.make_jaxpr``; public API) and evaluated on
+the caller's values. Equations that touch no `Tagged` value are bound unchanged; the others go to
+the rule registered for their primitive (`register`): views of ``W`` (`_views`), factored ops
+(`_ops`), control flow and calls (`_control`). A primitive with no rule gets the weight untagged:
+an error naming it, or ``W + ΔW`` under ``unsupported="merge"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Jaxpr, Literal
+
+from .._matmul import LoraFactors, delta
+from .._tree import is_array
+
+FALLBACKS = ("error", "merge")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How the array a function sees relates to the original weight ``W``.
+
+    ``origin[v]`` is the axis of ``W`` that the view's axis ``v`` is; ``present`` lists ``W``'s axes
+    not yet sliced away by a scan over stacked layers. After a ``reshape`` the axes are re-based: the
+    factors are laid out for the reshaped weight, and ``merged[k]`` lists the axes of the original
+    ``W`` that the new axis ``k`` stands for (``None``: each axis stands for itself).
+    """
+
+    path: str
+    present: tuple[int, ...]
+    origin: tuple[int, ...]
+    merged: tuple[tuple[int, ...], ...] | None = None
+
+    def weight_axes(self, k: int) -> tuple[int, ...]:
+        """The axes of the original ``W`` behind axis ``k`` of the (re-based) layout."""
+        return (k,) if self.merged is None else self.merged[k]
+
+
+@jax.tree_util.register_pytree_node_class
+class Tagged:
+    """A targeted weight inside the traced function: its view ``w`` and the factors (None when probing)."""
+
+    def __init__(self, w, a, b, view: View, factors: LoraFactors | None):
+        self.w, self.a, self.b, self.view, self.factors = w, a, b, view, factors
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), (self.view, self.factors)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def replace(self, w=None, **view_changes) -> Tagged:
+        view = dataclasses.replace(self.view, **view_changes) if view_changes else self.view
+        return Tagged(self.w if w is None else w, self.a, self.b, view, self.factors)
+
+    def role(self, axis: int) -> str:
+        return self.factors.roles[self.view.origin[axis]]
+
+    def axes(self, side: str) -> list:
+        """The axes of factor ``side`` ("a" or "b") as original-axis numbers, with "r" for the rank."""
+        roles, present = self.factors.roles, self.view.present
+        group = lambda role: [k for k in present if roles[k] == role]  # noqa: E731
+        return group("s") + group("i") + ["r"] if side == "a" else group("s") + ["r"] + group("o")
+
+
+class UnsupportedError(ValueError):
+    """A targeted weight reached an operation that jaxlora cannot factor."""
+
+
+@dataclasses.dataclass
+class Context:
+    """State of one evaluation: probe records, or the dropout key and the fallback policy."""
+
+    probing: bool = False
+    in_remat: bool = False  # inside jax.checkpoint, where the one-read [W | a] op measured slower
+    fallback: str = "error"
+    dropout_key: jax.Array | None = None
+    usage: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    ops: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    sites: int = 0
+
+    def record(self, t: Tagged, op: str, roles: dict[int, str]) -> None:
+        self.ops.setdefault(t.view.path, set()).add(op)
+        seen = self.usage.setdefault(t.view.path, {})
+        for axis, role in roles.items():
+            for k in t.view.weight_axes(t.view.origin[axis]):
+                seen.setdefault(k, role)
+
+    def next_key(self) -> jax.Array | None:
+        self.sites += 1
+        return None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, self.sites)
+
+
+def bind(eqn, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
+    params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):  # older JAX returns (subfuns, params)
+        subfuns, params = params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        with manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def evaluate(
+    jaxpr: Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    ctx: Context,
+    forwardable: Sequence[int] = (),
+    forwards: dict[int, int] | None = None,
+) -> list[Any]:
+    """Evaluate ``jaxpr`` on ``args``, where some values may be `Tagged` weights.
+
+    A tagged output that is the tagged input ``args[j]`` itself (for ``j`` in ``forwardable``)
+    comes back as its plain ``w``, a placeholder, and ``forwards[i] = j`` records it: the caller
+    puts the tagged input back in its place (`forward`). A call that hands its weights back
+    untouched (``nnx.remat`` and ``nnx.scan`` return the module's state) thus returns the tagged
+    weight, not a weight without its LoRA branch. Any other tagged output is untagged (an error, or
+    the merged weight).
+    """
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, Tagged) for v in invals):
+            outs = _rule(eqn, invals, ctx)
+        else:
+            outs = bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    outs = []
+    for i, v in enumerate(jaxpr.outvars):
+        val = read(v)
+        j = next((j for j in forwardable if args[j] is val), None) if isinstance(val, Tagged) else None
+        if j is not None and forwards is not None:
+            forwards[i] = j
+            outs.append(val.w)
+        else:
+            outs.append(untag(val, "returned by the function", ctx))
+    return outs
+
+
+def forward(outs: Sequence[Any], forwards: dict[int, int], invals: Sequence[Any]) -> list[Any]:
+    """``outs`` with each output that forwards a tagged input replaced by that input."""
+    return [invals[forwards[i]] if i in forwards else o for i, o in enumerate(outs)]
+
+
+def closed(j) -> tuple[Jaxpr, Sequence[Any]]:
+    return (j.jaxpr, j.consts) if hasattr(j, "consts") else (j, ())
+
+
+def untag(value: Any, where: str, ctx: Context) -> Any:
+    """A plain array for ``value``: the merged weight under the "merge" fallback, else an error."""
+    if not isinstance(value, Tagged):
+        return value
+    if ctx.probing:
+        ctx.ops.setdefault(value.view.path, set()).add(f"is {where}")
+        return value.w
+    if ctx.fallback == "merge":
+        return value.w + delta_view(value).astype(value.w.dtype)
+    raise UnsupportedError(
+        f"LoRA weight {value.view.path!r} is {where}, which jaxlora cannot compute in factored form "
+        "(it only factors dot_general, conv_general_dilated and gather). Fix: leave this module out of "
+        'LoraConfig.targets, or pass unsupported="merge" to jaxlora.apply to use W + scale·B·A for this '
+        "use (it materialises the merged weight)."
+    )
+
+
+def delta_view(t: Tagged, a=None, b=None, scale=None, accumulate=jnp.float32) -> jax.Array:
+    """ΔW for the current view of ``t`` (its remaining axes, in view order), from ``t``'s factors or ``a, b``."""
+    roles = "".join(t.factors.roles[k] for k in t.view.present)
+    a, b = (t.a, t.b) if a is None else (a, b)
+    scale = t.factors.scale if scale is None else scale
+    d = delta(dataclasses.replace(t.factors, a=a, b=b, roles=roles, scale=scale), accumulate=accumulate)
+    return jnp.transpose(d, [t.view.present.index(k) for k in t.view.origin])
+
+
+def view_delta_op(t: Tagged):
+    """lora_op's ``delta_op``: unscaled ΔW of the view from (first = a, second = b), in their dtype."""
+    return lambda first, second: delta_view(t, first, second, 1.0, None)
+
+
+def mismatch(t: Tagged, op: str, what: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"LoRA weight {t.view.path!r} (roles {t.factors.roles!r}: i=input, o=output, s=stacked) is used by "
+        f"`{op}` {what}. Its factors were made for another use: build them with "
+        "jaxlora.init(key, params, config, fn=<this function>, args=<its inputs>) so init traces this use."
+    )
+
+
+Rule = Callable[[Any, list[Any], Context], list[Any]]
+RULES: dict[str, Rule] = {}
+
+
+def register(*names: str) -> Callable[[Rule], Rule]:
+    """Make the decorated function the rule for equations of these primitives that take a `Tagged` value."""
+
+    def add(rule: Rule) -> Rule:
+        for name in names:
+            RULES[name] = rule
+        return rule
+
+    return add
+
+
+def untag_all(eqn, invals: list[Any], ctx: Context) -> list[Any]:
+    """The equation on plain values: each tagged input untagged (an error, or ``W + ΔW``)."""
+    return bind(eqn, [untag(v, f"used by `{eqn.primitive.name}`", ctx) for v in invals])
+
+
+def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
+    return RULES.get(eqn.primitive.name, untag_all)(eqn, invals, ctx)
+
+
+def run(
+    fn: Callable[..., Any],
+    params: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    tagged: dict[int, tuple[str, LoraFactors | None]],
+    ctx: Context,
+) -> Any:
+    """Call ``fn(params, *args, **kwargs)`` with the params leaves in ``tagged`` (by leaf index) tagged.
+
+    Array leaves of ``params``, ``args`` and ``kwargs`` are traced; every other leaf is static.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+
+    def flat_fn(*values):
+        full = list(leaves)
+        for i, v in zip(dynamic, values):
+            full[i] = v
+        p, a, k = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(p, *a, **k)
+
+    traced, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*(leaves[i] for i in dynamic))
+    values = []
+    for i in dynamic:
+        v = leaves[i]
+        if i in tagged:
+            path, factors = tagged[i]
+            view = View(path, tuple(range(v.ndim)), tuple(range(v.ndim)))
+            v = Tagged(v, None if factors is None else factors.a, None if factors is None else factors.b, view, factors)
+        values.append(v)
+    outs = evaluate(traced.jaxpr, traced.consts, values, ctx)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def path_seed(path: str) -> int:
+    """A stable 31-bit seed for a module path (independent of which other modules are targeted)."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF

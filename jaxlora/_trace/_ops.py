@@ -1,0 +1,161 @@
+"""Factored ops: a targeted weight reaching ``dot_general``, ``conv_general_dilated`` or ``gather``.
+
+Each rule reads the op's dimension numbers, checks them against the weight's roles and hands
+`_matmul.lora_op` the base op and the two factor ops in ``W``'s layout; the LoRA math lives there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .._matmul import lora_op
+from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op
+
+
+def _split(eqn, invals, ctx, op: str) -> tuple[Tagged, Any, bool]:
+    tagged = [i for i, v in enumerate(invals) if isinstance(v, Tagged)]
+    if len(tagged) != 1:
+        paths = [invals[i].view.path for i in tagged]
+        raise UnsupportedError(f"`{op}` multiplies two LoRA weights {paths} together; target only one of them.")
+    i = tagged[0]
+    return invals[i], invals[1 - i], i == 1
+
+
+@register("dot_general")
+def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
+    t, x, x_is_lhs = _split(eqn, invals, ctx, "dot_general")
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    xc, wc = (lc, rc) if x_is_lhs else (rc, lc)
+    xb, wb = (lb, rb) if x_is_lhs else (rb, lb)
+    wfree = [v for v in range(t.w.ndim) if v not in wc and v not in wb]
+    base_args = (lambda x, w: [x, w]) if x_is_lhs else (lambda x, w: [w, x])
+    base = lambda x, w: bind(eqn, base_args(x, w))[0]  # noqa: E731
+    if ctx.probing:
+        ctx.record(t, "dot_general", {**{v: "i" for v in wc}, **{v: "s" for v in wb}, **{v: "o" for v in wfree}})
+        return [base(x, t.w)]
+    origin, roles = t.view.origin, t.factors.roles
+    stacked = [k for k in t.view.present if roles[k] == "s"]
+    if sorted(origin[v] for v in wb) != stacked:
+        raise mismatch(t, "dot_general", f"with batch axes {tuple(wb)} that are not exactly its stacked axes")
+    contracted = sorted(origin[v] for v in wc)
+    swapped = False
+    if contracted == [k for k in t.view.present if roles[k] == "i"]:
+        first, second, first_axes, second_axes = t.a, t.b, t.axes("a"), t.axes("b")
+    elif contracted == [k for k in t.view.present if roles[k] == "o"]:  # e.g. a tied embedding's attend
+        first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
+    else:
+        raise mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
+    nb, nxfree = len(xb), x.ndim - len(xc) - len(xb)
+    precision = eqn.params.get("precision")
+    first_dims = (
+        (tuple(xc), tuple(first_axes.index(origin[v]) for v in wc)),
+        (tuple(xb), tuple(first_axes.index(origin[v]) for v in wb)),
+    )
+    second_dims = (
+        ((nb + nxfree,), (second_axes.index("r"),)),
+        (tuple(range(nb)), tuple(second_axes.index(origin[v]) for v in wb)),
+    )
+    rest = [k for k in second_axes if k != "r" and k not in stacked]
+    w_out = [nb + nxfree + rest.index(origin[v]) for v in wfree]
+    x_out = list(range(nb, nb + nxfree))
+    perm = list(range(nb)) + (x_out + w_out if x_is_lhs else w_out + x_out)
+    first_out = second_out = None
+    out = eqn.params.get("out_sharding")
+    if out is not None:  # sharding in types: the base op's output spec, carried to both factored ops
+        spec = tuple(out.spec) + (None,) * (len(perm) - len(out.spec))
+        second_spec = [None] * len(perm)
+        for i, j in enumerate(perm):
+            second_spec[j] = spec[i]
+        x_free = [spec[i] for i in range(len(perm)) if perm[i] in x_out]
+        first_out = NamedSharding(out.mesh, P(*spec[:nb], *x_free, None))
+        second_out = NamedSharding(out.mesh, P(*second_spec))
+    # a Dense layer: x's last axis against a 2-D (in, out) W, so [W | a] and [W ; b] are one op each
+    dense = (out is None and x_is_lhs and not xb and tuple(xc) == (x.ndim - 1,) and tuple(wc) == (0,)
+             and t.w.ndim == 2 and tuple(origin) == (0, 1) and roles == "io" and not swapped
+             and not ctx.in_remat)  # fmt: skip
+    return [lora_op(
+        x, t.w, first, second, t.factors.scale,
+        base=base,
+        first_op=lambda x, f: lax.dot_general(x, f, first_dims, precision=precision, out_sharding=first_out),
+        second_op=lambda u, s: jnp.transpose(
+            lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
+        ),
+        # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction and rounds
+        # differently, so B = 0 would no longer give exactly the base logits
+        delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
+        dropout_key=ctx.next_key(),
+    )]  # fmt: skip
+
+
+@register("conv_general_dilated")
+def _conv(eqn, invals, ctx: Context) -> list[Any]:
+    t, x, kernel_is_rhs = _split(eqn, invals, ctx, "conv_general_dilated")
+    p = eqn.params
+    base = lambda x, w: bind(eqn, [x, w])[0]  # noqa: E731
+    if not kernel_is_rhs:
+        return bind(eqn, [untag(t, "the input (not the kernel) of a convolution", ctx), x])
+    dn = p["dimension_numbers"]
+    out_axis = dn.rhs_spec[0]
+    grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
+    if ctx.probing:
+        if grouped:
+            ctx.ops.setdefault(t.view.path, set()).add(
+                f"is the kernel of a grouped convolution (feature_group_count={p['feature_group_count']})"
+            )
+        else:
+            ctx.record(t, "conv", {v: ("o" if v == out_axis else "i") for v in range(t.w.ndim)})
+        return [base(x, t.w)]
+    if grouped:
+        raise UnsupportedError(
+            f"LoRA weight {t.view.path!r} is the kernel of a grouped convolution (feature_group_count="
+            f"{p['feature_group_count']}, batch_group_count={p['batch_group_count']}), which has no rank-r "
+            "factorisation; leave this module out of LoraConfig.targets."
+        )
+    roles = [t.role(v) for v in range(t.w.ndim)]
+    if roles[out_axis] != "o" or roles.count("o") != 1 or "s" in roles:
+        raise mismatch(t, "conv_general_dilated", f"with output-feature axis {out_axis}")
+    a_axes = t.axes("a")
+    a_spec = tuple(a_axes.index("r") if v == out_axis else a_axes.index(t.view.origin[v]) for v in dn.rhs_spec)
+    a_params = {**p, "dimension_numbers": lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec)}
+    feature = dn.out_spec[1]
+    return [lora_op(
+        x, t.w, t.a, t.b, t.factors.scale,
+        base=base,
+        first_op=lambda x, a: bind(eqn, [x, a], a_params)[0],
+        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature),
+        delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+    )]  # fmt: skip
+
+
+@register("gather")
+def _gather(eqn, invals, ctx: Context) -> list[Any]:
+    operand, indices = invals
+    if not isinstance(operand, Tagged):
+        return bind(eqn, [operand, untag(indices, "used as gather indices", ctx)])
+    t, p = operand, eqn.params
+    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+    base = lambda idx, w: bind(eqn, [w, idx])[0]  # noqa: E731
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    if ctx.probing:
+        ctx.record(t, "gather", {v: ("i" if v in indexed else "o") for v in range(t.w.ndim)})
+        return [base(indices, t.w)]
+    roles = [t.role(v) for v in range(t.w.ndim)]
+    o_axis = t.w.ndim - 1
+    simple = (
+        roles[-1] == "o" and roles.count("o") == 1 and "s" not in roles and list(t.view.origin) == sorted(t.view.origin)
+    )
+    if not simple or o_axis in indexed or sizes[o_axis] != t.w.shape[o_axis]:
+        raise mismatch(t, "gather", "in a way other than a row lookup (embedding-style)")
+    a_params = {**p, "slice_sizes": tuple(sizes[:-1]) + (t.a.shape[-1],)}
+    out_axis = dn.offset_dims[-1]
+    return [lora_op(
+        indices, t.w, t.a, t.b, t.factors.scale,
+        base=base,
+        first_op=lambda idx, a: bind(eqn, [a, idx], a_params)[0],
+        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis),
+    )]  # fmt: skip
