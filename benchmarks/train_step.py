@@ -10,6 +10,9 @@ Modes:
   lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
   lora_merged   jaxlora with the transient ``W + ΔW`` form for every op, whatever its cost rule says (an ablation).
   lora_single   jaxlora without the one-read ops on ``[W | a]`` and ``[W ; b]`` (an ablation).
+  torch_full, torch_full_compiled, peft, peft_compiled
+                the PyTorch peer (`benchmarks.torch_peer`): the same decoder in torch, full fine-tuning
+                or PEFT LoRA, eager or under ``torch.compile``.
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -29,8 +32,10 @@ ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single")
 
 def _worker(a: argparse.Namespace) -> dict:
     """One mode, timed; jaxlora's private switches that an ablation flips are restored afterwards."""
-    from . import common
+    from . import common, torch_peer
 
+    if a.mode in torch_peer.TORCH_MODES:
+        return torch_peer.measure(a)
     with common.switches_restored():
         return _measure(a)
 
@@ -224,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
             r["pipelined_ratio_to_full"] = r["pipelined_ms"] / full["pipelined_ms"]
             if r.get("peak_bytes") and full.get("peak_bytes"):
                 r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
+    lora = result["modes"].get("lora", {})
+    for peer in ("peft", "peft_compiled"):  # how many times faster jaxlora's LoRA step is than PEFT's
+        if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in lora:
+            result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / lora["median_ms"]
     if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
         result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
     print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
@@ -237,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{mode:<14} {r['median_ms']:>8.2f} {rounded(r.get('ratio_to_full')):>6} {r['pipelined_ms']:>9.2f} "
               f"{rounded(r.get('pipelined_ratio_to_full')):>6} {common.gb(r['peak_bytes']):>12} "
               f"{rounded(r.get('memory_ratio_to_full')):>6}")  # fmt: skip
+    for peer in ("peft", "peft_compiled"):
+        if f"speedup_over_{peer}" in result:
+            print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
+    print("compile s: " + ", ".join(f"{m} {r['compile_s']}" for m, r in result["modes"].items() if "compile_s" in r))
     if "mfu_full" in result:
         print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
     common.write(result, a.out)

@@ -26,6 +26,15 @@ def test_train_step_remat_and_scan(opts):
     assert train_step._worker(_args("lora", **opts))["median_ms"] > 0
 
 
+@pytest.mark.parametrize("mode", ["torch_full", "peft"])
+def test_torch_peer_modes_run(mode):
+    pytest.importorskip("torch", reason="the PyTorch peer needs torch (the peft extra)")
+    pytest.importorskip("peft", reason="the PyTorch peer needs peft (the peft extra)")
+    out = train_step._worker(_args(mode))
+    assert out["mode"] == mode and out["median_ms"] > 0 and out["trainable_params"] > 0
+    assert out["loss"] == pytest.approx(out["loss"])  # finite
+
+
 @pytest.mark.parametrize("mode", ["merged", "unmerged", "merge_donated", "copy"])
 def test_inference_modes_run(mode):
     out = inference._worker(_args(mode, steps=2))
