@@ -71,7 +71,7 @@ def measure(a: argparse.Namespace) -> dict:
     import torch
     from torch.nn import functional as F
 
-    from . import models
+    from . import common, models
 
     cfg = models.configure(a.config, a.remat, a.scan, a.override)
     gpu = torch.cuda.is_available()
@@ -121,6 +121,7 @@ def measure(a: argparse.Namespace) -> dict:
     compile_s = time.perf_counter() - t0
     for _ in range(a.warmup):
         blocking()
+    common.sync_point()
     ms = models.timeit(blocking, a.steps, 1)
     piped = models.timeit_pipelined(run, wait, a.steps, a.window)
     out = {
