@@ -167,9 +167,9 @@ def test_contracted_ragged_axis():
 
 
 def test_split_rank_across_experts():
-    _, _, _, lora = _setup(rank=8, expert_rank="split")
+    _, _, _, lora = _setup(rank=8, expert_rank="split", rank_pattern={"router": 4})
     assert lora["gate"].a.shape == (E, D, 2) and lora["gate"].b.shape == (E, 2, FF)  # 8 // 4 experts
-    assert lora["router"].a.shape == (D, 8)  # not an expert weight: the whole rank
+    assert lora["router"].a.shape == (D, 4)  # not an expert weight: its whole rank
     assert lora["gate"].scale == 2.0  # alpha / rank, as configured
     with pytest.raises(ValueError, match=r"'gate': rank 3 split across 4 experts .* use rank >= 4"):
         _setup(rank=3, expert_rank="split")
@@ -233,5 +233,5 @@ def test_errors():
     with pytest.raises(ValueError, match=r"'w' is the ragged \(token\) operand of `ragged_dot`"):
         jaxlora.apply(fn, w, {"w": jaxlora.LoraFactors(jnp.ones((D, 1)), jnp.ones((1, TOKENS)), 1.0, "oi")},
                       jnp.ones((2, D, 3)))  # fmt: skip
-    with pytest.raises(ValueError, match="'down'"):
+    with pytest.raises(ValueError, match=r"'down': stacked axis \(roles 'sio'.*experts of a ragged_dot.*target_parameters"):
         jaxlora.checkpoint.save_peft("/nonexistent/never", lora)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._matmul import lora_op
-from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op
+from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, untag_all, view_delta_op
 
 
 def _ragged_dims(lc, rc, lr, rg):
@@ -33,6 +33,8 @@ def _ragged_dims(lc, rc, lr, rg):
 
 @register("ragged_dot_general")
 def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
+    if len(invals) != 3:  # a group_offset operand (expert-parallel shards): not factored
+        return untag_all(eqn, invals, ctx)
     x, t, sizes = invals
     if not isinstance(t, Tagged) or isinstance(sizes, Tagged):
         what = "the ragged (token) operand" if isinstance(x, Tagged) else "group sizes"
