@@ -15,6 +15,7 @@ default is ``bfloat16`` (both moments then take the weights' dtype).
 
     python -m benchmarks.moe --config mixtral --out benchmarks/results/moe_h200.json
 
+(``--ragged-lowering pallas`` uses JAX's Triton kernel for ``ragged_dot`` on a GPU instead of XLA's)
 prints step time and peak memory, each as a ratio to full fine-tuning, and writes JSON with the device.
 """
 
@@ -134,6 +135,8 @@ def _measure(a: argparse.Namespace) -> dict:
 
     from . import models, train_step
 
+    if a.ragged_lowering == "pallas":  # JAX's Triton kernel for ragged_dot on a GPU instead of XLA's
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
     cfg = dataclasses.replace(CONFIGS[a.config], **json.loads(a.override))
     model = _model(cfg)
     tokens = jax.random.randint(jax.random.key(0), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype=jnp.int32)
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--expert-rank", default="per_expert", choices=["per_expert", "split"])
     p.add_argument("--mu-dtype", default="bfloat16", help="adamw's first-moment dtype, in every mode")
+    p.add_argument("--ragged-lowering", default="xla", choices=["xla", "pallas"], help="ragged_dot on a GPU")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = dataclasses.replace(CONFIGS[a.config], **json.loads(a.override))
     flags = ["--config", a.config, "--rank", str(a.rank), "--expert-rank", a.expert_rank, "--mu-dtype", a.mu_dtype]
+    flags += ["--ragged-lowering", a.ragged_lowering]
     flags += ["--steps", str(a.steps), "--window", str(a.window), "--warmup", str(a.warmup), "--override", a.override]
     result = {
         **common.environment(),
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params": cfg.params(),
         "lora": {"rank": a.rank, "alpha": 2 * a.rank, "expert_rank": a.expert_rank, "dtype": "float32"},
         "optimizer": f"optax.adamw(1e-4, mu_dtype={a.mu_dtype})",
+        "ragged_lowering": a.ragged_lowering,
         "modes": common.run_workers(
             "benchmarks.moe", {m: ["--mode", m, *flags] for m in a.modes.split(",")}, a.timeout, parallel=False
         ),  # fmt: skip

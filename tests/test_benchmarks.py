@@ -52,7 +52,7 @@ def test_moe_modes_run(mode):
     from benchmarks import moe
 
     a = argparse.Namespace(config="tiny", mode=mode, rank=4, expert_rank="per_expert", mu_dtype="bfloat16",
-                           steps=2, window=2, warmup=0, override='{"n_layers": 1}')  # fmt: skip
+                           ragged_lowering="xla", steps=2, window=2, warmup=0, override='{"n_layers": 1}')  # fmt: skip
     out = moe._measure(a)
     assert out["mode"] == mode and out["median_ms"] > 0 and out["loss"] == pytest.approx(out["loss"])
     if mode == "lora_experts":
