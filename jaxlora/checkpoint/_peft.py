@@ -117,8 +117,9 @@ def save_peft_files(
             problems.append(
                 f"{p!r}: stacked-layer axis or expert axis (roles {f.roles!r}: layers from nn.scan, or experts of a "
                 "ragged_dot or batched einsum) has no PEFT equivalent here: PEFT names each layer's module "
-                "(unstack the layers first), and jaxlora does not write PEFT's `target_parameters` layout for 3-D expert weights; "
-                "save expert adapters with jaxlora.checkpoint.save (Orbax) or export merged weights."
+                "(unstack the layers first), and jaxlora does not write PEFT's `target_parameters` layout "
+                "for 3-D expert weights; save expert adapters with jaxlora.checkpoint.save (Orbax) or "
+                "export merged weights."
             )
             continue
         kind = "embedding" if base is not None and base.get(p, {}).get("name") == "embedding" else "linear"
