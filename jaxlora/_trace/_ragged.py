@@ -23,7 +23,7 @@ from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, 
 
 
 def _ragged_dims(lc, rc, lr, rg):
-    """``RaggedDotDimensionNumbers`` with no batch axes (its class moved between JAX versions)."""
+    """``RaggedDotDimensionNumbers`` with no batch axes."""
     return lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=((tuple(lc), tuple(rc)), ((), ())),
         lhs_ragged_dimensions=tuple(lr),
