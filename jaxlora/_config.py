@@ -13,6 +13,7 @@ import numpy as np
 
 ALL_LINEAR = "all-linear"
 Init = Literal["kaiming", "gaussian"]
+ExpertRank = Literal["per_expert", "split"]
 
 
 def matches(pattern: str, path: str) -> bool:
@@ -54,6 +55,10 @@ class LoraConfig:
         product is computed in the layer's own compute dtype).
       init: ``"kaiming"`` (PEFT's default: ``A`` uniform in ``±1/sqrt(fan_in)``) or ``"gaussian"``
         (``A`` normal with std ``1/rank``). ``B`` always starts at zero.
+      expert_rank: for expert weights (the group axis of a ``ragged_dot``, learnt by ``init`` from
+        ``fn``): ``"per_expert"`` gives each expert its own rank-``rank`` pair; ``"split"`` divides
+        the rank across the experts (``rank // experts`` each, as SkyRL does), so an expert stack costs
+        about as many parameters as one dense layer of ``rank``. The scale stays ``alpha / rank``.
 
     Raises:
       ValueError, TypeError: for a field that cannot work, naming the field and the fix.
@@ -75,6 +80,7 @@ class LoraConfig:
     dropout: float = 0.0
     dtype: jnp.dtype | str | type = jnp.float32
     init: Init = "kaiming"
+    expert_rank: ExpertRank = "per_expert"
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +125,8 @@ class LoraConfig:
             set_("dtype", dtype)
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f'init must be "kaiming" or "gaussian", got {self.init!r}.')
+        if self.expert_rank not in ("per_expert", "split"):
+            problems.append(f'expert_rank must be "per_expert" or "split", got {self.expert_rank!r}.')
         if problems:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
 

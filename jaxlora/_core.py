@@ -17,7 +17,7 @@ from ._tree import Weight, nearest, select, weights
 
 Params = TypeVar("Params")
 Lora = dict[str, LoraFactors]
-FACTORED = {"dot_general", "conv", "gather"}  # the ops a LoRA weight can feed
+FACTORED = {"dot_general", "ragged_dot", "conv", "gather"}  # the ops a LoRA weight can feed
 NOT_MATRICES = ("bias", "scale", "offset")  # leaf names that are never LoRA weights
 _NEEDS_TRACE = (
     "Pass the function that uses the weights so init can trace it (nothing is computed): "
@@ -103,7 +103,7 @@ def init(
             if not ctx.ops.get(p, set()) & FACTORED
         }
         candidates = {p: w for p, w in candidates.items() if p not in refused}
-    linear = None if ctx is None else {p for p, ops in ctx.ops.items() if "dot_general" in ops}
+    linear = None if ctx is None else {p for p, ops in ctx.ops.items() if ops & {"dot_general", "ragged_dot"}}
     chosen = select(candidates, config, linear, refused)
     layouts, problems = {}, []
     for path in chosen:
@@ -117,6 +117,15 @@ def init(
     for path, roles in layouts.items():
         w, r = candidates[path], config.rank_for(path)
         shape = tuple(w.leaf.shape)
+        experts = math.prod(shape[k] for k in ctx.experts.get(path, ())) if ctx is not None else 1
+        if config.expert_rank == "split" and experts > 1:
+            if r < experts:
+                problems.append(
+                    f"{path!r}: rank {r} split across {experts} experts (expert_rank='split') leaves less than 1 "
+                    f"each; use rank >= {experts} (rank_pattern={{{path!r}: {experts}}}) or expert_rank='per_expert'."
+                )
+                continue
+            r //= experts
         fan_in = math.prod(d for d, c in zip(shape, roles) if c == "i")
         fan_out = math.prod(d for d, c in zip(shape, roles) if c == "o")
         if r > min(fan_in, fan_out):

@@ -53,3 +53,16 @@ def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path):
     assert set(result["modes"]) == {"full", "lora_plain"}
     assert result["modes"]["full"]["ratio_to_full"] == 1.0
     assert "median_ms" in result["modes"]["lora_plain"], result["modes"]["lora_plain"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora_experts"])
+def test_moe_modes_run(mode):
+    from benchmarks import moe
+
+    a = argparse.Namespace(config="tiny", mode=mode, rank=4, expert_rank="per_expert", mu_dtype="bfloat16",
+                           ragged_lowering="xla", steps=2, window=2, warmup=0, override='{"n_layers": 1}')  # fmt: skip
+    out = moe._measure(a)
+    assert out["mode"] == mode and out["median_ms"] > 0 and out["loss"] == pytest.approx(out["loss"])
+    if mode == "lora_experts":
+        assert out["trainable"] > 0

@@ -23,3 +23,10 @@ def test_quickstart():
     assert result["code_loss_after"] < result["code_loss_before"]
     assert result["merged_vs_unmerged_max_abs"] < 1e-4
     assert 0 < result["trainable_percent"] < 10
+
+
+@pytest.mark.slow
+def test_moe_finetune():
+    result = _load("moe_finetune").main(steps=40)
+    assert result["loss_after"] < result["loss_before"] - 0.1
+    assert result["merged_vs_unmerged_max_abs"] < 1e-4

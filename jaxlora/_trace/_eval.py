@@ -86,6 +86,7 @@ class Context:
     dropout_key: jax.Array | None = None
     usage: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     ops: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    experts: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # a ragged_dot's group axes of W
     sites: int = 0
 
     def record(self, t: Tagged, op: str, roles: dict[int, str]) -> None:
@@ -177,7 +178,7 @@ def untag(value: Any, where: str, ctx: Context) -> Any:
         return value.w + delta_view(value).astype(value.w.dtype)
     raise UnsupportedError(
         f"LoRA weight {value.view.path!r} is {where}, which jaxlora cannot compute in factored form "
-        "(it only factors dot_general, conv_general_dilated and gather). Fix: leave this module out of "
+        "(it only factors dot_general, ragged_dot, conv_general_dilated and gather). Fix: leave this module out of "
         'LoraConfig.targets, or pass unsupported="merge" to jaxlora.apply to use W + scale·B·A for this '
         "use (it materialises the merged weight)."
     )

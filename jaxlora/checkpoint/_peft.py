@@ -115,8 +115,11 @@ def save_peft_files(
             continue
         if "s" in f.roles:
             problems.append(
-                f"{p!r}: stacked-layer axis (roles {f.roles!r}, from nn.scan) has no PEFT equivalent; PEFT "
-                "names each layer's module: unstack the layers first."
+                f"{p!r}: stacked-layer axis or expert axis (roles {f.roles!r}: layers from nn.scan, or experts of a "
+                "ragged_dot or batched einsum) has no PEFT equivalent here: PEFT names each layer's module "
+                "(unstack the layers first), and jaxlora does not write PEFT's `target_parameters` layout "
+                "for 3-D expert weights; save expert adapters with jaxlora.checkpoint.save (Orbax) or "
+                "export merged weights."
             )
             continue
         kind = "embedding" if base is not None and base.get(p, {}).get("name") == "embedding" else "linear"
