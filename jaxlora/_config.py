@@ -54,6 +54,9 @@ class LoraConfig:
         product is computed in the layer's own compute dtype).
       init: ``"kaiming"`` (PEFT's default: ``A`` uniform in ``±1/sqrt(fan_in)``) or ``"gaussian"``
         (``A`` normal with std ``1/rank``). ``B`` always starts at zero.
+      dora: DoRA (PEFT's ``use_dora``): each adapted weight also gets a trainable magnitude ``m``,
+        one per output feature, initialised to the norms of ``W``'s output columns; the layer
+        computes ``m / ‖W + ΔW‖ · (W + ΔW)``, the norm treated as a constant in the backward pass.
 
     Raises:
       ValueError, TypeError: for a field that cannot work, naming the field and the fix.
@@ -75,6 +78,7 @@ class LoraConfig:
     dropout: float = 0.0
     dtype: jnp.dtype | str | type = jnp.float32
     init: Init = "kaiming"
+    dora: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +123,8 @@ class LoraConfig:
             set_("dtype", dtype)
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f'init must be "kaiming" or "gaussian", got {self.init!r}.')
+        if not isinstance(self.dora, (bool, np.bool_)):
+            problems.append(f"dora must be True or False, got {self.dora!r}.")
         if problems:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
 
