@@ -242,3 +242,96 @@ def test_tied_attend_is_refused():
     lora = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=2, dora=True), fn=model.apply, args=(ids,))
     with pytest.raises(jaxlora.UnsupportedError, match="contracted over its output axes.*use_dora=False"):
         jaxlora.apply(model.apply, params, lora, ids)
+
+
+def _peft_model():
+    from test_peft import NAMES, Net
+
+    net, ids = Net(), (jnp.arange(14).reshape(2, 7) * 7) % 50
+    return net, net.init(jax.random.key(0), ids), ids, NAMES
+
+
+def test_torch_peft_loads_jaxlora_dora_adapter(tmp_path):
+    """jaxlora -> PEFT: peft.PeftModel computes the outputs jaxlora computes (Embed, Dense, DenseGeneral)."""
+    from test_peft import _torch_twin
+
+    from jaxlora import checkpoint
+
+    net, params, ids, names = _peft_model()
+    torch, twin = _torch_twin(params)
+    import peft
+
+    config = jaxlora.LoraConfig(rank=4, alpha=8, targets=list(names), rank_pattern={"heads": 2}, dora=True)
+    lora = jaxlora.init(jax.random.key(2), params, config, fn=net.apply, args=(ids,))
+    keys = iter(jax.random.split(jax.random.key(3), 2 * len(lora)))
+    lora = {
+        p: jaxlora.LoraFactors(
+            f.a, 0.5 * jax.random.normal(next(keys), f.b.shape), f.scale, f.roles, f.dropout,
+            m=f.m * (1 + 0.3 * jax.random.normal(next(keys), f.m.shape)),
+        )
+        for p, f in lora.items()
+    }  # fmt: skip
+    out = checkpoint.save_peft(tmp_path, lora, params=params, names=names, config=config)
+    import json
+
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+    with torch.no_grad():
+        got = loaded(torch.tensor(np.asarray(ids))).numpy()
+    want = np.asarray(jaxlora.apply(net.apply, params, lora, ids))
+    assert np.abs(want - np.asarray(net.apply(params, ids))).max() > 0.1  # the adapter changes the output
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+    back = checkpoint.load_peft(tmp_path, params=params, names=names, fn=net.apply, args=(ids,))
+    for p, f in lora.items():
+        np.testing.assert_array_equal(back[p].m, f.m)
+
+
+def test_peft_made_dora_adapter_loads_into_jaxlora(tmp_path):
+    """PEFT -> jaxlora: a DoRA adapter peft made (random B, magnitudes moved) gives peft's outputs."""
+    from test_peft import _torch_twin
+
+    from jaxlora import checkpoint
+
+    net, params, ids, names = _peft_model()
+    torch, twin = _torch_twin(params)
+    import peft
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["embed", "fc1", "heads", "fc2"], rank_pattern={"fc2": 2},
+        init_lora_weights=False, use_dora=True,
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(twin, cfg).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(np.asarray(ids))).numpy()
+    lora = checkpoint.load_peft(tmp_path, params=params, names=names, fn=net.apply, args=(ids,))
+    assert lora["heads"].m.shape == (2, 8) and lora["tok"].m.shape == (16,)
+    got = jaxlora.apply(net.apply, params, lora, ids)
+    assert np.abs(want - np.asarray(net.apply(params, ids))).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+    merged = jaxlora.merge(params, lora)  # and merged, as PEFT's merge_and_unload
+    with torch.no_grad():
+        unloaded = peft_model.merge_and_unload()(torch.tensor(np.asarray(ids))).numpy()
+    np.testing.assert_allclose(net.apply(merged, ids), unloaded, atol=5e-5, rtol=1e-5)
+
+
+def test_peft_dora_errors(tmp_path):
+    from jaxlora import checkpoint
+
+    net, params, ids, names = _peft_model()
+    dora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, targets="proj_in", dora=True))
+    plain = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, targets="proj_out"))
+    with pytest.raises(ValueError, match=r"some modules use DoRA and some do not \(\['proj_out'\]"):
+        checkpoint.save_peft(tmp_path, dora | plain, params=params)
+    checkpoint.save_peft(tmp_path, dora, params=params)
+    import json
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False}))
+    with pytest.raises(ValueError, match="'proj_in': use_dora is False but lora_magnitude_vector is present"):
+        checkpoint.load_peft(tmp_path, params=params)
