@@ -10,6 +10,9 @@ Modes:
   lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
   lora_merged   jaxlora with the transient ``W + ΔW`` form for every op, whatever its cost rule says (an ablation).
   lora_single   jaxlora without the one-read ops on ``[W | a]`` and ``[W ; b]`` (an ablation).
+  dora    as lora, with DoRA (``LoraConfig(dora=True)``: a trainable magnitude per output feature).
+
+``--modes lora,dora`` prints the DoRA/LoRA step-time ratio measured in the same run.
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -25,6 +28,7 @@ import time
 
 MODES = ("full", "lora", "nnx", "merge", "frozen")
 ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single")
+VARIANTS = ("dora",)
 
 
 def _worker(a: argparse.Namespace) -> dict:
@@ -61,7 +65,9 @@ def _measure(a: argparse.Namespace) -> dict:
     tokens = models.tokens_for(cfg)
     rest = params = fwd = None
     targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
-    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
+    lora_cfg = jaxlora.LoraConfig(
+        rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype, dora=a.mode == "dora"
+    )
     opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
     t0 = time.perf_counter()
 
@@ -107,12 +113,12 @@ def _measure(a: argparse.Namespace) -> dict:
             if a.mode in ("lora_factored", "lora_merged"):  # the ablations: never / always the transient W + ΔW
                 _matmul._MERGED = a.mode == "lora_merged"
             _matmul._SIDE_BY_SIDE = a.mode != "lora_single"
-            if a.mode.startswith("lora"):
+            if a.mode.startswith("lora") or a.mode in VARIANTS:
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":
                 loss_of = lambda l, p, t: apply(jaxlora.merge(p, l), t)  # noqa: E731
             else:
-                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS}")
+                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS + VARIANTS}")
             opt_state = opt.init(lora)
 
             step = _optimizer_step(opt, loss_of)
@@ -224,6 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
             r["pipelined_ratio_to_full"] = r["pipelined_ms"] / full["pipelined_ms"]
             if r.get("peak_bytes") and full.get("peak_bytes"):
                 r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
+    lora_r = result["modes"].get("lora", {})
+    for mode in VARIANTS:  # DoRA against plain LoRA, measured in this run
+        r = result["modes"].get(mode, {})
+        if "median_ms" in r and "median_ms" in lora_r:
+            r["ratio_to_lora"] = r["median_ms"] / lora_r["median_ms"]
+            r["pipelined_ratio_to_lora"] = r["pipelined_ms"] / lora_r["pipelined_ms"]
+            if r.get("peak_bytes") and lora_r.get("peak_bytes"):
+                r["memory_ratio_to_lora"] = r["peak_bytes"] / lora_r["peak_bytes"]
     if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
         result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
     print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
@@ -237,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{mode:<14} {r['median_ms']:>8.2f} {rounded(r.get('ratio_to_full')):>6} {r['pipelined_ms']:>9.2f} "
               f"{rounded(r.get('pipelined_ratio_to_full')):>6} {common.gb(r['peak_bytes']):>12} "
               f"{rounded(r.get('memory_ratio_to_full')):>6}")  # fmt: skip
+    for mode in VARIANTS:
+        r = result["modes"].get(mode, {})
+        if "ratio_to_lora" in r:
+            print(f"{mode}/lora: step {r['ratio_to_lora']:.3f}x, pipelined {r['pipelined_ratio_to_lora']:.3f}x, "
+                  f"peak memory {rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
     if "mfu_full" in result:
         print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
     common.write(result, a.out)

@@ -14,7 +14,7 @@ def _args(mode, **kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen", "lora_single", "lora_factored"])
+@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen", "lora_single", "lora_factored", "dora"])
 def test_train_step_modes_run(mode):
     out = train_step._worker(_args(mode))
     assert out["mode"] == mode and out["median_ms"] > 0 and len(out["step_ms"]) == 2 and out["pipelined_ms"] > 0
@@ -44,3 +44,13 @@ def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path):
     assert set(result["modes"]) == {"full", "lora_plain"}
     assert result["modes"]["full"]["ratio_to_full"] == 1.0
     assert "median_ms" in result["modes"]["lora_plain"], result["modes"]["lora_plain"]
+
+
+@pytest.mark.slow
+def test_driver_prints_the_dora_to_lora_ratio(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    train_step.main(["--config", "tiny", "--modes", "lora,dora", "--steps", "2", "--warmup", "1",
+                     "--rank", "4", "--out", str(path)])  # fmt: skip
+    result = json.loads(path.read_text())
+    assert result["modes"]["dora"]["ratio_to_lora"] > 0
+    assert "dora/lora: step" in capsys.readouterr().out
