@@ -13,6 +13,9 @@ Modes:
   torch_full, torch_full_compiled, peft, peft_compiled
                 the PyTorch peer (`benchmarks.torch_peer`): the same decoder in torch, full fine-tuning
                 or PEFT LoRA, eager or under ``torch.compile``.
+  dora    as lora, with DoRA (``LoraConfig(dora=True)``: a trainable magnitude per output feature).
+
+``--modes lora,dora`` prints the DoRA/LoRA step-time ratio measured in the same run.
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``); it prints a table and writes JSON with ``--out``.
@@ -28,6 +31,7 @@ import time
 
 MODES = ("full", "lora", "nnx", "merge", "frozen")
 ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single")
+VARIANTS = ("dora",)
 
 
 def _worker(a: argparse.Namespace) -> dict:
@@ -66,7 +70,9 @@ def _measure(a: argparse.Namespace) -> dict:
     tokens = models.tokens_for(cfg)
     rest = params = fwd = None
     targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
-    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
+    lora_cfg = jaxlora.LoraConfig(
+        rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype, dora=a.mode == "dora"
+    )
     opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
     t0 = time.perf_counter()
 
@@ -112,12 +118,12 @@ def _measure(a: argparse.Namespace) -> dict:
             if a.mode in ("lora_factored", "lora_merged"):  # the ablations: never / always the transient W + ΔW
                 _matmul._MERGED = a.mode == "lora_merged"
             _matmul._SIDE_BY_SIDE = a.mode != "lora_single"
-            if a.mode.startswith("lora"):
+            if a.mode.startswith("lora") or a.mode in VARIANTS:
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":
                 loss_of = lambda l, p, t: apply(jaxlora.merge(p, l), t)  # noqa: E731
             else:
-                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS}")
+                raise ValueError(f"unknown mode {a.mode!r}; expected one of {MODES + ABLATIONS + VARIANTS}")
             opt_state = opt.init(lora)
 
             step = _optimizer_step(opt, loss_of)
@@ -233,6 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
     for peer in ("peft", "peft_compiled"):  # how many times faster jaxlora's LoRA step is than PEFT's
         if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in lora:
             result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / lora["median_ms"]
+    lora_r = result["modes"].get("lora", {})
+    for mode in VARIANTS:  # DoRA against plain LoRA, measured in this run
+        r = result["modes"].get(mode, {})
+        if "median_ms" in r and "median_ms" in lora_r:
+            r["ratio_to_lora"] = r["median_ms"] / lora_r["median_ms"]
+            r["pipelined_ratio_to_lora"] = r["pipelined_ms"] / lora_r["pipelined_ms"]
+            if r.get("peak_bytes") and lora_r.get("peak_bytes"):
+                r["memory_ratio_to_lora"] = r["peak_bytes"] / lora_r["peak_bytes"]
     if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
         result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
     print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
@@ -250,6 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
         if f"speedup_over_{peer}" in result:
             print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
     print("compile s: " + ", ".join(f"{m} {r['compile_s']}" for m, r in result["modes"].items() if "compile_s" in r))
+    for mode in VARIANTS:
+        r = result["modes"].get(mode, {})
+        if "ratio_to_lora" in r:
+            print(f"{mode}/lora: step {r['ratio_to_lora']:.3f}x, pipelined {r['pipelined_ratio_to_lora']:.3f}x, "
+                  f"peak memory {rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
     if "mfu_full" in result:
         print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
     common.write(result, a.out)

@@ -59,6 +59,9 @@ class LoraConfig:
         ``fn``): ``"per_expert"`` gives each expert its own rank-``rank`` pair; ``"split"`` divides
         the rank across the experts (``rank // experts`` each, as SkyRL does), so an expert stack costs
         about as many parameters as one dense layer of ``rank``. The scale stays ``alpha / rank``.
+      dora: DoRA (PEFT's ``use_dora``): each adapted weight also gets a trainable magnitude ``m``,
+        one per output feature, initialised to the norms of ``W``'s output columns; the layer
+        computes ``m / ‖W + ΔW‖ · (W + ΔW)``, the norm treated as a constant in the backward pass.
 
     Raises:
       ValueError, TypeError: for a field that cannot work, naming the field and the fix.
@@ -81,6 +84,7 @@ class LoraConfig:
     dtype: jnp.dtype | str | type = jnp.float32
     init: Init = "kaiming"
     expert_rank: ExpertRank = "per_expert"
+    dora: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,6 +131,8 @@ class LoraConfig:
             problems.append(f'init must be "kaiming" or "gaussian", got {self.init!r}.')
         if self.expert_rank not in ("per_expert", "split"):
             problems.append(f'expert_rank must be "per_expert" or "split", got {self.expert_rank!r}.')
+        if not isinstance(self.dora, (bool, np.bool_)):
+            problems.append(f"dora must be True or False, got {self.dora!r}.")
         if problems:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
 

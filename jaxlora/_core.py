@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from . import _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
-from ._matmul import LoraFactors, delta, factor_shapes
+from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
 from ._tree import Weight, nearest, select, weights
 
 Params = TypeVar("Params")
@@ -144,9 +144,16 @@ def init(
         else:  # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             bound = 1.0 / math.sqrt(fan_in)
             a = jax.random.uniform(k, a_shape, config.dtype, -bound, bound)
-        lora[path] = LoraFactors(
-            a=a, b=jnp.zeros(b_shape, config.dtype), scale=config.scale_for(path), roles=roles, dropout=config.dropout
-        )
+        b, scale, m = jnp.zeros(b_shape, config.dtype), config.scale_for(path), None
+        if config.dora:  # DoRA: m = ‖W + ΔW‖ per output feature (‖W‖, as B = 0), like PEFT
+            if isinstance(w.leaf, jax.ShapeDtypeStruct):
+                problems.append(
+                    f"{path!r}: DoRA initialises its magnitude from the values of weight {shape}, but params holds "
+                    f"only its shape ({type(w.leaf).__name__}); pass the loaded weights."
+                )
+                continue
+            m = weight_norm(jnp.asarray(w.leaf), a, b, scale, roles).astype(config.dtype)
+        lora[path] = LoraFactors(a=a, b=b, scale=scale, roles=roles, dropout=config.dropout, m=m)
     if problems:
         raise ValueError("jaxlora.init:\n  " + "\n  ".join(problems))
     return lora
@@ -175,6 +182,11 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
                 problems.append(
                     f"{path!r}: weight {shape} needs a {want[0]} and b {want[1]}, "
                     f"got a {tuple(f.a.shape)} and b {tuple(f.b.shape)}."
+                )
+            elif f.m is not None and tuple(f.m.shape) != magnitude_shape(shape, f.roles):
+                problems.append(
+                    f"{path!r}: weight {shape} needs a DoRA magnitude m {magnitude_shape(shape, f.roles)} "
+                    f"(stacked, then output axes), got {tuple(f.m.shape)}."
                 )
     if problems:
         raise ValueError(
@@ -230,9 +242,18 @@ def apply(
     return _trace.run(fn, params, args, kwargs, tagged, ctx)
 
 
-def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Params:
+def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: Mapping[str, Any] | None) -> Any:
     targets = _fit(params, lora)
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    missing = [p for p, f in lora.items() if f.m is not None and (norms is None or p not in norms)]
+    if sign < 0 and missing:
+        raise ValueError(
+            f"jaxlora.unmerge: the DoRA modules {missing} need the norms ‖W + ΔW‖ of the weights before merging: "
+            "m / ‖W + ΔW‖ · (W + ΔW) is the same for every positive rescaling of W + ΔW, so the merged weight "
+            "alone does not determine W. Fix: merged, norms = jaxlora.merge(params, lora, return_norms=True), "
+            "then jaxlora.unmerge(merged, lora, norms=norms)."
+        )
+    found = {}
     for path, f in lora.items():
         i = targets[path].index
         w = leaves[i]
@@ -241,15 +262,34 @@ def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Para
                 f"merge needs real weights, but params holds only the shape of {path!r} ({w}); "
                 "pass the loaded arrays, not jax.eval_shape output."
             )
-        leaves[i] = (w.astype(jnp.float32) + sign * delta(f, jnp.float32)).astype(w.dtype)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        w32, d = w.astype(jnp.float32), delta(f, jnp.float32)
+        if f.m is None:
+            leaves[i] = (w32 + sign * d).astype(w.dtype)
+        elif sign > 0:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW)
+            merged = w32 + d
+            found[path] = n = weight_norm(w, f.a, f.b, f.scale, f.roles, merged=merged)
+            leaves[i] = (merged * expand_magnitude(f.m.astype(jnp.float32) / n, f.roles)).astype(w.dtype)
+        else:  # W = W' · ‖W + ΔW‖ / m - ΔW
+            g = f.m.astype(jnp.float32) / jnp.asarray(norms[path], jnp.float32)
+            leaves[i] = (w32 / expand_magnitude(g, f.roles) - d).astype(w.dtype)
+    return jax.tree_util.tree_unflatten(treedef, leaves), found
 
 
-def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
+def merge(params: Params, lora: Mapping[str, LoraFactors], *, return_norms: bool = False) -> Any:
     """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
 
     Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
-    shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory.
+    shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory. A DoRA module
+    (``m`` set) becomes ``m / ‖W + ΔW‖ · (W + ΔW)``, computed in float32.
+
+    Args:
+      params: the frozen parameters.
+      lora: the tree from `init`.
+      return_norms: also return ``{path: ‖W + ΔW‖}`` for the DoRA modules (shaped like ``m``), which
+        `unmerge` needs to invert a DoRA merge.
+
+    Returns:
+      The merged params, or ``(merged, norms)`` with ``return_norms``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -258,11 +298,19 @@ def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
       >>> bool((jaxlora.merge(params, lora)["w"] == 0).all())  # B = 0 at init
       True
     """
-    return _shift(params, lora, 1.0)
+    merged, norms = _shift(params, lora, 1.0, None)
+    return (merged, norms) if return_norms else merged
 
 
-def unmerge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
+def unmerge(params: Params, lora: Mapping[str, LoraFactors], *, norms: Mapping[str, Any] | None = None) -> Params:
     """The inverse of `merge`: ``W - scale·B·A``, exact up to the weights' dtype rounding.
+
+    A DoRA module needs ``norms``, the ``‖W + ΔW‖`` that ``merge(..., return_norms=True)`` returns
+    (the merged weight alone does not determine ``W``: every positive rescaling of ``W + ΔW`` merges
+    to the same weight); then ``W = W' · ‖W + ΔW‖ / m - ΔW``.
+
+    Raises:
+      ValueError: for a DoRA module without its entry in ``norms``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -271,7 +319,7 @@ def unmerge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
       >>> bool((jaxlora.unmerge(jaxlora.merge(params, lora), lora)["w"] == 1).all())
       True
     """
-    return _shift(params, lora, -1.0)
+    return _shift(params, lora, -1.0, norms)[0]
 
 
 class ModuleSummary(NamedTuple):
@@ -318,7 +366,12 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
     """
     targets = _fit(params, lora)
     modules = tuple(
-        ModuleSummary(path, tuple(targets[path].leaf.shape), f.a.shape[-1], math.prod(f.a.shape) + math.prod(f.b.shape))
+        ModuleSummary(
+            path,
+            tuple(targets[path].leaf.shape),
+            f.a.shape[-1],
+            math.prod(f.a.shape) + math.prod(f.b.shape) + (0 if f.m is None else math.prod(f.m.shape)),
+        )
         for path, f in lora.items()
     )
     base = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape"))

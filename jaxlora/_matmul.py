@@ -36,7 +36,7 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraFactors:
-    """The trainable factors of one adapted weight: a pytree node with leaves ``a`` and ``b``.
+    """The trainable factors of one adapted weight: a pytree node with leaves ``a``, ``b`` (and ``m``).
 
     Attributes:
       a: ``(*S, *I, r)``: the down-projection (see the module docstring for the roles).
@@ -44,6 +44,9 @@ class LoraFactors:
       scale: ``alpha / r`` (or ``alpha / sqrt(r)``); static, so it is no trainable leaf.
       roles: one of ``"s"``, ``"i"``, ``"o"`` per axis of ``W``, in ``W``'s order; static.
       dropout: dropout rate on the LoRA branch's input; static.
+      m: DoRA's magnitude ``(*S, *O)``, one per output feature (per layer of a stack); ``None``
+        for plain LoRA. The layer then computes ``m / ‖W + ΔW‖ · (W + ΔW)``, the norm taken over
+        the input axes and treated as a constant in the backward pass (`weight_norm`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -57,6 +60,7 @@ class LoraFactors:
     scale: float = dataclasses.field(metadata=dict(static=True))
     roles: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Array | None = None
 
     @property
     def rank(self) -> int:
@@ -68,6 +72,54 @@ def factor_shapes(weight_shape: tuple[int, ...], roles: str, rank: int) -> tuple
     """The shapes of ``a`` and ``b`` for a weight of ``weight_shape`` with ``roles``."""
     pick = lambda role: tuple(d for d, c in zip(weight_shape, roles) if c == role)  # noqa: E731
     return pick("s") + pick("i") + (rank,), pick("s") + (rank,) + pick("o")
+
+
+def magnitude_shape(weight_shape: tuple[int, ...], roles: str) -> tuple[int, ...]:
+    """The shape of DoRA's ``m``: ``W``'s stacked axes, then its output axes."""
+    pick = lambda role: tuple(d for d, c in zip(weight_shape, roles) if c == role)  # noqa: E731
+    return pick("s") + pick("o")
+
+
+def expand_magnitude(g: Array, roles: str) -> Array:
+    """``g`` in ``m``'s layout ``(*S, *O)``, shaped to broadcast against ``W`` (size 1 on its input axes)."""
+    kept = [k for k, c in enumerate(roles) if c == "s"] + [k for k, c in enumerate(roles) if c == "o"]
+    g = jnp.transpose(g, [kept.index(k) for k in sorted(kept)])
+    sizes = dict(zip(sorted(kept), g.shape))
+    return jnp.reshape(g, [sizes.get(k, 1) for k in range(len(roles))])
+
+
+def weight_norm(w: Array, a: Array, b: Array, scale: float, roles: str, *, merged: Array | None = None) -> Array:
+    """``‖W + ΔW‖`` over ``W``'s input axes, in float32: shape ``(*S, *O)``, like DoRA's ``m``.
+
+    ``w`` is ``W`` in its own layout (``roles``), ``a`` and ``b`` the factors, and ``merged``, when
+    given, the sum ``W + ΔW`` already formed (then the norm is read off it: one pass). Otherwise
+    ``W + ΔW`` is never formed: with ``P = aᵀW`` (``r·|W|`` multiply-adds, one read of ``W``),
+    ``‖w_o + s·Δw_o‖² = ‖w_o‖² + 2s·Σ_r P[r, o]·b[r, o] + s²·b_oᵀ(aᵀa)b_o``, the rest rank-sized.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w, a, b = jnp.eye(3)[:, :2], jnp.ones((3, 1)), jnp.ones((1, 2))
+      >>> weight_norm(w, a, b, 1.0, "io")  # columns (2, 1, 1) and (1, 2, 1)
+      Array([2.4494898, 2.4494898], dtype=float32)
+    """
+    f32 = jnp.float32
+    inputs = tuple(k for k, c in enumerate(roles) if c == "i")
+    kept = [k for k, c in enumerate(roles) if c == "s"] + [k for k, c in enumerate(roles) if c == "o"]
+    to_m = [sorted(kept).index(k) for k in kept]  # the reduced axes in m's order (stacked, then output)
+    if merged is not None:
+        return jnp.sqrt(jnp.transpose(jnp.sum(jnp.square(merged.astype(f32)), axis=inputs), to_m))
+    letters = iter(string.ascii_letters)
+    names = [next(letters) for _ in roles]
+    pick = lambda role: "".join(n for n, c in zip(names, roles) if c == role)  # noqa: E731
+    s_, i_, o_, r_, q_ = pick("s"), pick("i"), pick("o"), next(letters), next(letters)
+    dot = partial(jnp.einsum, preferred_element_type=f32)
+    sq = jnp.transpose(jnp.sum(jnp.square(w.astype(f32)), axis=inputs), to_m)
+    p = dot(f"{s_}{i_}{r_},{''.join(names)}->{s_}{r_}{o_}", a.astype(w.dtype), w)
+    b32 = b.astype(f32)
+    cross = jnp.sum(p * b32, axis=len(s_))
+    gram = dot(f"{s_}{i_}{r_},{s_}{i_}{q_}->{s_}{r_}{q_}", a, a)
+    quad = dot(f"{s_}{r_}{o_},{s_}{r_}{q_},{s_}{q_}{o_}->{s_}{o_}", b32, gram, b32)
+    return jnp.sqrt(jnp.maximum(sq + 2 * scale * cross + scale**2 * quad, 0.0))
 
 
 def delta(factors: LoraFactors, dtype: jnp.dtype | None = None, *, accumulate: jnp.dtype | None = jnp.float32) -> Array:
@@ -104,6 +156,9 @@ def lora_op(
     side_by_side: bool = False,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
+    magnitude: Array | None = None,
+    norm_op: Callable[[Array, Array, Array, Array | None], Array] | None = None,
+    to_out: Callable[[Array, int], Array] | None = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -127,7 +182,29 @@ def lora_op(
     (a Dense layer). With the transient ``W + ΔW`` and under differentiation, ``x`` is then read once
     for ``x·W`` and ``x·a`` (one op on ``[W | a]``), and the output gradient once for ``g·Wᵀ`` and
     ``g·bᵀ`` (one op on ``[W ; b]``).
+
+    DoRA (``magnitude`` given): the value is ``g ⊙ (base(x, W) + scale·second_op(first_op(x, a), b))``
+    with ``g = m / ‖W + ΔW‖`` per output feature, the norm under ``stop_gradient`` (PEFT and the
+    DoRA paper detach it). ``norm_op(w, a, b, merged)`` gives the norm in ``m``'s layout (read off
+    the transient ``W + ΔW`` when that form is chosen, else from the factors, `weight_norm`), and
+    ``to_out(g, ndim)`` lays ``g`` out to broadcast against the op's ``ndim``-D output. The backward pass is the
+    LoRA one on ``g ⊙ dy``, plus ``dm`` from the saved pre-scale output: still no ``W``-shaped gradient.
     """
+    z, delta_op = _lora_op(
+        x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key
+    )
+    if magnitude is None:
+        return z
+    merged = None
+    if delta_op is not None:  # the same W + ΔW the op sums (XLA forms it once)
+        merged = _merged(w, *_cast(first, second, scale, x.dtype), delta_op)
+    n = lax.stop_gradient(norm_op(w, first, second, merged))
+    g = to_out(magnitude.astype(jnp.float32) / n, z.ndim)
+    return (z * g).astype(z.dtype)
+
+
+def _lora_op(x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key):
+    """`lora_op` without DoRA: the op's value and the ``delta_op`` its form used (None: factored)."""
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     xl = x
     if dropout_key is not None and dropout_rate > 0.0 and floating:
@@ -138,11 +215,11 @@ def lora_op(
             delta_op = None
         # the one-read ops pay off with the transient W + ΔW (measured slower and larger without it)
         side_by_side = side_by_side and _SIDE_BY_SIDE and delta_op is not None and w.dtype == x.dtype
-        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side)
+        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side), delta_op
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
     t = (t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
-    return y + second_op(t, second.astype(y.dtype)).astype(y.dtype)
+    return y + second_op(t, second.astype(y.dtype)).astype(y.dtype), None
 
 
 # The switches the benchmarks flip to measure each form: _MERGED None chooses by cost, True/False

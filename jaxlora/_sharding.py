@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -196,6 +197,8 @@ def shardings(
         pick = lambda role: [e for e, c in zip(entries, roles) if c == role]  # noqa: E731, B023
         rank = rank_axis(path) if callable(rank_axis) else rank_axis
         specs = {"a": (*pick("s"), *pick("i"), rank), "b": (*pick("s"), rank, *pick("o"))}
+        if f.m is not None:  # DoRA's magnitude: W's stacked and output axes
+            specs["m"] = (*pick("s"), *pick("o"))
         m = mesh if mesh is not None else (leaf_mesh if leaf_mesh is not None else default_mesh)
         bad = False
         for side, spec in specs.items():
@@ -229,7 +232,10 @@ def shardings(
         if bad:
             continue
         make = (lambda s: PartitionSpec(*s)) if m is None else (lambda s: NamedSharding(m, PartitionSpec(*s)))  # noqa: E731, B023
-        out[path] = LoraFactors(a=make(specs["a"]), b=make(specs["b"]), scale=f.scale, roles=f.roles, dropout=f.dropout)
+        m_spec = make(specs["m"]) if "m" in specs else None
+        out[path] = LoraFactors(
+            a=make(specs["a"]), b=make(specs["b"]), scale=f.scale, roles=f.roles, dropout=f.dropout, m=m_spec
+        )
     if problems:
         raise ValueError("jaxlora.shardings:\n  " + "\n  ".join(problems))
     return out
@@ -287,10 +293,12 @@ def init_sharded(
 
     abstract_params, abstract_args = _abstract(params), _abstract(args)
 
-    def make(k: jax.Array) -> dict[str, LoraFactors]:
-        return init(k, abstract_params, config, fn=fn, args=abstract_args)
+    def make(k: jax.Array, p: Any) -> dict[str, LoraFactors]:
+        return init(k, p, config, fn=fn, args=abstract_args)
 
-    abstract_lora = jax.eval_shape(make, key)
+    # DoRA's magnitude is read off W's values: then params enter the jitted init (sharded, never gathered)
+    values = params if config.dora else abstract_params
+    abstract_lora = jax.eval_shape(make, key, _abstract(values))
     source = params if param_shardings is None else param_shardings
     out = shardings(source, abstract_lora, mesh=mesh, rules=rules, rank_axis=rank_axis)
     loose = [p for p, f in out.items() if not isinstance(f.a, NamedSharding)]
@@ -299,4 +307,6 @@ def init_sharded(
             f"jaxlora.init_sharded: no mesh is known for {loose[:3]} (their shardings are PartitionSpecs); "
             "pass mesh=, or param_shardings holding NamedShardings."
         )
-    return jax.jit(make, out_shardings=out)(key)
+    if not config.dora:
+        return jax.jit(partial(make, p=abstract_params), out_shardings=out)(key)
+    return jax.jit(make, out_shardings=out)(key, params)

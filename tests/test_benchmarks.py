@@ -14,7 +14,7 @@ def _args(mode, **kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen", "lora_single", "lora_factored"])
+@pytest.mark.parametrize("mode", ["full", "lora", "nnx", "merge", "frozen", "lora_single", "lora_factored", "dora"])
 def test_train_step_modes_run(mode):
     out = train_step._worker(_args(mode))
     assert out["mode"] == mode and out["median_ms"] > 0 and len(out["step_ms"]) == 2 and out["pipelined_ms"] > 0
@@ -66,3 +66,13 @@ def test_moe_modes_run(mode):
     assert out["mode"] == mode and out["median_ms"] > 0 and out["loss"] == pytest.approx(out["loss"])
     if mode == "lora_experts":
         assert out["trainable"] > 0
+
+
+@pytest.mark.slow
+def test_driver_prints_the_dora_to_lora_ratio(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    train_step.main(["--config", "tiny", "--modes", "lora,dora", "--steps", "2", "--warmup", "1",
+                     "--rank", "4", "--out", str(path)])  # fmt: skip
+    result = json.loads(path.read_text())
+    assert result["modes"]["dora"]["ratio_to_lora"] > 0
+    assert "dora/lora: step" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def _slice_leading(t: Tagged, ctx: Context) -> Tagged:
     else:
         _check_leading(t)
     view = dataclasses.replace(t.view, present=tuple(j for j in t.view.present if j != k), origin=t.view.origin[1:])
-    return Tagged(t.w, t.a, t.b, view, t.factors)
+    return Tagged(t.w, t.a, t.b, view, t.factors, t.m)
 
 
 def _check_leading(t: Tagged) -> None:
@@ -161,10 +161,10 @@ def _shard_map(eqn, invals, ctx: Context):
             if v.factors is None:  # probing: no factors
                 flat.append(v.w), specs.append(spec), slots.append((v, 1))
                 continue
-            a_spec, b_spec = factor_specs(v, spec)
-            flat += [v.w, v.a, v.b]
-            specs += [spec, a_spec, b_spec]
-            slots.append((v, 3))
+            a_spec, b_spec, m_spec = factor_specs(v, spec)
+            flat += [v.w, v.a, v.b] + ([] if v.m is None else [v.m])
+            specs += [spec, a_spec, b_spec] + ([] if v.m is None else [m_spec])
+            slots.append((v, 3 if v.m is None else 4))
         else:
             flat.append(v), specs.append(spec), slots.append((None, 1))
 
@@ -174,8 +174,8 @@ def _shard_map(eqn, invals, ctx: Context):
             if t is None:
                 vals.append(local[i])
             else:
-                a, b = (local[i + 1], local[i + 2]) if n == 3 else (None, None)
-                vals.append(Tagged(local[i], a, b, t.view, t.factors))
+                a, b = (local[i + 1], local[i + 2]) if n >= 3 else (None, None)
+                vals.append(Tagged(local[i], a, b, t.view, t.factors, local[i + 3] if n == 4 else None))
             i += n
         return evaluate(jaxpr, consts, vals, ctx)
 

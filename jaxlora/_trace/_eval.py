@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Literal
 
-from .._matmul import LoraFactors, delta
+from .._matmul import LoraFactors, delta, weight_norm
 from .._tree import is_array
 
 FALLBACKS = ("error", "merge")
@@ -46,30 +46,36 @@ class View:
 
 @jax.tree_util.register_pytree_node_class
 class Tagged:
-    """A targeted weight inside the traced function: its view ``w`` and the factors (None when probing)."""
+    """A targeted weight inside the traced function: its view ``w``, the factors (None when probing)
+    and DoRA's magnitude ``m`` (None without DoRA), each sliced and reshaped alike as views go."""
 
-    def __init__(self, w, a, b, view: View, factors: LoraFactors | None):
-        self.w, self.a, self.b, self.view, self.factors = w, a, b, view, factors
+    def __init__(self, w, a, b, view: View, factors: LoraFactors | None, m=None):
+        self.w, self.a, self.b, self.view, self.factors, self.m = w, a, b, view, factors, m
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b), (self.view, self.factors)
+        return (self.w, self.a, self.b, self.m), (self.view, self.factors)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        w, a, b, m = children
+        return cls(w, a, b, *aux, m=m)
 
     def replace(self, w=None, **view_changes) -> Tagged:
         view = dataclasses.replace(self.view, **view_changes) if view_changes else self.view
-        return Tagged(self.w if w is None else w, self.a, self.b, view, self.factors)
+        return Tagged(self.w if w is None else w, self.a, self.b, view, self.factors, self.m)
 
     def role(self, axis: int) -> str:
         return self.factors.roles[self.view.origin[axis]]
 
     def axes(self, side: str) -> list:
-        """The axes of factor ``side`` ("a" or "b") as original-axis numbers, with "r" for the rank."""
+        """The axes of ``side`` ("a", "b" or the magnitude "m") as original-axis numbers, "r" the rank."""
         roles, present = self.factors.roles, self.view.present
         group = lambda role: [k for k in present if roles[k] == role]  # noqa: E731
-        return group("s") + group("i") + ["r"] if side == "a" else group("s") + ["r"] + group("o")
+        return {
+            "a": group("s") + group("i") + ["r"],
+            "b": group("s") + ["r"] + group("o"),
+            "m": group("s") + group("o"),
+        }[side]
 
 
 class UnsupportedError(ValueError):
@@ -175,7 +181,11 @@ def untag(value: Any, where: str, ctx: Context) -> Any:
         ctx.ops.setdefault(value.view.path, set()).add(f"is {where}")
         return value.w
     if ctx.fallback == "merge":
-        return value.w + delta_view(value).astype(value.w.dtype)
+        merged = value.w.astype(jnp.float32) + delta_view(value)
+        if value.m is not None:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW)
+            norm = view_norm_op(value)(value.w, value.a, value.b, merged)
+            merged = merged * to_view(value, value.m.astype(jnp.float32) / norm)
+        return merged.astype(value.w.dtype)
     raise UnsupportedError(
         f"LoRA weight {value.view.path!r} is {where}, which jaxlora cannot compute in factored form "
         "(it only factors dot_general, ragged_dot, conv_general_dilated and gather). Fix: leave this module out of "
@@ -196,6 +206,28 @@ def delta_view(t: Tagged, a=None, b=None, scale=None, accumulate=jnp.float32) ->
 def view_delta_op(t: Tagged):
     """lora_op's ``delta_op``: unscaled ΔW of the view from (first = a, second = b), in their dtype."""
     return lambda first, second: delta_view(t, first, second, 1.0, None)
+
+
+def to_view(t: Tagged, g: jax.Array) -> jax.Array:
+    """``g`` in ``m``'s layout (stacked, then output axes), shaped to broadcast against the view ``t.w``."""
+    roles, present, m_axes = t.factors.roles, t.view.present, t.axes("m")
+    kept = [k for k in present if roles[k] != "i"]
+    g = jnp.transpose(g, [m_axes.index(k) for k in kept])
+    sizes = dict(zip(kept, g.shape))
+    g = jnp.reshape(g, [sizes.get(k, 1) for k in present])
+    return jnp.transpose(g, [present.index(k) for k in t.view.origin])
+
+
+def view_norm_op(t: Tagged):
+    """lora_op's ``norm_op``: ``‖W + ΔW‖`` of the view over its input axes, in ``m``'s layout."""
+    to_present = [t.view.origin.index(k) for k in t.view.present]
+    roles = "".join(t.factors.roles[k] for k in t.view.present)
+
+    def norm(w, a, b, merged):
+        merged = None if merged is None else jnp.transpose(merged, to_present)
+        return weight_norm(jnp.transpose(w, to_present), a, b, t.factors.scale, roles, merged=merged)
+
+    return norm
 
 
 def mismatch(t: Tagged, op: str, what: str) -> UnsupportedError:
@@ -259,7 +291,8 @@ def run(
         if i in tagged:
             path, factors = tagged[i]
             view = View(path, tuple(range(v.ndim)), tuple(range(v.ndim)))
-            v = Tagged(v, None if factors is None else factors.a, None if factors is None else factors.b, view, factors)
+            f = factors
+            v = Tagged(v, None if f is None else f.a, None if f is None else f.b, view, f, None if f is None else f.m)
         values.append(v)
     outs = evaluate(traced.jaxpr, traced.consts, values, ctx)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

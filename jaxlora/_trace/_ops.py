@@ -14,7 +14,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._matmul import lora_op
-from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op
+from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op, view_norm_op
+
+
+def _dora(t: Tagged, out_axes: dict[int, int]) -> dict[str, Any]:
+    """lora_op's DoRA arguments: ``m``, its norm, and ``to_out`` placing each axis of ``m`` (an axis
+    of ``W``) at output position ``out_axes[k]``, size 1 elsewhere. Empty without DoRA."""
+    if t.m is None:
+        return {}
+    m_axes = t.axes("m")
+
+    def to_out(g, ndim):
+        order = sorted(m_axes, key=lambda k: out_axes[k])
+        g = jnp.transpose(g, [m_axes.index(k) for k in order])
+        shape = [1] * ndim
+        for k, d in zip(order, g.shape):
+            shape[out_axes[k]] = d
+        return jnp.reshape(g, shape)
+
+    return dict(magnitude=t.m, norm_op=view_norm_op(t), to_out=to_out)
 
 
 def _split(eqn, invals, ctx, op: str) -> tuple[Tagged, Any, bool]:
@@ -50,6 +68,12 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
     else:
         raise mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
+    if swapped and t.m is not None:
+        raise UnsupportedError(
+            f"DoRA weight {t.view.path!r} is contracted over its output axes (a tied embedding's attend), where "
+            "DoRA's per-output magnitude would scale the contracted axis; jaxlora does not support this. Fix: "
+            "leave this module out of LoraConfig.targets, or use plain LoRA (use_dora=False) for it."
+        )
     nb, nxfree = len(xb), x.ndim - len(xc) - len(xb)
     precision = eqn.params.get("precision")
     first_dims = (
@@ -64,6 +88,8 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
     w_out = [nb + nxfree + rest.index(origin[v]) for v in wfree]
     x_out = list(range(nb, nb + nxfree))
     perm = list(range(nb)) + (x_out + w_out if x_is_lhs else w_out + x_out)
+    w_pos = [nb + nxfree + i for i in range(len(wfree))] if x_is_lhs else [nb + i for i in range(len(wfree))]
+    out_axes = {origin[v]: i for i, v in enumerate(wb)} | {origin[v]: j for v, j in zip(wfree, w_pos)}
     first_out = second_out = None
     out = eqn.params.get("out_sharding")
     if out is not None:  # sharding in types: the base op's output spec, carried to both factored ops
@@ -88,7 +114,7 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction and rounds
         # differently, so B = 0 would no longer give exactly the base logits
         delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
-        dropout_key=ctx.next_key(),
+        dropout_key=ctx.next_key(), **_dora(t, out_axes),
     )]  # fmt: skip
 
 
@@ -129,6 +155,7 @@ def _conv(eqn, invals, ctx: Context) -> list[Any]:
         first_op=lambda x, a: bind(eqn, [x, a], a_params)[0],
         second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature),
         delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        **_dora(t, {t.view.origin[out_axis]: feature}),
     )]  # fmt: skip
 
 
@@ -158,4 +185,5 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
         base=base,
         first_op=lambda idx, a: bind(eqn, [a, idx], a_params)[0],
         second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis),
+        **_dora(t, {t.view.origin[o_axis]: out_axis}),
     )]  # fmt: skip

@@ -52,7 +52,7 @@ def _slice(eqn, invals, ctx: Context) -> list[Any]:
     w = bind(eqn, [t.w, *starts])[0]
     if ctx.probing:
         return [t.replace(w=w)]
-    p, a, b = eqn.params, t.a, t.b
+    p, a, b, m = eqn.params, t.a, t.b, t.m
     for v in range(t.w.ndim):
         if eqn.primitive.name == "slice":
             start, limit = p["start_indices"][v], p["limit_indices"][v]
@@ -65,10 +65,11 @@ def _slice(eqn, invals, ctx: Context) -> list[Any]:
             if size == t.w.shape[v]:
                 continue
             cut = lambda f, i, s=starts[v], n=size: lax.dynamic_slice_in_dim(f, s, n, axis=i)  # noqa: E731
-        ia, ib = _factor_axis(t, "a", v), _factor_axis(t, "b", v)
+        ia, ib, im = _factor_axis(t, "a", v), _factor_axis(t, "b", v), _factor_axis(t, "m", v)
         a = a if ia is None else cut(a, ia)
         b = b if ib is None else cut(b, ib)
-    return [Tagged(w, a, b, t.view, t.factors)]
+        m = m if im is None or m is None else cut(m, im)
+    return [Tagged(w, a, b, t.view, t.factors, m)]
 
 
 @register("split")
@@ -78,12 +79,13 @@ def _split_axis(eqn, invals, ctx: Context) -> list[Tagged]:
     outs, axis = bind(eqn, [t.w]), eqn.params["axis"] % t.w.ndim
     if ctx.probing:
         return [t.replace(w=w) for w in outs]
-    ia, ib = _factor_axis(t, "a", axis), _factor_axis(t, "b", axis)
+    ia, ib, im = _factor_axis(t, "a", axis), _factor_axis(t, "b", axis), _factor_axis(t, "m", axis)
     pieces, start = [], 0
     for w in outs:
         size = w.shape[axis]
         cut = lambda f, i, start=start, size=size: f if i is None else lax.slice_in_dim(f, start, start + size, axis=i)  # noqa: E731
-        pieces.append(Tagged(w, cut(t.a, ia), cut(t.b, ib), t.view, t.factors))
+        m = None if t.m is None else cut(t.m, im)
+        pieces.append(Tagged(w, cut(t.a, ia), cut(t.b, ib), t.view, t.factors, m))
         start += size
     return pieces
 
@@ -99,13 +101,15 @@ def _squeeze(eqn, invals, ctx: Context) -> list[Tagged]:
         kept = {j for v, k in enumerate(t.view.origin) if v not in dims for j in t.view.weight_axes(k)}
         for j in {j for k in gone for j in t.view.weight_axes(k)} - kept:
             ctx.usage.setdefault(t.view.path, {}).setdefault(j, "s")
-    a, b = t.a, t.b
+    a, b, m = t.a, t.b, t.m
     if not ctx.probing:
         a = jnp.squeeze(a, tuple(i for v in dims if (i := _factor_axis(t, "a", v)) is not None))
         b = jnp.squeeze(b, tuple(i for v in dims if (i := _factor_axis(t, "b", v)) is not None))
+        if m is not None:
+            m = jnp.squeeze(m, tuple(i for v in dims if (i := _factor_axis(t, "m", v)) is not None))
     origin = tuple(k for v, k in enumerate(t.view.origin) if v not in dims)
     view = dataclasses.replace(t.view, present=tuple(k for k in t.view.present if k not in gone), origin=origin)
-    return [Tagged(w, a, b, view, t.factors)]
+    return [Tagged(w, a, b, view, t.factors, m)]
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
@@ -171,25 +175,30 @@ def _reshape(eqn, invals, ctx: Context) -> list[Any]:
     view_roles = [t.role(v) for v in range(t.w.ndim)]
 
     def relayout(f: jax.Array, side: str, role: str) -> jax.Array:
-        axes, rank_axis = t.axes(side), t.axes(side).index("r")
+        axes = t.axes(side)
         stacked = [axes.index(t.view.origin[v]) for v in range(t.w.ndim) if view_roles[v] == "s"]
         own = [axes.index(t.view.origin[v]) for v in range(t.w.ndim) if view_roles[v] == role]
         s_new = [new[j] for j in range(len(new)) if roles[j] == "s"]
         own_new = [new[j] for j in range(len(new)) if roles[j] == role]
+        if side == "m":  # DoRA's magnitude: stacked and output axes, no rank
+            return jnp.reshape(jnp.transpose(f, [*stacked, *own]), [*s_new, *own_new])
+        rank_axis = axes.index("r")
         if side == "a":
             return jnp.reshape(jnp.transpose(f, [*stacked, *own, rank_axis]), [*s_new, *own_new, f.shape[rank_axis]])
         return jnp.reshape(jnp.transpose(f, [*stacked, rank_axis, *own]), [*s_new, f.shape[rank_axis], *own_new])
 
     a, b = relayout(t.a, "a", "i"), relayout(t.b, "b", "o")
-    return [Tagged(w, a, b, view, dataclasses.replace(t.factors, roles="".join(roles)))]
+    m = None if t.m is None else relayout(t.m, "m", "o")
+    return [Tagged(w, a, b, view, dataclasses.replace(t.factors, roles="".join(roles)), m)]
 
 
-def factor_specs(t: Tagged, spec: Sequence[Any]) -> tuple[P, P]:
-    """Specs of ``t``'s factors for a view of ``W`` sharded as ``spec``: each factor axis takes the
-    entry of the ``W`` axis it shares, the rank axis is replicated (as in `jaxlora.shardings`)."""
+def factor_specs(t: Tagged, spec: Sequence[Any]) -> tuple[P, P, P]:
+    """Specs of ``t``'s factors (``a``, ``b``, DoRA's ``m``) for a view of ``W`` sharded as ``spec``: each
+    factor axis takes the entry of the ``W`` axis it shares, the rank axis is replicated (as in
+    `jaxlora.shardings`)."""
     spec = tuple(spec) + (None,) * (len(t.view.origin) - len(spec))
     by_axis = {k: spec[v] for v, k in enumerate(t.view.origin)}
-    return tuple(P(*(None if k == "r" else by_axis[k] for k in t.axes(side))) for side in ("a", "b"))  # type: ignore[return-value]
+    return tuple(P(*(None if k == "r" else by_axis[k] for k in t.axes(side))) for side in ("a", "b", "m"))  # type: ignore[return-value]
 
 
 @register("reshard")
@@ -199,8 +208,9 @@ def _reshard(eqn, invals, ctx: Context) -> list[Tagged]:
     w, dst = bind(eqn, [t.w])[0], eqn.params["dst_sharding"]
     if t.factors is None:
         return [t.replace(w=w)]
-    a_spec, b_spec = factor_specs(t, dst.spec)
+    a_spec, b_spec, m_spec = factor_specs(t, dst.spec)
     mesh = dst.mesh
     a = jax.sharding.reshard(t.a, NamedSharding(mesh, a_spec))
     b = jax.sharding.reshard(t.b, NamedSharding(mesh, b_spec))
-    return [Tagged(w, a, b, t.view, t.factors)]
+    m = None if t.m is None else jax.sharding.reshard(t.m, NamedSharding(mesh, m_spec))
+    return [Tagged(w, a, b, t.view, t.factors, m)]

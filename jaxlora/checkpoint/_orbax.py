@@ -57,7 +57,10 @@ class AdapterInfo(NamedTuple):
     @property
     def trainable(self) -> int:
         """The number of LoRA parameters."""
-        return sum(int(np.prod(m["a_shape"])) + int(np.prod(m["b_shape"])) for m in self.modules.values())
+        return sum(
+            sum(int(np.prod(m[f"{k}_shape"])) for k in ("a", "b", "m") if f"{k}_shape" in m)
+            for m in self.modules.values()
+        )
 
 
 def config_to_json(config: LoraConfig) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def metadata(
             "b_shape": [int(d) for d in f.b.shape],
             "dtype": jnp.dtype(f.a.dtype).name,
             "b_dtype": jnp.dtype(f.b.dtype).name,
+            **({} if f.m is None else {"m_shape": [int(d) for d in f.m.shape], "m_dtype": jnp.dtype(f.m.dtype).name}),
         }
         for path, f in lora.items()
     }
@@ -114,7 +118,7 @@ def metadata(
 
 def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
     # Keyed by position, not path: module paths contain "/", which Orbax would read as nesting.
-    return {f"m{i}": {"a": f.a, "b": f.b} for i, f in enumerate(lora.values())}
+    return {f"m{i}": {"a": f.a, "b": f.b, **({} if f.m is None else {"m": f.m})} for i, f in enumerate(lora.values())}
 
 
 def save_args(
@@ -273,7 +277,7 @@ def _sharding_for(shardings: Any, path: str, name: str) -> jax.sharding.Sharding
     entry = shardings.get(path) if isinstance(shardings, Mapping) else None
     if entry is None:
         return None
-    return entry[name] if isinstance(entry, Mapping) else getattr(entry, name)
+    return entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name)
 
 
 def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
@@ -288,10 +292,11 @@ def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.S
         f"m{i}": {
             name: jax.ShapeDtypeStruct(
                 tuple(m[f"{name}_shape"]),
-                jnp.dtype(m["dtype" if name == "a" else "b_dtype"]),
+                jnp.dtype(m["dtype" if name == "a" else f"{name}_dtype"]),
                 sharding=_sharding_for(shardings, path, name),
             )
-            for name in ("a", "b")
+            for name in ("a", "b", "m")
+            if f"{name}_shape" in m  # "m": DoRA modules only
         }
         for i, (path, m) in enumerate(meta["modules"].items())
     }
@@ -310,7 +315,11 @@ def _rebuild(meta: dict[str, Any], arrays: Mapping[str, Any], where: Path | str)
                 f"{path!r}: a {m['a_shape']} and b {m['b_shape']} expected, found {list(a.shape)} and {list(b.shape)}"
             )
             continue
-        lora[path] = LoraFactors(a=a, b=b, scale=m["scale"], roles=m["roles"], dropout=m["dropout"])
+        mag = entry.get("m") if "m_shape" in m else None
+        if "m_shape" in m and (mag is None or list(mag.shape) != m["m_shape"]):
+            problems.append(f"{path!r}: DoRA magnitude {m['m_shape']} expected, found {getattr(mag, 'shape', None)}")
+            continue
+        lora[path] = LoraFactors(a=a, b=b, scale=m["scale"], roles=m["roles"], dropout=m["dropout"], m=mag)
     if problems:
         raise ValueError(f"{where} is corrupt (its arrays do not match its metadata):\n  " + "\n  ".join(problems))
     return lora

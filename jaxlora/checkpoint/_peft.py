@@ -7,6 +7,8 @@ computes ``ΔW = scale · B·A`` with ``scale = lora_alpha / r`` (``/ sqrt(r)`` 
 jaxlora module with ``a: (*I, r)`` and ``b: (r, *O)`` maps to ``A = a.reshape(-1, r).T`` and
 ``B = b.reshape(r, -1).T``: a Flax ``Dense`` kernel ``(in, out)`` gives ``A = a.T``, and a
 ``DenseGeneral`` kernel flattens its input and output axes as the torch ``Linear`` twin does.
+DoRA's magnitude ``m`` (``*O``) is ``...<name>.lora_magnitude_vector`` ``(out,)``, flattened alike,
+with ``use_dora: true`` in the config.
 
 Module names differ between a Flax model and its torch twin, so both directions take ``names``: a
 function from jaxlora module path to torch module name, or a dict ``{regex: replacement}`` (first
@@ -41,7 +43,9 @@ _SUFFIXES = {
     ".lora_B.weight": ("linear", "B"),
     ".lora_embedding_A": ("embedding", "A"),
     ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": (None, "M"),  # DoRA; the kind comes from the A and B tensors
 }
+MAGNITUDE = "lora_magnitude_vector"
 Names = Callable[[str], str] | Mapping[str, str] | None
 Lora = dict[str, LoraFactors]
 
@@ -129,6 +133,8 @@ def save_peft_files(
         keys = ("lora_A.weight", "lora_B.weight") if kind == "linear" else ("lora_embedding_A", "lora_embedding_B")
         tensors[f"{PREFIX}{name}.{keys[0]}"] = np.ascontiguousarray(a)
         tensors[f"{PREFIX}{name}.{keys[1]}"] = np.ascontiguousarray(b)
+        if f.m is not None:
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(np.asarray(f.m).reshape(-1))
         ranks[name], alphas[name] = r, _alpha_for(float(f.scale), r, rslora)
         dropouts.add(float(f.dropout))
         modules[p] = {
@@ -140,6 +146,12 @@ def save_peft_files(
             "a_shape": [int(d) for d in f.a.shape],
             "b_shape": [int(d) for d in f.b.shape],
         }
+    dora = {f.m is not None for f in lora.values()}
+    if len(dora) > 1:
+        problems.append(
+            f"some modules use DoRA and some do not ({sorted(p for p, f in lora.items() if f.m is None)} do not); "
+            "PEFT's use_dora is one flag for the whole adapter: save them as two adapters."
+        )
     dup = [n for n, c in collections.Counter(m["torch"] for m in modules.values()).items() if c > 1]
     if dup:
         problems.append(f"the name mapping sends several modules to the same torch names {dup}.")
@@ -163,7 +175,7 @@ def save_peft_files(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": dora == {True},
     }
     extra = {"version": 1, "modules": modules, "base": base, "config": dict(config) if config else None}
     path.mkdir(parents=True, exist_ok=True)
@@ -262,8 +274,6 @@ def read_peft(
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
-    if config.get("use_dora"):
-        problems.append("use_dora is true; DoRA's magnitude vectors have no jaxlora equivalent")
     if config.get("modules_to_save"):
         problems.append(
             f"modules_to_save {config['modules_to_save']} holds full trained copies that jaxlora does not load"
@@ -280,14 +290,26 @@ def read_peft(
                     problems.append(f"tensor {key!r} is not a LoRA factor jaxlora can read")
                     continue
                 kind, which = _SUFFIXES[suffix]
-                modules.setdefault(key[len(PREFIX) : -len(suffix)], {"kind": kind})[which] = f.get_tensor(key)
+                entry = modules.setdefault(key[len(PREFIX) : -len(suffix)], {})
+                entry[which] = f.get_tensor(key)
+                if kind is not None:
+                    entry["kind"] = kind
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({type(e).__name__}: {e}).") from e
     for name, m in modules.items():
         if "A" not in m or "B" not in m:
-            problems.append(f"{name!r}: has only lora_{'A' if 'A' in m else 'B'}")
+            problems.append(f"{name!r}: has lora_A and lora_B incomplete (found {sorted(k for k in m if k != 'kind')})")
         elif m["A"].ndim != 2 or m["B"].ndim != 2 or m["A"].shape[0] != m["B"].shape[1]:
             problems.append(f"{name!r}: lora_A {m['A'].shape} and lora_B {m['B'].shape} are not (r, in) and (out, r)")
+        elif "M" in m and m["M"].size != m["B"].shape[0]:
+            problems.append(
+                f"{name!r}: {MAGNITUDE} {m['M'].shape} does not hold one value per output ({m['B'].shape[0]})"
+            )
+        elif bool(config.get("use_dora")) != ("M" in m):
+            problems.append(
+                f"{name!r}: use_dora is {bool(config.get('use_dora'))} but {MAGNITUDE} is "
+                f"{'present' if 'M' in m else 'missing'}"
+            )
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
     extra = json.loads(meta["jaxlora"]) if "jaxlora" in meta else None
@@ -324,11 +346,11 @@ def load_peft(
 
     Returns:
       The LoRA tree, with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) per module,
-      ``rank_pattern`` and ``alpha_pattern`` applied.
+      ``rank_pattern`` and ``alpha_pattern`` applied, and DoRA's ``m`` from ``lora_magnitude_vector``.
 
     Raises:
       FileNotFoundError: if ``directory`` does not exist.
-      ValueError: for a directory that is not a readable LoRA adapter (naming what is missing, DoRA,
+      ValueError: for a directory that is not a readable LoRA adapter (naming what is missing,
         ``modules_to_save``, trained biases), torch names no weight of ``params`` maps to, or factor
         shapes that do not fit the weights.
 
@@ -423,8 +445,9 @@ def load_peft(
             continue
         a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
         b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
+        mag = None if "M" not in m else jnp.asarray(m["M"].reshape(o_shape), dtype)
         dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
-        lora[p] = LoraFactors(a=a, b=b, scale=_scale(config, name, r), roles=role, dropout=dropout)
+        lora[p] = LoraFactors(a=a, b=b, scale=_scale(config, name, r), roles=role, dropout=dropout, m=mag)
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
     return lora
@@ -449,6 +472,7 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
             "a_shape": list(m["A"].shape[::-1]),
             "b_shape": list(m["B"].shape[::-1]),
             "dtype": str(m["A"].dtype),
+            **({"m_shape": list(m["M"].shape)} if "M" in m else {}),
         }
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     config_fields = (extra or {}).get("config") or {
