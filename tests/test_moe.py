@@ -234,3 +234,11 @@ def test_errors():
         match=r"'down': stacked-layer axis or expert axis \(roles 'sio'.*experts of a ragged_dot.*target_parameters",
     ):
         jaxlora.checkpoint.save_peft("/nonexistent/never", lora)
+
+
+def test_dora_on_expert_weights_is_refused():
+    model, x, params, _ = _setup()
+    cfg = jaxlora.LoraConfig(rank=2, targets=["gate", "up", "down"], dora=True)
+    lora = jaxlora.init(jax.random.key(2), params, cfg, fn=model.apply, args=(x,))
+    with pytest.raises(jaxlora.UnsupportedError, match=r"'(gate|up|down)' has a DoRA magnitude .*ragged_dot"):
+        jaxlora.apply(model.apply, params, lora, x)

@@ -60,6 +60,12 @@ def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
             "jaxlora does not factor; use lax.ragged_dot on 2-D tokens (vmap over the batch), or leave this "
             "module out of LoraConfig.targets."
         )
+    if t.m is not None:
+        raise UnsupportedError(
+            f"LoRA weight {t.view.path!r} has a DoRA magnitude but is used by `ragged_dot`, where each row "
+            "belongs to another expert's output: jaxlora has no DoRA for expert weights. Fix: set "
+            "LoraConfig(dora=False) or leave the expert weights out of LoraConfig.targets."
+        )
     origin, roles = t.view.origin, t.factors.roles
     present = lambda role: [k for k in t.view.present if roles[k] == role]  # noqa: E731
     if sorted(origin[v] for v in groups) != present("s"):
