@@ -250,6 +250,8 @@ def test_random_models(model):
         if shape in w_shapes and not (prim == "dot_general" and k == rank)  # ΔW = a·b contracts r only
     ]
     assert not bad, (pieces, bad)
+    EXPLORED["passed"] = EXPLORED.get("passed", 0) + 1
+    print(f"model {EXPLORED['passed']}: {frontend} {pieces} ok", flush=True)  # progress, with -s
 
 
 def test_zz_report_what_was_explored():
