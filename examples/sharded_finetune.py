@@ -11,6 +11,9 @@ simulated CPU devices, on one or more GPUs, and on every host of a TPU pod::
     python examples/sharded_finetune.py --preset small --mesh 1,2,2
     # every host of a TPU pod / GPU cluster, the same command on each
     python examples/sharded_finetune.py --multihost --preset small
+    # checkpoint every 100 steps (storage every host can reach); after a crash, the same command
+    # with --resume continues from the latest checkpoint as if nothing had happened
+    python examples/sharded_finetune.py --steps 1000 --save-every 100 --checkpoint-dir /shared/run1 [--resume]
 
 The model: RMSNorm, rotary position embeddings, grouped-query attention, a SwiGLU MLP, weights
 annotated with logical axis names (``nn.with_logical_partitioning``), the blocks stacked with
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -240,6 +245,7 @@ class Setup:
     batch_sharding: NamedSharding
     step: Callable[..., Any]
     base_step: Callable[..., Any]  # full fine-tuning of the same model: the reference for communication
+    config: jaxlora.LoraConfig
 
 
 def setup(
@@ -320,15 +326,16 @@ def setup(
         batch_sharding,
         step,
         base_step,
+        config,
     )
 
 
 def batches(
-    cfg: LlamaConfig, sharding: NamedSharding, batch: int, seq: int, seed: int = 0
+    cfg: LlamaConfig, sharding: NamedSharding, batch: int, seq: int, seed: int = 0, start: int = 0
 ) -> Iterator[dict[str, jax.Array]]:
-    """Synthetic arithmetic progressions mod vocab. Every host builds only its own rows (the same rows
-    whatever the host count) and the global array is assembled from them."""
-    step = 0
+    """Synthetic arithmetic progressions mod vocab, from batch number ``start`` on. Every host builds only
+    its own rows (the same rows whatever the host count) and the global array is assembled from them."""
+    step = start
     while True:
         rng = np.random.default_rng([seed, step])
         start = rng.integers(0, cfg.vocab, (batch, 1))
@@ -346,10 +353,27 @@ def batches(
         step += 1
 
 
-def save_hook(step: int, lora: Any) -> None:
-    """Called every ``--save-every`` steps and at the end: where the checkpoint work plugs in (e.g. an
-    Orbax save of ``lora``, which holds only A and B). A stub for now: it saves nothing."""
-    del step, lora
+def save(mngr: ocp.CheckpointManager, step: int, s: Setup, lora: Any, opt_state: Any) -> None:
+    """Checkpoint step ``step``: the LoRA tree (with its config and the base's fingerprint), the optimizer
+    state, and the step itself (the manager's step number). Every host calls it: Orbax writes each
+    array's shards from the host that holds them, and commits the step once all hosts are done. The
+    save is asynchronous: the arrays are copied off the devices before it returns (so the next step may
+    donate them) and written while training goes on."""
+    items = jaxlora.checkpoint.save_args(lora, config=s.config, params=s.params)
+    mngr.save(step, args=ocp.args.Composite(**items, opt_state=ocp.args.StandardSave(opt_state)), force=True)
+
+
+def resume(mngr: ocp.CheckpointManager, s: Setup) -> tuple[int, Any, Any]:
+    """``(step, lora, opt_state)`` of the latest checkpoint, each array read straight into its shards on
+    the mesh, or ``(0, s.lora, s.opt_state)`` when there is none. Refuses a checkpoint made for another base."""
+    if mngr.latest_step() is None:
+        return 0, s.lora, s.opt_state
+    abstract = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+    opt_target = jax.tree.map(abstract, s.opt_state, s.opt_shardings)
+    lora, rest = jaxlora.checkpoint.restore_step(
+        mngr, params=s.params, shardings=s.lora_shardings, opt_state=ocp.args.StandardRestore(opt_target)
+    )
+    return mngr.latest_step(), lora, rest["opt_state"]
 
 
 def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -364,7 +388,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--mesh", type=lambda s: tuple(int(v) for v in s.split(",")), default=None, help="data,fsdp,tensor"
     )
-    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (storage every host reaches)")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if any")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
     parser.add_argument(
@@ -374,6 +400,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if (args.save_every or args.resume) and not args.checkpoint_dir:
+        parser.error("--save-every and --resume need --checkpoint-dir")
     if args.multihost:  # on TPU pods and SLURM / Open MPI / Kubernetes clusters the arguments are found automatically
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = PRESETS[args.preset]
@@ -384,11 +412,18 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kind, hosts = jax.devices()[0].device_kind, jax.process_count()
         print(f"devices: {jax.device_count()} ({kind}) on {hosts} host(s); mesh {dict(mesh.shape)}")
         print(jaxlora.summary(s.params, s.lora).__str__().splitlines()[-1])
-    data = batches(cfg, s.batch_sharding, args.batch, args.seq, args.seed)
+    mngr = None
+    if args.checkpoint_dir:
+        options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=True)
+        mngr = ocp.CheckpointManager(os.path.abspath(args.checkpoint_dir), options=options)
+    start, lora, opt_state = resume(mngr, s) if args.resume else (0, s.lora, s.opt_state)
+    if main and start:
+        print(f"resumed from step {start} in {args.checkpoint_dir}")
+    data = batches(cfg, s.batch_sharding, args.batch, args.seq, args.seed, start=start)
     from tqdm import tqdm
 
-    bar = tqdm(range(args.steps), disable=args.no_progress or not main, unit="step")
-    lora, opt_state, losses, times = s.lora, s.opt_state, [], []
+    bar = tqdm(range(start, args.steps), disable=args.no_progress or not main, unit="step")
+    losses, times = [], []
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         for i in bar:
             batch = next(data)
@@ -397,9 +432,16 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             losses.append(float(loss))  # waits for the step
             times.append(time.perf_counter() - t0)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{args.batch * args.seq / times[-1]:,.0f}")
-            if args.save_every and (i + 1) % args.save_every == 0:
-                save_hook(i + 1, lora)
-    save_hook(args.steps, lora)
+            if mngr and ((args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps):
+                save(mngr, i + 1, s, lora, opt_state)
+    if mngr:
+        mngr.wait_until_finished()
+        mngr.close()
+    if not losses:
+        if main:
+            print(f"nothing to do: the checkpoint is at step {start}, --steps is {args.steps}")
+        return {"losses": [], "first_step": start + 1, "lora": lora, "step_time": None, "peak_bytes": None,
+                "mesh": dict(mesh.shape)}  # fmt: skip
     steady = times[1:] or times  # the first step compiles
     step_time = float(np.median(steady))
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -408,7 +450,14 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mem = f", peak memory {peak / 2**20:,.0f} MiB on device 0" if peak else ""
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {step_time * 1e3:.1f} ms/step, "
               f"{args.batch * args.seq / step_time:,.0f} tokens/s{mem}")  # fmt: skip
-    return {"losses": losses, "lora": lora, "step_time": step_time, "peak_bytes": peak, "mesh": dict(mesh.shape)}
+    return {
+        "losses": losses,
+        "first_step": start + 1,
+        "lora": lora,
+        "step_time": step_time,
+        "peak_bytes": peak,
+        "mesh": dict(mesh.shape),
+    }
 
 
 if __name__ == "__main__":

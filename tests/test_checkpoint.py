@@ -1,8 +1,10 @@
 """Orbax adapter checkpoints: round trip, base fingerprint, safety (interrupted, corrupt, foreign, newer), resume."""
 
+import dataclasses
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +196,83 @@ def test_interrupted_save_keeps_previous(tmp_path):
     for p in leftovers:
         with pytest.raises(ValueError, match="unfinished save|not a jaxlora adapter"):
             ckpt.restore(tmp_path / p)
+
+
+_KILLED_OVERWRITE = """
+import dataclasses, os, sys, jax, jax.numpy as jnp, jaxlora
+real, calls = os.replace, []
+def replace(src, dst):  # the process dies at the rename numbered sys.argv[2] (0: before the first)
+    if len(calls) == int(sys.argv[2]):
+        os._exit(9)
+    calls.append(src)
+    real(src, dst)
+os.replace = replace
+params = {"w": jnp.zeros((6, 5))}
+lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+lora = {"w": dataclasses.replace(lora["w"], b=jnp.full(lora["w"].b.shape, 7.0))}
+jaxlora.checkpoint.save(sys.argv[1], lora, overwrite=True)
+"""
+
+
+def _killed_overwrite(path, at):
+    """Overwrite the checkpoint at ``path`` in a subprocess that ``os._exit``s at rename number ``at``."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_OVERWRITE, str(path), str(at)], env=env, capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    return {p.name.split(".jaxlora-")[1].split("-")[0]: p for p in path.parent.iterdir() if ".jaxlora-" in p.name}
+
+
+def _small_lora(b):
+    lora = jaxlora.init(jax.random.key(0), {"w": jnp.zeros((6, 5))}, jaxlora.LoraConfig(rank=2))
+    return {"w": dataclasses.replace(lora["w"], b=jnp.full(lora["w"].b.shape, b))}
+
+
+def test_overwrite_killed_between_the_renames_recovers(tmp_path):
+    path = ckpt.save(tmp_path / "adapter", _small_lora(1.0))
+    left = _killed_overwrite(path, at=1)  # the old one renamed away, the new one not yet in place
+    assert not path.exists() and sorted(left) == ["new", "old"]
+    for read in (ckpt.restore, ckpt.info):
+        with pytest.warns(UserWarning, match=f"{path} does not exist.*interrupted.*{left['new']}.*{left['old']}"):
+            got = read(path)
+    np.testing.assert_array_equal(got.modules["w"]["b_shape"], [2, 5])
+    with pytest.warns(UserWarning, match="interrupted"):
+        np.testing.assert_array_equal(ckpt.restore(path)["w"].b, 7.0)  # the new one: complete, and the latest
+    with pytest.raises(FileExistsError, match="already exists"):  # a checkpoint is there, for restore
+        ckpt.save(path, _small_lora(2.0))
+    ckpt.save(path, _small_lora(2.0), overwrite=True)
+    assert os.listdir(tmp_path) == ["adapter"]  # the leftovers are gone
+    np.testing.assert_array_equal(ckpt.restore(path)["w"].b, 2.0)  # no warning (they are errors here)
+
+
+def test_overwrite_killed_before_the_renames_keeps_the_old(tmp_path):
+    path = ckpt.save(tmp_path / "adapter", _small_lora(1.0))
+    left = _killed_overwrite(path, at=0)  # the new one complete beside the old, nothing renamed
+    assert sorted(left) == ["new"]
+    np.testing.assert_array_equal(ckpt.restore(path)["w"].b, 1.0)  # the old one, silently: it is in place
+    with pytest.raises(ValueError, match="unfinished save.*restore adapter"):
+        ckpt.restore(left["new"])
+    ckpt.save(path, _small_lora(2.0), overwrite=True)
+    assert os.listdir(tmp_path) == ["adapter"]
+
+
+def test_incomplete_new_checkpoint_is_never_used(tmp_path):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    left = _killed_overwrite(ckpt.save(killed / "adapter", _small_lora(1.0)), at=1)
+    for damage in ["orbax_tmp_name", "arrays_missing", "meta_corrupt"]:
+        shutil.copytree(killed, tmp_path / damage)
+        path, old, new = (tmp_path / damage / p.name for p in (killed / "adapter", left["old"], left["new"]))
+        if damage == "orbax_tmp_name":  # a kill while Orbax wrote it: it never got its final name
+            new.rename(new.with_name(new.name + ".orbax-checkpoint-tmp-1234"))
+        elif damage == "arrays_missing":
+            shutil.rmtree(new / "lora")
+        else:
+            (new / "lora_meta" / "metadata").write_text("{")
+        with pytest.warns(UserWarning, match=f"Using the complete checkpoint it left at {old} \\(the newest of 1"):
+            np.testing.assert_array_equal(ckpt.restore(path)["w"].b, 1.0)
+        shutil.rmtree(old)
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            ckpt.restore(path)
 
 
 # TensorStore reports the failed reads to Orbax's event loop after Orbax has closed it (an Orbax quirk,

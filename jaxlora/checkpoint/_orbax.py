@@ -5,15 +5,21 @@ Orbax's OCDBT format) and ``lora_meta`` (JSON: format name and version, each mod
 roles and dropout, the `LoraConfig` it was made with, and the base fingerprint). The static fields of
 `LoraFactors` are no pytree leaves, so they travel in the JSON and `restore` rebuilds the factors.
 Orbax writes into a temporary directory and renames it when complete, so a save that dies midway
-leaves any earlier checkpoint as it was.
+leaves any earlier checkpoint as it was. ``save(..., overwrite=True)`` writes the new checkpoint next to
+the old one (``<name>.jaxlora-new-<pid>``), then renames the old one away (``<name>.jaxlora-old-<pid>``)
+and the new one in: two renames, since POSIX cannot rename a directory over a non-empty one. A process
+killed between them leaves no checkpoint at ``<name>`` but two complete ones beside it; `restore` and
+`info` then use the newer complete one and warn, naming both paths, and the next save tidies up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -173,13 +179,15 @@ def save(
       params: the base parameters (may be abstract), recorded as a fingerprint (optional).
       fingerprint: the base fingerprint itself, when params are not at hand (optional).
       overwrite: replace an existing checkpoint. The new one is written completely before the old one
-        is removed.
+        is renamed away; a process killed between the two renames leaves both complete beside
+        ``directory``, and `restore` uses the new one (with a warning).
 
     Returns:
       The checkpoint's path.
 
     Raises:
-      FileExistsError: if ``directory`` exists and ``overwrite`` is false.
+      FileExistsError: if ``directory`` exists (or an interrupted overwrite left its checkpoint beside it)
+        and ``overwrite`` is false.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile
@@ -190,21 +198,54 @@ def save(
       (4, 2)
     """
     path = Path(directory).absolute()
-    if path.exists() and not overwrite:
+    if (path.exists() or _leftovers(path)) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
     items = save_args(lora, config=config, params=params, fingerprint=fingerprint)
     if not path.exists():
         _checkpointer().save(path, args=ocp.args.Composite(**items))
-        return path
-    fresh, stale = (
-        path.with_name(f"{path.name}.jaxlora-new-{os.getpid()}"),
-        path.with_name(f"{path.name}.jaxlora-old-{os.getpid()}"),
-    )
-    _checkpointer().save(fresh, args=ocp.args.Composite(**items), force=True)
-    os.replace(path, stale)  # the old checkpoint survives under `stale` until the new one is in place
-    os.replace(fresh, path)
-    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    else:
+        fresh, stale = (
+            path.with_name(f"{path.name}.jaxlora-new-{os.getpid()}"),
+            path.with_name(f"{path.name}.jaxlora-old-{os.getpid()}"),
+        )
+        _checkpointer().save(fresh, args=ocp.args.Composite(**items), force=True)
+        os.replace(path, stale)  # killed from here ...
+        os.replace(fresh, path)  # ... to here, `restore(path)` falls back on `fresh` (complete) and warns
+    for p in path.parent.glob(f"{glob.escape(path.name)}.jaxlora-*"):  # this save's `stale`, earlier kills' leftovers
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     return path
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """The complete checkpoints that interrupted ``save(path, overwrite=True)`` calls left beside ``path``,
+    newest first. Orbax renames a checkpoint into place only when it is complete, so a half-written one
+    still has its ``.orbax-checkpoint-tmp`` name and is never among them."""
+    found = []
+    for kind in ("new", "old"):
+        prefix = f"{path.name}.jaxlora-{kind}-"
+        for p in path.parent.glob(f"{glob.escape(prefix)}*"):
+            if p.name[len(prefix) :].isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / ARRAYS).is_dir():
+                try:
+                    _check_meta(p)
+                except ValueError:
+                    continue
+                found.append(p)
+    return sorted(found, key=lambda p: (p / "_CHECKPOINT_METADATA").stat().st_mtime_ns, reverse=True)
+
+
+def _locate(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint at ``path`` and its JSON item; where an overwrite interrupted between its two renames
+    left no checkpoint at ``path``, the newest complete one it left beside it (with a warning)."""
+    if path.exists() or not (found := _leftovers(path)):
+        return path, _read_meta(path)
+    others = "".join(f", {p}" for p in found[1:])
+    warnings.warn(
+        f"{path} does not exist: a save(..., overwrite=True) was interrupted between its two renames. Using the "
+        f"complete checkpoint it left at {found[0]} (the newest of {len(found)}: {found[0]}{others}); "
+        f"save to {path} again, or rename {found[0].name} to {path.name}, to put it back in place.",
+        stacklevel=3,
+    )
+    return found[0], _check_meta(found[0])
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -212,7 +253,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"No adapter checkpoint at {path}: it does not exist.")
     if ".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name:
-        raise ValueError(f"{path} is an unfinished save (it was interrupted); restore the previous checkpoint instead.")
+        raise ValueError(
+            f"{path} is an unfinished save (it was interrupted); restore {path.name.split('.jaxlora-')[0]}"
+            " or the previous checkpoint instead."
+        )
+    return _check_meta(path)
+
+
+def _check_meta(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ValueError(f"{path} is a file, not an adapter checkpoint directory.")
     meta_file = path / META / "metadata"
@@ -262,12 +310,12 @@ def info(directory: PathLike) -> AdapterInfo:
       >>> a.format, a.trainable, a.modules["w"]["rank"]
       ('orbax', 20, 2)
     """
-    path = Path(directory)
+    path = Path(directory).absolute()
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists():
         from ._peft import peft_info
 
         return peft_info(path)
-    meta = _read_meta(path)
+    path, meta = _locate(path)
     return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(path))
 
 
@@ -351,8 +399,7 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
       >>> jaxlora.checkpoint.restore(path)["w"].scale
       2.0
     """
-    path = Path(directory).absolute()
-    meta = _read_meta(path)
+    path, meta = _locate(Path(directory).absolute())
     if params is not None and meta["base"] is not None:
         _fingerprint.check(meta["base"], params, source=f"The adapter at {path}")
     if not (path / ARRAYS).is_dir():
