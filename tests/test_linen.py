@@ -61,8 +61,9 @@ def test_zero_b_gives_the_base_output(name, maybe_jit):
         jax.random.key(2), params, jaxlora.LoraConfig(rank=2, targets=MODELS[name][2]), fn=model.apply, args=(x,)
     )
     got = maybe_jit(lambda p, l, x: jaxlora.apply(model.apply, p, l, x))(params, lora, x)
-    # exact op by op; jit, a scan and einsum's own nested jit compile the two programs apart
-    op_by_op = maybe_jit is not jax.jit and name not in ("scan", "einsum")
+    # exact where W reaches lax directly, op by op; jit, a scan, jnp.einsum's nested jit and attend's
+    # jnp.dot of the transposed table (one compiled transpose + dot in the base) compile the two apart
+    op_by_op = maybe_jit is not jax.jit and name not in ("scan", "einsum", "embed_tied")
     assert_base_output(got, maybe_jit(model.apply)(params, x), exact=op_by_op)
 
 
