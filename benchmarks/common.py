@@ -35,7 +35,7 @@ def environment() -> dict[str, Any]:
             "flax": flax.__version__,
             "optax": optax.__version__,
         },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_bert as mb  # noqa: E402
@@ -53,6 +54,9 @@ def _accuracy(logits: jax.Array, y: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(-1) == y).mean())
 
 
+TORCH_MISSING = "skipped: torch and transformers are not installed (pip install -e '.[peft]', CPU torch first)"
+
+
 def torch_check(ids: np.ndarray, mask: np.ndarray, embeddings: np.ndarray) -> float | None:
     """Max |difference| between our embeddings and PyTorch BertModel's, or None without torch."""
     try:
@@ -69,8 +73,19 @@ def torch_check(ids: np.ndarray, mask: np.ndarray, embeddings: np.ndarray) -> fl
 
 
 def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32, max_length: int = 32,
-         per_class: int = 140, full_ft: bool = True, out_dir: str | None = None) -> dict:  # fmt: skip
+         per_class: int = 140, full_ft: bool = True, out_dir: str | None = None,
+         progress: bool = True) -> dict:  # fmt: skip
+    """Runs the four parts; returns what each measured. Files go to ``out_dir`` (kept), or to a temporary
+    directory removed at the end."""
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="minilm_lora_") as tmp:
+            result = main(steps, probe_steps, rank, batch, max_length, per_class, full_ft, tmp, progress)
+        result["out_dir"] = None  # removed; pass --out DIR to keep the adapters and the merged model
+        return result
+    bar = lambda it, desc, total=None: tqdm(it, desc=desc, total=total, disable=not progress, leave=False)  # noqa: E731
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     t0 = time.time()
+    say("1/4 loading MiniLM-L6 and checking it against PyTorch")
     bert, params = mb.load()
     tok = mb.tokenizer(max_length=max_length)
     result: dict = {}
@@ -81,6 +96,8 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
     sims = emb @ emb.T
     result["paraphrase_sim"], result["unrelated_sim"] = float(sims[0, 1]), float(sims[0, 2])
     result["torch_max_abs_diff"] = torch_check(ids, mask, emb)
+    result["torch_check"] = "ok" if result["torch_max_abs_diff"] is not None else TORCH_MISSING
+    say("2/4 building the docstring task")
 
     # 2. the task
     tr_x, tr_y, te_x, te_y, classes = mb.docstring_task(per_class=per_class)
@@ -99,6 +116,7 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     # 3a. frozen linear probe
+    say("3/4 linear probe, LoRA" + (" and full fine-tuning" if full_ft else ""))
     embed = jax.jit(bert.apply)
     tr_emb = np.concatenate([embed(params, tr_ids[i : i + 64], tr_mask[i : i + 64]) for i in range(0, len(tr_y), 64)])
     te_emb = np.concatenate([embed(params, te_ids[i : i + 64], te_mask[i : i + 64]) for i in range(0, len(te_y), 64)])
@@ -112,7 +130,7 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
         updates, state = tx.update(g, state)
         return optax.apply_updates(head, updates), state, loss
 
-    for _ in range(probe_steps):
+    for _ in bar(range(probe_steps), "probe"):
         head, state, _ = probe_step(head, state)
     result["probe_acc"] = _accuracy(logits_of(te_emb, head), te_y)
     probe_head = head
@@ -148,7 +166,7 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
         return optax.apply_updates(train, updates), state, loss
 
     t = time.time()
-    for k, idx in enumerate(_batches(len(tr_y), batch, steps, seed=3)):
+    for k, idx in enumerate(bar(_batches(len(tr_y), batch, steps, seed=3), "LoRA", steps)):
         train, state, loss = lora_step(train, state, tr_ids[idx], tr_mask[idx], tr_y[idx], jax.random.key(k))
     result["lora_train_s"] = time.time() - t
     lora, lora_head = train
@@ -170,14 +188,15 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
             return optax.apply_updates(train, updates), state, loss
 
         t = time.time()
-        for idx in _batches(len(tr_y), batch, steps, seed=3):
+        for idx in bar(_batches(len(tr_y), batch, steps, seed=3), "full fine-tuning", steps):
             train, state, loss = full_step(train, state, tr_ids[idx], tr_mask[idx], tr_y[idx])
         result["full_train_s"] = time.time() - t
         result["full_acc"] = evaluate(train[0], None, train[1])
         del train, state
 
     # 4. save, export, reload
-    out = Path(out_dir or tempfile.mkdtemp(prefix="minilm_lora_"))
+    say("4/4 saving, exporting for PEFT, reloading, merging")
+    out = Path(out_dir)
     orbax_dir = checkpoint.save(out / "adapter_orbax", lora, config=config, params=params, overwrite=True)
     peft_dir = checkpoint.save_peft(
         out / "adapter_peft", lora, params=params, names=mb.NAMES, config=config,
@@ -208,6 +227,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--out", default=None, help="where to write the adapters (default: a temporary directory)")
+    parser.add_argument("--out", default=None, help="keep the adapters and merged model in OUT (default: removed)")
     a = parser.parse_args()
     print(json.dumps(main(steps=a.steps, rank=a.rank, out_dir=a.out), indent=2))

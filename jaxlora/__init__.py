@@ -1,24 +1,53 @@
-"""jaxlora: functional LoRA for JAX and Flax. See docs/design.md for how it works."""
+"""jaxlora: functional LoRA for JAX and Flax. See docs/design.md for how it works.
 
-from . import _nnx as nnx  # the Flax NNX front-end: jaxlora.nnx.call, .init, .apply, ...
-from . import checkpoint as checkpoint  # a subpackage: Orbax and PEFT adapter files
-from ._config import LoraConfig as LoraConfig
-from ._core import ModuleSummary as ModuleSummary
-from ._core import Summary as Summary
-from ._core import apply as apply
-from ._core import init as init
-from ._core import merge as merge
-from ._core import summary as summary
-from ._core import unmerge as unmerge
-from ._matmul import LoraFactors as LoraFactors
-from ._matmul import delta as delta
-from ._optim import mask as mask
-from ._sharding import init_sharded as init_sharded
-from ._sharding import shardings as shardings
-from ._trace import UnsupportedError as UnsupportedError
-from ._tree import module_path as module_path
+The public names load on first use (PEP 562), so that ``python -m jaxlora --help`` answers
+without importing JAX; ``import jaxlora`` then ``jaxlora.init`` behaves as a plain re-export.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from . import _nnx as nnx
+    from . import checkpoint as checkpoint
+    from ._config import LoraConfig as LoraConfig
+    from ._core import ModuleSummary as ModuleSummary
+    from ._core import Summary as Summary
+    from ._core import apply as apply
+    from ._core import init as init
+    from ._core import merge as merge
+    from ._core import summary as summary
+    from ._core import unmerge as unmerge
+    from ._matmul import LoraFactors as LoraFactors
+    from ._matmul import delta as delta
+    from ._optim import mask as mask
+    from ._sharding import init_sharded as init_sharded
+    from ._sharding import shardings as shardings
+    from ._trace import UnsupportedError as UnsupportedError
+    from ._tree import module_path as module_path
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute or None for the module itself)
+_EXPORTS = {
+    "nnx": ("._nnx", None),  # the Flax NNX front-end: jaxlora.nnx.call, .init, .apply, ...
+    "checkpoint": (".checkpoint", None),  # a subpackage: Orbax and PEFT adapter files
+    "LoraConfig": ("._config", "LoraConfig"),
+    "ModuleSummary": ("._core", "ModuleSummary"),
+    "Summary": ("._core", "Summary"),
+    "apply": ("._core", "apply"),
+    "init": ("._core", "init"),
+    "merge": ("._core", "merge"),
+    "summary": ("._core", "summary"),
+    "unmerge": ("._core", "unmerge"),
+    "LoraFactors": ("._matmul", "LoraFactors"),
+    "delta": ("._matmul", "delta"),
+    "mask": ("._optim", "mask"),
+    "init_sharded": ("._sharding", "init_sharded"),
+    "shardings": ("._sharding", "shardings"),
+    "UnsupportedError": ("._trace", "UnsupportedError"),
+    "module_path": ("._tree", "module_path"),
+}
 
 __all__ = [
     "LoraConfig",
@@ -39,3 +68,26 @@ __all__ = [
     "summary",
     "unmerge",
 ]
+assert sorted(__all__) == sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        value = importlib.import_module(module, __name__)
+        value = value if attr is None else getattr(value, attr)
+    elif name.startswith("_") and not name.startswith("__"):  # a private module: jaxlora._tree
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'jaxlora' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'jaxlora' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

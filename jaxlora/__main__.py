@@ -137,6 +137,16 @@ def _restore_params(path: Path) -> Any:
         return c.restore(path.absolute())
 
 
+def _names_hint(names: str | None) -> str:
+    if names:
+        return f"\nCheck that --names {names} maps every module path to the base's tensor names."
+    return (
+        "\nThe adapter's module paths are jaxlora's (e.g. 'encoder/layer_0/query'); a Hugging Face base names "
+        "its tensors the torch way: pass --names (FILE.json, MODULE:ATTR or FILE.py:ATTR) to map them, e.g. "
+        "--names examples/minilm_bert.py:NAMES."
+    )
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from . import checkpoint
     from .checkpoint._peft import save_peft_files
@@ -152,7 +162,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
             lora, about = _load_adapter(adapter)
             with tempfile.TemporaryDirectory() as tmp:
                 save_peft_files(tmp, lora, base=about.base, names=names, config=about.config)
-                checkpoint.merge_safetensors(base, tmp, out, overwrite=args.overwrite)
+                try:
+                    checkpoint.merge_safetensors(base, tmp, out, overwrite=args.overwrite)
+                except ValueError as e:  # name the user's adapter, not the temporary PEFT copy
+                    raise CliError(str(e).replace(str(tmp), str(adapter)) + _names_hint(args.names)) from None
         else:
             checkpoint.merge_safetensors(base, adapter, out, overwrite=args.overwrite)
     elif base_kind == "params":

@@ -295,7 +295,7 @@ def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op
     ``x``) the value is ``base(x, W + ΔW)``. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
     buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
     """
-    f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side here: with B = 0 this is exactly base(x, W)
+    f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side: at B = 0 this is base(x, W) + an exact zero
     return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, need_t=False)[0]
 
 

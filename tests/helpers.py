@@ -22,6 +22,33 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
     assert not bad, "\n".join(bad)
 
 
+def assert_ulps_close(got, want, ulps=4):
+    """``|got - want| <= ulps`` units in the last place of ``want``'s scale (its largest magnitude).
+
+    For two programs that compute the same ops but that XLA compiles apart (another fusion, another
+    dot emitter): they may round differently, by an ulp or so, but no more.
+    """
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    unit = np.finfo(want.dtype).eps * float(np.abs(want).max())
+    err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    assert err <= ulps * unit, f"max |got - want| = {err:.3g}, {err / unit:.2f} ulps of the output's scale (> {ulps})"
+
+
+def assert_base_output(got, base, *, exact):
+    """``B = 0`` gives the base model's output: bit for bit where ``exact``, else within 4 ulps (`assert_ulps_close`).
+
+    Exact holds by construction where both programs run the same ops one at a time (eagerly, no
+    loop or nested ``jit`` around a LoRA weight): each rewritten op is the model's own op on the
+    untouched ``W``, plus an exact zero. Compiled as a whole (``jit``, a ``scan`` body), the rewritten
+    program is not the base program, and XLA may round it differently (docs/design.md, "Numerics").
+    """
+    if exact:
+        np.testing.assert_array_equal(got, base)
+    else:
+        assert_ulps_close(got, base)
+
+
 def delta_reference(a, b, roles, scale):
     """ΔW from the factors with NumPy, axis by axis (independent of jaxlora's einsum)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -160,6 +160,11 @@ def test_bad_shardings(tmp_path, trained):
         ckpt.restore(path, shardings={"nope": None})
     with pytest.raises(TypeError, match="shardings must be"):
         ckpt.restore(path, shardings=[1])
+    # jaxlora.shardings without a mesh gives PartitionSpecs, which place nothing: say so, and how
+    net, params, _, _, lora = trained
+    specs = jaxlora.shardings(jax.tree.map(lambda w: jax.sharding.PartitionSpec(), params), lora)
+    with pytest.raises(TypeError, match=r"(?s)not a PartitionSpec.*\n  'embed'\.a: .*Pass mesh= to jaxlora\.shardings"):
+        ckpt.restore(path, params=params, shardings=specs)
 
 
 _SAVER = """

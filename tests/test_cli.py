@@ -150,3 +150,37 @@ def test_merged_export_can_be_a_base_again(saved, tmp_path):
     assert main(["merge", str(tmp_path / "once"), str(d / "adapter"), str(tmp_path / "twice")]) == 0
     twice = ocp.v1.load(tmp_path / "twice", jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
     assert_trees_close(twice, jaxlora.merge(jaxlora.merge(params, lora), lora), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_into_torch_names_without_names_says_so(saved, tmp_path, capsys):
+    """A jaxlora adapter merged into a Hugging Face base whose names differ: the error names the user's
+    adapter (not the temporary PEFT copy the CLI makes), lists a few of the paths, and suggests --names."""
+    from safetensors.numpy import save_file
+
+    d, params, _, _ = saved
+    t = lambda x: np.ascontiguousarray(np.asarray(x).T)  # noqa: E731
+    save_file({"model.up_proj.weight": t(params["params"]["up"]["kernel"])}, str(tmp_path / "hf.safetensors"))
+    assert main(["merge", str(tmp_path / "hf.safetensors"), str(d / "adapter"), str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert f"The adapter {d / 'adapter'} does not fit the base {tmp_path / 'hf.safetensors'}" in err
+    assert "'up.weight': not in the base" in err and "pass --names" in err
+    assert "tmp" not in err.replace(str(tmp_path), "").replace(str(d), ""), err  # no internal temporary directory
+    assert len(err.splitlines()) < 12
+
+
+def test_help_does_not_import_jax():
+    """``python -m jaxlora --help`` answers without importing JAX (the names load on first use)."""
+    code = (
+        "import runpy, sys\n"
+        "for argv in (['--help'], ['merge', '--help']):\n"
+        "    sys.argv = ['jaxlora', *argv]\n"
+        "    try:\n"
+        "        runpy.run_module('jaxlora', run_name='__main__', alter_sys=True)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "print('imported jax:', 'jax' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "usage: python -m jaxlora merge" in r.stdout and r.stdout.endswith("imported jax: False\n"), r.stdout

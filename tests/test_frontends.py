@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_trees_close
+from helpers import assert_base_output, assert_trees_close
 
 import jaxlora
 
@@ -158,7 +158,9 @@ def test_apply_equals_numpy_reference(kind, stacked, maybe_jit):
 def test_zero_b_gives_the_base_output(kind, stacked, maybe_jit):
     fn, params, _, x, lora = _setup(kind, stacked, zero_b=True)
     got = maybe_jit(lambda p, l, x: jaxlora.apply(fn, p, l, x))(params, lora, x)
-    np.testing.assert_array_equal(got, maybe_jit(fn)(params, x))
+    # bit for bit op by op; a scan (even eagerly) or jit compiles each program whole, and XLA:CPU may
+    # emit the two loops' dots differently (docs/design.md, "Numerics")
+    assert_base_output(got, maybe_jit(fn)(params, x), exact=maybe_jit is not jax.jit and not stacked)
 
 
 @pytest.mark.parametrize("kind,stacked", FRONTENDS, ids=IDS)

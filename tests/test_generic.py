@@ -484,18 +484,22 @@ def test_a_stacked_slice_handed_to_the_carry():
         jaxlora.apply(fn, params, lora, _x())
 
 
-def test_scan_operand_counts_without_named_params():
-    """JAX 0.11's scan equation names no num_consts/num_carry: they are read off the avals."""
+@pytest.mark.parametrize("spelling", ["named", "bare"])
+def test_scan_operand_counts_in_both_spellings(spelling):
+    """``scan_counts``, what the rewrite reads: JAX <= 0.10 names num_consts/num_carry in the scan
+    equation's params, JAX >= 0.11 does not (they are read off the avals). Both spellings are built
+    from this JAX's own equation, so each runs on every supported version."""
     import types
 
-    from jaxlora._trace import scan_counts as _scan_counts
+    from jaxlora._trace import scan_counts
 
-    def f(w, c, x):
+    def f(w, c, x):  # one loop constant (c), one carry, two scanned operands (x, w)
         return lax.scan(lambda carry, xw: (carry + jnp.sum(xw[0] @ xw[1]) * c, xw[0] @ xw[1]), jnp.zeros(()), (x, w))
 
     jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 4, 5)), jnp.ones(()), jnp.ones((3, 2, 4)))
     eqn = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
-    assert _scan_counts(eqn) == (eqn.params["num_consts"], eqn.params["num_carry"]) == (1, 1)
+    assert scan_counts(eqn) == (1, 1)  # this JAX's own spelling
     params = {k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")}
-    bare = types.SimpleNamespace(params=params, invars=eqn.invars, outvars=eqn.outvars)
-    assert _scan_counts(bare) == (1, 1)
+    if spelling == "named":
+        params.update(num_consts=1, num_carry=1)
+    assert scan_counts(types.SimpleNamespace(params=params, invars=eqn.invars, outvars=eqn.outvars)) == (1, 1)

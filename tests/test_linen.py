@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close, delta_reference
+from helpers import assert_base_output, assert_trees_close, delta_reference
 from linen_models import MODELS
 
 import jaxlora
@@ -55,13 +55,16 @@ def test_dense_against_plain_numpy():
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_zero_b_gives_exactly_the_base_output(name, maybe_jit):
+def test_zero_b_gives_the_base_output(name, maybe_jit):
     model, x, params, _ = _setup(name)
     lora = jaxlora.init(
         jax.random.key(2), params, jaxlora.LoraConfig(rank=2, targets=MODELS[name][2]), fn=model.apply, args=(x,)
     )
     got = maybe_jit(lambda p, l, x: jaxlora.apply(model.apply, p, l, x))(params, lora, x)
-    np.testing.assert_array_equal(got, maybe_jit(model.apply)(params, x))
+    # exact where W reaches lax directly, op by op; jit, a scan, jnp.einsum's nested jit and attend's
+    # jnp.dot of the transposed table (one compiled transpose + dot in the base) compile the two apart
+    op_by_op = maybe_jit is not jax.jit and name not in ("scan", "einsum", "embed_tied")
+    assert_base_output(got, maybe_jit(model.apply)(params, x), exact=op_by_op)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

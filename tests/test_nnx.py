@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import assert_trees_close, delta_reference
+from helpers import assert_base_output, assert_trees_close, delta_reference
 
 import jaxlora
 
@@ -136,10 +136,12 @@ def test_linear_against_plain_numpy():
     np.testing.assert_allclose(jaxlora.nnx.apply(model, lora, x), xn @ w + 2.0 * (xn @ a) @ b, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_b_is_exactly_the_base_model():
+def test_zero_b_is_the_base_model():
     model = Model(nnx.Rngs(0))
     lora = jaxlora.nnx.init(jax.random.key(1), model, jaxlora.LoraConfig(rank=2), args=(IDS,))
-    np.testing.assert_array_equal(jaxlora.nnx.apply(model, lora, IDS), model(IDS))
+    # not bit for bit even eagerly: nnx.Einsum's weight passes through jnp.einsum's own jit, which the
+    # rewrite inlines, so that op is compiled apart from the base model's
+    assert_base_output(jaxlora.nnx.apply(model, lora, IDS), model(IDS), exact=False)
 
 
 def test_merge_returns_a_state_nnx_merge_accepts(maybe_jit):

@@ -259,7 +259,8 @@ for name, mesh in [("fsdp", ex.make_mesh((1, 8, 1))), ("tensor", ex.make_mesh((1
     losses, lora, init, nbytes, local, _ = train(mesh, host_params)
     assert nbytes == total and local < total, (name, nbytes, local, total)
     for x, y in zip(jax.tree.leaves(init), jax.tree.leaves(ref_init)):
-        np.testing.assert_array_equal(x, y)   # born sharded, same values as on one device
+        # born sharded, the same values as on one device (to an ulp or two: another compiled program)
+        np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(y).max())
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
     for (kp, x), y in zip(jax.tree_util.tree_flatten_with_path(lora)[0], jax.tree.leaves(ref_lora)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5, err_msg=name + jax.tree_util.keystr(kp))

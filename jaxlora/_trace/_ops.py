@@ -111,8 +111,8 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         second_op=lambda u, s: jnp.transpose(
             lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
         ),
-        # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction and rounds
-        # differently, so B = 0 would no longer give exactly the base logits
+        # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction, so at B = 0
+        # the op would no longer be the base op on the untouched W
         delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
         dropout_key=ctx.next_key(), **_dora(t, out_axes),
     )]  # fmt: skip

@@ -245,7 +245,8 @@ def merge_safetensors(
                 if shape != want:
                     problems.append(f"{k!r}: base {shape}, adapter expects {want}")
         if problems:
-            raise ValueError(f"The adapter {adapter} does not fit the base {base}:\n  " + "\n  ".join(problems))
+            shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+            raise ValueError(f"The adapter {adapter} does not fit the base {base}:\n  " + "\n  ".join(shown))
 
         def produce(i: int) -> np.ndarray:
             k, _, dtype = entries[i]

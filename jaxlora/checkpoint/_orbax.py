@@ -336,6 +336,18 @@ def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.S
         )
     if isinstance(shardings, Mapping) and (extra := sorted(set(shardings) - set(meta["modules"]))):
         raise ValueError(f"shardings name modules the checkpoint lacks: {extra}; it holds {sorted(meta['modules'])}.")
+    specs = [
+        f"{path!r}.{name}: {s}"
+        for path in meta["modules"]
+        for name in ("a", "b")
+        if (s := _sharding_for(shardings, path, name)) is not None and not isinstance(s, jax.sharding.Sharding)
+    ]
+    if specs:
+        raise TypeError(
+            "restore needs a jax.sharding.Sharding for each array, not a PartitionSpec (which names no "
+            "devices):\n  " + "\n  ".join(specs[:8]) + "\nPass mesh= to jaxlora.shardings (e.g. "
+            "jaxlora.shardings(param_shardings, lora, mesh=mesh)), or wrap each spec in NamedSharding(mesh, spec)."
+        )
     return {
         f"m{i}": {
             name: jax.ShapeDtypeStruct(
