@@ -371,3 +371,14 @@ def test_merged_exports_apply_dora(tmp_path):
     merged = load_file(out)
     for k in ("fc.weight", "emb.weight"):
         np.testing.assert_allclose(merged[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dense", "scan"])
+def test_bfloat16_model_stays_bfloat16(name):
+    model, x, params, lora = _setup(name, jnp.bfloat16)
+    want = model.apply(_replace(params, lora, lambda w, f: _dora_weight_reference(w, f).astype(np.float32)), x)
+    got = jax.jit(lambda lora, x: jaxlora.apply(model.apply, params, lora, x))(lora, x)
+    assert got.dtype == jnp.bfloat16
+    _close(got, want, 3e-2, 3e-2)
+    grads = jax.jit(jax.grad(lambda l: jnp.sum(jaxlora.apply(model.apply, params, l, x).astype(jnp.float32))))(lora)
+    assert all(g.m.dtype == jnp.float32 and bool(jnp.isfinite(g.m).all()) for g in grads.values())
