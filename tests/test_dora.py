@@ -382,3 +382,16 @@ def test_bfloat16_model_stays_bfloat16(name):
     _close(got, want, 3e-2, 3e-2)
     grads = jax.jit(jax.grad(lambda l: jnp.sum(jaxlora.apply(model.apply, params, l, x).astype(jnp.float32))))(lora)
     assert all(g.m.dtype == jnp.float32 and bool(jnp.isfinite(g.m).all()) for g in grads.values())
+
+
+def test_nnx_dora_merge_and_unmerge():
+    from flax import nnx
+
+    model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+    lora = jaxlora.nnx.init(jax.random.key(0), model, jaxlora.LoraConfig(rank=2, dora=True))
+    (path, f), = lora.items()  # fmt: skip
+    lora = {path: jaxlora.LoraFactors(f.a, jnp.ones_like(f.b), f.scale, f.roles, m=2 * f.m)}
+    merged, norms = jaxlora.nnx.merge(model, lora, return_norms=True)
+    np.testing.assert_allclose(merged.kernel[...], _dora_weight_reference(model.kernel[...], lora[path]), rtol=1e-5)
+    back = jaxlora.nnx.unmerge(merged, lora, norms=norms)
+    np.testing.assert_allclose(back.kernel[...], model.kernel[...], rtol=1e-5, atol=1e-6)
