@@ -243,6 +243,15 @@ def apply(
     return _trace.run(fn, params, args, kwargs, tagged, ctx)
 
 
+def merged_weight(w: jax.Array, f: LoraFactors) -> tuple[jax.Array, jax.Array | None]:
+    """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``) in float32, cast to ``W``'s dtype; and the DoRA norm."""
+    merged = w.astype(jnp.float32) + delta(f, jnp.float32)
+    if f.m is None:
+        return merged.astype(w.dtype), None
+    n = weight_norm(w, f.a, f.b, f.scale, f.roles, merged=merged)
+    return (merged * expand_magnitude(f.m.astype(jnp.float32) / n, f.roles)).astype(w.dtype), n
+
+
 def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: Mapping[str, Any] | None) -> Any:
     targets = _fit(params, lora)
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -263,14 +272,14 @@ def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: 
                 f"merge needs real weights, but params holds only the shape of {path!r} ({w}); "
                 "pass the loaded arrays, not jax.eval_shape output."
             )
-        w32, d = w.astype(jnp.float32), delta(f, jnp.float32)
-        if f.m is None:
-            leaves[i] = (w32 + sign * d).astype(w.dtype)
-        elif sign > 0:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW)
-            merged = w32 + d
-            found[path] = n = weight_norm(w, f.a, f.b, f.scale, f.roles, merged=merged)
-            leaves[i] = (merged * expand_magnitude(f.m.astype(jnp.float32) / n, f.roles)).astype(w.dtype)
+        if sign > 0:
+            leaves[i], n = merged_weight(w, f)
+            if n is not None:
+                found[path] = n
+        elif f.m is None:
+            leaves[i] = (w.astype(jnp.float32) - delta(f, jnp.float32)).astype(w.dtype)
         else:  # W = W' · ‖W + ΔW‖ / m - ΔW
+            w32, d = w.astype(jnp.float32), delta(f, jnp.float32)
             g = f.m.astype(jnp.float32) / jnp.asarray(norms[path], jnp.float32)
             leaves[i] = (w32 / expand_magnitude(g, f.roles) - d).astype(w.dtype)
     return jax.tree_util.tree_unflatten(treedef, leaves), found

@@ -159,8 +159,11 @@ def apply(
     return _core.apply(fn, params, lora, rest, *args, dropout_key=dropout_key, unsupported=unsupported, **kwargs)
 
 
-def merge(model: M, lora: Mapping[str, LoraFactors]) -> M:
+def merge(model: M, lora: Mapping[str, LoraFactors], *, return_norms: bool = False) -> Any:
     """A new model whose targeted weights are ``W + scale·B·A``; ``model`` is unchanged.
+
+    With ``return_norms``, also DoRA's norms (``(merged, norms)``), which `unmerge` needs (see
+    `jaxlora.merge`).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -172,11 +175,14 @@ def merge(model: M, lora: Mapping[str, LoraFactors]) -> M:
       (False, True)
     """
     graphdef, params, rest = _split(model, "merge")
-    return nnx.merge(graphdef, _core.merge(params, lora), rest)
+    merged, norms = _core.merge(params, lora, return_norms=True)
+    out = nnx.merge(graphdef, merged, rest)
+    return (out, norms) if return_norms else out
 
 
-def unmerge(model: M, lora: Mapping[str, LoraFactors]) -> M:
-    """A new model whose targeted weights are ``W - scale·B·A``: the inverse of `merge`.
+def unmerge(model: M, lora: Mapping[str, LoraFactors], *, norms: Mapping[str, Any] | None = None) -> M:
+    """A new model whose targeted weights are ``W - scale·B·A``: the inverse of `merge` (DoRA modules
+    need the ``norms`` from ``merge(..., return_norms=True)``).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -189,7 +195,7 @@ def unmerge(model: M, lora: Mapping[str, LoraFactors]) -> M:
       True
     """
     graphdef, params, rest = _split(model, "unmerge")
-    return nnx.merge(graphdef, _core.unmerge(params, lora), rest)
+    return nnx.merge(graphdef, _core.unmerge(params, lora, norms=norms), rest)
 
 
 def summary(model: nnx.Module, lora: Mapping[str, LoraFactors]) -> _core.Summary:

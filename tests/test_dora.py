@@ -335,3 +335,63 @@ def test_peft_dora_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False}))
     with pytest.raises(ValueError, match="'proj_in': use_dora is False but lora_magnitude_vector is present"):
         checkpoint.load_peft(tmp_path, params=params)
+
+
+def test_merged_exports_apply_dora(tmp_path):
+    """save_merged writes jaxlora.merge's weights; merge_safetensors of a PEFT DoRA adapter matches peft's own merge."""
+    torch = pytest.importorskip("torch", reason="torch not installed: pip install -e '.[peft]'")
+    peft = pytest.importorskip("peft", reason="peft not installed: pip install -e '.[peft]'")
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from jaxlora import checkpoint
+
+    _, _, params, lora = _setup("dense")
+    checkpoint.save_merged(tmp_path / "m.safetensors", params, lora)
+    got = load_file(tmp_path / "m.safetensors")["proj/kernel"]
+    np.testing.assert_allclose(got, jaxlora.merge(params, lora)["params"]["proj"]["kernel"], rtol=1e-6)
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.emb = torch.nn.Linear(8, 6), torch.nn.Embedding(11, 6)
+
+    torch.manual_seed(0)
+    twin = Twin()
+    save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    cfg = peft.LoraConfig(r=2, target_modules=["fc", "emb"], init_lora_weights=False, use_dora=True)
+    model = peft.get_peft_model(twin, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    out = checkpoint.merge_safetensors(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "o.safetensors")
+    want = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    merged = load_file(out)
+    for k in ("fc.weight", "emb.weight"):
+        np.testing.assert_allclose(merged[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dense", "scan"])
+def test_bfloat16_model_stays_bfloat16(name):
+    model, x, params, lora = _setup(name, jnp.bfloat16)
+    want = model.apply(_replace(params, lora, lambda w, f: _dora_weight_reference(w, f).astype(np.float32)), x)
+    got = jax.jit(lambda lora, x: jaxlora.apply(model.apply, params, lora, x))(lora, x)
+    assert got.dtype == jnp.bfloat16
+    _close(got, want, 3e-2, 3e-2)
+    grads = jax.jit(jax.grad(lambda l: jnp.sum(jaxlora.apply(model.apply, params, l, x).astype(jnp.float32))))(lora)
+    assert all(g.m.dtype == jnp.float32 and bool(jnp.isfinite(g.m).all()) for g in grads.values())
+
+
+def test_nnx_dora_merge_and_unmerge():
+    from flax import nnx
+
+    model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+    lora = jaxlora.nnx.init(jax.random.key(0), model, jaxlora.LoraConfig(rank=2, dora=True))
+    (path, f), = lora.items()  # fmt: skip
+    lora = {path: jaxlora.LoraFactors(f.a, jnp.ones_like(f.b), f.scale, f.roles, m=2 * f.m)}
+    merged, norms = jaxlora.nnx.merge(model, lora, return_norms=True)
+    np.testing.assert_allclose(merged.kernel[...], _dora_weight_reference(model.kernel[...], lora[path]), rtol=1e-5)
+    back = jaxlora.nnx.unmerge(merged, lora, norms=norms)
+    np.testing.assert_allclose(back.kernel[...], model.kernel[...], rtol=1e-5, atol=1e-6)

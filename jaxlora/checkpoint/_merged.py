@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .._matmul import LoraFactors, delta
+from .._matmul import LoraFactors
 from .._tree import _names, nearest
 from ._peft import read_peft
 
@@ -159,7 +158,7 @@ def save_merged(
       >>> sorted(load_file(out))
       ['fc/bias', 'fc/kernel']
     """
-    from .._core import _fit
+    from .._core import _fit, merged_weight
 
     path = Path(path)
     _check_target(path, overwrite)
@@ -171,7 +170,7 @@ def save_merged(
         w = leaves[i]
         if i not in by_index:
             return w
-        return (w.astype(jnp.float32) + delta(by_index[i], jnp.float32)).astype(w.dtype)
+        return merged_weight(w, by_index[i])[0]
 
     if format == "orbax":
         _save_orbax_in_chunks(path, params, merged, overwrite)
@@ -193,12 +192,12 @@ def save_merged(
     return path
 
 
-def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, float]]:
+def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, float, Any]]:
     from ._peft import _scale
 
     config, modules, _ = read_peft(adapter)
     for name, m in modules.items():
-        yield name, m["kind"], m["A"], m["B"], _scale(config, name, m["A"].shape[0])
+        yield name, m["kind"], m["A"], m["B"], _scale(config, name, m["A"].shape[0]), m.get("M")
 
 
 def merge_safetensors(
@@ -207,7 +206,8 @@ def merge_safetensors(
     """Merge a PEFT adapter into a Hugging Face safetensors checkpoint, one tensor at a time (PEFT's math).
 
     ``W (out, in) += scale · B·A`` for ``lora_A``/``lora_B`` and ``W (vocab, features) += scale · (B·A)ᵀ`` for
-    embeddings, summed in float32 and cast back to ``W``'s dtype. Only one base tensor is read at a time.
+    embeddings, summed in float32 and cast back to ``W``'s dtype; with DoRA's ``lora_magnitude_vector``
+    the sum is then scaled to ``m / ‖W + ΔW‖`` per output feature. Only one base tensor is read at a time.
 
     Raises:
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
@@ -229,7 +229,7 @@ def merge_safetensors(
 
     out = Path(out)
     _check_target(out, overwrite)
-    deltas = {f"{name}.weight": (kind, A, B, s) for name, kind, A, B, s in _peft_deltas(adapter)}
+    deltas = {f"{name}.weight": (kind, A, B, s, M) for name, kind, A, B, s, M in _peft_deltas(adapter)}
     with safe_open(str(base), framework="numpy") as f:
         keys = list(f.keys())
         meta = f.metadata() or {}
@@ -240,7 +240,7 @@ def merge_safetensors(
             shape, dtype = tuple(sl.get_shape()), _np_dtype(sl.get_dtype())
             entries.append((k, shape, dtype))
             if k in deltas:
-                kind, A, B, _ = deltas[k]
+                kind, A, B, _, _ = deltas[k]
                 want = (B.shape[0], A.shape[1]) if kind == "linear" else (A.shape[1], B.shape[0])
                 if shape != want:
                     problems.append(f"{k!r}: base {shape}, adapter expects {want}")
@@ -253,12 +253,16 @@ def merge_safetensors(
             w = f.get_tensor(k)
             if k not in deltas:
                 return w
-            kind, A, B, s = deltas[k]
+            kind, A, B, s, M = deltas[k]
             d = B.astype(np.float32) @ A.astype(np.float32)  # one weight-sized temporary, updated in place
             d *= np.float32(s)
             d = d if kind == "linear" else d.T
             d += w
             del w
+            if M is not None:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW), the norm over the input axis
+                axis = 1 if kind == "linear" else 0
+                g = M.reshape(-1).astype(np.float32) / np.linalg.norm(d, axis=axis)
+                d *= g[:, None] if kind == "linear" else g[None, :]
             return d.astype(dtype, copy=False)
 
         write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"})
