@@ -13,6 +13,11 @@ from ._core import unmerge as unmerge
 from ._matmul import LoraFactors as LoraFactors
 from ._matmul import delta as delta
 from ._optim import mask as mask
+from ._quant import Quantized as Quantized
+from ._quant import bits_per_parameter as bits_per_parameter
+from ._quant import dequantize as dequantize
+from ._quant import quantize as quantize
+from ._quant import quantize_file as quantize_file
 from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
 from ._trace import UnsupportedError as UnsupportedError
@@ -25,16 +30,21 @@ __all__ = [
     "LoraFactors",
     "ModuleSummary",
     "Summary",
+    "Quantized",
     "UnsupportedError",
     "apply",
+    "bits_per_parameter",
     "checkpoint",
     "delta",
+    "dequantize",
     "init",
     "init_sharded",
     "mask",
     "merge",
     "module_path",
     "nnx",
+    "quantize",
+    "quantize_file",
     "shardings",
     "summary",
     "unmerge",

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _trace
+from . import _quant, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, factor_shapes
@@ -221,9 +221,9 @@ def apply(
     return _trace.run(fn, params, args, kwargs, tagged, ctx)
 
 
-def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Params:
+def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, dtype: Any = None) -> Params:
     targets = _fit(params, lora)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
     for path, f in lora.items():
         i = targets[path].index
         w = leaves[i]
@@ -232,15 +232,27 @@ def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Para
                 f"merge needs real weights, but params holds only the shape of {path!r} ({w}); "
                 "pass the loaded arrays, not jax.eval_shape output."
             )
-        leaves[i] = (w.astype(jnp.float32) + sign * delta(f, jnp.float32)).astype(w.dtype)
+        full = _quant.dequantize_weight(w, jnp.float32) if _quant.is_quantized(w) else w.astype(jnp.float32)
+        leaves[i] = (full + sign * delta(f, jnp.float32)).astype(dtype or w.dtype)
+    if dtype is not None:  # a float model: every other quantized weight dequantized too
+        leaves = [_quant.dequantize_weight(x, dtype) if _quant.is_quantized(x) else x for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
+def merge(
+    params: Params, lora: Mapping[str, LoraFactors], *, dtype: Any = None, quantize: bool = False
+) -> Params | tuple[Params, dict[str, dict[str, jax.Array]]]:
     """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
 
     Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
     shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory.
+
+    On a quantized base (`jaxlora.quantize`), each targeted weight is dequantized, merged and
+    returned as a float array in ``dtype`` (default: the weight's own float dtype); with ``dtype``
+    given, every other quantized weight is dequantized to it too, so the result is a float model.
+    With ``quantize=True`` the merged weights are quantized again in their own format and the result
+    is ``(qparams, report)``: per module, ``{"error": ‖Q(W') − W'‖ / ‖W'‖, "of_delta": ‖Q(W') − W'‖ /
+    ‖ΔW‖}`` (float32 arrays), the error the re-quantization adds to the merged weight ``W'``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -249,7 +261,30 @@ def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
       >>> bool((jaxlora.merge(params, lora)["w"] == 0).all())  # B = 0 at init
       True
     """
-    return _shift(params, lora, 1.0)
+    if not quantize:
+        return _shift(params, lora, 1.0, dtype)
+    targets = _fit(params, lora)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
+    not_quantized = [p for p in lora if not _quant.is_quantized(leaves[targets[p].index])]
+    if not_quantized:
+        raise ValueError(
+            f"merge(..., quantize=True) re-quantizes quantized weights, but {not_quantized} are not quantized; "
+            "pass the params from jaxlora.quantize (or merge without quantize=True)."
+        )
+    merged = jax.tree_util.tree_leaves(_shift(params, lora, 1.0, jnp.float32), is_leaf=_quant.is_quantized)
+    report = {}
+    for path, f in lora.items():
+        i = targets[path].index
+        q = leaves[i]
+        w = merged[i]
+        back = _quant.encode(w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant)
+        err = jnp.linalg.norm(_quant.dequantize_weight(back, jnp.float32) - w)
+        report[path] = {
+            "error": err / jnp.linalg.norm(w),
+            "of_delta": err / jnp.linalg.norm(delta(f, jnp.float32)),
+        }
+        leaves[i] = back
+    return jax.tree_util.tree_unflatten(treedef, leaves), report
 
 
 def unmerge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
@@ -280,6 +315,13 @@ class Summary(NamedTuple):
     modules: tuple[ModuleSummary, ...]
     trainable: int
     total: int
+    base_bytes: int = 0  # bytes of params as stored (quantized weights by their codes and scales)
+
+    @property
+    def bytes_per_parameter(self) -> float:
+        """Stored bytes of ``params`` per base parameter (2 for bfloat16, ~0.516 for NF4 weights)."""
+        base = self.total - self.trainable
+        return self.base_bytes / base if base else 0.0
 
     @property
     def percent(self) -> float:
@@ -292,6 +334,8 @@ class Summary(NamedTuple):
         rows.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
+        if self.base_bytes:
+            rows.append(f"base: {self.base_bytes:,} bytes ({self.bytes_per_parameter:.3f} bytes a parameter)")
         return "\n".join(rows)
 
 
@@ -312,6 +356,7 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
         ModuleSummary(path, tuple(targets[path].leaf.shape), f.a.shape[-1], math.prod(f.a.shape) + math.prod(f.b.shape))
         for path, f in lora.items()
     )
-    base = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape"))
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_quant.is_quantized)
+    base = sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
     trainable = sum(m.trainable for m in modules)
-    return Summary(modules, trainable, base + trainable)
+    return Summary(modules, trainable, base + trainable, _quant.nbytes(params))
