@@ -18,6 +18,7 @@ from ._quant import bits_per_parameter as bits_per_parameter
 from ._quant import dequantize as dequantize
 from ._quant import quantize as quantize
 from ._quant import quantize_file as quantize_file
+from ._quant import quantized_shardings as quantized_shardings
 from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
 from ._trace import UnsupportedError as UnsupportedError
@@ -45,6 +46,7 @@ __all__ = [
     "nnx",
     "quantize",
     "quantize_file",
+    "quantized_shardings",
     "shardings",
     "summary",
     "unmerge",

@@ -65,7 +65,7 @@ class Quantized:
 
     Example:
       >>> import jax.numpy as jnp, jaxlora
-      >>> q = jaxlora.quantize({"w": jnp.ones((64, 128))}, "nf4")["w"]
+      >>> q = jaxlora.quantize({"kernel": jnp.ones((64, 128))}, "nf4")["kernel"]
       >>> q.shape, q.codes.shape, q.codes.dtype
       ((64, 128), (4096,), dtype('uint8'))
     """
@@ -136,7 +136,8 @@ def _nf4_encode(w: jax.Array, k: int, block: int, double_quant: bool) -> tuple:
     x = w.astype(jnp.float32).reshape(*outer, -1, block)
     absmax = jnp.max(jnp.abs(x), axis=-1)
     normed = x / jnp.where(absmax == 0, 1, absmax)[..., None]
-    idx = jnp.sum(normed[..., None] > jnp.asarray(_NF4_MIDPOINTS), axis=-1).astype(jnp.uint8)
+    mids = jnp.asarray(_NF4_MIDPOINTS).reshape((1,) * normed.ndim + (-1,))
+    idx = jnp.sum(normed[..., None] > mids, axis=-1).astype(jnp.uint8)
     idx = idx.reshape(*outer, -1)
     codes = (idx[..., 0::2] << 4) | idx[..., 1::2]
     if not double_quant:
@@ -217,8 +218,10 @@ def quantize(
     bitsandbytes leaves it) stay in full precision, as do biases and norm scales. ``targets`` and
     ``exclude`` are regexes over module paths, as in `LoraConfig`; a weight they name explicitly is
     quantized whatever its leaf name. Each weight is encoded on its device by a jitted function
-    (stacked layers one at a time), with ``donate=True`` freeing its float buffer as it goes, so a
-    model never needs its float and quantized copies whole at once.
+    (stacked layers one at a time, so float32 temporaries are one layer's), and ``donate=True``
+    deletes each float array once its quantized copy exists, so a model never needs its float and
+    quantized copies whole at once. (A jit donation would not help: the codes are smaller than ``W``,
+    so XLA cannot reuse its buffer.)
 
     Args:
       params: a params pytree (Linen variables, ``nnx.State``, any pytree of arrays).
@@ -226,7 +229,7 @@ def quantize(
       block_size: NF4 elements per absmax (64, as bitsandbytes); must divide each weight's slice.
       double_quant: NF4's double quantization of the absmax values (4.127 instead of 4.5 bits).
       targets, exclude: regexes over module paths, as in `LoraConfig`.
-      donate: donate each float weight's buffer to its quantization.
+      donate: delete each float weight (``jax.Array.delete``) once it is quantized.
 
     Returns:
       The same tree with `Quantized` leaves.
@@ -286,9 +289,12 @@ def quantize(
     if problems:
         raise ValueError("jaxlora.quantize:\n  " + "\n  ".join(problems))
     out = [leaf for _, _, leaf in leaves]
-    run = _encoder(format, block_size, double_quant, donate)
+    run = _encoder(format, block_size, double_quant)
     for i in chosen:
-        out[i] = run(jnp.asarray(out[i]))
+        w = out[i]
+        out[i] = run(jnp.asarray(w))
+        if donate and isinstance(w, jax.Array) and not isinstance(w, getattr(jax.core, "Tracer", ())):
+            w.delete()  # its quantized copy exists: free the float buffer before the next weight
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -301,11 +307,10 @@ def _is_matrix(keypath) -> bool:
 _ENCODERS: dict[tuple, Callable] = {}
 
 
-def _encoder(format: str, block_size: int, double_quant: bool, donate: bool) -> Callable:
-    key = (format, block_size, double_quant, donate)
+def _encoder(format: str, block_size: int, double_quant: bool) -> Callable:
+    key = (format, block_size, double_quant)
     if key not in _ENCODERS:
-        fn = lambda w: encode(w, format, block_size=block_size, double_quant=double_quant)  # noqa: E731
-        _ENCODERS[key] = jax.jit(fn, donate_argnums=0 if donate else ())
+        _ENCODERS[key] = jax.jit(lambda w: encode(w, format, block_size=block_size, double_quant=double_quant))
     return _ENCODERS[key]
 
 
@@ -343,7 +348,7 @@ def quantize_file(
 
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     out: dict[str, Any] = {}
-    run = _encoder(format, block_size, double_quant, True)
+    run = _encoder(format, block_size, double_quant)
     with safe_open(path, framework="numpy") as f:
         for name in f.keys():
             t = f.get_tensor(name)
@@ -381,3 +386,76 @@ def nbytes(params: Any) -> int:
         elif hasattr(x, "shape") and hasattr(x, "dtype"):
             total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
     return total
+
+
+def quantized_shardings(qparams: Any, params_shardings: Any) -> Any:
+    """Shardings for a quantized tree: each `Quantized` weight's codes and scales follow ``W``'s spec.
+
+    ``params_shardings`` mirrors the float params with a ``NamedSharding`` or ``PartitionSpec`` per
+    leaf (or None). A quantized weight's outer (stacked) axis takes ``W``'s entry for axis 0; its
+    flattened blocks take the entry of ``W``'s first inner axis when the other inner axes are
+    unsharded and every device's share holds whole blocks (and whole double-quantization groups),
+    else they are replicated. int8 codes take ``W``'s spec, its scales the outer and last entries.
+    Other leaves keep their sharding.
+
+    Returns:
+      A tree mirroring ``qparams`` (each `Quantized` holding shardings in place of its arrays).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> from jax.sharding import PartitionSpec as P
+      >>> q = jaxlora.quantize({"kernel": jnp.ones((4, 256, 128))}, "nf4")
+      >>> s = jaxlora.quantized_shardings(q, {"kernel": P(None, "fsdp", "tensor")})["kernel"]
+      >>> s.codes, s.scale
+      (P(None, None), P(None, None))
+      >>> s = jaxlora.quantized_shardings(q, {"kernel": P("layers", "fsdp")})["kernel"]
+      >>> s.codes, s.scale_mean
+      (P('layers', 'fsdp'), P('layers', None))
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    q_leaves, treedef = jax.tree_util.tree_flatten(qparams, is_leaf=is_quantized)
+    is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, jax.sharding.Sharding))  # noqa: E731
+    s_leaves = jax.tree_util.tree_leaves(params_shardings, is_leaf=is_spec)
+    if len(s_leaves) != len(q_leaves):
+        raise ValueError(
+            f"params_shardings has {len(s_leaves)} leaves but qparams {len(q_leaves)} weights; pass the "
+            "shardings of the float params that were quantized (one per weight)."
+        )
+    out = []
+    for q, s in zip(q_leaves, s_leaves):
+        if not is_quantized(q):
+            out.append(s)
+            continue
+        mesh = s.mesh if isinstance(s, NamedSharding) else None
+        spec = tuple(s.spec) if isinstance(s, NamedSharding) else tuple(s) if isinstance(s, PartitionSpec) else ()
+        spec = spec + (None,) * (q.ndim - len(spec))
+        k = len(q.outer)
+        size = lambda e: (
+            1 if e is None else math.prod(mesh.shape[n] for n in ((e,) if isinstance(e, str) else e)) if mesh else None
+        )  # noqa: E731
+        o = spec[:k]
+        if q.format == "int8":
+            specs = (spec, (*o, *([None] * (len(q.inner) - 1)), spec[-1]), None, None)
+        else:
+            e = spec[k] if all(x is None for x in spec[k + 1 :]) else None
+            n, nb = math.prod(q.inner), math.prod(q.inner) // q.block_size
+            d = size(e)
+            whole = d is not None and e is not None and nb % d == 0
+            if q.double_quant:
+                whole = whole and nb % DQ_GROUP == 0 and (nb // DQ_GROUP) % d == 0
+            if mesh is None and e is not None:  # no mesh to count devices: shard only where nothing can break
+                whole = q.double_quant and nb % DQ_GROUP == 0 or not q.double_quant
+            f = e if whole and n % 2 == 0 else None
+            specs = ((*o, f), (*o, f), (*o, f) if q.double_quant else None, (*o, None) if q.double_quant else None)
+        make = (lambda p: PartitionSpec(*p)) if mesh is None else (lambda p: NamedSharding(mesh, PartitionSpec(*p)))  # noqa: E731
+        out.append(
+            Quantized(
+                *(None if p is None else make(p) for p in specs),
+                format=q.format,
+                inner=q.inner,
+                dtype=q.dtype,
+                block_size=q.block_size,
+            )  # fmt: skip
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
