@@ -388,6 +388,14 @@ def nbytes(params: Any) -> int:
     return total
 
 
+def _devices(mesh, entry) -> int | None:
+    """Devices a spec entry splits over (None without a mesh)."""
+    if mesh is None:
+        return None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def quantized_shardings(qparams: Any, params_shardings: Any) -> Any:
     """Shardings for a quantized tree: each `Quantized` weight's codes and scales follow ``W``'s spec.
 
@@ -431,9 +439,7 @@ def quantized_shardings(qparams: Any, params_shardings: Any) -> Any:
         spec = tuple(s.spec) if isinstance(s, NamedSharding) else tuple(s) if isinstance(s, PartitionSpec) else ()
         spec = spec + (None,) * (q.ndim - len(spec))
         k = len(q.outer)
-        size = lambda e: (
-            1 if e is None else math.prod(mesh.shape[n] for n in ((e,) if isinstance(e, str) else e)) if mesh else None
-        )  # noqa: E731
+        size = lambda e, m=mesh: _devices(m, e)  # noqa: E731
         o = spec[:k]
         if q.format == "int8":
             specs = (spec, (*o, *([None] * (len(q.inner) - 1)), spec[-1]), None, None)
@@ -448,7 +454,9 @@ def quantized_shardings(qparams: Any, params_shardings: Any) -> Any:
                 whole = q.double_quant and nb % DQ_GROUP == 0 or not q.double_quant
             f = e if whole and n % 2 == 0 else None
             specs = ((*o, f), (*o, f), (*o, f) if q.double_quant else None, (*o, None) if q.double_quant else None)
-        make = (lambda p: PartitionSpec(*p)) if mesh is None else (lambda p: NamedSharding(mesh, PartitionSpec(*p)))  # noqa: E731
+        make = (
+            (lambda p: PartitionSpec(*p)) if mesh is None else (lambda p, m=mesh: NamedSharding(m, PartitionSpec(*p)))
+        )  # noqa: E731
         out.append(
             Quantized(
                 *(None if p is None else make(p) for p in specs),
