@@ -76,7 +76,33 @@ CONFIGS = {
         remat=True,
         scan=True,
     ),  # fmt: skip
+    "llama70b": ModelConfig(
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        vocab=128256,
+        batch=4,
+        seq=4096,
+        mlp="swiglu",
+        remat=True,
+        scan=True,
+    ),  # fmt: skip
     "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab=256, batch=2, seq=32, dtype="float32"),
+    "tiny_scan": ModelConfig(
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=256,
+        vocab=256,
+        batch=2,
+        seq=32,
+        mlp="swiglu",
+        remat=True,
+        scan=True,
+    ),  # fmt: skip
     "cpu": ModelConfig(d_model=512, n_layers=4, n_heads=8, vocab=4096, batch=4, seq=256, dtype="float32"),
     "cpu_wide": ModelConfig(d_model=1024, n_layers=2, n_heads=8, vocab=2048, batch=4, seq=128, dtype="float32"),
 }

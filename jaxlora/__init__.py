@@ -8,7 +8,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from . import _nnx as nnx
+    from . import _nnx as nnx  # noqa: F401
     from . import checkpoint as checkpoint
     from ._config import LoraConfig as LoraConfig
     from ._core import ModuleSummary as ModuleSummary
@@ -21,6 +21,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._matmul import LoraFactors as LoraFactors
     from ._matmul import delta as delta
     from ._optim import mask as mask
+    from ._quant import Quantized as Quantized
+    from ._quant import bits_per_parameter as bits_per_parameter
+    from ._quant import dequantize as dequantize
+    from ._quant import quantize as quantize
+    from ._quant import quantize_file as quantize_file
+    from ._quant import quantized_shardings as quantized_shardings
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
     from ._trace import UnsupportedError as UnsupportedError
@@ -43,32 +49,19 @@ _EXPORTS = {
     "LoraFactors": ("._matmul", "LoraFactors"),
     "delta": ("._matmul", "delta"),
     "mask": ("._optim", "mask"),
+    "Quantized": ("._quant", "Quantized"),
+    "bits_per_parameter": ("._quant", "bits_per_parameter"),
+    "dequantize": ("._quant", "dequantize"),
+    "quantize": ("._quant", "quantize"),
+    "quantize_file": ("._quant", "quantize_file"),
+    "quantized_shardings": ("._quant", "quantized_shardings"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),
     "UnsupportedError": ("._trace", "UnsupportedError"),
     "module_path": ("._tree", "module_path"),
 }
 
-__all__ = [
-    "LoraConfig",
-    "LoraFactors",
-    "ModuleSummary",
-    "Summary",
-    "UnsupportedError",
-    "apply",
-    "checkpoint",
-    "delta",
-    "init",
-    "init_sharded",
-    "mask",
-    "merge",
-    "module_path",
-    "nnx",
-    "shardings",
-    "summary",
-    "unmerge",
-]
-assert sorted(__all__) == sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _trace
+from . import _quant, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
@@ -243,18 +243,28 @@ def apply(
     return _trace.run(fn, params, args, kwargs, tagged, ctx)
 
 
-def merged_weight(w: jax.Array, f: LoraFactors) -> tuple[jax.Array, jax.Array | None]:
-    """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``) in float32, cast to ``W``'s dtype; and the DoRA norm."""
-    merged = w.astype(jnp.float32) + delta(f, jnp.float32)
+def _float32(w: Any) -> jax.Array:
+    """``W`` in float32: a quantized weight (`jaxlora.quantize`) dequantized."""
+    return _quant.dequantize_weight(w, jnp.float32) if _quant.is_quantized(w) else w.astype(jnp.float32)
+
+
+def merged_weight(w: Any, f: LoraFactors, dtype: Any = None) -> tuple[jax.Array, jax.Array | None]:
+    """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``) in float32, cast to ``dtype`` (default: ``W``'s);
+    and the DoRA norm. A quantized ``W`` is dequantized first."""
+    full = _float32(w)
+    merged = full + delta(f, jnp.float32)
+    dtype = dtype or w.dtype
     if f.m is None:
-        return merged.astype(w.dtype), None
-    n = weight_norm(w, f.a, f.b, f.scale, f.roles, merged=merged)
-    return (merged * expand_magnitude(f.m.astype(jnp.float32) / n, f.roles)).astype(w.dtype), n
+        return merged.astype(dtype), None
+    n = weight_norm(full, f.a, f.b, f.scale, f.roles, merged=merged)
+    return (merged * expand_magnitude(f.m.astype(jnp.float32) / n, f.roles)).astype(dtype), n
 
 
-def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: Mapping[str, Any] | None) -> Any:
+def _shift(
+    params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: Mapping[str, Any] | None, dtype: Any = None
+) -> Any:
     targets = _fit(params, lora)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
     missing = [p for p, f in lora.items() if f.m is not None and (norms is None or p not in norms)]
     if sign < 0 and missing:
         raise ValueError(
@@ -273,19 +283,28 @@ def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: 
                 "pass the loaded arrays, not jax.eval_shape output."
             )
         if sign > 0:
-            leaves[i], n = merged_weight(w, f)
+            leaves[i], n = merged_weight(w, f, dtype)
             if n is not None:
                 found[path] = n
         elif f.m is None:
-            leaves[i] = (w.astype(jnp.float32) - delta(f, jnp.float32)).astype(w.dtype)
+            leaves[i] = (_float32(w) - delta(f, jnp.float32)).astype(dtype or w.dtype)
         else:  # W = W' · ‖W + ΔW‖ / m - ΔW
-            w32, d = w.astype(jnp.float32), delta(f, jnp.float32)
+            w32, d = _float32(w), delta(f, jnp.float32)
             g = f.m.astype(jnp.float32) / jnp.asarray(norms[path], jnp.float32)
-            leaves[i] = (w32 / expand_magnitude(g, f.roles) - d).astype(w.dtype)
+            leaves[i] = (w32 / expand_magnitude(g, f.roles) - d).astype(dtype or w.dtype)
+    if dtype is not None:  # a float model: every other quantized weight dequantized too
+        leaves = [_quant.dequantize_weight(x, dtype) if _quant.is_quantized(x) else x for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, leaves), found
 
 
-def merge(params: Params, lora: Mapping[str, LoraFactors], *, return_norms: bool = False) -> Any:
+def merge(
+    params: Params,
+    lora: Mapping[str, LoraFactors],
+    *,
+    dtype: Any = None,
+    quantize: bool = False,
+    return_norms: bool = False,
+) -> Any:
     """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
 
     Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
@@ -301,6 +320,13 @@ def merge(params: Params, lora: Mapping[str, LoraFactors], *, return_norms: bool
     Returns:
       The merged params, or ``(merged, norms)`` with ``return_norms``.
 
+    On a quantized base (`jaxlora.quantize`), each targeted weight is dequantized, merged and
+    returned as a float array in ``dtype`` (default: the weight's own float dtype); with ``dtype``
+    given, every other quantized weight is dequantized to it too, so the result is a float model.
+    With ``quantize=True`` the merged weights are quantized again in their own format and the result
+    is ``(qparams, report)``: per module, ``{"error": ‖Q(W') − W'‖ / ‖W'‖, "of_delta": ‖Q(W') − W'‖ /
+    ‖ΔW‖}`` (float32 arrays), the error the re-quantization adds to the merged weight ``W'``.
+
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
       >>> params = {"w": jnp.zeros((4, 6))}
@@ -308,8 +334,36 @@ def merge(params: Params, lora: Mapping[str, LoraFactors], *, return_norms: bool
       >>> bool((jaxlora.merge(params, lora)["w"] == 0).all())  # B = 0 at init
       True
     """
-    merged, norms = _shift(params, lora, 1.0, None)
-    return (merged, norms) if return_norms else merged
+    if not quantize:
+        merged, norms = _shift(params, lora, 1.0, None, dtype)
+        return (merged, norms) if return_norms else merged
+    if return_norms:
+        raise ValueError(
+            "merge: quantize=True and return_norms=True do not combine: a re-quantized DoRA merge "
+            "cannot be unmerged exactly. Merge with return_norms=True alone, then jaxlora.quantize."
+        )
+    targets = _fit(params, lora)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
+    not_quantized = [p for p in lora if not _quant.is_quantized(leaves[targets[p].index])]
+    if not_quantized:
+        raise ValueError(
+            f"merge(..., quantize=True) re-quantizes quantized weights, but {not_quantized} are not quantized; "
+            "pass the params from jaxlora.quantize (or merge without quantize=True)."
+        )
+    merged = jax.tree_util.tree_leaves(_shift(params, lora, 1.0, None, jnp.float32)[0], is_leaf=_quant.is_quantized)
+    report = {}
+    for path, f in lora.items():
+        i = targets[path].index
+        q = leaves[i]
+        w = merged[i]
+        back = _quant.encode(w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant)
+        err = jnp.linalg.norm(_quant.dequantize_weight(back, jnp.float32) - w)
+        report[path] = {
+            "error": err / jnp.linalg.norm(w),
+            "of_delta": err / jnp.linalg.norm(delta(f, jnp.float32)),
+        }
+        leaves[i] = back
+    return jax.tree_util.tree_unflatten(treedef, leaves), report
 
 
 def unmerge(params: Params, lora: Mapping[str, LoraFactors], *, norms: Mapping[str, Any] | None = None) -> Params:
@@ -347,6 +401,13 @@ class Summary(NamedTuple):
     modules: tuple[ModuleSummary, ...]
     trainable: int
     total: int
+    base_bytes: int = 0  # bytes of params as stored (quantized weights by their codes and scales)
+
+    @property
+    def bytes_per_parameter(self) -> float:
+        """Stored bytes of ``params`` per base parameter (2 for bfloat16, ~0.516 for NF4 weights)."""
+        base = self.total - self.trainable
+        return self.base_bytes / base if base else 0.0
 
     @property
     def percent(self) -> float:
@@ -359,6 +420,8 @@ class Summary(NamedTuple):
         rows.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
+        if self.base_bytes:
+            rows.append(f"base: {self.base_bytes:,} bytes ({self.bytes_per_parameter:.3f} bytes a parameter)")
         return "\n".join(rows)
 
 
@@ -384,6 +447,7 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
         )
         for path, f in lora.items()
     )
-    base = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape"))
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_quant.is_quantized)
+    base = sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
     trainable = sum(m.trainable for m in modules)
-    return Summary(modules, trainable, base + trainable)
+    return Summary(modules, trainable, base + trainable, _quant.nbytes(params))

@@ -76,10 +76,17 @@ def is_array(x: Any) -> bool:
 
 
 def weights(params: Any) -> dict[str, Weight]:
-    """Every adaptable leaf of ``params`` (floating, ``ndim >= 2``), keyed by module path."""
+    """Every adaptable leaf of ``params`` (floating, ``ndim >= 2``; a `jaxlora.Quantized` weight is
+    one leaf), keyed by module path."""
+    from ._quant import is_quantized
+
     found: dict[str, Weight] = {}
-    for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
-        if not is_array(leaf) or len(leaf.shape) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]):
+        if (
+            not (is_array(leaf) or is_quantized(leaf))
+            or len(leaf.shape) < 2
+            or not jnp.issubdtype(leaf.dtype, jnp.floating)
+        ):
             continue
         path = module_path(keypath)
         if path in found:

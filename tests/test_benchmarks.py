@@ -76,3 +76,25 @@ def test_driver_prints_the_dora_to_lora_ratio(tmp_path, capsys):
     result = json.loads(path.read_text())
     assert result["modes"]["dora"]["ratio_to_lora"] > 0
     assert "dora/lora: step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["train_nf4", "decode_nf4"])
+def test_qlora_modes_run(mode):
+    from benchmarks import qlora
+
+    a = argparse.Namespace(config="tiny_scan", mode=mode, rank=4, steps=1, warmup=0, override="{}", decode_batches="1")
+    out = qlora._measure(a)
+    assert out["bits_per_parameter"] < 16 and (out.get("median_ms", 1) > 0)
+    assert out.get("loss", 0.0) == pytest.approx(out.get("loss", 0.0))  # finite
+
+
+@pytest.mark.slow
+def test_qlora_driver_writes_json(tmp_path):
+    from benchmarks import qlora
+
+    path = tmp_path / "q.json"
+    qlora.main(["--config", "tiny_scan", "--modes", "train_bf16,train_nf4", "--big", "tiny_scan", "--batches", "2",
+                "--big-seq", "32", "--steps", "1", "--warmup", "0", "--out", str(path)])  # fmt: skip
+    result = json.loads(path.read_text())
+    assert result["modes"]["train_nf4"]["base_ratio_to_bf16"] < 0.5, result["modes"]
+    assert result["big"]["largest"]["batch"] == 2

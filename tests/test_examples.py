@@ -30,3 +30,11 @@ def test_moe_finetune():
     result = _load("moe_finetune").main(steps=40)
     assert result["loss_after"] < result["loss_before"] - 0.1
     assert result["merged_vs_unmerged_max_abs"] < 1e-4
+
+
+@pytest.mark.slow
+def test_qlora_finetune():
+    rows = _load("qlora_finetune").main(pretrain_steps=40, lora_steps=30, rank=4)["rows"]
+    assert rows["nf4"]["lora_loss"] < rows["nf4"]["base_loss"]
+    assert rows["bf16"]["lora_loss"] < rows["bf16"]["base_loss"]
+    assert rows["nf4"]["base_bytes"] < 0.5 * rows["bf16"]["base_bytes"]

@@ -13,11 +13,25 @@ import dataclasses
 import jax
 from jax import lax
 
-from ._eval import Context, Tagged, UnsupportedError, closed, evaluate, forward, mismatch, register, untag
+from ._eval import (
+    KEEPS_LAZY,
+    Context,
+    Lazy,
+    Tagged,
+    UnsupportedError,
+    closed,
+    evaluate,
+    forward,
+    mismatch,
+    realize,
+    register,
+    untag,
+)
 from ._views import factor_specs
 
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 _REMAT = ("remat2", "checkpoint", "remat")
+KEEPS_LAZY.update((*_INLINE, *_REMAT, "optimization_barrier", "scan", "cond", "while"))
 
 
 @register(*_INLINE)
@@ -89,6 +103,8 @@ def _scan(eqn, invals, ctx: Context):
     nconsts, ncarry = scan_counts(eqn)
     consts, init, xs = invals[:nconsts], invals[nconsts : nconsts + ncarry], invals[nconsts + ncarry :]
     init = [untag(v, "carried through a loop", ctx) for v in init]
+    # a quantized stacked weight is sliced per step as it is; one without a stacked axis, dequantized
+    xs = [v if _scannable(v) else realize(v) for v in xs]
     for v in xs:
         if isinstance(v, Tagged) and not ctx.probing:
             _check_leading(v)
@@ -116,6 +132,11 @@ def _scan(eqn, invals, ctx: Context):
     forwards: dict[int, int] = {}
     carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     return forward([*carry, *ys], forwards, invals)
+
+
+def _scannable(v) -> bool:
+    w = v.w if isinstance(v, Tagged) else v
+    return not isinstance(w, Lazy) or w.scannable()
 
 
 @register("cond")

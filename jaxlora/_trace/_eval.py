@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Literal
 
 from .._matmul import LoraFactors, delta, weight_norm
+from .._quant import is_quantized
 from .._tree import is_array
 
 FALLBACKS = ("error", "merge")
@@ -76,6 +77,47 @@ class Tagged:
             "b": group("s") + ["r"] + group("o"),
             "m": group("s") + group("o"),
         }[side]
+
+
+class Lazy:
+    """A weight kept in another form until its first use that needs it whole (`_quantized.Packed`).
+
+    Calls, ``remat``, ``scan`` (which slices it per step) and ``cond`` carry it inside (`KEEPS_LAZY`);
+    any other equation gets it `realize`d first, so a quantized weight is dequantized inside the
+    body that uses it.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def realize(self, eqn=None) -> jax.Array:
+        raise NotImplementedError
+
+    def scannable(self) -> bool:
+        """Whether ``lax.scan`` may slice it along axis 0 as a pytree."""
+        return False
+
+
+KEEPS_LAZY: set[str] = set()  # primitives whose rules carry Lazy values inside (filled by _control)
+
+
+def is_lazy(v: Any) -> bool:
+    return isinstance(v, Lazy) or isinstance(v, Tagged) and isinstance(v.w, Lazy)
+
+
+def realize(v: Any, eqn=None) -> Any:
+    """``v`` with a lazy weight (itself, or a tagged weight's ``w``) turned into its array."""
+    if isinstance(v, Lazy):
+        return v.realize(eqn)
+    if isinstance(v, Tagged) and isinstance(v.w, Lazy):
+        return v.replace(w=v.w.realize(eqn))
+    return v
+
+
+def _placeholder(v: Any) -> Any:
+    """The plain array standing in for a forwarded tagged or lazy output (replaced by `forward`)."""
+    w = v.w if isinstance(v, Tagged) else v
+    return jnp.zeros(w.shape, w.dtype) if isinstance(w, Lazy) else w
 
 
 class UnsupportedError(ValueError):
@@ -146,7 +188,7 @@ def evaluate(
         env[var] = val
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, Tagged) for v in invals):
+        if any(isinstance(v, (Tagged, Lazy)) for v in invals):
             outs = _rule(eqn, invals, ctx)
         else:
             outs = bind(eqn, invals)
@@ -155,10 +197,11 @@ def evaluate(
     outs = []
     for i, v in enumerate(jaxpr.outvars):
         val = read(v)
-        j = next((j for j in forwardable if args[j] is val), None) if isinstance(val, Tagged) else None
+        lazy_or_tagged = isinstance(val, (Tagged, Lazy))
+        j = next((j for j in forwardable if args[j] is val), None) if lazy_or_tagged else None
         if j is not None and forwards is not None:
             forwards[i] = j
-            outs.append(val.w)
+            outs.append(_placeholder(val))
         else:
             outs.append(untag(val, "returned by the function", ctx))
     return outs
@@ -175,6 +218,7 @@ def closed(j) -> tuple[Jaxpr, Sequence[Any]]:
 
 def untag(value: Any, where: str, ctx: Context) -> Any:
     """A plain array for ``value``: the merged weight under the "merge" fallback, else an error."""
+    value = realize(value)
     if not isinstance(value, Tagged):
         return value
     if ctx.probing:
@@ -259,6 +303,10 @@ def untag_all(eqn, invals: list[Any], ctx: Context) -> list[Any]:
 
 
 def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
+    if eqn.primitive.name not in KEEPS_LAZY and any(is_lazy(v) for v in invals):
+        invals = [realize(v, eqn) for v in invals]  # a quantized weight's first real use: dequantize here
+        if not any(isinstance(v, Tagged) for v in invals):
+            return bind(eqn, invals)
     return RULES.get(eqn.primitive.name, untag_all)(eqn, invals, ctx)
 
 
@@ -272,10 +320,13 @@ def run(
 ) -> Any:
     """Call ``fn(params, *args, **kwargs)`` with the params leaves in ``tagged`` (by leaf index) tagged.
 
-    Array leaves of ``params``, ``args`` and ``kwargs`` are traced; every other leaf is static.
+    Array leaves of ``params``, ``args`` and ``kwargs`` are traced; every other leaf is static. A
+    `jaxlora.Quantized` weight is traced as its float shape and evaluated as a `Lazy` value.
     """
-    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
-    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+    from ._quantized import Packed
+
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or is_quantized(leaf)]
 
     def flat_fn(*values):
         full = list(leaves)
@@ -284,10 +335,11 @@ def run(
         p, a, k = jax.tree_util.tree_unflatten(treedef, full)
         return fn(p, *a, **k)
 
-    traced, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*(leaves[i] for i in dynamic))
+    as_float = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if is_quantized(v) else v  # noqa: E731
+    traced, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*(as_float(leaves[i]) for i in dynamic))
     values = []
     for i in dynamic:
-        v = leaves[i]
+        v = Packed(leaves[i]) if is_quantized(leaves[i]) else leaves[i]
         if i in tagged:
             path, factors = tagged[i]
             view = View(path, tuple(range(v.ndim)), tuple(range(v.ndim)))

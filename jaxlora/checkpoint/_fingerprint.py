@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from .._matmul import LoraFactors
+from .._quant import is_quantized
 from .._tree import nearest, weights
 
 Fingerprint = dict[str, dict[str, Any]]
@@ -18,7 +19,8 @@ def fingerprint(params: Any, lora: Mapping[str, LoraFactors]) -> Fingerprint:
 
     ``params`` may be abstract (``jax.eval_shape`` output); only shapes and dtypes are read. ``name`` is
     the weight's own leaf name (``"kernel"``, ``"embedding"``), which tells exporters a lookup table from
-    a matmul weight.
+    a matmul weight. A weight of a quantized base (`jaxlora.quantize`) adds ``"quantized"``:
+    ``{"format": "nf4", "block_size": 64, "double_quant": True}`` (or ``{"format": "int8"}``).
 
     Raises:
       ValueError: naming every path of ``lora`` that is not an adaptable weight of ``params``.
@@ -34,14 +36,13 @@ def fingerprint(params: Any, lora: Mapping[str, LoraFactors]) -> Fingerprint:
     missing = [f"{p!r}: not an adaptable weight of params; {nearest(p, found)}" for p in lora if p not in found]
     if missing:
         raise ValueError("The LoRA tree does not fit params:\n  " + "\n  ".join(missing))
-    return {
-        p: {
-            "shape": [int(d) for d in found[p].leaf.shape],
-            "dtype": str(jnp.dtype(found[p].leaf.dtype)),
-            "name": found[p].name,
-        }
-        for p in lora
-    }
+    out: Fingerprint = {}
+    for p in lora:
+        leaf = found[p].leaf
+        out[p] = {"shape": [int(d) for d in leaf.shape], "dtype": str(jnp.dtype(leaf.dtype)), "name": found[p].name}
+        if is_quantized(leaf):  # trained on a quantized base: how it was quantized
+            out[p]["quantized"] = leaf.describe()
+    return out
 
 
 def check(expected: Fingerprint, params: Any, *, source: str = "the adapter") -> None:

@@ -1,0 +1,56 @@
+"""Quantized weights inside the rewrite: a `Packed` value that stays quantized until its first use.
+
+A `jaxlora.Quantized` leaf enters the traced function as a float ``ShapeDtypeStruct`` (the model sees
+a float weight) and the evaluator as `Packed`, a `Lazy` pytree over its codes and scales. Calls,
+``remat``, ``cond`` and the optimisation barrier carry it inside as it is; ``scan`` slices its
+codes and scales per step along the stacked axis (the layout keeps that axis outside the blocks);
+the first other equation that reads it (a cast, a transpose, the matmul itself) gets it dequantized
+(`_eval.realize`), straight to that cast's dtype. So the float weight is formed inside the body of
+the ``scan``/``remat`` that uses it, one layer at a time, and XLA fuses the dequantization into its
+consumer: for a targeted weight, the transient ``W + ΔW`` of `_matmul.lora_op`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from .._quant import Quantized, dequantize_weight
+from ._eval import Lazy
+
+
+@jax.tree_util.register_pytree_node_class
+class Packed(Lazy):
+    """A quantized weight in the evaluator: its `Quantized` node, dequantized on `realize`."""
+
+    def __init__(self, q: Quantized):
+        self.q = q
+
+    def tree_flatten(self):
+        return (self.q,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.q.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    def realize(self, eqn=None) -> jax.Array:
+        dtype = None
+        if eqn is not None and eqn.primitive.name == "convert_element_type":
+            dtype = eqn.params["new_dtype"]  # dequantize straight to the dtype the model casts to
+        return dequantize_weight(self.q, dtype)
+
+    def scannable(self) -> bool:
+        return bool(self.q.outer)
