@@ -15,6 +15,10 @@ from ._matmul import delta as delta
 from ._optim import mask as mask
 from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
+from ._stack import LoraStack as LoraStack
+from ._stack import stack as stack
+from ._stack import stack_set as stack_set
+from ._stack import unstack as unstack
 from ._trace import UnsupportedError as UnsupportedError
 from ._tree import module_path as module_path
 
@@ -23,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraFactors",
+    "LoraStack",
     "ModuleSummary",
     "Summary",
     "UnsupportedError",
@@ -36,6 +41,9 @@ __all__ = [
     "module_path",
     "nnx",
     "shardings",
+    "stack",
+    "stack_set",
     "summary",
     "unmerge",
+    "unstack",
 ]
