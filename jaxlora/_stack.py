@@ -312,7 +312,9 @@ def _example_axes(args: tuple[Any, ...], kwargs: dict[str, Any], axes: Any, n: i
                 f"argument of fn after params ({len(args)}), got {axes!r}."
             )
         arg_axes = tuple(
-            jax.tree.map(lambda x, ax=ax: ax if is_array(x) else None, arg) if ax is None or isinstance(ax, int) else ax
+            jax.tree.map(lambda x, ax=ax: ax if is_array(x) and np.ndim(x) > 0 else None, arg)
+            if ax is None or isinstance(ax, int)
+            else ax
             for arg, ax in zip(args, axes)
         )
     kw_axes = jax.tree.map(default, kwargs)
@@ -326,14 +328,16 @@ def _example_axes(args: tuple[Any, ...], kwargs: dict[str, Any], axes: Any, n: i
             shape = np.shape(x)
             if not -len(shape) <= ax < len(shape) or shape[ax] != n:
                 problems.append(f"{where}{jax.tree_util.keystr(kp)}: shape {shape}, example axis {ax}")
-    if problems:
-        raise ValueError(
-            f"adapter_ids has {n} entries, one per example, but these arguments have no example axis of size {n}:\n  "
-            + "\n  ".join(problems)
-            + "\nFix: pass example_axes=(...) naming each argument's example axis, or None for an argument that "
-            "every example shares (such as positions)."
-        )
-    return arg_axes, kw_axes
+    if not problems:
+        norm = lambda ax, x: None if ax is None else ax % np.ndim(x)  # noqa: E731
+        none = lambda x: x is None  # noqa: E731
+        return jax.tree.map(norm, arg_axes, args, is_leaf=none), jax.tree.map(norm, kw_axes, kwargs, is_leaf=none)
+    raise ValueError(
+        f"adapter_ids has {n} entries, one per example, but these arguments have no example axis of size {n}:\n  "
+        + "\n  ".join(problems)
+        + "\nFix: pass example_axes=(...) naming each argument's example axis, or None for an argument that "
+        "every example shares (such as positions)."
+    )
 
 
 def _ids(adapter_ids: Any, stk: LoraStack) -> jax.Array:
@@ -359,7 +363,7 @@ def apply_stack(fn, params, stk: LoraStack, args, kwargs, *, adapter_ids, exampl
     n = ids.shape[0]
     targets = _core._fit(params, {p: stk.factors(p) for p in stk.paths})
     arg_axes, kw_axes = _example_axes(args, kwargs, example_axes, n)
-    keep = lambda ax, x: x if ax is None else jnp.expand_dims(x, ax % x.ndim + 1)  # noqa: E731
+    keep = lambda ax, x: x if ax is None else jnp.expand_dims(x, ax + 1)  # noqa: E731
     args = jax.tree.map(keep, arg_axes, args, is_leaf=lambda x: x is None)
     kwargs = jax.tree.map(keep, kw_axes, kwargs, is_leaf=lambda x: x is None)
     keys = None if dropout_key is None else jax.random.split(dropout_key, n)
