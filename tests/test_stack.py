@@ -32,7 +32,9 @@ def _random(lora, seed):
     """A trained-looking adapter: a and b random (b is zero at init)."""
     keys = iter(jax.random.split(jax.random.key(seed), 2 * len(lora)))
     return {
-        p: dataclasses.replace(f, a=jax.random.normal(next(keys), f.a.shape), b=jax.random.normal(next(keys), f.b.shape))
+        p: dataclasses.replace(
+            f, a=jax.random.normal(next(keys), f.a.shape), b=jax.random.normal(next(keys), f.b.shape)
+        )
         for p, f in lora.items()
     }
 
@@ -147,11 +149,16 @@ def test_nnx_model_with_a_stack(form):
             return self.down(nnx.relu(self.up(x)))
 
     model = Mlp(nnx.Rngs(0))
-    adapters = {n: _random(jaxlora.nnx.init(jax.random.key(k), model, jaxlora.LoraConfig(rank=k + 1)), k) for k, n in enumerate("xy")}
+    adapters = {
+        n: _random(jaxlora.nnx.init(jax.random.key(k), model, jaxlora.LoraConfig(rank=k + 1)), k)
+        for k, n in enumerate("xy")
+    }
     x, ids = jax.random.normal(jax.random.key(1), (3, 4)), jnp.array([1, 0, -1])
     got = jax.jit(lambda m, s, x, i: jaxlora.nnx.apply(m, s, x, adapter_ids=i))(model, jaxlora.stack(adapters), x, ids)
     for row, name in ((0, "y"), (1, "x")):
-        np.testing.assert_allclose(got[row], jaxlora.nnx.apply(model, adapters[name], x[row : row + 1])[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got[row], jaxlora.nnx.apply(model, adapters[name], x[row : row + 1])[0], rtol=1e-5, atol=1e-5
+        )
     np.testing.assert_allclose(got[2], model(x[2:3])[0], rtol=1e-6, atol=1e-6)
 
 
@@ -344,3 +351,19 @@ print(got.sharding.spec, np.isfinite(grads.a["w"]).all())
 """
     )
     assert "data" in out and "True" in out
+
+
+def test_orbax_round_trip_and_peft_directories_into_one_stack(tmp_path):
+    params, fn, adapters = _mlp()
+    stk = jaxlora.stack(adapters, rank=4)
+    path = jaxlora.checkpoint.save_stack(tmp_path / "stack", stk, params=params)
+    back = jaxlora.checkpoint.restore_stack(path, params=params)
+    assert back.names == stk.names and back.roles == stk.roles
+    assert_trees_close(back, stk, 0, 0)
+    with pytest.raises(ValueError, match="not a jaxlora stack checkpoint"):
+        jaxlora.checkpoint.restore_stack(jaxlora.checkpoint.save(tmp_path / "one", adapters["sql"]))
+    linen = {"params": {k: {"kernel": v} for k, v in params.items()}}
+    dirs = {n: jaxlora.checkpoint.save_peft(tmp_path / n, lora, params=linen) for n, lora in adapters.items()}
+    peft = jaxlora.checkpoint.load_peft_stack(dirs, params=linen)
+    assert peft.rank["w"].tolist() == [2, 3, 1] and peft.scale["v"].tolist() == [1.0, 0.0, 0.5]
+    assert_trees_close(peft.a, jaxlora.stack(adapters).a, 1e-6, 1e-6)  # PEFT stores (r, in): transposed back exactly
