@@ -23,3 +23,10 @@ def test_quickstart():
     assert result["code_loss_after"] < result["code_loss_before"]
     assert result["merged_vs_unmerged_max_abs"] < 1e-4
     assert 0 < result["trainable_percent"] < 10
+
+
+@pytest.mark.slow
+def test_serve():
+    result = _load("serve").main(batch=6, new_tokens=12)
+    assert result["mismatched_requests"] == [] and result["mismatched_after_swap"] == []
+    assert result["recompiles_after_swap"] == 0 and result["distinct_outputs"] > 1 and result["tokens_per_s"] > 0
