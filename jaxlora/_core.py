@@ -184,6 +184,7 @@ def apply(
     unsupported: str = "error",
     adapter_ids: jax.typing.ArrayLike | None = None,
     example_axes: tuple[Any, ...] | None = None,
+    example_out_axes: Any = 0,
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(params, *args, **kwargs)`` with every targeted weight computed as ``W + scale·B·A``.
@@ -206,11 +207,14 @@ def apply(
         factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
       adapter_ids: with a `LoraStack` as ``lora``: one int per example, an index into ``stack.names``
         (-1: the base alone). ``fn`` is mapped over the examples (``jax.vmap``) and sees each as a batch
-        of one; each example's rows use their own adapter at every targeted op. Outputs are concatenated
-        along axis 0 (a scalar output comes back with one value per example).
+        of one; each example's rows use their own adapter at every targeted op.
       example_axes: with ``adapter_ids``: one entry per positional argument after ``params``, its
         example axis (an int, or a pytree of them) or None for an argument all examples share. By
         default each array argument's axis 0 is its example axis (0-d arrays are shared).
+      example_out_axes: with ``adapter_ids``: where the examples go in the outputs, as ``jax.vmap``'s
+        ``out_axes`` (default 0). An output whose axis there has size 1 in ``fn``'s batch of one gets
+        the examples in its place (logits ``(1, t, v)`` -> ``(batch, t, v)``); others gain an axis
+        (a scalar loss -> one per example).
 
     Returns:
       What ``fn`` returns.
@@ -235,7 +239,7 @@ def apply(
             )
         return _stack.apply_stack(
             fn, params, lora, args, kwargs, adapter_ids=adapter_ids, example_axes=example_axes,
-            dropout_key=dropout_key, unsupported=unsupported,
+            example_out_axes=example_out_axes, dropout_key=dropout_key, unsupported=unsupported,
         )  # fmt: skip
     targets = _fit(params, lora)
     tagged = {targets[path].index: (path, f) for path, f in lora.items()}

@@ -355,7 +355,21 @@ def _ids(adapter_ids: Any, stk: LoraStack) -> jax.Array:
     return adapter_ids
 
 
-def apply_stack(fn, params, stk: LoraStack, args, kwargs, *, adapter_ids, example_axes, dropout_key, unsupported):
+def _squeeze(axes: Any, out: Any) -> Any:
+    """Each output leaf without the size-1 example axis that ``fn`` saw (``axes``: a prefix of ``out``)."""
+    full = jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub), axes, out, is_leaf=lambda x: x is None)
+
+    def one(ax, y):
+        if ax is None or np.ndim(y) == 0 or y.shape[ax] != 1:
+            return y
+        return jnp.squeeze(y, ax)
+
+    return jax.tree.map(one, full, out, is_leaf=lambda x: x is None)
+
+
+def apply_stack(
+    fn, params, stk: LoraStack, args, kwargs, *, adapter_ids, example_axes, example_out_axes, dropout_key, unsupported
+):
     """`jaxlora.apply` with a stack: ``fn`` mapped over the examples, each with its adapter's factors."""
     from . import _core, _trace
 
@@ -378,7 +392,7 @@ def apply_stack(fn, params, stk: LoraStack, args, kwargs, *, adapter_ids, exampl
         scale = {p: jnp.where(valid, s[slot], 0.0) for p, s in scales.items()}
         select = _trace.Selection(slot, scale, ranks, stk.slots, n)
         ctx = _trace.Context(fallback=unsupported, dropout_key=key, stack=select)
-        return _trace.run(fn, params, args, kwargs, tagged, ctx)
+        return _squeeze(example_out_axes, _trace.run(fn, params, args, kwargs, tagged, ctx))
 
-    out = jax.vmap(one, in_axes=(arg_axes, kw_axes, 0, None if keys is None else 0))(args, kwargs, ids, keys)
-    return jax.tree.map(lambda y: y if y.ndim < 2 else y.reshape(y.shape[0] * y.shape[1], *y.shape[2:]), out)
+    in_axes = (arg_axes, kw_axes, 0, None if keys is None else 0)
+    return jax.vmap(one, in_axes=in_axes, out_axes=example_out_axes)(args, kwargs, ids, keys)

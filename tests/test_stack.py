@@ -281,9 +281,12 @@ def test_shared_arguments_by_example_axes(form):
     x, shift = jax.random.normal(jax.random.key(5), (5, 3, 4)), jnp.arange(12.0).reshape(3, 4) / 10
     ids = jnp.array([0, 1, 2, -1, 0])
     shifted = lambda p, x, s: fn(p, x + s)  # noqa: E731
-    got = jaxlora.apply(shifted, params, stk, jnp.swapaxes(x, 0, 1), shift, adapter_ids=ids, example_axes=(1, None))
+    xt = jnp.swapaxes(x, 0, 1)  # (seq, batch, features): the examples on axis 1, in and out
+    got = jaxlora.apply(shifted, params, stk, xt, shift, adapter_ids=ids, example_axes=(1, None), example_out_axes=1)
     want = jaxlora.apply(fn, params, stk, x + shift, adapter_ids=ids)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, jnp.swapaxes(want, 0, 1), rtol=1e-6, atol=1e-6)
+    loss = jaxlora.apply(lambda p, x: jnp.sum(fn(p, x)), params, stk, x, adapter_ids=ids)  # a scalar per example
+    np.testing.assert_allclose(loss, jnp.sum(want, axis=(1, 2)), rtol=1e-5, atol=1e-5)
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
