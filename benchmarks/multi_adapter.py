@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = models.configure(a.config, override=a.override)
     result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
-              "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache, "modes": m}  # fmt: skip
+              "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
+              "modes": m}  # fmt: skip
     ok = lambda k: "pipelined_ms" in m.get(k, {})  # noqa: E731
     ratios = {}
     if ok("base"):
