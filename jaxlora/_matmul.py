@@ -286,20 +286,22 @@ def onehot_is_cheaper(examples: int, tokens: int, factors: int, itemsize: int, s
     of the rank product per example. Per example, the gather form copies its adapter's factors (read,
     write, read again: ``3·factors/slots`` elements) and does ``tokens·factors/slots`` multiply-adds;
     the one-hot form reads every slot's factors once for the whole batch and does ``tokens·factors``
-    multiply-adds per example. Multiply-adds are weighed against bytes by the backend's arithmetic
-    intensity (about 200 flops a byte on a GPU or TPU, 4 on a CPU): the one-hot form wins for
-    decode-sized batches over a small stack, the gather for prefill and training batches and for
-    large stacks.
+    multiply-adds per example. Multiply-adds are weighed against bytes by the accelerator's arithmetic
+    intensity (about 200 flops a byte on a GPU or TPU): the one-hot form wins for decode-sized batches
+    over a small stack, the gather for prefill and training batches and for large stacks. On a CPU,
+    bound by arithmetic, the gather measured faster everywhere, so it is always chosen there.
 
     Example:
-      >>> onehot_is_cheaper(64, 1, 8 * 16 * 8192, 2, 8)  # decode: 64 examples, 8 adapters
+      >>> onehot_is_cheaper(64, 1, 8 * 16 * 8192, 2, 8) == (jax.default_backend() != "cpu")  # decode
       True
       >>> onehot_is_cheaper(8, 1024, 8 * 16 * 8192, 2, 8)  # prefill
       False
     """
     if _STACK_FORM is not None:
         return _STACK_FORM == "onehot"
-    flops_per_byte = 4.0 if jax.default_backend() == "cpu" else 200.0
+    if jax.default_backend() == "cpu":  # measured: the gather wins at every shape tried (docs/design.md)
+        return False
+    flops_per_byte = 200.0
     macs = examples * tokens * factors
     gather = 3 * examples * factors * itemsize / slots + 2 * macs / slots / flops_per_byte
     onehot = factors * itemsize + 2 * macs / flops_per_byte

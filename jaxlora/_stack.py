@@ -387,9 +387,9 @@ def apply_stack(
     tagged = {targets[p].index: (p, f) for p, f in factors.items()}
 
     def one(args, kwargs, i, key):
-        valid = i >= 0
-        slot = jnp.where(valid, i, 0)
-        scale = {p: jnp.where(valid, s[slot], 0.0) for p, s in scales.items()}
+        slot = jnp.maximum(i, 0)
+        hot = jnp.arange(stk.slots) == i  # no gather: a sharded id needs no collective (id -1 hits nothing)
+        scale = {p: jnp.sum(jnp.where(hot, s, 0.0)) for p, s in scales.items()}
         select = _trace.Selection(slot, scale, ranks, stk.slots, n)
         ctx = _trace.Context(fallback=unsupported, dropout_key=key, stack=select)
         return _squeeze(example_out_axes, _trace.run(fn, params, args, kwargs, tagged, ctx))

@@ -260,7 +260,7 @@ def test_apply_errors_name_the_fix():
         jaxlora.apply(fn, params, stk, x, adapter_ids=jnp.zeros(4))
     with pytest.raises(ValueError, match=r"adapter_ids must be 1-D.*got shape \(2, 2\)"):
         jaxlora.apply(fn, params, stk, x, adapter_ids=jnp.zeros((2, 2), jnp.int32))
-    with pytest.raises(ValueError, match=r"no example axis of size 3:\n  args\[0\]: shape \(4, 4\).*example_axes"):
+    with pytest.raises(ValueError, match=r"(?s)no example axis of size 3:\n  args\[0\]: shape \(4, 4\).*example_axes"):
         jaxlora.apply(fn, params, stk, x, adapter_ids=jnp.array([0, 1, 2]))
     with pytest.raises(TypeError, match="adapter_ids= goes with a LoraStack"):
         jaxlora.apply(fn, params, stk, x)
@@ -278,12 +278,12 @@ def test_apply_errors_name_the_fix():
 def test_shared_arguments_by_example_axes(form):
     params, fn, adapters = _mlp()
     stk = jaxlora.stack(adapters)
-    x, shift = jax.random.normal(jax.random.key(5), (5, 3, 4)), jnp.arange(12.0).reshape(3, 4) / 10
+    x, shift = jax.random.normal(jax.random.key(5), (5, 3, 4)), jnp.arange(12.0).reshape(3, 1, 4) / 10
     ids = jnp.array([0, 1, 2, -1, 0])
     shifted = lambda p, x, s: fn(p, x + s)  # noqa: E731
     xt = jnp.swapaxes(x, 0, 1)  # (seq, batch, features): the examples on axis 1, in and out
     got = jaxlora.apply(shifted, params, stk, xt, shift, adapter_ids=ids, example_axes=(1, None), example_out_axes=1)
-    want = jaxlora.apply(fn, params, stk, x + shift, adapter_ids=ids)
+    want = jaxlora.apply(fn, params, stk, x + shift.reshape(1, 3, 4), adapter_ids=ids)
     np.testing.assert_allclose(got, jnp.swapaxes(want, 0, 1), rtol=1e-6, atol=1e-6)
     loss = jaxlora.apply(lambda p, x: jnp.sum(fn(p, x)), params, stk, x, adapter_ids=ids)  # a scalar per example
     np.testing.assert_allclose(loss, jnp.sum(want, axis=(1, 2)), rtol=1e-5, atol=1e-5)
@@ -312,20 +312,21 @@ def test_serving_and_training_never_recompile_on_swaps_or_new_ids():
     put = jax.jit(jaxlora.stack_set, static_argnums=1, donate_argnums=0)
     swaps = [
         _random(jaxlora.init(jax.random.key(k), params, jaxlora.LoraConfig(rank=k + 1, alpha=k + 2.0, targets=t)), k)
-        for k, t in ((0, "w"), (1, "all-linear"), (3, "v"))
+        for k, t in ((0, "w"), (1, "all-linear"), (2, "v"))
     ]  # other ranks, alphas and targets
     ids = [jnp.array(i) for i in ([0, 1, 2, -1], [2, 2, 2, 2], [-1, -1, 0, 1])]
     state = opt.init(stk)
     y0 = serve(stk, x, ids[0])
     stk, state = train(stk, state, x, ids[0])
-    stk = put(stk, "chat", swaps[0])
+    for lora in swaps:  # stack_set itself compiles once per adapter structure (ranks, scales are static there)
+        put(jax.tree.map(jnp.copy, stk), "chat", lora)
     n0 = _compiles["n"]
     outs = []
     for lora, i in zip(swaps, ids):
         stk = put(stk, "chat", lora)
         outs.append(serve(stk, x, i))
         stk, state = train(stk, state, x, i)
-    assert _compiles["n"] == n0 + 2  # stack_set once for each new rank of the written adapter; serve, train never
+    assert _compiles["n"] == n0  # serving and training never recompile
     assert not bool(jnp.allclose(outs[0], y0))
 
 
@@ -343,7 +344,7 @@ stk = jaxlora.stack(ad)
 x = jax.random.normal(jax.random.key(2), (16, 5, 8))
 ids = jnp.arange(16) % 4 - 1
 single = jax.jit(lambda s, x, i: jaxlora.apply(fn, params, s, x, adapter_ids=i))(stk, x, ids)
-mesh = jax.make_mesh((8,), ("data",))
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ids_s = jax.device_put(ids, NamedSharding(mesh, P("data")))
