@@ -285,7 +285,8 @@ def test_shared_arguments_by_example_axes(form):
     got = jaxlora.apply(shifted, params, stk, xt, shift, adapter_ids=ids, example_axes=(1, None), example_out_axes=1)
     want = jaxlora.apply(fn, params, stk, x + shift.reshape(1, 3, 4), adapter_ids=ids)
     np.testing.assert_allclose(got, jnp.swapaxes(want, 0, 1), rtol=1e-6, atol=1e-6)
-    loss = jaxlora.apply(lambda p, x: jnp.sum(fn(p, x)), params, stk, x, adapter_ids=ids)  # a scalar per example
+    total = lambda p, x: jnp.sum(fn(p, x))  # noqa: E731  (a scalar per example)
+    loss = jaxlora.apply(total, params, stk, x + shift.reshape(1, 3, 4), adapter_ids=ids)
     np.testing.assert_allclose(loss, jnp.sum(want, axis=(1, 2)), rtol=1e-5, atol=1e-5)
 
 
