@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._quant import quantized_shardings as quantized_shardings
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
+    from ._stack import LoraStack as LoraStack
+    from ._stack import stack as stack
+    from ._stack import stack_set as stack_set
+    from ._stack import unstack as unstack
     from ._trace import UnsupportedError as UnsupportedError
     from ._tree import module_path as module_path
 
@@ -57,6 +61,10 @@ _EXPORTS = {
     "quantized_shardings": ("._quant", "quantized_shardings"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),
+    "LoraStack": ("._stack", "LoraStack"),
+    "stack": ("._stack", "stack"),
+    "stack_set": ("._stack", "stack_set"),
+    "unstack": ("._stack", "unstack"),
     "UnsupportedError": ("._trace", "UnsupportedError"),
     "module_path": ("._tree", "module_path"),
 }

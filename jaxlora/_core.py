@@ -203,6 +203,9 @@ def apply(
     *args: Any,
     dropout_key: jax.Array | None = None,
     unsupported: str = "error",
+    adapter_ids: jax.typing.ArrayLike | None = None,
+    example_axes: tuple[Any, ...] | None = None,
+    example_out_axes: Any = 0,
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(params, *args, **kwargs)`` with every targeted weight computed as ``W + scale·B·A``.
@@ -224,6 +227,16 @@ def apply(
         it, as in inference, there is no dropout.
       unsupported: ``"error"`` (default) raises when a targeted weight reaches an op jaxlora cannot
         factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
+      adapter_ids: with a `LoraStack` as ``lora``: one int per example, an index into ``stack.names``
+        (-1: the base alone). ``fn`` is mapped over the examples (``jax.vmap``) and sees each as a batch
+        of one; each example's rows use their own adapter at every targeted op.
+      example_axes: with ``adapter_ids``: one entry per positional argument after ``params``, its
+        example axis (an int, or a pytree of them) or None for an argument all examples share. By
+        default each array argument's axis 0 is its example axis (0-d arrays are shared).
+      example_out_axes: with ``adapter_ids``: where the examples go in the outputs, as ``jax.vmap``'s
+        ``out_axes`` (default 0). An output whose axis there has size 1 in ``fn``'s batch of one gets
+        the examples in its place (logits ``(1, t, v)`` -> ``(batch, t, v)``); others gain an axis
+        (a scalar loss -> one per example).
 
     Returns:
       What ``fn`` returns.
@@ -237,6 +250,19 @@ def apply(
     """
     if unsupported not in _trace.FALLBACKS:
         raise ValueError(f"unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.")
+    from . import _stack
+
+    if isinstance(lora, _stack.LoraStack) or adapter_ids is not None or example_axes is not None:
+        if not isinstance(lora, _stack.LoraStack) or adapter_ids is None:
+            raise TypeError(
+                "adapter_ids= goes with a LoraStack (jaxlora.stack({name: lora, ...})), and a LoraStack needs "
+                f"adapter_ids= (one index into stack.names per example); got {type(lora).__name__} and "
+                f"adapter_ids={'None' if adapter_ids is None else 'given'}."
+            )
+        return _stack.apply_stack(
+            fn, params, lora, args, kwargs, adapter_ids=adapter_ids, example_axes=example_axes,
+            example_out_axes=example_out_axes, dropout_key=dropout_key, unsupported=unsupported,
+        )  # fmt: skip
     targets = _fit(params, lora)
     tagged = {targets[path].index: (path, f) for path, f in lora.items()}
     ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)

@@ -350,3 +350,95 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res,
 
 
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
+
+
+# The stack form the benchmarks and tests may force: None chooses by cost, "gather" or "onehot" forces one.
+_STACK_FORM: str | None = None
+
+
+def onehot_is_cheaper(examples: int, tokens: int, factors: int, itemsize: int, slots: int) -> bool:
+    """Whether one op over every slot (`stacked_op`'s one-hot form) costs less than gathering factors.
+
+    ``factors`` is the element count of both factors of all ``slots`` adapters, ``tokens`` the rows
+    of the rank product per example. Per example, the gather form copies its adapter's factors (read,
+    write, read again: ``3·factors/slots`` elements) and does ``tokens·factors/slots`` multiply-adds;
+    the one-hot form reads every slot's factors once for the whole batch and does ``tokens·factors``
+    multiply-adds per example. Multiply-adds are weighed against bytes by the accelerator's arithmetic
+    intensity (about 200 flops a byte on a GPU or TPU): the one-hot form wins for decode-sized batches
+    over a small stack, the gather for prefill and training batches and for large stacks. On a CPU,
+    bound by arithmetic, the gather measured faster everywhere, so it is always chosen there.
+
+    Example:
+      >>> onehot_is_cheaper(64, 1, 8 * 16 * 8192, 2, 8) == (jax.default_backend() != "cpu")  # decode
+      True
+      >>> onehot_is_cheaper(8, 1024, 8 * 16 * 8192, 2, 8)  # prefill
+      False
+    """
+    if _STACK_FORM is not None:
+        return _STACK_FORM == "onehot"
+    if jax.default_backend() == "cpu":  # measured: the gather wins at every shape tried (docs/design.md)
+        return False
+    flops_per_byte = 200.0
+    macs = examples * tokens * factors
+    gather = 3 * examples * factors * itemsize / slots + 2 * macs / slots / flops_per_byte
+    onehot = factors * itemsize + 2 * macs / flops_per_byte
+    return onehot < gather
+
+
+def stacked_op(
+    x: Array,
+    w: Array,
+    first: Array,
+    second: Array,
+    index: Array,
+    scale: Array,
+    slots: int,
+    examples: int,
+    *,
+    base: Callable[[Array, Array], Array],
+    first_op: Callable[[Array, Array], Array],
+    second_op: Callable[[Array, Array], Array],
+    first_axis: int,
+    second_axis: int,
+    t_axis: int | None,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> Array:
+    """One example's op with its own adapter out of a stack (`jaxlora.stack`), called under ``vmap``.
+
+    ``first`` and ``second`` hold ``slots`` adapters side by side on their rank axes (``first_axis``,
+    ``second_axis``), each ``R`` columns; ``index`` (traced, per example) picks one and ``scale`` is
+    its scale. Two forms, chosen from static shapes (`onehot_is_cheaper`):
+
+    * **gather** (BGMV / per-example grouped products): this example's ``R`` columns are sliced out
+      (under ``vmap``: a gather of per-example factors, whose transpose sends each example's gradient
+      to its own adapter) and the op is `lora_op`'s factored form, never the transient ``W + ΔW``;
+    * **one-hot** (``t_axis``, the rank axis of ``first_op``'s output, given): ``first_op`` runs on every
+      slot at once (factors shared by the whole batch, read once), the product is masked to this
+      example's slot and scaled, and ``second_op`` lifts it back.
+
+    ``index`` out of range is the caller's to prevent (``jaxlora.apply`` maps id -1 to scale 0).
+    """
+    rank = first.shape[first_axis] // slots
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    if t_axis is not None and floating:
+        tokens = jax.eval_shape(first_op, x, first).size // first.shape[first_axis]
+        if onehot_is_cheaper(examples, tokens, first.size + second.size, first.dtype.itemsize, slots):
+            xl = _dropout(x, dropout_rate, dropout_key)
+            y = base(x, w)
+            t = first_op(xl, first.astype(x.dtype))
+            gate = jnp.where(jnp.arange(first.shape[first_axis]) // rank == index, scale, 0.0)
+            t = t * jnp.expand_dims(gate.astype(t.dtype), [d for d in range(t.ndim) if d != t_axis % t.ndim])
+            return y + second_op(t, second.astype(x.dtype)).astype(y.dtype)
+    f = lax.dynamic_slice_in_dim(first, index * rank, rank, first_axis)
+    f = (f * scale.astype(f.dtype)).astype(f.dtype)
+    s = lax.dynamic_slice_in_dim(second, index * rank, rank, second_axis)
+    return lora_op(x, w, f, s, 1.0, base=base, first_op=first_op, second_op=second_op,
+                   dropout_rate=dropout_rate, dropout_key=dropout_key)  # fmt: skip
+
+
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

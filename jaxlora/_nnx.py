@@ -122,6 +122,8 @@ def apply(
     dropout_key: jax.Array | None = None,
     unsupported: str = "error",
     updates: bool = False,
+    adapter_ids: Any = None,
+    example_axes: tuple[Any, ...] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call ``model(*args, **kwargs)`` with every targeted weight computed as ``W + scale·B·A``.
@@ -135,6 +137,8 @@ def apply(
       *args, **kwargs: the model's inputs.
       method: the name of a method to call instead of ``__call__``.
       dropout_key, unsupported: as in `jaxlora.apply`.
+      adapter_ids, example_axes: with a `jaxlora.LoraStack` as ``lora``: as in `jaxlora.apply` (the
+        model's non-``Param`` state is shared by every example).
       updates: also return the model's non-``Param`` state after the call (RNG counters, batch
         statistics), to store with ``nnx.update(model, state)`` where that is wanted.
 
@@ -156,6 +160,9 @@ def apply(
         out = (module if method is None else getattr(module, method))(*args, **kwargs)
         return (out, nnx.state(module, nnx.Not(nnx.Param))) if updates else out
 
+    if adapter_ids is not None:
+        kwargs["adapter_ids"] = adapter_ids
+        kwargs["example_axes"] = (None, *(example_axes if example_axes is not None else (0,) * len(args)))
     return _core.apply(fn, params, lora, rest, *args, dropout_key=dropout_key, unsupported=unsupported, **kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar
 
 import jax
@@ -13,6 +14,8 @@ T = TypeVar("T")
 
 def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
     """A pytree like ``tree``: ``trainable`` at every LoRA leaf (inside a `LoraFactors`), ``frozen`` elsewhere.
+
+    In a `LoraStack` the factors ``a`` and ``b`` are trainable, its ``scale`` and ``rank`` frozen.
 
     With the defaults it is a boolean mask for ``optax.masked``; with labels it feeds
     ``optax.multi_transform``.
@@ -26,9 +29,21 @@ def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
       >>> labels["base"]["w"], labels["lora"]["w"].a
       ('frozen', 'lora')
     """
-    is_factors = lambda x: isinstance(x, LoraFactors)  # noqa: E731
-    return jax.tree_util.tree_map(
-        lambda x: jax.tree_util.tree_map(lambda _: trainable, x) if is_factors(x) else frozen,
-        tree,
-        is_leaf=is_factors,
-    )
+    from ._stack import LoraStack
+
+    def label(x):
+        if isinstance(x, LoraStack):  # the factors train; each adapter's scale and rank are data
+            return dataclasses.replace(
+                x,
+                a=_all(x.a, trainable),
+                b=_all(x.b, trainable),
+                scale=_all(x.scale, frozen),
+                rank=_all(x.rank, frozen),
+            )
+        return _all(x, trainable) if isinstance(x, LoraFactors) else frozen
+
+    return jax.tree_util.tree_map(label, tree, is_leaf=lambda x: isinstance(x, (LoraFactors, LoraStack)))
+
+
+def _all(tree: Any, value: Any) -> Any:
+    return jax.tree_util.tree_map(lambda _: value, tree)

@@ -98,3 +98,16 @@ def test_qlora_driver_writes_json(tmp_path):
     result = json.loads(path.read_text())
     assert result["modes"]["train_nf4"]["base_ratio_to_bf16"] < 0.5, result["modes"]
     assert result["big"]["largest"]["batch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["base", "mixed8", "mixed64_of1024", "prefill_mixed8", "train_stack8"])
+def test_multi_adapter_modes_run(mode):
+    from benchmarks import multi_adapter
+
+    a = argparse.Namespace(config="tiny", mode=mode, rank=4, lora_dtype="float32", decode_batch=4, prefill_batch=2,
+                           cache=16, steps=2, warmup=1, override="{}")  # fmt: skip
+    out = multi_adapter._worker(a)
+    assert out["pipelined_ms"] > 0 and out["tokens_per_s"] > 0
+    if mode == "base":
+        assert out["copy_gb_per_s"] > 0 and out["kv_bytes"] == 2 * 2 * 16 * 4 * 16 * 4 * 4  # (L, b, 2, T, kv, hd) f32

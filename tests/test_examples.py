@@ -38,3 +38,10 @@ def test_qlora_finetune():
     assert rows["nf4"]["lora_loss"] < rows["nf4"]["base_loss"]
     assert rows["bf16"]["lora_loss"] < rows["bf16"]["base_loss"]
     assert rows["nf4"]["base_bytes"] < 0.5 * rows["bf16"]["base_bytes"]
+
+
+@pytest.mark.slow
+def test_serve():
+    result = _load("serve").main(batch=6, new_tokens=12)
+    assert result["mismatched_requests"] == [] and result["mismatched_after_swap"] == []
+    assert result["recompiles_after_swap"] == 0 and result["distinct_outputs"] > 1 and result["tokens_per_s"] > 0

@@ -22,6 +22,7 @@ from . import _control, _ops, _quantized, _ragged, _views  # noqa: F401  (each r
 from ._control import scan_counts as scan_counts
 from ._eval import FALLBACKS as FALLBACKS
 from ._eval import Context as Context
+from ._eval import Selection as Selection
 from ._eval import Tagged as Tagged
 from ._eval import UnsupportedError as UnsupportedError
 from ._eval import View as View

@@ -124,6 +124,22 @@ class UnsupportedError(ValueError):
     """A targeted weight reached an operation that jaxlora cannot factor."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """One example's adapter in a `LoraStack` (``jaxlora.apply(..., adapter_ids=)``, under ``vmap``).
+
+    Each factor holds ``slots`` adapters side by side on its rank axis, ``rank[path]`` columns each;
+    ``index`` (traced) picks this example's, ``scale[path]`` (traced; 0 for id -1) is its scale.
+    ``examples`` is the number of examples mapped over, for the cost of each form.
+    """
+
+    index: jax.Array
+    scale: dict[str, jax.Array]
+    rank: dict[str, int]
+    slots: int
+    examples: int
+
+
 @dataclasses.dataclass
 class Context:
     """State of one evaluation: probe records, or the dropout key and the fallback policy."""
@@ -132,6 +148,8 @@ class Context:
     in_remat: bool = False  # inside jax.checkpoint, where the one-read [W | a] op measured slower
     fallback: str = "error"
     dropout_key: jax.Array | None = None
+    # per-example factors (a stack): never the transient W + ΔW or [W | a] (one W-sized sum per example)
+    stack: Selection | None = None
     usage: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     ops: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     experts: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # a ragged_dot's group axes of W
@@ -224,6 +242,12 @@ def untag(value: Any, where: str, ctx: Context) -> Any:
     if ctx.probing:
         ctx.ops.setdefault(value.view.path, set()).add(f"is {where}")
         return value.w
+    if ctx.fallback == "merge" and ctx.stack is not None:
+        raise UnsupportedError(
+            f"LoRA weight {value.view.path!r} is {where}, which jaxlora cannot compute in factored form, and "
+            'unsupported="merge" is not available with adapter_ids (it would form one W + ΔW per example). '
+            "Fix: leave this module out of the adapters' targets."
+        )
     if ctx.fallback == "merge":
         merged = value.w.astype(jnp.float32) + delta_view(value)
         if value.m is not None:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW)

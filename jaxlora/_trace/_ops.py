@@ -13,7 +13,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._matmul import lora_op
+from .._matmul import lora_op, stacked_op
 from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op, view_norm_op
 
 
@@ -104,13 +104,17 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
     dense = (out is None and x_is_lhs and not xb and tuple(xc) == (x.ndim - 1,) and tuple(wc) == (0,)
              and t.w.ndim == 2 and tuple(origin) == (0, 1) and roles == "io" and not swapped
              and not ctx.in_remat)  # fmt: skip
+    first_op = lambda x, f: lax.dot_general(x, f, first_dims, precision=precision, out_sharding=first_out)  # noqa: E731
+    second_op = lambda u, s: jnp.transpose(  # noqa: E731
+        lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
+    )
+    if ctx.stack is not None:  # the rank product's last axis is the rank
+        return [_stacked(t, x, first, second, ctx, base, first_op, second_op, first_axes, second_axes, -1)]
     return [lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
-        first_op=lambda x, f: lax.dot_general(x, f, first_dims, precision=precision, out_sharding=first_out),
-        second_op=lambda u, s: jnp.transpose(
-            lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
-        ),
+        first_op=first_op,
+        second_op=second_op,
         # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction, so at B = 0
         # the op would no longer be the base op on the untouched W
         delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
@@ -149,11 +153,15 @@ def _conv(eqn, invals, ctx: Context) -> list[Any]:
     a_spec = tuple(a_axes.index("r") if v == out_axis else a_axes.index(t.view.origin[v]) for v in dn.rhs_spec)
     a_params = {**p, "dimension_numbers": lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec)}
     feature = dn.out_spec[1]
+    first_op = lambda x, a: bind(eqn, [x, a], a_params)[0]  # noqa: E731
+    second_op = lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature)  # noqa: E731
+    if ctx.stack is not None:
+        return [_stacked(t, x, t.a, t.b, ctx, base, first_op, second_op, a_axes, t.axes("b"), feature)]
     return [lora_op(
         x, t.w, t.a, t.b, t.factors.scale,
         base=base,
-        first_op=lambda x, a: bind(eqn, [x, a], a_params)[0],
-        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature),
+        first_op=first_op,
+        second_op=second_op,
         delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
         **_dora(t, {t.view.origin[out_axis]: feature}),
     )]  # fmt: skip
@@ -180,10 +188,25 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
         raise mismatch(t, "gather", "in a way other than a row lookup (embedding-style)")
     a_params = {**p, "slice_sizes": tuple(sizes[:-1]) + (t.a.shape[-1],)}
     out_axis = dn.offset_dims[-1]
+    first_op = lambda idx, a: bind(eqn, [a, idx], a_params)[0]  # noqa: E731
+    second_op = lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis)  # noqa: E731
+    if ctx.stack is not None:  # a lookup of one slot's rows: the gather form
+        a_params["slice_sizes"] = tuple(sizes[:-1]) + (ctx.stack.rank[t.view.path],)
+        return [_stacked(t, indices, t.a, t.b, ctx, base, first_op, second_op, t.axes("a"), t.axes("b"), None)]
     return [lora_op(
         indices, t.w, t.a, t.b, t.factors.scale,
         base=base,
-        first_op=lambda idx, a: bind(eqn, [a, idx], a_params)[0],
-        second_op=lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis),
+        first_op=first_op,
+        second_op=second_op,
         **_dora(t, {t.view.origin[o_axis]: out_axis}),
     )]  # fmt: skip
+
+
+def _stacked(t: Tagged, x, first, second, ctx: Context, base, first_op, second_op, first_axes, second_axes, t_axis):
+    """The op for one example of a stack (``adapter_ids``): `_matmul.stacked_op`, never ``W + ΔW``."""
+    sel, path = ctx.stack, t.view.path
+    return stacked_op(
+        x, t.w, first, second, sel.index, sel.scale[path], sel.slots, sel.examples,
+        base=base, first_op=first_op, second_op=second_op, first_axis=first_axes.index("r"),
+        second_axis=second_axes.index("r"), t_axis=t_axis, dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+    )  # fmt: skip

@@ -60,6 +60,12 @@ def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
             "jaxlora does not factor; use lax.ragged_dot on 2-D tokens (vmap over the batch), or leave this "
             "module out of LoraConfig.targets."
         )
+    if ctx.stack is not None:
+        raise UnsupportedError(
+            f"LoRA weight {t.view.path!r} is an expert weight (`ragged_dot`) in a mixed-adapter batch "
+            "(adapter_ids): jaxlora has no per-example adapters for expert weights yet. Fix: leave the expert "
+            "weights out of the stacked adapters' targets, or apply one adapter at a time."
+        )
     if t.m is not None:
         raise UnsupportedError(
             f"LoRA weight {t.view.path!r} has a DoRA magnitude but is used by `ragged_dot`, where each row "

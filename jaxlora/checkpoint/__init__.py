@@ -1,4 +1,4 @@
-"""Adapter checkpoints: Orbax (`save`, `restore`), PEFT files (`save_peft`, `load_peft`), merged export."""
+"""Adapter checkpoints: Orbax (`save`, `restore`), PEFT files (`save_peft`, `load_peft`), merged export, stacks."""
 
 from ._fingerprint import check as check_base
 from ._fingerprint import fingerprint as fingerprint
@@ -13,6 +13,9 @@ from ._orbax import save_args as save_args
 from ._peft import load_peft as load_peft
 from ._peft import save_peft as save_peft
 from ._peft import torch_name as torch_name
+from ._stack import load_peft_stack as load_peft_stack
+from ._stack import restore_stack as restore_stack
+from ._stack import save_stack as save_stack
 
 __all__ = [
     "AdapterInfo",
@@ -20,11 +23,14 @@ __all__ = [
     "fingerprint",
     "info",
     "load_peft",
+    "load_peft_stack",
     "merge_safetensors",
     "restore",
+    "restore_stack",
     "restore_step",
     "save",
     "save_args",
     "save_peft",
+    "save_stack",
     "torch_name",
 ]

@@ -1,0 +1,308 @@
+"""Many adapters on one base: decode, prefill and training with mixed-adapter batches (`jaxlora.stack`).
+
+A Llama-shaped decoder (``models.CONFIGS``; GQA, SwiGLU, ``nn.scan`` over layers) with a KV cache,
+bf16 weights, LoRA rank 16 on every projection (stacks in bf16). Modes, each in its own process:
+
+  base            decode steps of the plain model; the same compiled step on merged weights
+                  (``merged``: a single adapter merged); a copy of W (the bandwidth yardstick).
+  unmerged        decode with one adapter, ``jaxlora.apply`` (factored).
+  mixed8          decode, ``adapter_ids`` naming 8 distinct adapters out of 64 resident.
+  mixed64         decode, 64 distinct adapters out of 64 resident.
+  mixed64_of1024  decode, 64 distinct adapters out of 1,024 resident.
+  prefill_merged  prefill of ``prefill_batch x cache`` tokens, merged single adapter.
+  prefill_mixed8  the same prefill, 8 distinct adapters.
+  train_one       a training step (adamw) of one adapter on a ``prefill_batch x cache`` batch.
+  train_stack8    a training step of 8 adapters at once on the same batch (each example its own).
+
+The decode floor of ``mixed64`` is the bytes of W, the KV cache and 64 adapters' factors, each read
+once, over the copy bandwidth measured in ``base``.
+
+Run ``python -m benchmarks.multi_adapter --config llama8b --out benchmarks/results/multi_adapter_h200.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+MODES = ("base", "unmerged", "mixed8", "mixed64", "mixed64_of1024", "prefill_merged", "prefill_mixed8",
+         "train_one", "train_stack8")  # fmt: skip
+RESIDENT = {"mixed8": 64, "mixed64": 64, "mixed64_of1024": 1024, "prefill_mixed8": 8, "train_stack8": 8}
+DISTINCT = {"mixed8": 8, "mixed64": 64, "mixed64_of1024": 64, "prefill_mixed8": 8, "train_stack8": 8}
+
+
+def _model(cfg, max_len: int):
+    """A decoder with a KV cache: ``(tokens (b, t), cache (layers, b, 2, max_len, kv, hd), pos) -> (logits, cache)``.
+
+    Only the last position's logits are computed (a prefill needs no others). The cache is
+    layer-major, so ``nn.scan`` slices it per layer; its example axis is 1.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from . import models
+
+    dt = jnp.dtype(cfg.dtype)
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, inputs):
+            cache, pos = inputs
+            c = cfg
+            dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+            b, t, _ = x.shape
+            h = models.RMSNorm(dt, name="ln1")(x)
+            q = dense(c.n_heads * c.head_dim, "q")(h).reshape(b, t, c.kv_heads, c.n_heads // c.kv_heads, c.head_dim)
+            k = dense(c.kv_heads * c.head_dim, "k")(h).reshape(b, t, c.kv_heads, c.head_dim)
+            v = dense(c.kv_heads * c.head_dim, "v")(h).reshape(b, t, c.kv_heads, c.head_dim)
+            cache = jax.lax.dynamic_update_slice(cache, jnp.stack([k, v], 1).astype(cache.dtype), (0, 0, pos, 0, 0))
+            s = jnp.einsum("btkgd,bskd->bkgts", q, cache[:, 0]).astype(jnp.float32) / c.head_dim**0.5
+            visible = jnp.arange(max_len)[None, :] <= (pos + jnp.arange(t))[:, None]
+            p = jax.nn.softmax(jnp.where(visible, s, -1e30), axis=-1).astype(dt)
+            a = jnp.einsum("bkgts,bskd->btkgd", p, cache[:, 1]).reshape(b, t, c.d_model)
+            x = x + dense(c.d_model, "o")(a)
+            h = models.RMSNorm(dt, name="ln2")(x)
+            x = x + dense(c.d_model, "down")(nn.silu(dense(c.ff, "gate")(h)) * dense(c.ff, "up")(h))
+            return x, cache
+
+    class Decoder(nn.Module):
+        @nn.compact
+        def __call__(self, tokens, cache, pos):
+            x = nn.Embed(cfg.vocab, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")(tokens)
+            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0)
+            x, cache = layers(name="layers")(x, (cache, jnp.broadcast_to(pos, (cfg.n_layers,))))
+            x = models.RMSNorm(dt, name="ln_f")(x[:, -1:])
+            return nn.Dense(cfg.vocab, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x), cache
+
+    return Decoder()
+
+
+def _stack_like(lora, n: int, seed: int, dtype):
+    """A `LoraStack` of ``n`` random adapters shaped like ``lora``, made on the device (no host copies)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxlora
+
+    shapes = {}
+    for p, f in lora.items():
+        ns, r = f.roles.count("s"), f.rank
+        shapes[p] = ((*f.a.shape[:-1], n, r), (*f.b.shape[:ns], n, r, *f.b.shape[ns + 1 :]))
+
+    @jax.jit
+    def make(key):  # one program for every module, generated in float32 and cast on the device
+        keys = iter(jax.random.split(key, 2 * len(shapes)))
+        rnd = lambda s: (jax.random.normal(next(keys), s, jnp.float32) / 64).astype(dtype)  # noqa: E731
+        return {p: (rnd(sa), rnd(sb)) for p, (sa, sb) in shapes.items()}
+
+    made = make(jax.random.key(seed))
+    a, b = {p: ab[0] for p, ab in made.items()}, {p: ab[1] for p, ab in made.items()}
+    scale = {p: jnp.full((n,), f.scale, jnp.float32) for p, f in lora.items()}
+    rank = {p: jnp.full((n,), f.rank, jnp.float32) for p, f in lora.items()}
+    roles = tuple((p, f.roles) for p, f in lora.items())
+    return jaxlora.LoraStack(a, b, scale, rank, tuple(f"adapter{i}" for i in range(n)), roles,
+                             tuple((p, 0.0) for p in lora))  # fmt: skip
+
+
+def _worker(a: argparse.Namespace) -> dict:
+    from . import common
+
+    with common.switches_restored():
+        return _measure(a)
+
+
+def _measure(a: argparse.Namespace) -> dict:  # noqa: C901 (one branch per mode)
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxlora
+
+    from . import common, models
+
+    cfg = models.configure(a.config, override=a.override)
+    dt = jnp.dtype(cfg.dtype)
+    decode = not a.mode.startswith(("prefill", "train"))
+    batch = a.decode_batch if decode else a.prefill_batch
+    max_len = a.cache
+    kv_shape = (cfg.n_layers, batch, 2, max_len, cfg.kv_heads, cfg.head_dim)
+    t0 = time.perf_counter()
+    out: dict = {"mode": a.mode, "batch": batch}
+    targets = models.targets(cfg)
+    lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
+
+    if a.mode.startswith("train"):
+        cfg = dataclasses.replace(cfg, batch=batch, seq=max_len)
+        model = models.Decoder(cfg)
+        tokens = models.tokens_for(cfg)
+        params = jax.jit(model.init)(jax.random.key(0), tokens)
+        lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
+        opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
+        if a.mode == "train_one":
+            trained = lora
+            loss_of = lambda l, t: models.loss_fn(jaxlora.apply(model.apply, params, l, t), t)  # noqa: E731
+        else:
+            trained = _stack_like(lora, RESIDENT[a.mode], 1, jnp.dtype(a.lora_dtype))
+            opt = optax.masked(opt, jaxlora.mask(trained))
+            ids = jnp.arange(batch, dtype=jnp.int32) % DISTINCT[a.mode]
+            loss_of = lambda s, t: models.loss_fn(jaxlora.apply(model.apply, params, s, t, adapter_ids=ids), t)  # noqa: E731
+
+        def step(trained, opt_state, t):
+            loss, g = jax.value_and_grad(loss_of)(trained, t)
+            updates, opt_state = opt.update(g, opt_state, trained)
+            return optax.apply_updates(trained, updates), opt_state, loss
+
+        step = jax.jit(step, donate_argnums=(0, 1))
+        state = [trained, opt.init(trained), None]
+
+        def run():
+            state[0], state[1], state[2] = step(state[0], state[1], tokens)
+
+        wait = lambda: jax.block_until_ready(state[2])  # noqa: E731
+    else:
+        model = _model(cfg, max_len)
+        t = 1 if decode else max_len
+        tokens = jax.random.randint(jax.random.key(2), (batch, t), 0, cfg.vocab, dtype=jnp.int32)
+        params = jax.jit(lambda k: model.init(k, tokens[:1], jnp.zeros((*kv_shape[:1], 1, *kv_shape[2:]), dt), 0))(
+            jax.random.key(0)
+        )
+        cache_args = (tokens, jax.ShapeDtypeStruct(kv_shape, dt), 0)
+        lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=cache_args)
+        lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
+        cache = jax.jit(lambda: jnp.zeros(kv_shape, dt))()
+        pos = jnp.int32(max_len - 1 if decode else 0)  # decode: attend over the whole cache
+        if a.mode in ("base", "prefill_merged"):
+            fwd = lambda p, x, c, pos: model.apply(p, x, c, pos)  # noqa: E731
+            extra = jax.jit(jaxlora.merge)(params, lora)
+        elif a.mode == "unmerged":
+            fwd = lambda l, x, c, pos: jaxlora.apply(model.apply, params, l, x, c, pos)  # noqa: E731
+            extra = lora
+        else:
+            n, k = RESIDENT[a.mode], DISTINCT[a.mode]
+            stk = _stack_like(lora, n, 1, jnp.dtype(a.lora_dtype))
+            ids = (jnp.arange(batch, dtype=jnp.int32) % k) * (n // k)  # k distinct slots, spread over the stack
+            out["factor_bytes_resident"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((stk.a, stk.b)))
+            out["factor_bytes_used"] = out["factor_bytes_resident"] * k // n
+
+            def fwd(extra, x, c, pos):
+                s, i = extra
+                return jaxlora.apply(model.apply, params, s, x, c, pos, adapter_ids=i, example_axes=(0, 1, None),
+                                     example_out_axes=(0, 1))  # fmt: skip
+
+            extra = (stk, ids)
+        step = jax.jit(fwd, donate_argnums=2)
+        state = [cache, None]
+
+        def run():
+            state[1], state[0] = step(extra, tokens, state[0], pos)
+
+        wait = lambda: jax.block_until_ready(state[1])  # noqa: E731
+        out["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        out["kv_bytes"] = cache.size * cache.dtype.itemsize
+
+    def blocking():
+        run()
+        wait()
+
+    blocking()
+    out["compile_s"] = round(time.perf_counter() - t0, 1)
+    for _ in range(a.warmup):
+        blocking()
+    common.sync_point()
+    ms = models.timeit(blocking, a.steps, 0)
+    out.update(median_ms=models.median(ms), step_ms=[round(x, 3) for x in ms])
+    out["pipelined_ms"] = models.median(models.timeit_pipelined(run, wait, max(2, a.steps // 4), 4))
+    toks = batch * (1 if decode else max_len)
+    out["tokens_per_s"] = toks / (out["pipelined_ms"] / 1e3)
+    if a.mode == "base":  # the same compiled step on the base weights, and a copy of W for bandwidth
+        extra = params
+        out["base_pipelined_ms"] = models.median(models.timeit_pipelined(run, wait, max(2, a.steps // 4), 4))
+        copy = jax.jit(lambda ws: [w * jnp.asarray(1, w.dtype) for w in ws])
+        leaves = jax.tree.leaves(params)
+        res = [None]
+        cms = models.timeit(lambda: res.__setitem__(0, jax.block_until_ready(copy(leaves))), a.steps, 2)
+        out["copy_gb_per_s"] = 2 * out["weight_bytes"] / (models.median(cms) / 1e3) / 1e9
+    out["peak_bytes"] = models.peak_bytes()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama8b")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--mode", default="base")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-dtype", default="bfloat16", help="dtype of the factors and stacks")
+    p.add_argument("--decode-batch", type=int, default=64)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--cache", type=int, default=1024, help="KV-cache length (and prefill/training sequence)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--override", default="{}")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(_worker(a)), flush=True)
+        return {}
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from . import common, models
+
+    flags = ["--config", a.config, "--rank", str(a.rank), "--lora-dtype", a.lora_dtype, "--steps", str(a.steps),
+             "--warmup", str(a.warmup), "--override", a.override, "--decode-batch", str(a.decode_batch),
+             "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache)]  # fmt: skip
+    jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False)
+    cfg = models.configure(a.config, override=a.override)
+    result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
+              "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
+              "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
+              "modes": m}  # fmt: skip
+    ok = lambda k: "pipelined_ms" in m.get(k, {})  # noqa: E731
+    ratios = {}
+    if ok("base"):
+        b = m["base"]
+        ratios["merged_tokens_per_s"] = b["tokens_per_s"]
+        for k in ("unmerged", "mixed8", "mixed64", "mixed64_of1024"):
+            if ok(k):
+                ratios[f"{k}_over_merged"] = m[k]["tokens_per_s"] / b["tokens_per_s"]  # >= 0.90 for mixed8
+        for k in ("mixed64", "mixed64_of1024"):
+            if ok(k):
+                floor_bytes = b["weight_bytes"] + b["kv_bytes"] + m[k]["factor_bytes_used"]
+                floor_ms = floor_bytes / (b["copy_gb_per_s"] * 1e9) * 1e3
+                ratios[f"{k}_floor_ms"] = floor_ms
+                ratios[f"{k}_over_floor"] = m[k]["pipelined_ms"] / floor_ms  # <= 1.15
+    if ok("mixed64") and ok("mixed64_of1024"):
+        ratios["of1024_over_of64_time"] = m["mixed64_of1024"]["pipelined_ms"] / m["mixed64"]["pipelined_ms"]  # <= 1.05
+        ratios["of1024_minus_of64_peak_bytes"] = (m["mixed64_of1024"]["peak_bytes"] or 0) - (
+            m["mixed64"]["peak_bytes"] or 0
+        )
+        ratios["of1024_minus_of64_factor_bytes"] = (
+            m["mixed64_of1024"]["factor_bytes_resident"] - m["mixed64"]["factor_bytes_resident"]
+        )
+    if ok("prefill_merged") and ok("prefill_mixed8"):
+        ratios["prefill_mixed8_over_merged"] = m["prefill_mixed8"]["tokens_per_s"] / m["prefill_merged"]["tokens_per_s"]
+    if ok("train_one") and ok("train_stack8"):
+        ratios["train_stack8_over_one"] = m["train_stack8"]["pipelined_ms"] / m["train_one"]["pipelined_ms"]  # <= 1.15
+    result["ratios"] = ratios
+    print(f"\n{result['device']}  {a.config}  decode batch {a.decode_batch}, cache {a.cache}, rank {a.rank}")
+    print(f"{'mode':<16} {'ms':>9} {'tokens/s':>11} {'peak':>10} {'compile s':>9}")
+    for mode, r in m.items():
+        if "error" in r:
+            print(f"{mode:<16} failed: {r['error'][:200]}")
+        else:
+            print(f"{mode:<16} {r['pipelined_ms']:>9.3f} {r['tokens_per_s']:>11,.0f} {common.gb(r['peak_bytes']):>10} "
+                  f"{r['compile_s']:>9}")  # fmt: skip
+    for k, v in ratios.items():
+        print(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")
+    common.write(result, a.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""A `LoraStack` on disk (Orbax), and many PEFT adapter directories read into one stack.
+
+A stack checkpoint holds two Orbax items: ``lora_stack`` (every module's ``a``, ``b``, ``scale``
+and ``rank`` arrays, keyed ``m0``, ``m1``, ... as in `save`) and ``lora_stack_meta`` (JSON: format,
+version, the adapters' names, each module's path, roles, dropout and shapes, the base fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from .._stack import LoraStack, stack
+from . import _fingerprint
+from ._peft import Names, load_peft
+
+FORMAT = "jaxlora.stack"
+VERSION = 1
+ARRAYS, META = "lora_stack", "lora_stack_meta"
+FIELDS = ("a", "b", "scale", "rank")
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = None, overwrite: bool = False) -> Path:
+    """Save a `LoraStack` (not the base) as an Orbax checkpoint in ``directory``.
+
+    Args:
+      directory: where to write; must not exist unless ``overwrite=True``.
+      stk: the stack.
+      params: the base parameters (may be abstract), recorded as a fingerprint that `restore_stack`
+        checks (optional).
+      overwrite: replace an existing checkpoint.
+
+    Returns:
+      The checkpoint's path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> one = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+      >>> path = jaxlora.checkpoint.save_stack(tempfile.mkdtemp() + "/s", jaxlora.stack({"one": one}), params=params)
+      >>> jaxlora.checkpoint.restore_stack(path, params=params).names
+      ('one',)
+    """
+    from .. import __version__
+
+    if not isinstance(stk, LoraStack):
+        raise TypeError(f"save_stack saves a jaxlora.LoraStack, got {type(stk).__name__}; use save for one adapter.")
+    path = Path(directory).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
+    roles, dropout = dict(stk.roles), dict(stk.dropout)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "jaxlora_version": __version__,
+        "names": list(stk.names),
+        "modules": [
+            {
+                "path": p,
+                "roles": roles[p],
+                "dropout": dropout[p],
+                "a_shape": list(stk.a[p].shape),
+                "b_shape": list(stk.b[p].shape),
+                "dtype": jnp.dtype(stk.a[p].dtype).name,
+                "b_dtype": jnp.dtype(stk.b[p].dtype).name,
+            }
+            for p in stk.paths
+        ],  # fmt: skip
+        "base": None if params is None else _fingerprint.fingerprint(params, {p: stk.factors(p) for p in stk.paths}),
+    }
+    arrays = {f"m{i}": {k: getattr(stk, k)[p] for k in FIELDS} for i, p in enumerate(stk.paths)}
+    items = ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
+    _checkpointer().save(path, args=items, force=overwrite)
+    return path
+
+
+def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding: Any = None) -> LoraStack:
+    """Load a stack saved by `save_stack`.
+
+    Args:
+      directory: the checkpoint directory.
+      params: the base parameters (may be abstract): checked against the saved fingerprint.
+      sharding: a ``jax.sharding.Sharding`` to read every array into (default: the first device).
+
+    Raises:
+      FileNotFoundError: if ``directory`` does not exist.
+      ValueError: for a directory that is not a stack checkpoint, a newer format, or another base.
+    """
+    path = Path(directory).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"No stack checkpoint at {path}: it does not exist.")
+    meta_file = path / META / "metadata"
+    if not meta_file.is_file():
+        hint = "use jaxlora.checkpoint.restore for one adapter" if (path / "lora_meta").exists() else "no metadata"
+        raise ValueError(f"{path} is not a jaxlora stack checkpoint ({META}/metadata is missing: {hint}).")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this jaxlora reads "
+            f"{FORMAT!r} up to version {VERSION}."
+        )
+    if params is not None and meta["base"] is not None:
+        _fingerprint.check(meta["base"], params, source=f"The stack at {path}")
+    n = len(meta["names"])
+    target = {
+        f"m{i}": {
+            "a": jax.ShapeDtypeStruct(tuple(m["a_shape"]), jnp.dtype(m["dtype"]), sharding=sharding),
+            "b": jax.ShapeDtypeStruct(tuple(m["b_shape"]), jnp.dtype(m["b_dtype"]), sharding=sharding),
+            "scale": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding),
+            "rank": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding),
+        }
+        for i, m in enumerate(meta["modules"])
+    }
+    out = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[ARRAYS]
+    mods = meta["modules"]
+    fields = {k: {m["path"]: out[f"m{i}"][k] for i, m in enumerate(mods)} for k in FIELDS}
+    return LoraStack(
+        **fields,
+        names=tuple(meta["names"]),
+        roles=tuple((m["path"], m["roles"]) for m in mods),
+        dropout=tuple((m["path"], float(m["dropout"])) for m in mods),
+    )
+
+
+def load_peft_stack(
+    directories: Mapping[str, str | os.PathLike],
+    *,
+    params: Any = None,
+    names: Names = None,
+    fn: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
+    rank: int | None = None,
+    dtype: Any = None,
+) -> LoraStack:
+    """Read many PEFT adapter directories (ranks, alphas and targets may differ) into one stack.
+
+    Args:
+      directories: ``{adapter name: PEFT adapter directory}``; the names become ``stack.names``.
+      params, names, fn, args: as in `load_peft` (each directory is read with it).
+      rank, dtype: as in `jaxlora.stack`.
+
+    Returns:
+      ``jaxlora.stack({name: load_peft(directory, ...)}, rank=rank, dtype=dtype)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora, tempfile
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+      >>> dirs = {f"r{r}": jaxlora.checkpoint.save_peft(tempfile.mkdtemp(), jaxlora.init(
+      ...     jax.random.key(r), params, jaxlora.LoraConfig(rank=r)), params=params) for r in (1, 2)}
+      >>> jaxlora.checkpoint.load_peft_stack(dirs, params=params).rank["fc"].tolist()
+      [1.0, 2.0]
+    """
+    adapters = {
+        name: load_peft(d, params=params, names=names, fn=fn, args=args, dtype=dtype) for name, d in directories.items()
+    }
+    return stack(adapters, rank=rank, dtype=dtype)
