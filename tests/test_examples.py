@@ -37,7 +37,7 @@ def test_qlora_finetune():
     rows = _load("qlora_finetune").main(pretrain_steps=40, lora_steps=30, rank=4)["rows"]
     assert rows["nf4"]["lora_loss"] < rows["nf4"]["base_loss"]
     assert rows["bf16"]["lora_loss"] < rows["bf16"]["base_loss"]
-    assert rows["nf4"]["base_bytes"] < 0.5 * rows["bf16"]["base_bytes"]
+    assert rows["nf4"]["base_bytes"] < 0.7 * rows["bf16"]["base_bytes"]  # the embedding stays bf16 (as bitsandbytes)
 
 
 @pytest.mark.slow
