@@ -147,7 +147,7 @@ def test_errors(tmp_path, model):
     with pytest.raises(ValueError, match=r"same torch names \['x'\]"):
         ckpt.save_peft(tmp_path / "b", lora, names=lambda p: "x")
     stacked = {"s": jaxlora.LoraFactors(jnp.ones((3, 4, 2)), jnp.ones((3, 2, 5)), 1.0, "sio")}
-    with pytest.raises(ValueError, match="stacked-layer axis .* unstack"):
+    with pytest.raises(ValueError, match="stacked-layer axis .*unstack"):
         ckpt.save_peft(tmp_path / "c", stacked)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load_peft(tmp_path / "nope")
