@@ -12,6 +12,8 @@ from ._core import summary as summary
 from ._core import unmerge as unmerge
 from ._matmul import LoraFactors as LoraFactors
 from ._matmul import delta as delta
+from ._optim import loraplus as loraplus
+from ._optim import loraplus_labels as loraplus_labels
 from ._optim import mask as mask
 from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
@@ -31,6 +33,8 @@ __all__ = [
     "delta",
     "init",
     "init_sharded",
+    "loraplus",
+    "loraplus_labels",
     "mask",
     "merge",
     "module_path",

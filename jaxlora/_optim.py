@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import optax
 
 from ._matmul import LoraFactors
 
@@ -31,4 +34,66 @@ def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
         lambda x: jax.tree_util.tree_map(lambda _: trainable, x) if is_factors(x) else frozen,
         tree,
         is_leaf=is_factors,
+    )
+
+
+def loraplus_labels(tree: Any) -> Any:
+    """LoRA+ labels for ``optax.multi_transform``: ``"a"`` on each ``a``, ``"b"`` on each ``b``.
+
+    Leaves outside a `LoraFactors` (the full weights of ``modules_to_save``) follow PEFT's LoRA+
+    groups: 1-D leaves (biases, norm scales) learn at ``B``'s rate (``"b"``), the rest at ``A``'s (``"a"``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlora
+      >>> lora = jaxlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, jaxlora.LoraConfig(rank=2))
+      >>> labels = jaxlora.loraplus_labels(lora)["w"]
+      >>> labels.a, labels.b
+      ('a', 'b')
+    """
+    is_factors = lambda x: isinstance(x, LoraFactors)  # noqa: E731
+
+    def label(x: Any) -> Any:
+        if is_factors(x):
+            return dataclasses.replace(x, a="a", b="b")
+        return "b" if getattr(x, "ndim", 2) == 1 else "a"
+
+    return jax.tree_util.tree_map(label, tree, is_leaf=is_factors)
+
+
+def loraplus(
+    optimizer: Callable[..., optax.GradientTransformation],
+    learning_rate: optax.ScalarOrSchedule,
+    ratio: float = 16.0,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): ``B`` learns ``ratio`` times faster than ``A``.
+
+    Builds ``optimizer(learning_rate, **kwargs)`` for every ``a`` and ``optimizer(ratio ·
+    learning_rate, **kwargs)`` for every ``b`` (a schedule is scaled step by step), joined by
+    ``optax.multi_transform`` over `loraplus_labels`.
+
+    Args:
+      optimizer: an optax optimizer factory whose first argument is the learning rate (``optax.adamw``).
+      learning_rate: ``A``'s learning rate (PEFT's ``lr``), a number or an optax schedule.
+      ratio: ``B``'s learning rate over ``A``'s (PEFT's ``loraplus_lr_ratio``; its example uses 16).
+      **kwargs: passed to ``optimizer`` (``weight_decay=...``).
+
+    Raises:
+      ValueError: if ``ratio`` is not positive.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxlora
+      >>> lora = jaxlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, jaxlora.LoraConfig(rank=2))
+      >>> opt = jaxlora.loraplus(optax.adamw, 1e-4, ratio=16, weight_decay=0.0)
+      >>> state = opt.init(lora)
+    """
+    if not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise ValueError(f"loraplus ratio must be a positive number (B's learning rate over A's), got {ratio!r}.")
+    if callable(learning_rate):
+        schedule = learning_rate
+        fast: optax.ScalarOrSchedule = lambda step: ratio * schedule(step)  # noqa: E731
+    else:
+        fast = ratio * learning_rate
+    return optax.multi_transform(
+        {"a": optimizer(learning_rate, **kwargs), "b": optimizer(fast, **kwargs)}, loraplus_labels
     )
