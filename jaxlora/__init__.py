@@ -2,6 +2,7 @@
 
 from . import _nnx as nnx  # the Flax NNX front-end: jaxlora.nnx.call, .init, .apply, ...
 from . import checkpoint as checkpoint  # a subpackage: Orbax and PEFT adapter files
+from ._combine import combine as combine
 from ._config import LoraConfig as LoraConfig
 from ._core import ModuleSummary as ModuleSummary
 from ._core import Summary as Summary
@@ -30,6 +31,7 @@ __all__ = [
     "UnsupportedError",
     "apply",
     "checkpoint",
+    "combine",
     "delta",
     "init",
     "init_sharded",
