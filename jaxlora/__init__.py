@@ -11,6 +11,7 @@ from ._core import init as init
 from ._core import merge as merge
 from ._core import summary as summary
 from ._core import unmerge as unmerge
+from ._inits import init_from_weights as init_from_weights
 from ._matmul import LoraFactors as LoraFactors
 from ._matmul import delta as delta
 from ._optim import loraplus as loraplus
@@ -34,6 +35,7 @@ __all__ = [
     "combine",
     "delta",
     "init",
+    "init_from_weights",
     "init_sharded",
     "loraplus",
     "loraplus_labels",

@@ -180,6 +180,7 @@ def save_peft(
     config: Any = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    initial: Mapping[str, LoraFactors] | None = None,
 ) -> Path:
     """Write ``lora`` as a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -197,13 +198,19 @@ def save_peft(
       config: the `LoraConfig` (its ``rslora`` picks ``use_rslora``; recorded).
       base_model_name_or_path: written to the config, as PEFT does (e.g. ``"bert-base-uncased"``).
       overwrite: replace existing adapter files.
+      initial: for an adapter trained from `jaxlora.init_from_weights` (PiSSA, OLoRA) on the residual
+        base: the tree as that function returned it. The file then holds an ordinary LoRA against
+        the *original* weights, ``ΔW = scale·(a·b - a₀·b₀)`` at rank ``2r`` (``a' = [a | a₀]``,
+        ``b' = [b ; -b₀]``, the scale kept, so ``lora_alpha`` doubles, or grows ``√2``-fold under
+        rsLoRA): PEFT's ``path_initial_model_for_weight_conversion``.
 
     Returns:
       The directory.
 
     Raises:
       FileExistsError: if adapter files exist and ``overwrite`` is false.
-      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover.
+      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover,
+        or an ``initial`` tree that does not match ``lora``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile, json
@@ -214,6 +221,8 @@ def save_peft(
       >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
       (2, 8, ['fc'])
     """
+    if initial is not None:
+        lora = against_original(lora, initial)
     base = None if params is None else _fingerprint.fingerprint(params, lora)
     fields = None if config is None else config_to_json(config)
     return save_peft_files(
@@ -225,6 +234,27 @@ def save_peft(
         base_model_name_or_path=base_model_name_or_path,
         overwrite=overwrite,
     )
+
+
+def against_original(lora: Mapping[str, LoraFactors], initial: Mapping[str, LoraFactors]) -> Lora:
+    """``lora``, trained on a residual base from ``initial``, as a LoRA of rank ``2r`` on the original base."""
+    problems, out = [], {}
+    for p, f in lora.items():
+        f0 = initial.get(p)
+        if f0 is None or (f0.roles, f0.scale, f0.a.shape, f0.b.shape) != (f.roles, f.scale, f.a.shape, f.b.shape):
+            found = "nothing" if f0 is None else f"roles {f0.roles!r}, scale {f0.scale}, a {f0.a.shape}, b {f0.b.shape}"
+            problems.append(
+                f"{p!r}: initial= needs the factors init_from_weights returned for it (roles {f.roles!r}, scale "
+                f"{f.scale}, a {f.a.shape}, b {f.b.shape}); found {found}."
+            )
+            continue
+        ns = f.roles.count("s")
+        a = jnp.concatenate([f.a, jnp.asarray(f0.a, f.a.dtype)], axis=-1)
+        b = jnp.concatenate([f.b, -jnp.asarray(f0.b, f.b.dtype)], axis=ns)
+        out[p] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout)
+    if problems:
+        raise ValueError("save_peft(initial=...) does not match the LoRA tree:\n  " + "\n  ".join(problems))
+    return out
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
