@@ -17,6 +17,7 @@ from ._matmul import delta as delta
 from ._optim import loraplus as loraplus
 from ._optim import loraplus_labels as loraplus_labels
 from ._optim import mask as mask
+from ._saved import SavedModule as SavedModule
 from ._sharding import init_sharded as init_sharded
 from ._sharding import shardings as shardings
 from ._trace import UnsupportedError as UnsupportedError
@@ -28,6 +29,7 @@ __all__ = [
     "LoraConfig",
     "LoraFactors",
     "ModuleSummary",
+    "SavedModule",
     "Summary",
     "UnsupportedError",
     "apply",

@@ -9,14 +9,15 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _trace
+from . import _saved, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, factor_shapes
-from ._tree import Weight, nearest, select, weights
+from ._saved import SavedModule
+from ._tree import Weight, inside, nearest, select, select_saved, weights
 
 Params = TypeVar("Params")
-Lora = dict[str, LoraFactors]
+Lora = dict[str, LoraFactors | SavedModule]  # SavedModule: a module of LoraConfig.modules_to_save
 FACTORED = {"dot_general", "conv", "gather"}  # the ops a LoRA weight can feed
 NOT_MATRICES = ("bias", "scale", "offset")  # leaf names that are never LoRA weights
 _NEEDS_TRACE = (
@@ -91,7 +92,8 @@ def init(
       >>> lora["dense"].a.shape, lora["dense"].b.shape
       ((4, 2), (2, 6))
     """
-    candidates = weights(params)
+    saved = select_saved(params, config.modules_to_save) if config.modules_to_save else {}
+    candidates = {p: w for p, w in weights(params).items() if not inside(p, saved)}  # no factors in a saved module
     ctx = _probe(fn, params, args, candidates) if fn is not None else None
     if ctx is None:  # no trace: a stacked bias or norm scale is 2-D too, so go by name
         candidates = {p: w for p, w in candidates.items() if w.name not in NOT_MATRICES}
@@ -140,6 +142,7 @@ def init(
         )
     if problems:
         raise ValueError("jaxlora.init:\n  " + "\n  ".join(problems))
+    lora.update({path: _saved.copy(leaves, path) for path, leaves in saved.items()})
     return lora
 
 
@@ -149,7 +152,13 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
         raise TypeError(f"lora must be the dict that jaxlora.init returns, got {type(lora).__name__}.")
     candidates = weights(params)
     problems = []
+    try:
+        _saved.fit(params, {p: f for p, f in lora.items() if isinstance(f, SavedModule)})
+    except ValueError as e:
+        problems += str(e).splitlines()[1:]
     for path, f in lora.items():
+        if isinstance(f, SavedModule):
+            continue
         if not isinstance(f, LoraFactors):
             problems.append(f"{path!r}: expected LoraFactors, got {type(f).__name__}.")
         elif path not in candidates:
@@ -172,7 +181,13 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
             "The LoRA tree does not fit params (was it made for another model? "
             "re-run jaxlora.init on these params):\n  " + "\n  ".join(problems)
         )
-    return {path: candidates[path] for path in lora}
+    return {path: candidates[path] for path, f in lora.items() if isinstance(f, LoraFactors)}
+
+
+def _split(lora: Mapping[str, Any]) -> tuple[dict[str, LoraFactors], dict[str, SavedModule]]:
+    """The factors and the saved modules of a LoRA tree."""
+    saved = {p: f for p, f in lora.items() if isinstance(f, SavedModule)}
+    return {p: f for p, f in lora.items() if p not in saved}, saved
 
 
 def apply(
@@ -216,13 +231,22 @@ def apply(
     if unsupported not in _trace.FALLBACKS:
         raise ValueError(f"unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.")
     targets = _fit(params, lora)
-    tagged = {targets[path].index: (path, f) for path, f in lora.items()}
+    factors, saved = _split(lora)
+    tagged = {targets[path].index: (path, f) for path, f in factors.items()}
     ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
-    return _trace.run(fn, params, args, kwargs, tagged, ctx)
+    return _trace.run(fn, _saved.substitute(params, saved), args, kwargs, tagged, ctx)
 
 
 def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Params:
     targets = _fit(params, lora)
+    lora, saved = _split(lora)
+    if saved and sign < 0:
+        raise ValueError(
+            f"unmerge cannot restore the original weights of the saved modules {sorted(saved)} (modules_to_save "
+            "replace them); keep the original params, or unmerge only the factors: "
+            "{p: f for p, f in lora.items() if isinstance(f, jaxlora.LoraFactors)}."
+        )
+    params = _saved.substitute(params, saved, cast=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     for path, f in lora.items():
         i = targets[path].index
@@ -238,6 +262,8 @@ def _shift(params: Params, lora: Mapping[str, LoraFactors], sign: float) -> Para
 
 def merge(params: Params, lora: Mapping[str, LoraFactors]) -> Params:
     """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
+
+    The leaves of saved modules (``modules_to_save``) are replaced by their trained copies.
 
     Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
     shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory.
@@ -288,7 +314,10 @@ class Summary(NamedTuple):
     def __str__(self) -> str:
         width = max([len(m.path) for m in self.modules] + [6])
         rows = [f"{'module':<{width}}  {'weight':>20}  {'rank':>4}  {'trainable':>12}"]
-        rows += [f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank:>4}  {m.trainable:>12,}" for m in self.modules]
+        rows += [
+            f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank or 'full':>4}  {m.trainable:>12,}"
+            for m in self.modules
+        ]
         rows.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
@@ -310,6 +339,8 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
     targets = _fit(params, lora)
     modules = tuple(
         ModuleSummary(path, tuple(targets[path].leaf.shape), f.a.shape[-1], math.prod(f.a.shape) + math.prod(f.b.shape))
+        if isinstance(f, LoraFactors)
+        else ModuleSummary(path, (), 0, f.size)  # a saved module: rank 0, trained in full
         for path, f in lora.items()
     )
     base = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape"))

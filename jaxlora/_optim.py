@@ -10,12 +10,13 @@ import jax
 import optax
 
 from ._matmul import LoraFactors
+from ._saved import SavedModule
 
 T = TypeVar("T")
 
 
 def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
-    """A pytree like ``tree``: ``trainable`` at every LoRA leaf (inside a `LoraFactors`), ``frozen`` elsewhere.
+    """A pytree like ``tree``: ``trainable`` at every LoRA leaf (`LoraFactors`, `SavedModule`), ``frozen`` elsewhere.
 
     With the defaults it is a boolean mask for ``optax.masked``; with labels it feeds
     ``optax.multi_transform``.
@@ -29,7 +30,7 @@ def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
       >>> labels["base"]["w"], labels["lora"]["w"].a
       ('frozen', 'lora')
     """
-    is_factors = lambda x: isinstance(x, LoraFactors)  # noqa: E731
+    is_factors = lambda x: isinstance(x, (LoraFactors, SavedModule))  # noqa: E731
     return jax.tree_util.tree_map(
         lambda x: jax.tree_util.tree_map(lambda _: trainable, x) if is_factors(x) else frozen,
         tree,
