@@ -162,3 +162,15 @@ def test_peft_made_saved_modules_load_into_jaxlora(tmp_path, model):
     lora = ckpt.load_peft(tmp_path, params=params)
     assert isinstance(lora["head"], jaxlora.SavedModule) and set(lora["ln"].weights) == {"scale", "bias"}
     np.testing.assert_allclose(jaxlora.apply(net.apply, params, lora, x), want, atol=2e-5, rtol=1e-5)
+
+
+def test_shardings_follow_the_copied_leaves(model):
+    from jax.sharding import PartitionSpec as P
+
+    net, params, x = model
+    lora = jaxlora.init(jax.random.key(2), params, CONFIG, fn=net.apply, args=(x,))
+    specs = jax.tree.map(lambda _: P(), params)
+    specs["params"]["head"]["kernel"] = P("data", None)
+    s = jaxlora.shardings(specs, lora)
+    assert s["head"].weights["kernel"] == P("data", None) and s["head"].weights["bias"] == P()
+    assert s["ln"].weights["scale"] == P() and s["fc"].a == P(None, None)
