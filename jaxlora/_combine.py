@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from ._matmul import LoraFactors
+from ._saved import SavedModule
 from ._trace import path_seed
 
 Array = jax.Array
-Lora = dict[str, LoraFactors]
+Lora = dict[str, LoraFactors | SavedModule]
 Method = Literal[
     "cat",
     "linear",
@@ -114,7 +115,8 @@ def combine(
 
     Args:
       adapters: LoRA trees (from `init`, training, or `jaxlora.checkpoint.load_peft`). A module
-        present in only some of them is combined from those.
+        present in only some of them is combined from those; a `SavedModule` (``modules_to_save``)
+        present in one adapter is kept as it is (PEFT refuses one present in several).
       weights: one weight per adapter; negative weights subtract.
       method: ``"cat"`` (exact; the ranks add up), ``"linear"``, ``"ties"``, ``"dare_linear"``,
         ``"dare_ties"``, ``"magnitude_prune"`` (on the factors; all ranks of a module equal), or
@@ -164,6 +166,12 @@ def combine(
         have = [(adapter[path], float(w)) for adapter, w in zip(adapters, weights) if path in adapter]
         fs = [f for f, _ in have]
         first = fs[0]
+        if any(isinstance(f, SavedModule) for f in fs):  # as PEFT: a full copy passes through, unweighted
+            if len(fs) > 1:
+                problems.append(f"{path!r}: {len(fs)} adapters train this module in full (modules_to_save); keep one.")
+            else:
+                out[path] = first
+            continue
         shapes = {
             (
                 f.roles,

@@ -120,6 +120,10 @@ def test_errors():
         jaxlora.combine([one, two], [1.0, 1.0], method="linear")
     with pytest.raises(ValueError, match="rank 20 exceeds"):
         jaxlora.combine([one, two], [1.0, 1.0], method="svd", rank=20)
+    head = {"fc2": jaxlora.SavedModule({"kernel": jnp.ones((12, 6))})}
+    assert jaxlora.combine([{"fc1": one["fc1"]}, head], [1.0, 2.0], method="cat")["fc2"] is head["fc2"]
+    with pytest.raises(ValueError, match="'fc2': 2 adapters train this module in full"):
+        jaxlora.combine([head, head], [1.0, 1.0], method="cat")
     other = _adapter(0, params={"params": {"fc1": {"kernel": jnp.ones((5, 12))}}})
     with pytest.raises(ValueError, match="'fc1': the adapters were made for different weights"):
         jaxlora.combine([one, other], [1.0, 1.0], method="cat")
