@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from . import _nnx as nnx  # noqa: F401
     from . import checkpoint as checkpoint
+    from ._combine import combine as combine
     from ._config import LoraConfig as LoraConfig
     from ._core import ModuleSummary as ModuleSummary
     from ._core import Summary as Summary
@@ -18,8 +19,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._core import merge as merge
     from ._core import summary as summary
     from ._core import unmerge as unmerge
+    from ._inits import init_from_weights as init_from_weights
     from ._matmul import LoraFactors as LoraFactors
     from ._matmul import delta as delta
+    from ._optim import loraplus as loraplus
+    from ._optim import loraplus_labels as loraplus_labels
     from ._optim import mask as mask
     from ._quant import Quantized as Quantized
     from ._quant import bits_per_parameter as bits_per_parameter
@@ -27,6 +31,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._quant import quantize as quantize
     from ._quant import quantize_file as quantize_file
     from ._quant import quantized_shardings as quantized_shardings
+    from ._saved import SavedModule as SavedModule
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
     from ._stack import LoraStack as LoraStack
@@ -42,6 +47,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "nnx": ("._nnx", None),  # the Flax NNX front-end: jaxlora.nnx.call, .init, .apply, ...
     "checkpoint": (".checkpoint", None),  # a subpackage: Orbax and PEFT adapter files
+    "combine": ("._combine", "combine"),
     "LoraConfig": ("._config", "LoraConfig"),
     "ModuleSummary": ("._core", "ModuleSummary"),
     "Summary": ("._core", "Summary"),
@@ -50,8 +56,11 @@ _EXPORTS = {
     "merge": ("._core", "merge"),
     "summary": ("._core", "summary"),
     "unmerge": ("._core", "unmerge"),
+    "init_from_weights": ("._inits", "init_from_weights"),
     "LoraFactors": ("._matmul", "LoraFactors"),
     "delta": ("._matmul", "delta"),
+    "loraplus": ("._optim", "loraplus"),
+    "loraplus_labels": ("._optim", "loraplus_labels"),
     "mask": ("._optim", "mask"),
     "Quantized": ("._quant", "Quantized"),
     "bits_per_parameter": ("._quant", "bits_per_parameter"),
@@ -59,6 +68,7 @@ _EXPORTS = {
     "quantize": ("._quant", "quantize"),
     "quantize_file": ("._quant", "quantize_file"),
     "quantized_shardings": ("._quant", "quantized_shardings"),
+    "SavedModule": ("._saved", "SavedModule"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),
     "LoraStack": ("._stack", "LoraStack"),

@@ -53,6 +53,9 @@ class LoraConfig:
         ``dropout_key``.
       dtype: dtype of ``A`` and ``B`` (float32 by default, also when the weights are bfloat16; the
         product is computed in the layer's own compute dtype).
+      modules_to_save: patterns of modules trained in full beside the factors (PEFT's
+        ``modules_to_save``: a classifier head, norms): `init` puts a `SavedModule` holding a copy of
+        each such module's leaves in the LoRA tree, and no factors inside it.
       init: ``"kaiming"`` (PEFT's default: ``A`` uniform in ``±1/sqrt(fan_in)``) or ``"gaussian"``
         (``A`` normal with std ``1/rank``). ``B`` always starts at zero.
       expert_rank: for expert weights (the group axis of a ``ragged_dot``, learnt by ``init`` from
@@ -85,6 +88,7 @@ class LoraConfig:
     init: Init = "kaiming"
     expert_rank: ExpertRank = "per_expert"
     dora: bool = False
+    modules_to_save: str | Sequence[str] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,8 +105,10 @@ class LoraConfig:
             problems.append('targets is empty; pass a regex, a list of module names, or "all-linear".')
         set_("targets", self.targets if isinstance(self.targets, str) else targets)
         set_("exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
-        for name in ("targets", "exclude"):
-            for pattern in self.target_patterns if name == "targets" else self.exclude:
+        saved = self.modules_to_save
+        set_("modules_to_save", (saved,) if isinstance(saved, str) else tuple(saved or ()))
+        for name in ("targets", "exclude", "modules_to_save"):
+            for pattern in self.target_patterns if name == "targets" else getattr(self, name):
                 if pattern == ALL_LINEAR:
                     continue
                 try:

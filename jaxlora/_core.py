@@ -9,14 +9,15 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _quant, _trace
+from . import _quant, _saved, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
-from ._tree import Weight, nearest, select, weights
+from ._saved import SavedModule
+from ._tree import Weight, inside, nearest, select, select_saved, weights
 
 Params = TypeVar("Params")
-Lora = dict[str, LoraFactors]
+Lora = dict[str, LoraFactors | SavedModule]  # SavedModule: a module of LoraConfig.modules_to_save
 FACTORED = {"dot_general", "ragged_dot", "conv", "gather"}  # the ops a LoRA weight can feed
 NOT_MATRICES = ("bias", "scale", "offset")  # leaf names that are never LoRA weights
 _NEEDS_TRACE = (
@@ -91,7 +92,8 @@ def init(
       >>> lora["dense"].a.shape, lora["dense"].b.shape
       ((4, 2), (2, 6))
     """
-    candidates = weights(params)
+    saved = select_saved(params, config.modules_to_save) if config.modules_to_save else {}
+    candidates = {p: w for p, w in weights(params).items() if not inside(p, saved)}  # no factors in a saved module
     ctx = _probe(fn, params, args, candidates) if fn is not None else None
     if ctx is None:  # no trace: a stacked bias or norm scale is 2-D too, so go by name
         candidates = {p: w for p, w in candidates.items() if w.name not in NOT_MATRICES}
@@ -156,6 +158,7 @@ def init(
         lora[path] = LoraFactors(a=a, b=b, scale=scale, roles=roles, dropout=config.dropout, m=m)
     if problems:
         raise ValueError("jaxlora.init:\n  " + "\n  ".join(problems))
+    lora.update({path: _saved.copy(leaves, path) for path, leaves in saved.items()})
     return lora
 
 
@@ -165,7 +168,13 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
         raise TypeError(f"lora must be the dict that jaxlora.init returns, got {type(lora).__name__}.")
     candidates = weights(params)
     problems = []
+    try:
+        _saved.fit(params, {p: f for p, f in lora.items() if isinstance(f, SavedModule)})
+    except ValueError as e:
+        problems += str(e).splitlines()[1:]
     for path, f in lora.items():
+        if isinstance(f, SavedModule):
+            continue
         if not isinstance(f, LoraFactors):
             problems.append(f"{path!r}: expected LoraFactors, got {type(f).__name__}.")
         elif path not in candidates:
@@ -193,7 +202,13 @@ def _fit(params: Any, lora: Mapping[str, LoraFactors]) -> dict[str, Weight]:
             "The LoRA tree does not fit params (was it made for another model? "
             "re-run jaxlora.init on these params):\n  " + "\n  ".join(problems)
         )
-    return {path: candidates[path] for path in lora}
+    return {path: candidates[path] for path, f in lora.items() if isinstance(f, LoraFactors)}
+
+
+def _split(lora: Mapping[str, Any]) -> tuple[dict[str, LoraFactors], dict[str, SavedModule]]:
+    """The factors and the saved modules of a LoRA tree."""
+    saved = {p: f for p, f in lora.items() if isinstance(f, SavedModule)}
+    return {p: f for p, f in lora.items() if p not in saved}, saved
 
 
 def apply(
@@ -264,9 +279,10 @@ def apply(
             example_out_axes=example_out_axes, dropout_key=dropout_key, unsupported=unsupported,
         )  # fmt: skip
     targets = _fit(params, lora)
-    tagged = {targets[path].index: (path, f) for path, f in lora.items()}
+    factors, saved = _split(lora)
+    tagged = {targets[path].index: (path, f) for path, f in factors.items()}
     ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
-    return _trace.run(fn, params, args, kwargs, tagged, ctx)
+    return _trace.run(fn, _saved.substitute(params, saved), args, kwargs, tagged, ctx)
 
 
 def _float32(w: Any) -> jax.Array:
@@ -290,6 +306,14 @@ def _shift(
     params: Params, lora: Mapping[str, LoraFactors], sign: float, norms: Mapping[str, Any] | None, dtype: Any = None
 ) -> Any:
     targets = _fit(params, lora)
+    lora, saved = _split(lora)
+    if saved and sign < 0:
+        raise ValueError(
+            f"unmerge cannot restore the original weights of the saved modules {sorted(saved)} (modules_to_save "
+            "replace them); keep the original params, or unmerge only the factors: "
+            "{p: f for p, f in lora.items() if isinstance(f, jaxlora.LoraFactors)}."
+        )
+    params = _saved.substitute(params, saved, cast=True)
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
     missing = [p for p, f in lora.items() if f.m is not None and (norms is None or p not in norms)]
     if sign < 0 and missing:
@@ -333,6 +357,8 @@ def merge(
 ) -> Any:
     """``params`` with each targeted ``W`` replaced by ``W + scale·B·A`` (summed in float32).
 
+    The leaves of saved modules (``modules_to_save``) are replaced by their trained copies.
+
     Same structure and dtypes as ``params``; under ``jax.jit`` the outputs keep the inputs'
     shardings, and ``jax.jit(jaxlora.merge, donate_argnums=0)`` reuses their memory. A DoRA module
     (``m`` set) becomes ``m / ‖W + ΔW‖ · (W + ΔW)``, computed in float32.
@@ -369,8 +395,11 @@ def merge(
             "cannot be unmerged exactly. Merge with return_norms=True alone, then jaxlora.quantize."
         )
     targets = _fit(params, lora)
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
-    not_quantized = [p for p in lora if not _quant.is_quantized(leaves[targets[p].index])]
+    factors, saved = _split(lora)
+    leaves, treedef = jax.tree_util.tree_flatten(
+        _saved.substitute(params, saved, cast=True), is_leaf=_quant.is_quantized
+    )
+    not_quantized = [p for p in factors if not _quant.is_quantized(leaves[targets[p].index])]
     if not_quantized:
         raise ValueError(
             f"merge(..., quantize=True) re-quantizes quantized weights, but {not_quantized} are not quantized; "
@@ -378,7 +407,7 @@ def merge(
         )
     merged = jax.tree_util.tree_leaves(_shift(params, lora, 1.0, None, jnp.float32)[0], is_leaf=_quant.is_quantized)
     report = {}
-    for path, f in lora.items():
+    for path, f in factors.items():
         i = targets[path].index
         q = leaves[i]
         w = merged[i]
@@ -442,7 +471,10 @@ class Summary(NamedTuple):
     def __str__(self) -> str:
         width = max([len(m.path) for m in self.modules] + [6])
         rows = [f"{'module':<{width}}  {'weight':>20}  {'rank':>4}  {'trainable':>12}"]
-        rows += [f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank:>4}  {m.trainable:>12,}" for m in self.modules]
+        rows += [
+            f"{m.path:<{width}}  {str(m.weight_shape):>20}  {m.rank or 'full':>4}  {m.trainable:>12,}"
+            for m in self.modules
+        ]
         rows.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
@@ -471,6 +503,8 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
             f.a.shape[-1],
             math.prod(f.a.shape) + math.prod(f.b.shape) + (0 if f.m is None else math.prod(f.m.shape)),
         )
+        if isinstance(f, LoraFactors)
+        else ModuleSummary(path, (), 0, f.size)  # a saved module: rank 0, trained in full
         for path, f in lora.items()
     )
     leaves = jax.tree_util.tree_leaves(params, is_leaf=_quant.is_quantized)

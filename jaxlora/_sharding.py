@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._config import LoraConfig
 from ._matmul import LoraFactors
-from ._tree import is_array, module_path, nearest
+from ._saved import SavedModule
+from ._tree import WEIGHT_NAMES, is_array, module_path, nearest
 
 Entry = str | tuple[str, ...] | None  # one PartitionSpec entry: mesh axis name(s) or None
 RankRule = Entry | Callable[[str], Entry]
@@ -173,6 +174,9 @@ def shardings(
     out: dict[str, LoraFactors] = {}
     problems: list[str] = []
     for path, f in lora.items():
+        if isinstance(f, SavedModule):  # a full copy keeps each leaf's own sharding
+            out[path] = _saved_shardings(path, f, found, mesh, default_mesh, problems)
+            continue
         if not isinstance(f, LoraFactors):
             problems.append(f"{path!r}: expected LoraFactors, got {type(f).__name__}.")
             continue
@@ -239,6 +243,22 @@ def shardings(
     if problems:
         raise ValueError("jaxlora.shardings:\n  " + "\n  ".join(problems))
     return out
+
+
+def _saved_shardings(path: str, f: SavedModule, found: dict, mesh: Mesh | None, default: Mesh | None, problems: list):
+    """The shardings of a `SavedModule`'s leaves: those of the params leaves it copies."""
+    out = {}
+    for rel in f.weights:
+        key = f"{path}/{rel}"
+        key = key.rsplit("/", 1)[0] if rel.rsplit("/", 1)[-1] in WEIGHT_NAMES else key  # as module_path keys it
+        if key not in found or found[key][0] is None:
+            problems.append(f"{path!r}: saved module leaf {rel!r} has no readable sharding in params_or_shardings.")
+            continue
+        entries, leaf_mesh, _, _ = found[key]
+        m = mesh if mesh is not None else (leaf_mesh if leaf_mesh is not None else default)
+        spec = PartitionSpec(*entries)
+        out[rel] = spec if m is None else NamedSharding(m, spec)
+    return SavedModule(out)
 
 
 def _abstract(tree: Any) -> Any:

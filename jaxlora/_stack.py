@@ -92,6 +92,14 @@ class LoraStack:
 
 
 def _check_lora(name: str, lora: Any) -> list[str]:
+    from ._saved import SavedModule
+
+    if isinstance(lora, Mapping) and (saved := sorted(p for p, f in lora.items() if isinstance(f, SavedModule))):
+        return [  # a full copy of a module per adapter is a different model per example, not a LoRA term
+            f"adapter {name!r}: saved modules (modules_to_save) {saved} cannot be stacked: each is a full copy "
+            "of the module; stack the factors alone ({p: f for p, f in lora.items() if isinstance(f, "
+            "jaxlora.LoraFactors)}) and serve the saved modules' model separately"
+        ]
     if not isinstance(lora, Mapping) or not all(isinstance(f, LoraFactors) for f in lora.values()):
         return [
             f"adapter {name!r}: expected the dict of LoraFactors that jaxlora.init returns, got {type(lora).__name__}"

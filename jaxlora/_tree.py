@@ -136,3 +136,44 @@ def select(
     if not chosen:
         raise ValueError(f"Every targeted module is excluded by LoraConfig.exclude={config.exclude}.")
     return [p for p in candidates if p in chosen]
+
+
+def module_leaves(params: Any) -> dict[str, dict[str, tuple[int, Any]]]:
+    """Every module of ``params`` with its leaves: ``{module path: {leaf name: (index, leaf)}}``.
+
+    A module is any proper prefix of a leaf's names (``"head"`` and ``"head/dense"`` for the leaf
+    ``head/dense/kernel``); leaf names are relative to it (``"dense/kernel"``). Used for
+    ``modules_to_save``.
+    """
+    out: dict[str, dict[str, tuple[int, Any]]] = {}
+    for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        names = _names(keypath)
+        module_path(keypath)  # refuses a name containing the separator
+        for k in range(1, len(names)):
+            out.setdefault(SEPARATOR.join(names[:k]), {})[SEPARATOR.join(names[k:])] = (index, leaf)
+    return out
+
+
+def select_saved(params: Any, patterns: Iterable[str]) -> dict[str, dict[str, tuple[int, Any]]]:
+    """The modules ``patterns`` (``LoraConfig.modules_to_save``) choose: the outermost match of each leaf.
+
+    Raises:
+      ValueError: naming each pattern that matches no module, with the closest module paths.
+    """
+    modules = module_leaves(params)
+    patterns = tuple(patterns)
+    chosen = [m for m in modules if any(matches(p, m) for p in patterns)]
+    chosen = [m for m in chosen if not any(m.startswith(o + SEPARATOR) for o in chosen)]  # outermost only
+    problems = [
+        f"modules_to_save pattern {p!r} matches no module; {nearest(p, modules)}."
+        for p in patterns
+        if not any(matches(p, m) for m in modules)
+    ]
+    if problems:
+        raise ValueError("LoraConfig.modules_to_save:\n  " + "\n  ".join(problems))
+    return {m: modules[m] for m in chosen}
+
+
+def inside(path: str, modules: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``modules`` or lies inside one."""
+    return any(path == m or path.startswith(m + SEPARATOR) for m in modules)

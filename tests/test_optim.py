@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from linen_models import MODELS
 
 import jaxlora
@@ -67,3 +68,52 @@ def test_boolean_mask_for_optax_masked():
     assert m["lora"]["query"].a is True and m["base"]["params"]["query"]["kernel"] is False
     opt = optax.masked(optax.sgd(1.0), m)
     opt.init({"base": params, "lora": lora})  # structure accepted by optax
+
+
+def test_loraplus_applies_two_learning_rates():
+    params, lora, loss = _problem()
+    lora = {p: jaxlora.LoraFactors(f.a, f.b + 0.1, f.scale, f.roles, f.dropout) for p, f in lora.items()}
+    grads = jax.grad(loss, argnums=1)(params, lora)
+    opt = jaxlora.loraplus(optax.sgd, 1e-2, ratio=16)
+    updates, _ = opt.update(grads, opt.init(lora), lora)
+    for p in lora:  # plain SGD: the update is -lr * g on A and -16 lr * g on B
+        np.testing.assert_allclose(updates[p].a, -1e-2 * np.asarray(grads[p].a), rtol=1e-6)
+        np.testing.assert_allclose(updates[p].b, -0.16 * np.asarray(grads[p].b), rtol=1e-6)
+        assert np.abs(np.asarray(grads[p].b)).max() > 0
+
+
+def test_loraplus_schedule_and_kwargs():
+    params, lora, loss = _problem()
+    grads = jax.grad(loss, argnums=1)(params, lora)
+    opt = jaxlora.loraplus(optax.sgd, optax.linear_schedule(1.0, 0.0, 10), ratio=4, momentum=None)
+    state = opt.init(lora)
+    for step in range(3):  # lr(step) = 1 - step / 10 on A, 4x on B
+        updates, state = opt.update(grads, state, lora)
+        lr = 1.0 - step / 10
+        np.testing.assert_allclose(updates["query"].a, -lr * np.asarray(grads["query"].a), rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(updates["query"].b, -4 * lr * np.asarray(grads["query"].b), rtol=1e-5, atol=1e-12)
+    labels = jaxlora.loraplus_labels({"q": lora["query"], "head": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}})
+    assert (labels["q"].a, labels["q"].b, labels["head"]["kernel"], labels["head"]["bias"]) == ("a", "b", "a", "b")
+
+
+def test_loraplus_ratio_error():
+    with pytest.raises(ValueError, match="ratio must be a positive number"):
+        jaxlora.loraplus(optax.adam, 1e-3, ratio=0)
+
+
+def test_loraplus_dora_magnitude_and_stack():
+    """DoRA's m learns at B's rate (PEFT groups 1-D trainables with B); a stack's scale and rank stay put."""
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 6))}
+    dora = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=2, dora=True))
+    plain = jaxlora.init(jax.random.key(2), params, jaxlora.LoraConfig(rank=3))
+    opt = jaxlora.loraplus(optax.sgd, 1e-2, ratio=8)
+    grads = jax.tree.map(jnp.ones_like, dora)
+    updates, _ = opt.update(grads, opt.init(dora), dora)
+    np.testing.assert_allclose(updates["w"].m, -0.08 * np.ones(6), rtol=1e-6)
+    np.testing.assert_allclose(updates["w"].a, -0.01 * np.ones((4, 2)), rtol=1e-6)
+    stack = jaxlora.stack({"x": plain, "y": plain})
+    grads = jax.tree.map(jnp.ones_like, stack)
+    updates, _ = opt.update(grads, opt.init(stack), stack)
+    np.testing.assert_allclose(updates.b["w"], -0.08 * np.ones(stack.b["w"].shape), rtol=1e-6)
+    np.testing.assert_allclose(updates.a["w"], -0.01 * np.ones(stack.a["w"].shape), rtol=1e-6)
+    assert not np.any(updates.scale["w"]) and not np.any(updates.rank["w"])

@@ -156,7 +156,8 @@ def test_errors(tmp_path, model):
         ckpt.load_peft(tmp_path / "empty")
     cfg = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True, "modules_to_save": ["cls"]}))
-    with pytest.raises(ValueError, match=r"(?s)modules_to_save \['cls'\].*'fc1': use_dora is True but lora_magnitude_vector is missing"):
+    missing = r"(?s)modules_to_save \['cls'\].*'fc1': use_dora is True but lora_magnitude_vector is missing"
+    with pytest.raises(ValueError, match=missing):
         ckpt.load_peft(out, params=params, names=NAMES)
     (out / "adapter_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -77,7 +77,15 @@ def _checkpoints():
                 abstract_opt=jax.eval_shape(lambda: opt_state))  # fmt: skip
 
 
-PRELUDES = [_linen, _nnx, _checkpoints]  # one per runnable block, in README order
+def _variants():  # the "LoRA variants" section's set-up block, run as the README reads it
+    setup = next(b["code"] for b in _blocks() if "class Classifier" in b["code"])
+    env: dict = {}
+    exec(compile(setup, "README.md LoRA variants set-up", "exec"), env)
+    return env
+
+
+# one per runnable block, in README order
+PRELUDES = [_linen, _nnx, dict, _variants, _variants, _variants, _variants, _checkpoints]
 
 
 def _blocks():

@@ -32,6 +32,7 @@ def fingerprint(params: Any, lora: Mapping[str, LoraFactors]) -> Fingerprint:
       >>> jaxlora.checkpoint.fingerprint(params, lora)
       {'dense': {'shape': [4, 6], 'dtype': 'float32', 'name': 'kernel'}}
     """
+    lora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors)}  # saved modules are checked by shape
     found = weights(params)
     missing = [f"{p!r}: not an adaptable weight of params; {nearest(p, found)}" for p in lora if p not in found]
     if missing:

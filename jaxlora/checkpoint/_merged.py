@@ -196,6 +196,12 @@ def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndar
     from ._peft import _scale
 
     config, modules, _ = read_peft(adapter)
+    saved = sorted(n for n, m in modules.items() if m["kind"] == "saved")
+    if saved:
+        raise ValueError(
+            f"{adapter} holds modules_to_save {saved} (full trained copies); merge_safetensors writes only LoRA "
+            "deltas: load it with jaxlora.checkpoint.load_peft and export with jaxlora.checkpoint.save_merged."
+        )
     for name, m in modules.items():
         yield name, m["kind"], m["A"], m["B"], _scale(config, name, m["A"].shape[0]), m.get("M")
 

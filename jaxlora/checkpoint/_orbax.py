@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from .._config import LoraConfig
 from .._matmul import LoraFactors
+from .._saved import SavedModule
 from . import _fingerprint
 
 FORMAT = "jaxlora.adapter"
@@ -48,7 +49,8 @@ class AdapterInfo(NamedTuple):
       format: ``"orbax"`` or ``"peft"``.
       version: the format version (jaxlora's, or PEFT's ``peft_version`` string).
       config: the `LoraConfig` fields as a dict, or ``None`` when unknown.
-      modules: ``{path: {"rank", "scale", "roles", "dropout", "a_shape", "b_shape", "dtype"}}``.
+      modules: ``{path: {"rank", "scale", "roles", "dropout", "a_shape", "b_shape", "dtype"}}``; a saved
+        module (``modules_to_save``): ``{path: {"kind": "saved", "leaves": {name: {"shape", "dtype"}}}}``.
       base: the base fingerprint ``{path: {"shape", "dtype", "name"}}``, or ``None`` when unknown.
       size_bytes: bytes on disk.
     """
@@ -64,7 +66,9 @@ class AdapterInfo(NamedTuple):
     def trainable(self) -> int:
         """The number of LoRA parameters."""
         return sum(
-            sum(int(np.prod(m[f"{k}_shape"])) for k in ("a", "b", "m") if f"{k}_shape" in m)
+            sum(int(np.prod(w["shape"])) for w in m["leaves"].values())
+            if m.get("kind") == "saved"
+            else sum(int(np.prod(m[f"{k}_shape"])) for k in ("a", "b", "m") if f"{k}_shape" in m)
             for m in self.modules.values()
         )
 
@@ -74,6 +78,7 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
     out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     out["targets"] = out["targets"] if isinstance(out["targets"], str) else list(out["targets"])
     out["exclude"] = list(out["exclude"])
+    out["modules_to_save"] = list(out["modules_to_save"])
     out["rank_pattern"] = dict(out["rank_pattern"])
     out["alpha_pattern"] = dict(out["alpha_pattern"])
     out["dtype"] = jnp.dtype(out["dtype"]).name
@@ -96,10 +101,22 @@ def metadata(
     """The JSON item saved next to the arrays (format, version, modules, config, base fingerprint)."""
     from .. import __version__
 
-    if not isinstance(lora, Mapping) or not all(isinstance(f, LoraFactors) for f in lora.values()):
+    if not isinstance(lora, Mapping) or not all(isinstance(f, (LoraFactors, SavedModule)) for f in lora.values()):
         raise TypeError("lora must be the dict of LoraFactors that jaxlora.init returns.")
-    modules = {
+    saved = {
         path: {
+            "kind": "saved",
+            "leaves": {
+                n: {"shape": list(map(int, w.shape)), "dtype": jnp.dtype(w.dtype).name} for n, w in f.weights.items()
+            },
+        }
+        for path, f in lora.items()
+        if isinstance(f, SavedModule)
+    }
+    modules = {
+        path: saved[path]
+        if path in saved
+        else {
             "rank": int(f.a.shape[-1]),
             "scale": float(f.scale),
             "roles": f.roles,
@@ -111,7 +128,9 @@ def metadata(
             **({} if f.m is None else {"m_shape": [int(d) for d in f.m.shape], "m_dtype": jnp.dtype(f.m.dtype).name}),
         }
         for path, f in lora.items()
-    }
+        if path not in saved
+    } | saved
+    modules = {path: modules[path] for path in lora}  # in the tree's order
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -124,7 +143,12 @@ def metadata(
 
 def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
     # Keyed by position, not path: module paths contain "/", which Orbax would read as nesting.
-    return {f"m{i}": {"a": f.a, "b": f.b, **({} if f.m is None else {"m": f.m})} for i, f in enumerate(lora.values())}
+    return {
+        f"m{i}": {f"w{j}": w for j, w in enumerate(f.weights.values())}
+        if isinstance(f, SavedModule)
+        else {"a": f.a, "b": f.b, **({} if f.m is None else {"m": f.m})}
+        for i, f in enumerate(lora.values())
+    }
 
 
 def save_args(
@@ -325,6 +349,8 @@ def _sharding_for(shardings: Any, path: str, name: str) -> jax.sharding.Sharding
     entry = shardings.get(path) if isinstance(shardings, Mapping) else None
     if entry is None:
         return None
+    if isinstance(entry, SavedModule):
+        return entry.weights[name]
     return entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name)
 
 
@@ -338,8 +364,8 @@ def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.S
         raise ValueError(f"shardings name modules the checkpoint lacks: {extra}; it holds {sorted(meta['modules'])}.")
     specs = [
         f"{path!r}.{name}: {s}"
-        for path in meta["modules"]
-        for name in ("a", "b")
+        for path, m in meta["modules"].items()
+        for name in (m["leaves"] if m.get("kind") == "saved" else ("a", "b"))
         if (s := _sharding_for(shardings, path, name)) is not None and not isinstance(s, jax.sharding.Sharding)
     ]
     if specs:
@@ -350,6 +376,13 @@ def _abstract(meta: dict[str, Any], shardings: Any) -> dict[str, dict[str, jax.S
         )
     return {
         f"m{i}": {
+            f"w{j}": jax.ShapeDtypeStruct(
+                tuple(w["shape"]), jnp.dtype(w["dtype"]), sharding=_sharding_for(shardings, path, n)
+            )
+            for j, (n, w) in enumerate(m["leaves"].items())
+        }
+        if m.get("kind") == "saved"
+        else {
             name: jax.ShapeDtypeStruct(
                 tuple(m[f"{name}_shape"]),
                 jnp.dtype(m["dtype" if name == "a" else f"{name}_dtype"]),
@@ -368,6 +401,14 @@ def _rebuild(meta: dict[str, Any], arrays: Mapping[str, Any], where: Path | str)
         entry = arrays.get(f"m{i}") if isinstance(arrays, Mapping) else None
         if entry is None:
             problems.append(f"{path!r}: arrays missing")
+            continue
+        if m.get("kind") == "saved":
+            got = {n: entry.get(f"w{j}") for j, n in enumerate(m["leaves"])}
+            bad = [n for n, w in got.items() if w is None or list(w.shape) != m["leaves"][n]["shape"]]
+            if bad:
+                problems.append(f"{path!r}: saved module leaves {bad} missing or of another shape")
+            else:
+                lora[path] = SavedModule(got)
             continue
         a, b = entry["a"], entry["b"]
         if list(a.shape) != m["a_shape"] or list(b.shape) != m["b_shape"]:

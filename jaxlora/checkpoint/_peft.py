@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._matmul import LoraFactors
-from .._tree import nearest, weights
+from .._saved import SavedModule
+from .._tree import module_leaves, nearest, weights
 from . import _fingerprint
 from ._orbax import AdapterInfo, config_to_json
 
@@ -47,7 +48,20 @@ _SUFFIXES = {
 }
 MAGNITUDE = "lora_magnitude_vector"
 Names = Callable[[str], str] | Mapping[str, str] | None
-Lora = dict[str, LoraFactors]
+Lora = dict[str, LoraFactors | SavedModule]
+# Flax leaf names of a saved module -> PyTorch's (a 2-D kernel is transposed: (in, out) -> (out, in))
+_TORCH_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+
+def _torch_leaf(path: str, rel: str, w: Any) -> tuple[str, bool]:
+    """The torch parameter name of a saved module's leaf, and whether its array is transposed."""
+    *inner, leaf = rel.split("/")
+    if leaf == "kernel" and len(w.shape) != 2:
+        raise ValueError(
+            f"{path!r}: saved module leaf {rel!r} {tuple(w.shape)} is no 2-D kernel; PEFT's modules_to_save "
+            "can be written only for Dense kernels, embeddings, norms and biases."
+        )
+    return ".".join([*inner, _TORCH_LEAVES.get(leaf, leaf)]), leaf == "kernel"
 
 
 def torch_name(path: str, names: Names = None) -> str:
@@ -111,11 +125,24 @@ def save_peft_files(
     rslora = bool(config and config.get("rslora"))
     tensors, problems, modules = {}, [], {}
     ranks, alphas, dropouts = {}, {}, set()
+    saved: dict[str, Any] = {}
     for p, f in lora.items():
         try:
             name = torch_name(p, names)
         except ValueError as e:
             problems.append(str(e))
+            continue
+        if isinstance(f, SavedModule):  # PEFT's adapter file: base_model.model.<module>.<param>
+            leaves = {}
+            for rel, w in f.weights.items():
+                try:
+                    leaf, transposed = _torch_leaf(p, rel, w)
+                except ValueError as e:
+                    problems.append(str(e))
+                    continue
+                tensors[f"{PREFIX}{name}.{leaf}"] = np.ascontiguousarray(np.asarray(w).T if transposed else w)
+                leaves[rel] = [leaf, transposed]
+            saved[p] = {"torch": name, "leaves": leaves}
             continue
         if "s" in f.roles:
             problems.append(
@@ -146,13 +173,14 @@ def save_peft_files(
             "a_shape": [int(d) for d in f.a.shape],
             "b_shape": [int(d) for d in f.b.shape],
         }
-    dora = {f.m is not None for f in lora.values()}
+    dora = {f.m is not None for f in lora.values() if isinstance(f, LoraFactors)}
     if len(dora) > 1:
         problems.append(
-            f"some modules use DoRA and some do not ({sorted(p for p, f in lora.items() if f.m is None)} do not); "
+            "some modules use DoRA and some do not "
+            f"({sorted(p for p, f in lora.items() if isinstance(f, LoraFactors) and f.m is None)} do not); "
             "PEFT's use_dora is one flag for the whole adapter: save them as two adapters."
         )
-    dup = [n for n, c in collections.Counter(m["torch"] for m in modules.values()).items() if c > 1]
+    dup = [n for n, c in collections.Counter(m["torch"] for m in [*modules.values(), *saved.values()]).items() if c > 1]
     if dup:
         problems.append(f"the name mapping sends several modules to the same torch names {dup}.")
     if problems:
@@ -174,10 +202,10 @@ def save_peft_files(
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(m["torch"] for m in saved.values()) or None,
         "use_dora": dora == {True},
     }
-    extra = {"version": 1, "modules": modules, "base": base, "config": dict(config) if config else None}
+    extra = {"version": 1, "modules": modules, "saved": saved, "base": base, "config": dict(config) if config else None}
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(
         path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt", "jaxlora": json.dumps(extra)})
@@ -195,6 +223,7 @@ def save_peft(
     config: Any = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    initial: Mapping[str, LoraFactors] | None = None,
 ) -> Path:
     """Write ``lora`` as a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -212,13 +241,19 @@ def save_peft(
       config: the `LoraConfig` (its ``rslora`` picks ``use_rslora``; recorded).
       base_model_name_or_path: written to the config, as PEFT does (e.g. ``"bert-base-uncased"``).
       overwrite: replace existing adapter files.
+      initial: for an adapter trained from `jaxlora.init_from_weights` (PiSSA, OLoRA) on the residual
+        base: the tree as that function returned it. The file then holds an ordinary LoRA against
+        the *original* weights, ``ΔW = scale·(a·b - a₀·b₀)`` at rank ``2r`` (``a' = [a | a₀]``,
+        ``b' = [b ; -b₀]``, the scale kept, so ``lora_alpha`` doubles, or grows ``√2``-fold under
+        rsLoRA): PEFT's ``path_initial_model_for_weight_conversion``.
 
     Returns:
       The directory.
 
     Raises:
       FileExistsError: if adapter files exist and ``overwrite`` is false.
-      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover.
+      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover,
+        or an ``initial`` tree that does not match ``lora``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile, json
@@ -229,6 +264,8 @@ def save_peft(
       >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
       (2, 8, ['fc'])
     """
+    if initial is not None:
+        lora = against_original(lora, initial)
     base = None if params is None else _fingerprint.fingerprint(params, lora)
     fields = None if config is None else config_to_json(config)
     return save_peft_files(
@@ -240,6 +277,27 @@ def save_peft(
         base_model_name_or_path=base_model_name_or_path,
         overwrite=overwrite,
     )
+
+
+def against_original(lora: Mapping[str, LoraFactors], initial: Mapping[str, LoraFactors]) -> Lora:
+    """``lora``, trained on a residual base from ``initial``, as a LoRA of rank ``2r`` on the original base."""
+    problems, out = [], {}
+    for p, f in lora.items():
+        f0 = initial.get(p)
+        if f0 is None or (f0.roles, f0.scale, f0.a.shape, f0.b.shape) != (f.roles, f.scale, f.a.shape, f.b.shape):
+            found = "nothing" if f0 is None else f"roles {f0.roles!r}, scale {f0.scale}, a {f0.a.shape}, b {f0.b.shape}"
+            problems.append(
+                f"{p!r}: initial= needs the factors init_from_weights returned for it (roles {f.roles!r}, scale "
+                f"{f.scale}, a {f.a.shape}, b {f.b.shape}); found {found}."
+            )
+            continue
+        ns = f.roles.count("s")
+        a = jnp.concatenate([f.a, jnp.asarray(f0.a, f.a.dtype)], axis=-1)
+        b = jnp.concatenate([f.b, -jnp.asarray(f0.b, f.b.dtype)], axis=ns)
+        out[p] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout)
+    if problems:
+        raise ValueError("save_peft(initial=...) does not match the LoRA tree:\n  " + "\n  ".join(problems))
+    return out
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -274,10 +332,7 @@ def read_peft(
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
-    if config.get("modules_to_save"):
-        problems.append(
-            f"modules_to_save {config['modules_to_save']} holds full trained copies that jaxlora does not load"
-        )
+    to_save = list(config.get("modules_to_save") or [])
     if config.get("bias", "none") != "none":
         problems.append(f"bias is {config['bias']!r}; trained biases are not LoRA factors")
     modules: dict[str, dict[str, Any]] = {}
@@ -286,6 +341,15 @@ def read_peft(
             meta = f.metadata() or {}
             for key in f.keys():
                 suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+                module, _, leaf = key[len(PREFIX) :].rpartition(".")
+                # PEFT's modules_to_save entries match a module name or a dotted suffix of it
+                if (
+                    suffix is None
+                    and key.startswith(PREFIX)
+                    and any(module == m or module.endswith(f".{m}") for m in to_save)
+                ):
+                    modules.setdefault(module, {"kind": "saved", "tensors": {}})["tensors"][leaf] = f.get_tensor(key)
+                    continue
                 if suffix is None or not key.startswith(PREFIX):
                     problems.append(f"tensor {key!r} is not a LoRA factor jaxlora can read")
                     continue
@@ -296,7 +360,16 @@ def read_peft(
                     entry["kind"] = kind
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({type(e).__name__}: {e}).") from e
+    missing = [
+        m
+        for m in to_save
+        if not any(n == m or n.endswith(f".{m}") for n, x in modules.items() if x.get("kind") == "saved")
+    ]
+    if missing:
+        problems.append(f"modules_to_save {to_save} lists {missing}, but the file holds no tensors for them")
     for name, m in modules.items():
+        if m.get("kind") == "saved":
+            continue
         if "A" not in m or "B" not in m:
             problems.append(f"{name!r}: has lora_A and lora_B incomplete (found {sorted(k for k in m if k != 'kind')})")
         elif m["A"].ndim != 2 or m["B"].ndim != 2 or m["A"].shape[0] != m["B"].shape[1]:
@@ -365,6 +438,8 @@ def load_peft(
     """
     path = Path(directory)
     config, modules, extra = read_peft(path)
+    to_save = {n: m["tensors"] for n, m in modules.items() if m.get("kind") == "saved"}
+    modules = {n: m for n, m in modules.items() if n not in to_save}
     saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
     problems: list[str] = []
     # torch name -> (jaxlora path, roles, weight shape or None)
@@ -448,9 +523,38 @@ def load_peft(
         mag = None if "M" not in m else jnp.asarray(m["M"].reshape(o_shape), dtype)
         dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
         lora[p] = LoraFactors(a=a, b=b, scale=_scale(config, name, r), roles=role, dropout=dropout, m=mag)
+    lora.update(_saved_modules(to_save, extra, params, names, dtype, problems))
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
     return lora
+
+
+def _saved_modules(
+    to_save: Mapping[str, Mapping[str, np.ndarray]], extra: Any, params: Any, names: Names, dtype: Any, problems: list
+) -> dict[str, SavedModule]:
+    """PEFT's ``modules_to_save`` tensors as `SavedModule` s, placed by jaxlora's metadata or by ``params``."""
+    known = {m["torch"]: (p, m["leaves"]) for p, m in ((extra or {}).get("saved") or {}).items()}
+    if params is not None:
+        for p, leaves in module_leaves(params).items():
+            try:
+                name = torch_name(p, names)
+                known.setdefault(name, (p, {rel: list(_torch_leaf(p, rel, w)) for rel, (_, w) in leaves.items()}))
+            except ValueError:
+                continue
+    out = {}
+    for name, tensors in to_save.items():
+        if name not in known:
+            problems.append(f"modules_to_save {name!r} matches no module of params (pass params= and names=)")
+            continue
+        p, leaves = known[name]
+        by_torch = {leaf: (rel, transposed) for rel, (leaf, transposed) in leaves.items()}
+        if set(by_torch) != set(tensors):
+            problems.append(f"{name!r} -> {p!r}: PEFT holds {sorted(tensors)}, the module {sorted(by_torch)}")
+            continue
+        out[p] = SavedModule(
+            {by_torch[t][0]: jnp.asarray(x.T if by_torch[t][1] else x, dtype) for t, x in tensors.items()}
+        )
+    return out
 
 
 def peft_info(directory: str | os.PathLike) -> AdapterInfo:
@@ -460,6 +564,14 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
     saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
     out = {}
     for name, m in modules.items():
+        if m.get("kind") == "saved":
+            p = next((q for q, s in ((extra or {}).get("saved") or {}).items() if s["torch"] == name), name)
+            out[p] = {
+                "torch": name,
+                "kind": "saved",
+                "leaves": {k: {"shape": list(t.shape), "dtype": str(t.dtype)} for k, t in m["tensors"].items()},
+            }
+            continue
         r = int(m["A"].shape[0])
         p, roles = (saved[name][0], saved[name][1]["roles"]) if name in saved else (name, None)
         out[p] = {
