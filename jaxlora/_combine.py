@@ -186,6 +186,12 @@ def combine(
                 f"{path!r}: the adapters were made for different weights (roles and shapes {sorted(shapes)})."
             )
             continue
+        if any(f.m is not None for f in fs):  # m / ‖W + ΔW‖ rescales the base too: no sum of ΔWs gives it
+            problems.append(
+                f"{path!r}: DoRA adapters (a magnitude m) cannot be combined: m / ‖W + ΔW‖ rescales W as well, "
+                "so no weighted sum of their ΔW reproduces them; merge each (jaxlora.merge) or combine plain LoRAs."
+            )
+            continue
         ranks = [f.rank for f in fs]
         if method in _MERGES and len(set(ranks)) > 1:
             problems.append(f"{path!r}: method {method!r} needs equal ranks, got {ranks}; use 'cat' or 'svd'.")

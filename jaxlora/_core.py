@@ -93,6 +93,12 @@ def init(
       ((4, 2), (2, 6))
     """
     saved = select_saved(params, config.modules_to_save) if config.modules_to_save else {}
+    packed = [p for p, w in weights(params).items() if inside(p, saved) and _quant.is_quantized(w.leaf)]
+    if packed:
+        raise ValueError(
+            f"jaxlora.init: modules_to_save train {sorted(saved)} in full, but their weights {packed} are quantized "
+            "(codes cannot train); quantize with exclude= naming them (jaxlora.quantize(params, fmt, exclude=...))."
+        )
     candidates = {p: w for p, w in weights(params).items() if not inside(p, saved)}  # no factors in a saved module
     ctx = _probe(fn, params, args, candidates) if fn is not None else None
     if ctx is None:  # no trace: a stacked bias or norm scale is 2-D too, so go by name
@@ -154,7 +160,7 @@ def init(
                     f"only its shape ({type(w.leaf).__name__}); pass the loaded weights."
                 )
                 continue
-            m = weight_norm(jnp.asarray(w.leaf), a, b, scale, roles).astype(config.dtype)
+            m = weight_norm(_float32(w.leaf), a, b, scale, roles).astype(config.dtype)  # QLoRA: dequantized
         lora[path] = LoraFactors(a=a, b=b, scale=scale, roles=roles, dropout=config.dropout, m=m)
     if problems:
         raise ValueError("jaxlora.init:\n  " + "\n  ".join(problems))

@@ -114,11 +114,22 @@ def init_from_weights(
         raise ValueError(f'method must be "pissa" or "olora", got {method!r}.')
     if niter is not None and (method != "pissa" or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter (a randomized SVD's power iterations) is a non-negative int for PiSSA; got {niter!r}.")
+    from ._quant import is_quantized
+
     lora0 = init(key, params, config, fn=fn, args=args)
     found = weights(params)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_quantized)
+    quantized = [p for p, f in lora0.items() if isinstance(f, LoraFactors) and is_quantized(leaves[found[p].index])]
+    if quantized:
+        raise TypeError(
+            f"init_from_weights decomposes float weights, but {quantized} are quantized (jaxlora.quantize); "
+            "run it on the float params, then quantize the residual base it returns."
+        )
     lora: Lora = {}
     for path, f in lora0.items():
+        if not isinstance(f, LoraFactors):  # a SavedModule (modules_to_save): a copy, trained in full
+            lora[path] = f
+            continue
         i = found[path].index
         w = leaves[i]
         if isinstance(w, jax.ShapeDtypeStruct):
@@ -137,6 +148,7 @@ def init_from_weights(
             a, b = u[..., :r] * root[:, None, :], root[..., None] * vt[:, :r]
         a = a.reshape(f.a.shape).astype(config.dtype)
         b = b.reshape(f.b.shape).astype(config.dtype)
-        lora[path] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout)
+        # DoRA's m (= ‖W‖) stays: the residual plus ΔW is W again, so its norm is unchanged
+        lora[path] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout, m=f.m)
         leaves[i] = (w.astype(jnp.float32) - delta(lora[path], jnp.float32)).astype(w.dtype)
     return jax.tree_util.tree_unflatten(treedef, leaves), lora

@@ -120,6 +120,11 @@ def test_errors():
         jaxlora.combine([one, two], [1.0, 1.0], method="linear")
     with pytest.raises(ValueError, match="rank 20 exceeds"):
         jaxlora.combine([one, two], [1.0, 1.0], method="svd", rank=20)
+    dora = {
+        p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles, f.dropout, m=jnp.ones(f.b.shape[-1])) for p, f in one.items()
+    }
+    with pytest.raises(ValueError, match="'fc1': DoRA adapters .* cannot be combined"):
+        jaxlora.combine([dora, one], [1.0, 1.0], method="cat")
     head = {"fc2": jaxlora.SavedModule({"kernel": jnp.ones((12, 6))})}
     assert jaxlora.combine([{"fc1": one["fc1"]}, head], [1.0, 2.0], method="cat")["fc2"] is head["fc2"]
     with pytest.raises(ValueError, match="'fc2': 2 adapters train this module in full"):

@@ -97,6 +97,30 @@ def test_errors(model):
         ckpt.save_peft("/nonexistent", lora0, initial={p: f for p, f in lora0.items() if p != "fc2"})
 
 
+def test_dora_saved_modules_and_quantized_base(model, tmp_path):
+    """DoRA's m carries over (‖W_res + ΔW‖ = ‖W‖); saved modules pass through; a quantized base is refused."""
+    net, params, x = model
+    config = jaxlora.LoraConfig(rank=2, targets=["fc1", "heads"], dora=True, modules_to_save=["fc2"])
+    residual, lora = jaxlora.init_from_weights(jax.random.key(0), params, config, fn=net.apply, args=(x,))
+    plain = jaxlora.init(jax.random.key(0), params, config, fn=net.apply, args=(x,))
+    assert isinstance(lora["fc2"], jaxlora.SavedModule)
+    np.testing.assert_array_equal(lora["heads"].m, plain["heads"].m)  # the norms of the original W
+    np.testing.assert_allclose(jaxlora.apply(net.apply, residual, lora, x), net.apply(params, x), atol=1e-5)
+    trained = {p: f if isinstance(f, jaxlora.SavedModule) else jaxlora.LoraFactors(
+        f.a, f.b * 1.5, f.scale, f.roles, f.dropout, m=f.m * 1.1) for p, f in lora.items()}  # fmt: skip
+    out = ckpt.save_peft(tmp_path / "conv", trained, params=params, config=config, initial=lora)
+    back = ckpt.load_peft(out, params=params)  # a DoRA LoRA of rank 2r on the ORIGINAL weights
+    assert back["heads"].rank == 4 and isinstance(back["fc2"], jaxlora.SavedModule)
+    np.testing.assert_allclose(
+        jaxlora.apply(net.apply, params, back, x), jaxlora.apply(net.apply, residual, trained, x), atol=2e-5
+    )
+    with pytest.raises(ValueError, match=r"modules_to_save train \['fc2'\] .* are quantized .* exclude="):
+        jaxlora.init(jax.random.key(0), jaxlora.quantize(params, "int8"), config, fn=net.apply, args=(x,))
+    qparams = jaxlora.quantize(params, "int8", exclude="fc2")
+    with pytest.raises(TypeError, match=r"\['fc1', 'heads'\] are quantized .* quantize the residual"):
+        jaxlora.init_from_weights(jax.random.key(0), qparams, config, fn=net.apply, args=(x,))
+
+
 # ---- cross-check against PEFT ---------------------------------------------------------------------
 
 

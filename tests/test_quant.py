@@ -313,3 +313,18 @@ def test_quantize_file_one_tensor_at_a_time(tmp_path):
     assert not isinstance(out["lm_head.weight"], jaxlora.Quantized) and out["fc.bias"].shape == (16,)
     want = jaxlora.dequantize(jaxlora.quantize({"kernel": tensors["fc.weight"]}, "nf4"))["kernel"]
     np.testing.assert_array_equal(jaxlora.dequantize(out["fc.weight"]), want)
+
+
+def test_dora_on_a_quantized_base():
+    """DoRA on NF4 (QDoRA): m starts at the dequantized W's norms and apply equals apply on the dequantized base."""
+    model, params, x = _scan_model()
+    q = jaxlora.quantize(params, "nf4")
+    config = jaxlora.LoraConfig(rank=4, targets=("up", "down"), dora=True)
+    lora = jaxlora.init(jax.random.key(1), q, config, fn=model.apply, args=(x,))
+    w = np.asarray(jaxlora.dequantize(q)["params"]["layers"]["up"]["kernel"], np.float32)  # (L, in, out)
+    # init takes the norms of the float32 dequantization; dequantize(q) rounds it to bf16 (2^-9 relative)
+    np.testing.assert_allclose(lora["layers/up"].m, np.linalg.norm(w, axis=1), rtol=2e-3)
+    lora = jax.tree.map(lambda v: v + 0.05, lora)  # B non-zero, m moved off the norms
+    want = jaxlora.apply(model.apply, jaxlora.dequantize(q), lora, x).astype(jnp.float32)
+    got = jaxlora.apply(model.apply, q, lora, x).astype(jnp.float32)
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(jnp.abs(want).max()))

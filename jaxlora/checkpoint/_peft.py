@@ -10,8 +10,19 @@ jaxlora module with ``a: (*I, r)`` and ``b: (r, *O)`` maps to ``A = a.reshape(-1
 DoRA's magnitude ``m`` (``*O``) is ``...<name>.lora_magnitude_vector`` ``(out,)``, flattened alike,
 with ``use_dora: true`` in the config.
 
+Expert weights (``W (experts, *I, *O)``, roles with one ``"s"`` axis: ``ragged_dot`` or a batched
+einsum) are PEFT's ``target_parameters``: a 3-D ``nn.Parameter`` ``(experts, in, out)`` (transformers'
+``is_transposed`` experts, GptOss) or ``(experts, out, in)`` (Mixtral, Qwen-MoE) adapted by
+``lora.ParamWrapper``. Either orientation stores ``lora_A.weight`` ``(experts·r, in)``, rows expert-major
+(``A[e·r + k, i] = a[e, i, k]``), and ``lora_B.weight`` ``(out, r·experts)``, columns rank-major
+(``B[o, k·experts + e] = b[e, k, o]``), so ``ΔW[e] = scale · B_e·A_e`` with PEFT's ``r`` the rank of
+each expert. The tensors sit under the parameter's *module* (``...mlp.experts.lora_A.weight``); PEFT
+nests one wrapper per targeted parameter of a module in the order the module registers them, so the
+first of two is under ``...experts.base_layer.lora_A.weight`` (``parameter_order`` says the order).
+
 Module names differ between a Flax model and its torch twin, so both directions take ``names``: a
-function from jaxlora module path to torch module name, or a dict ``{regex: replacement}`` (first
+function from jaxlora module path to torch module name (for an expert weight: the torch parameter's
+full name, ``"model.layers.0.mlp.experts.gate_up_proj"``), or a dict ``{regex: replacement}`` (first
 full match wins, ``re`` group references allowed). By default ``"/"`` becomes ``"."``.
 """
 
@@ -22,7 +33,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._config import matches
 from .._matmul import LoraFactors
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
@@ -48,6 +60,8 @@ _SUFFIXES = {
 }
 MAGNITUDE = "lora_magnitude_vector"
 Names = Callable[[str], str] | Mapping[str, str] | None
+# transformers' expert modules register their 3-D parameters in this order (GptOss, Mixtral, Qwen-MoE, Llama4)
+PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 Lora = dict[str, LoraFactors | SavedModule]
 # Flax leaf names of a saved module -> PyTorch's (a 2-D kernel is transposed: (in, out) -> (out, in))
 _TORCH_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
@@ -100,6 +114,60 @@ def _alpha_for(scale: float, r: int, rslora: bool) -> float:
     return raw  # within one rounding of scale; no float alpha gives it exactly
 
 
+def nested_keys(
+    params: list[str], order: tuple[str, ...] | list[str] = PARAMETER_ORDER
+) -> tuple[dict[str, str], list[str]]:
+    """The module key under which PEFT stores each targeted 3-D parameter's factors, and problems.
+
+    PEFT wraps the targeted parameters of one torch module one around the other, in the order the
+    module registers them, so with ``n`` of them the ``k``-th (from 0) sits ``n - 1 - k``
+    ``.base_layer`` deep; ``order`` gives that order by parameter name.
+
+    Example:
+      >>> nested_keys(["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "moe.w"])[0]
+      {'mlp.experts.gate_up_proj': 'mlp.experts.base_layer', 'mlp.experts.down_proj': 'mlp.experts', 'moe.w': 'moe'}
+    """
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    keys, problems = {}, []
+    for name in params:
+        module, _, param = name.rpartition(".")
+        if not module:
+            problems.append(
+                f"{name!r}: an expert weight's torch name must be its parameter's full name, '<module>.<parameter>' "
+                "(such as 'model.layers.0.mlp.experts.gate_up_proj'); map it so with names="
+            )
+            continue
+        groups[module].append(param)
+    for module, found in groups.items():
+        if len(found) > 1 and any(q not in order for q in found):
+            problems.append(
+                f"torch module {module!r} has several targeted parameters {sorted(found)}: PEFT nests one wrapper per "
+                "parameter in the order the module registers them, and that order names the tensors; pass "
+                f"parameter_order=[...] listing them in that order (now {list(order)})"
+            )
+            continue
+        ranked = sorted(found, key=lambda q: list(order).index(q) if q in order else 0)
+        keys.update({f"{module}.{q}": module + ".base_layer" * (len(ranked) - 1 - k) for k, q in enumerate(ranked)})
+    return keys, problems
+
+
+def _expert_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a (E, *I, r)``, ``b (E, r, *O)`` -> ParamWrapper's ``lora_A (E·r, in)`` and ``lora_B (out, r·E)``."""
+    e, r = a.shape[0], a.shape[-1]
+    return (
+        a.reshape(e, -1, r).transpose(0, 2, 1).reshape(e * r, -1),  # rows expert-major: e·r + k
+        b.reshape(e, r, -1).transpose(2, 1, 0).reshape(-1, r * e),  # columns rank-major: k·E + e
+    )
+
+
+def _expert_from_peft(A: np.ndarray, B: np.ndarray, e: int, i_shape: tuple[int, ...], o_shape: tuple[int, ...]):
+    """The inverse of `_expert_to_peft` for ``e`` experts."""
+    r = A.shape[0] // e
+    a = A.reshape(e, r, -1).transpose(0, 2, 1).reshape(e, *i_shape, r)
+    b = B.reshape(B.shape[0], r, e).transpose(2, 1, 0).reshape(e, r, *o_shape)
+    return a, b
+
+
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(str(tmp))
@@ -115,6 +183,8 @@ def save_peft_files(
     config: Mapping[str, Any] | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    experts: str | Sequence[str] = (),
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
 ) -> Path:
     """`save_peft` given the base fingerprint instead of params (used to convert Orbax checkpoints)."""
     from safetensors.numpy import save_file
@@ -123,14 +193,58 @@ def save_peft_files(
     if not overwrite and any((path / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
         raise FileExistsError(f"{path} already holds a PEFT adapter; pass overwrite=True to replace it.")
     rslora = bool(config and config.get("rslora"))
+    expert_patterns = (experts,) if isinstance(experts, str) else tuple(experts)
+    is_expert = {p: isinstance(f, LoraFactors) and any(matches(q, p) for q in expert_patterns) for p, f in lora.items()}
+    unmatched = [q for q in expert_patterns if not any(matches(q, p) for p in lora)]
     tensors, problems, modules = {}, [], {}
     ranks, alphas, dropouts = {}, {}, set()
     saved: dict[str, Any] = {}
-    for p, f in lora.items():
+    if unmatched:
+        problems.append(f"experts patterns {unmatched} match no module of the LoRA tree; {nearest(unmatched[0], lora)}")
+    torch_names: dict[str, str] = {}
+    for p in lora:
         try:
-            name = torch_name(p, names)
+            torch_names[p] = torch_name(p, names)
         except ValueError as e:
             problems.append(str(e))
+    expert_key, key_problems = nested_keys(
+        [n for p, n in torch_names.items() if is_expert[p] and lora[p].roles.count("s") == 1], tuple(parameter_order)
+    )
+    problems += key_problems
+    for p, f in lora.items():
+        if p not in torch_names:
+            continue
+        name = torch_names[p]
+        if is_expert[p]:
+            bad = []
+            if f.roles.count("s") != 1:
+                bad.append(
+                    f"roles {f.roles!r} have {f.roles.count('s')} stacked axes where PEFT's 3-D parameter has one "
+                    "expert axis (unstack scanned layers first)"
+                )
+            if f.m is not None:
+                bad.append("it has a DoRA magnitude, and PEFT's ParamWrapper has no DoRA (use_dora)")
+            if bad:
+                problems.append(f"{p!r}: cannot be a PEFT target_parameters entry: " + "; ".join(bad))
+                continue
+            if name not in expert_key:
+                continue  # its module's problem is listed already
+            r = int(f.a.shape[-1])
+            a, b = _expert_to_peft(np.asarray(f.a), np.asarray(f.b))
+            tensors[f"{PREFIX}{expert_key[name]}.lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[f"{PREFIX}{expert_key[name]}.lora_B.weight"] = np.ascontiguousarray(b)
+            ranks[name], alphas[name] = r, _alpha_for(float(f.scale), r, rslora)
+            dropouts.add(float(f.dropout))
+            modules[p] = {
+                "torch": name,
+                "key": expert_key[name],
+                "roles": f.roles,
+                "scale": float(f.scale),
+                "kind": "expert",
+                "dropout": float(f.dropout),
+                "a_shape": [int(d) for d in f.a.shape],
+                "b_shape": [int(d) for d in f.b.shape],
+            }
             continue
         if isinstance(f, SavedModule):  # PEFT's adapter file: base_model.model.<module>.<param>
             leaves = {}
@@ -147,10 +261,9 @@ def save_peft_files(
         if "s" in f.roles:
             problems.append(
                 f"{p!r}: stacked-layer axis or expert axis (roles {f.roles!r}: layers from nn.scan, or experts of a "
-                "ragged_dot or batched einsum) has no PEFT equivalent here: PEFT names each layer's module "
-                "(unstack the layers first), and jaxlora does not write PEFT's `target_parameters` layout "
-                "for 3-D expert weights; save expert adapters with jaxlora.checkpoint.save (Orbax) or "
-                "export merged weights."
+                "ragged_dot or batched einsum) has no PEFT module equivalent: PEFT names each layer's module "
+                "(unstack the layers first); for expert weights, pass experts=[...] naming them, which writes "
+                "PEFT's target_parameters for a 3-D torch parameter (names= must give its full parameter name)."
             )
             continue
         kind = "embedding" if base is not None and base.get(p, {}).get("name") == "embedding" else "linear"
@@ -173,6 +286,14 @@ def save_peft_files(
             "a_shape": [int(d) for d in f.a.shape],
             "b_shape": [int(d) for d in f.b.shape],
         }
+    targeted = [m["torch"] for m in modules.values() if m["kind"] == "expert"]
+    dropped = sorted(p for p, m in modules.items() if m["dropout"] > 0)
+    if targeted and dropped:
+        problems.append(
+            f"modules {dropped} have LoRA dropout, and PEFT's ParamWrapper (target_parameters, here {targeted}) "
+            "refuses an adapter with lora_dropout != 0; dropout only acts in training, so save with it off: "
+            "{p: dataclasses.replace(f, dropout=0.0) for p, f in lora.items()}."
+        )
     dora = {f.m is not None for f in lora.values() if isinstance(f, LoraFactors)}
     if len(dora) > 1:
         problems.append(
@@ -193,7 +314,8 @@ def save_peft_files(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(n for n in ranks if n not in targeted),
+        "target_parameters": sorted(targeted) or None,
         "use_rslora": rslora,
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
@@ -224,6 +346,8 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     initial: Mapping[str, LoraFactors] | None = None,
+    experts: str | Sequence[str] = (),
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
 ) -> Path:
     """Write ``lora`` as a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -246,14 +370,23 @@ def save_peft(
         the *original* weights, ``ΔW = scale·(a·b - a₀·b₀)`` at rank ``2r`` (``a' = [a | a₀]``,
         ``b' = [b ; -b₀]``, the scale kept, so ``lora_alpha`` doubles, or grows ``√2``-fold under
         rsLoRA): PEFT's ``path_initial_model_for_weight_conversion``.
+      experts: patterns (as in `LoraConfig.targets`) of the expert weights (one ``"s"`` axis: the
+        experts of a ``ragged_dot`` or batched einsum) to write as PEFT ``target_parameters``, each
+        a 3-D torch parameter that ``names`` gives by its full name (``"mlp.experts.down_proj"``).
+        Both ``expert_rank`` modes are written (PEFT's ``r`` is the rank of each expert).
+      parameter_order: the torch parameter names in the order their module registers them, which
+        decides PEFT's tensor names when one module has several targeted parameters (default:
+        transformers' ``gate_up_proj``, ``gate_proj``, ``up_proj``, ``down_proj``).
 
     Returns:
       The directory.
 
     Raises:
       FileExistsError: if adapter files exist and ``overwrite`` is false.
-      ValueError: for modules PEFT cannot express (stacked layers) or names the mapping does not cover,
-        or an ``initial`` tree that does not match ``lora``.
+      ValueError: for modules PEFT cannot express (stacked layers; stacked axes not named in
+        ``experts``; expert weights with DoRA or several stacked axes; LoRA dropout together with
+        expert weights, which PEFT's ``ParamWrapper`` refuses), names the mapping does not cover, or
+        an ``initial`` tree that does not match ``lora``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile, json
@@ -276,6 +409,8 @@ def save_peft(
         config=fields,
         base_model_name_or_path=base_model_name_or_path,
         overwrite=overwrite,
+        experts=experts,
+        parameter_order=parameter_order,
     )
 
 
@@ -283,6 +418,9 @@ def against_original(lora: Mapping[str, LoraFactors], initial: Mapping[str, Lora
     """``lora``, trained on a residual base from ``initial``, as a LoRA of rank ``2r`` on the original base."""
     problems, out = [], {}
     for p, f in lora.items():
+        if isinstance(f, SavedModule):  # trained in full: the same on either base
+            out[p] = f
+            continue
         f0 = initial.get(p)
         if f0 is None or (f0.roles, f0.scale, f0.a.shape, f0.b.shape) != (f.roles, f.scale, f.a.shape, f.b.shape):
             found = "nothing" if f0 is None else f"roles {f0.roles!r}, scale {f0.scale}, a {f0.a.shape}, b {f0.b.shape}"
@@ -294,7 +432,8 @@ def against_original(lora: Mapping[str, LoraFactors], initial: Mapping[str, Lora
         ns = f.roles.count("s")
         a = jnp.concatenate([f.a, jnp.asarray(f0.a, f.a.dtype)], axis=-1)
         b = jnp.concatenate([f.b, -jnp.asarray(f0.b, f.b.dtype)], axis=ns)
-        out[p] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout)
+        # DoRA: W_res + s·a·b = W + s·(a·b - a₀·b₀), the same weight, so the same norm and magnitude
+        out[p] = LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles, dropout=f.dropout, m=f.m)
     if problems:
         raise ValueError("save_peft(initial=...) does not match the LoRA tree:\n  " + "\n  ".join(problems))
     return out
@@ -402,6 +541,7 @@ def load_peft(
     fn: Callable[..., Any] | None = None,
     args: tuple[Any, ...] = (),
     dtype: Any = None,
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
 ) -> Lora:
     """Read a PEFT LoRA adapter (made by PEFT or by `save_peft`) into a jaxlora tree.
 
@@ -412,10 +552,14 @@ def load_peft(
         ``names``, and each weight's layout (2-D Flax ``(in, out)``, torch ``(out, in)``, or more axes)
         decides how ``(r, in)`` / ``(out, r)`` are reshaped. Without it only adapters written by
         `save_peft` (which carry their layout) or 2-D Flax ``(in, out)`` layouts can be read.
+        ``target_parameters`` (3-D expert parameters) are matched the same way: ``names`` maps an
+        expert weight to the torch parameter's full name, and its one stacked axis is the experts.
       names: jaxlora module path -> torch module name, as in `save_peft`.
       fn, args: the model function and example arguments, needed for weights with more than two axes
         (as in `jaxlora.init`).
       dtype: cast the factors to this dtype (default: as stored).
+      parameter_order: as in `save_peft`: the order in which a torch module registers its targeted
+        parameters, which tells PEFT's nested tensor names apart.
 
     Returns:
       The LoRA tree, with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) per module,
@@ -440,7 +584,10 @@ def load_peft(
     config, modules, extra = read_peft(path)
     to_save = {n: m["tensors"] for n, m in modules.items() if m.get("kind") == "saved"}
     modules = {n: m for n, m in modules.items() if n not in to_save}
-    saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    saved = {m.get("key", m["torch"]): (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    targets = list(config.get("target_parameters") or [])
+    # tensor key (a module name, maybe with ".base_layer") -> the torch parameter it adapts
+    param_of = {k: m["torch"] for k, (_, m) in saved.items() if m.get("kind") == "expert"}
     problems: list[str] = []
     # torch name -> (jaxlora path, roles, weight shape or None)
     placed: dict[str, tuple[str, str | None, tuple[int, ...] | None]] = {}
@@ -452,20 +599,33 @@ def load_peft(
                 by_torch.setdefault(torch_name(p, names), p)
             except ValueError:
                 continue
+        targeted = [n for n in by_torch if any(n == t or n.endswith(f".{t}") for t in targets)]
+        keys, key_problems = nested_keys(targeted, tuple(parameter_order)) if targeted else ({}, [])
+        problems += key_problems
+        param_of.update({k: n for n, k in keys.items() if k in modules and k not in param_of})
+        where: dict[str, str] = {}
         for name in modules:
             if name in saved and saved[name][0] in candidates:
-                by_torch[name] = saved[name][0]
-            if name not in by_torch:
+                where[name] = saved[name][0]
+            elif param_of.get(name, name) in by_torch:
+                where[name] = by_torch[param_of.get(name, name)]
+            else:
+                hint = (
+                    f" (target_parameters {targets}: names= must map each expert weight to its torch parameter's "
+                    "full name)"
+                    if targets
+                    else ""
+                )
                 problems.append(
                     f"torch module {name!r} matches no weight of params; "
-                    f"{nearest(name, by_torch)} (after the name mapping)"
+                    f"{nearest(name, by_torch)} (after the name mapping){hint}"
                 )
         if problems:
             raise ValueError(
                 f"Cannot place the PEFT adapter at {path} on params "
                 "(pass names= mapping jaxlora paths to torch names):\n  " + "\n  ".join(problems)
             )
-        paths = {by_torch[n] for n in modules}
+        paths = set(where.values())
         roles = {p: saved[n][1]["roles"] for n, (p, _) in saved.items() if p in paths and n in modules}
         need = sorted(paths - set(roles))
         if need:
@@ -482,13 +642,17 @@ def load_peft(
                 )
             )
             roles.update({p: f.roles for p, f in probe.items()})
-        for name in modules:
-            p = by_torch[name]
+        for name, p in where.items():
             placed[name] = (p, roles[p], tuple(int(d) for d in candidates[p].leaf.shape))
     else:
         for name in modules:
             if name in saved:
                 placed[name] = (saved[name][0], saved[name][1]["roles"], None)
+            elif targets:
+                problems.append(
+                    f"{name!r}: the adapter has target_parameters {targets}, whose tensors are named by module "
+                    "only; pass params= (and names=, fn=, args=) to place them"
+                )
             elif names is None:
                 placed[name] = (name.replace(".", "/"), None, None)
             else:
@@ -498,31 +662,49 @@ def load_peft(
         if name not in placed:
             continue
         p, role, shape = placed[name]
-        A, B = m["A"], m["B"]  # (r, in), (out, r)
+        A, B = m["A"], m["B"]  # (r, in), (out, r); an expert parameter's: (experts·r, in), (out, r·experts)
         r = A.shape[0]
         if role is None:
             role = "io"
-        if "s" in role:
+        expert = name in param_of
+        if "s" in role and not expert:
             problems.append(f"{name!r}: the weight at {p!r} is stacked (roles {role!r}); PEFT adapters are per layer")
+            continue
+        if expert and role.count("s") != 1:
+            problems.append(
+                f"{name!r} (target parameter {param_of[name]!r}) -> {p!r}: roles {role!r}, but a 3-D expert "
+                "parameter needs a weight with exactly one stacked (expert) axis"
+            )
             continue
         if shape is not None:
             i_shape = tuple(d for d, c in zip(shape, role) if c == "i")
             o_shape = tuple(d for d, c in zip(shape, role) if c == "o")
+            experts = math.prod(d for d, c in zip(shape, role) if c == "s")
         elif name in saved and "a_shape" in saved[name][1]:
-            i_shape, o_shape = tuple(saved[name][1]["a_shape"][:-1]), tuple(saved[name][1]["b_shape"][1:])
+            a_shape, b_shape = saved[name][1]["a_shape"], saved[name][1]["b_shape"]
+            experts = a_shape[0] if expert else 1
+            i_shape, o_shape = tuple(a_shape[int(expert) : -1]), tuple(b_shape[1 + int(expert) :])
         else:
-            i_shape, o_shape = (A.shape[1],), (B.shape[0],)
-        if A.shape[1] != math.prod(i_shape) or B.shape[0] != math.prod(o_shape):
+            i_shape, o_shape, experts = (A.shape[1],), (B.shape[0],), 1
+        if expert:
+            r = A.shape[0] // experts
+        if A.shape[1] != math.prod(i_shape) or B.shape[0] != math.prod(o_shape) or A.shape[0] != r * experts:
+            need_a, need_b = ("r", "r") if not expert else (f"{experts}·r", f"r·{experts}")
             problems.append(
-                f"{name!r} -> {p!r}: lora_A {A.shape} and lora_B {B.shape} need (r, {math.prod(i_shape)}) and "
-                f"({math.prod(o_shape)}, r) for weight {shape}"
+                f"{name!r} -> {p!r}: lora_A {A.shape} and lora_B {B.shape} need ({need_a}, {math.prod(i_shape)}) "
+                f"and ({math.prod(o_shape)}, {need_b}) for weight {shape}"
             )
             continue
-        a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
-        b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
+        if expert:
+            a_np, b_np = _expert_from_peft(A, B, experts, i_shape, o_shape)
+            a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
+        else:
+            a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
+            b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
         mag = None if "M" not in m else jnp.asarray(m["M"].reshape(o_shape), dtype)
         dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
-        lora[p] = LoraFactors(a=a, b=b, scale=_scale(config, name, r), roles=role, dropout=dropout, m=mag)
+        scale = _scale(config, param_of.get(name, name), r)
+        lora[p] = LoraFactors(a=a, b=b, scale=scale, roles=role, dropout=dropout, m=mag)
     lora.update(_saved_modules(to_save, extra, params, names, dtype, problems))
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
@@ -561,7 +743,7 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
     """`jaxlora.checkpoint.info` for a PEFT directory."""
     path = Path(directory)
     config, modules, extra = read_peft(path)
-    saved = {m["torch"]: (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    saved = {m.get("key", m["torch"]): (p, m) for p, m in (extra or {}).get("modules", {}).items()}
     out = {}
     for name, m in modules.items():
         if m.get("kind") == "saved":
@@ -574,15 +756,20 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
             continue
         r = int(m["A"].shape[0])
         p, roles = (saved[name][0], saved[name][1]["roles"]) if name in saved else (name, None)
+        shapes = [list(m["A"].shape[::-1]), list(m["B"].shape[::-1])]
+        torch = name
+        if name in saved and saved[name][1].get("kind") == "expert":  # ParamWrapper's (experts·r, in) rows
+            shapes = [saved[name][1]["a_shape"], saved[name][1]["b_shape"]]
+            r, torch = int(shapes[0][-1]), saved[name][1]["torch"]
         out[p] = {
-            "torch": name,
-            "kind": m["kind"],
+            "torch": torch,
+            "kind": "expert" if torch != name else m["kind"],
             "rank": r,
-            "scale": _scale(config, name, r),
+            "scale": _scale(config, torch, r),
             "roles": roles,
             "dropout": float(config.get("lora_dropout", 0.0)),
-            "a_shape": list(m["A"].shape[::-1]),
-            "b_shape": list(m["B"].shape[::-1]),
+            "a_shape": shapes[0],
+            "b_shape": shapes[1],
             "dtype": str(m["A"].dtype),
             **({"m_shape": list(m["M"].shape)} if "M" in m else {}),
         }
