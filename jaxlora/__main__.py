@@ -195,7 +195,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     params = _restore_params(Path(args.base)) if args.base else None
     lora, about = _load_adapter(src, params=params, names=names)
     if to == "peft":
-        save_peft_files(dst, lora, base=about.base, names=names, config=about.config, overwrite=args.overwrite)
+        save_peft_files(
+            dst, lora, base=about.base, names=names, config=about.config, overwrite=args.overwrite,
+            experts=args.experts or (),
+        )  # fmt: skip
     else:
         config = None
         if about.config and "rank" in about.config:  # written by jaxlora: the LoraConfig fields
@@ -235,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--to", choices=("peft", "orbax"), help="target format (default: the other one)")
     s.add_argument("--names", help=names_help)
     s.add_argument("--base", help="Orbax checkpoint of the base params: needed to place an adapter PEFT made")
+    s.add_argument("--experts", action="append", metavar="PATTERN",
+                   help="(to PEFT) a pattern of expert weights to write as PEFT target_parameters; repeatable; "
+                   "--names must map each to its torch parameter's full name")  # fmt: skip
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     s.set_defaults(run=cmd_convert)
     return p

@@ -242,3 +242,17 @@ def test_dora_on_expert_weights_is_refused():
     lora = jaxlora.init(jax.random.key(2), params, cfg, fn=model.apply, args=(x,))
     with pytest.raises(jaxlora.UnsupportedError, match=r"'(gate|up|down)' has a DoRA magnitude .*ragged_dot"):
         jaxlora.apply(model.apply, params, lora, x)
+
+
+def test_mixed_adapter_batches_are_refused_with_the_cause():
+    """JAX cannot vmap ragged_dot with a shared weight; the error says so before JAX's own does."""
+    model, x, params, lora = _setup()
+    fn = lambda p, x: model.apply(p, x.reshape(-1, D)).reshape(x.shape)  # noqa: E731  (batch, tokens, d)
+    xs = jnp.stack([x, 2 * x])
+    with pytest.raises(NotImplementedError, match="ragged_dot vmap over any dim but 0"):
+        jax.vmap(lambda x: fn(params, x))(xs)  # the JAX limitation itself, without jaxlora
+    router_only = {"router": lora["router"]}  # experts not even targeted: the base ragged_dot cannot vmap
+    for adapters in (lora, router_only):
+        stk = jaxlora.stack({"a": adapters, "b": adapters})
+        with pytest.raises(jaxlora.UnsupportedError, match=r"(?s)JAX cannot vmap `ragged_dot`.*one adapter at a time"):
+            jaxlora.apply(fn, params, stk, xs, adapter_ids=jnp.array([0, 1]))

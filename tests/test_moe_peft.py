@@ -57,6 +57,9 @@ def test_layout_and_round_trip(tmp_path):
     assert about.modules["down"]["kind"] == "expert" and about.modules["down"]["rank"] == 3
     assert about.modules["down"]["torch"] == "experts.down_proj" and about.modules["down"]["a_shape"] == [E, FF, 3]
     _strip_header(out)  # as PEFT writes it: placed through params, names and the traced roles
+    about = ckpt.info(out).modules  # PEFT's own files: the rank per expert comes from the config
+    assert about["experts.down_proj"]["rank"] == 3 and about["experts.down_proj"]["a_shape"] == [E, FF, 3]
+    assert about["experts.gate_up_proj"]["b_shape"] == [E, 3, 2 * FF]
     back = ckpt.load_peft(out, params=params, names=NAMES, fn=model.apply, args=(x,))
     assert_trees_close(back, lora, rtol=0, atol=0)
     assert {p: f.roles for p, f in back.items()} == {"router": "io", "gate_up": "sio", "down": "sio"}
@@ -234,3 +237,18 @@ def test_peft_made_expert_adapter_loads_into_jaxlora(tmp_path, transposed):
     for name, w in (("gate_up", merged.experts.gate_up_proj), ("down", merged.experts.down_proj)):
         np.testing.assert_allclose(_jax_layout(w.detach().numpy(), transposed), jmerged[name], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(merged.router.weight.detach().numpy().T, jmerged["router"]["kernel"], atol=1e-6)
+
+
+def test_cli_converts_an_orbax_expert_adapter_with_experts(tmp_path, capsys):
+    from jaxlora.__main__ import main
+
+    model, x, params, lora = _setup(fused=True)
+    ckpt.save(tmp_path / "orbax", lora, params=params)
+    (tmp_path / "names.json").write_text(json.dumps({f"^{k}$": v for k, v in NAMES.items()}))
+    argv = ["convert", str(tmp_path / "orbax"), str(tmp_path / "peft"), "--names", str(tmp_path / "names.json")]
+    assert main(argv) == 1  # without --experts the expert axis is refused, pointing at experts=
+    assert "experts=" in capsys.readouterr().err
+    assert main([*argv, "--experts", "gate_up", "--experts", "down"]) == 0
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert_trees_close(ckpt.load_peft(tmp_path / "peft"), lora, rtol=0, atol=0)

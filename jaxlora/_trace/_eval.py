@@ -206,7 +206,9 @@ def evaluate(
         env[var] = val
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, (Tagged, Lazy)) for v in invals):
+        if any(isinstance(v, (Tagged, Lazy)) for v in invals) or (
+            ctx.stack is not None and eqn.primitive.name in PER_EXAMPLE_RULES
+        ):
             outs = _rule(eqn, invals, ctx)
         else:
             outs = bind(eqn, invals)
@@ -319,6 +321,10 @@ def register(*names: str) -> Callable[[Rule], Rule]:
         return rule
 
     return add
+
+
+# primitives whose rule runs on every equation of a mixed-adapter batch (under vmap), tagged or not
+PER_EXAMPLE_RULES: set[str] = set()
 
 
 def untag_all(eqn, invals: list[Any], ctx: Context) -> list[Any]:

@@ -19,7 +19,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._matmul import lora_op
-from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, untag_all, view_delta_op
+from ._eval import (
+    PER_EXAMPLE_RULES,
+    Context,
+    Tagged,
+    UnsupportedError,
+    bind,
+    mismatch,
+    register,
+    untag,
+    untag_all,
+    view_delta_op,
+)
 
 
 def _ragged_dims(lc, rc, lr, rg):
@@ -31,10 +42,21 @@ def _ragged_dims(lc, rc, lr, rg):
     )
 
 
+PER_EXAMPLE_RULES.add("ragged_dot_general")  # refused under adapter_ids even where no LoRA weight reaches it
+
+
 @register("ragged_dot_general")
 def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
     if len(invals) != 3:  # a group_offset operand (expert-parallel shards): not factored
         return untag_all(eqn, invals, ctx)
+    if ctx.stack is not None:  # before anything binds: JAX's own error would name neither cause nor fix
+        raise UnsupportedError(
+            "a mixed-adapter batch (adapter_ids) runs the model once per example under jax.vmap, and JAX cannot "
+            "vmap `ragged_dot` with a weight shared by all examples (its batching rule needs every operand "
+            "batched: NotImplementedError 'ragged_dot vmap over any dim but 0', in jax 0.10 to 0.12), so a "
+            "model with ragged_dot experts has no mixed-adapter batches in jaxlora yet. Fix: apply one adapter "
+            "at a time (jaxlora.apply without adapter_ids, or jaxlora.merge it), grouping requests by adapter."
+        )
     x, t, sizes = invals
     if not isinstance(t, Tagged) or isinstance(sizes, Tagged):
         what = "the ragged (token) operand" if isinstance(x, Tagged) else "group sizes"
@@ -59,12 +81,6 @@ def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
             f"LoRA weight {t.view.path!r} is used by `ragged_dot_general` with batch axes {tuple(wb)}, which "
             "jaxlora does not factor; use lax.ragged_dot on 2-D tokens (vmap over the batch), or leave this "
             "module out of LoraConfig.targets."
-        )
-    if ctx.stack is not None:
-        raise UnsupportedError(
-            f"LoRA weight {t.view.path!r} is an expert weight (`ragged_dot`) in a mixed-adapter batch "
-            "(adapter_ids): jaxlora has no per-example adapters for expert weights yet. Fix: leave the expert "
-            "weights out of the stacked adapters' targets, or apply one adapter at a time."
         )
     if t.m is not None:
         raise UnsupportedError(

@@ -744,6 +744,8 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
     path = Path(directory)
     config, modules, extra = read_peft(path)
     saved = {m.get("key", m["torch"]): (p, m) for p, m in (extra or {}).get("modules", {}).items()}
+    keys, _ = nested_keys(list(config.get("target_parameters") or []), PARAMETER_ORDER)
+    expert_keys = {k: q for q, k in keys.items()}  # tensor key -> the torch parameter it adapts
     out = {}
     for name, m in modules.items():
         if m.get("kind") == "saved":
@@ -761,6 +763,10 @@ def peft_info(directory: str | os.PathLike) -> AdapterInfo:
         if name in saved and saved[name][1].get("kind") == "expert":  # ParamWrapper's (experts·r, in) rows
             shapes = [saved[name][1]["a_shape"], saved[name][1]["b_shape"]]
             r, torch = int(shapes[0][-1]), saved[name][1]["torch"]
+        elif name not in saved and (param := expert_keys.get(name)) is not None:  # made by PEFT: r from the config
+            r, torch, p = int(_pattern_value(config.get("rank_pattern") or {}, param, config.get("r", r))), param, param
+            e = int(m["A"].shape[0]) // r
+            shapes = [[e, int(m["A"].shape[1]), r], [e, r, int(m["B"].shape[0])]]
         out[p] = {
             "torch": torch,
             "kind": "expert" if torch != name else m["kind"],

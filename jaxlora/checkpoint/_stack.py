@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from .._stack import LoraStack, stack
 from . import _fingerprint
-from ._peft import Names, load_peft
+from ._peft import PARAMETER_ORDER, Names, load_peft
 
 FORMAT = "jaxlora.stack"
 VERSION = 1
@@ -142,12 +142,13 @@ def load_peft_stack(
     args: tuple[Any, ...] = (),
     rank: int | None = None,
     dtype: Any = None,
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
 ) -> LoraStack:
     """Read many PEFT adapter directories (ranks, alphas and targets may differ) into one stack.
 
     Args:
       directories: ``{adapter name: PEFT adapter directory}``; the names become ``stack.names``.
-      params, names, fn, args: as in `load_peft` (each directory is read with it).
+      params, names, fn, args, parameter_order: as in `load_peft` (each directory is read with them).
       rank, dtype: as in `jaxlora.stack`.
 
     Returns:
@@ -162,6 +163,7 @@ def load_peft_stack(
       [1.0, 2.0]
     """
     adapters = {
-        name: load_peft(d, params=params, names=names, fn=fn, args=args, dtype=dtype) for name, d in directories.items()
+        name: load_peft(d, params=params, names=names, fn=fn, args=args, dtype=dtype, parameter_order=parameter_order)
+        for name, d in directories.items()
     }
     return stack(adapters, rank=rank, dtype=dtype)
