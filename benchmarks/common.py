@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, the MFU denominator the issue names
@@ -48,25 +48,50 @@ def _parse(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def run_workers(module: str, jobs: dict[str, list[str]], timeout: float, parallel: bool) -> dict[str, dict[str, Any]]:
+def run_workers(
+    module: str,
+    jobs: dict[str, list[str]],
+    timeout: float,
+    parallel: bool,
+    *,
+    budget: float | None = None,
+    on_result: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Run ``python -m module --worker *args`` for each job, each in a fresh process (its own peak memory).
 
     With ``parallel``, all processes compile at once (compilation and autotuning dominate a run), then
     each in turn is told to time its steps while the others wait idle, so timings never overlap.
-    The last JSON line a worker prints is its result.
+    The last JSON line a worker prints is its result. One run in turn (not ``parallel``) gets at most
+    ``timeout`` seconds and the whole series at most ``budget``: a job past its limit is recorded as
+    ``{"error": "timeout", ...}`` with the end of its stderr, one that the budget leaves no time for
+    as ``{"error": "skipped", ...}``, and ``on_result(results so far)`` is called after each job, so a
+    caller can write what it has before a later job hangs.
     """
     env = dict(os.environ)
     if not parallel:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
+        start = time.time()
         for name, args in jobs.items():
-            try:
-                p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
-                                   timeout=timeout, env=env)  # fmt: skip
-                out[name] = _parse(p.returncode, p.stdout, p.stderr)
-            except subprocess.TimeoutExpired:
-                out[name] = {"error": f"timed out after {timeout:.0f} s"}
-            print(f"  {name}: {out[name].get('median_ms', out[name].get('error'))}", flush=True)
+            spare = float("inf") if budget is None else budget - (time.time() - start)
+            left = min(timeout, spare)
+            if spare < 5:
+                out[name] = {"error": "skipped", "reason": f"the budget of {budget:.0f} s was spent"}
+            else:
+                try:
+                    p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True,
+                                       text=True, timeout=left, env=env)  # fmt: skip
+                    out[name] = _parse(p.returncode, p.stdout, p.stderr)
+                except subprocess.TimeoutExpired as e:
+                    err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                    out[name] = {"error": "timeout", "timeout_s": round(left), "stderr_tail": err[-600:]}
+            r = out[name]
+            said = f"{r['median_ms']:.3f} ms" if "median_ms" in r else r.get("error")
+            if "compile_s" in r:
+                said += f", compile {r['compile_s']} s"
+            print(f"  {name}: {said}", flush=True)
+            if on_result is not None:
+                on_result(out)
         return out
     sync = tempfile.mkdtemp(prefix="bench_sync_")
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -89,7 +114,7 @@ def run_workers(module: str, jobs: dict[str, list[str]], timeout: float, paralle
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate()
-            out[name] = {"error": f"timed out after {timeout:.0f} s"}
+            out[name] = {"error": "timeout", "timeout_s": round(timeout)}
         print(f"  {name}: {out[name].get('median_ms', out[name].get('error'))}", flush=True)
     return out
 
@@ -116,12 +141,13 @@ def sync_point() -> None:
         time.sleep(0.05)
 
 
-def write(result: dict[str, Any], path: str | None) -> None:
+def write(result: dict[str, Any], path: str | None, quiet: bool = False) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1, sort_keys=False)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def gb(b: int | None) -> str:

@@ -17,15 +17,20 @@ bf16 weights, LoRA rank 16 on every projection (stacks in bf16). Modes, each in 
 The decode floor of ``mixed64`` is the bytes of W, the KV cache and 64 adapters' factors, each read
 once, over the copy bandwidth measured in ``base``.
 
-Run ``python -m benchmarks.multi_adapter --config llama8b --out benchmarks/results/multi_adapter_h200.json``.
+Run ``python -m benchmarks.multi_adapter --config llama8b --out benchmarks/results/multi_adapter_h200.json``:
+every mode in one call of under ten minutes (``--timeout`` seconds a mode, ``--budget`` for all; a mode
+past its time is recorded as ``"error": "timeout"`` and the JSON is rewritten after each mode). Each
+worker prints its setup, trace+lower, compile and first-step seconds to stderr as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import sys
 import time
 
 MODES = ("base", "unmerged", "mixed8", "mixed64", "mixed64_of1024", "prefill_merged", "prefill_mixed8",
@@ -93,14 +98,15 @@ def _stack_like(lora, n: int, seed: int, dtype):
         ns, r = f.roles.count("s"), f.rank
         shapes[p] = ((*f.a.shape[:-1], n, r), (*f.b.shape[:ns], n, r, *f.b.shape[ns + 1 :]))
 
-    @jax.jit
-    def make(key):  # one program for every module, generated in float32 and cast on the device
-        keys = iter(jax.random.split(key, 2 * len(shapes)))
-        rnd = lambda s: (jax.random.normal(next(keys), s, jnp.float32) / 64).astype(dtype)  # noqa: E731
-        return {p: (rnd(sa), rnd(sb)) for p, (sa, sb) in shapes.items()}
+    @functools.partial(jax.jit, static_argnums=1)
+    def rnd(key, shape):  # a module at a time, made in float32 and cast on the device (the peak: one module)
+        return (jax.random.normal(key, shape, jnp.float32) / 64).astype(dtype)
 
-    made = make(jax.random.key(seed))
-    a, b = {p: ab[0] for p, ab in made.items()}, {p: ab[1] for p, ab in made.items()}
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(shapes)))
+    a, b = {}, {}
+    for p, (sa, sb) in shapes.items():
+        a[p] = rnd(next(keys), sa)
+        b[p] = rnd(next(keys), sb)
     scale = {p: jnp.full((n,), f.scale, jnp.float32) for p, f in lora.items()}
     rank = {p: jnp.full((n,), f.rank, jnp.float32) for p, f in lora.items()}
     roles = tuple((p, f.roles) for p, f in lora.items())
@@ -115,14 +121,22 @@ def _worker(a: argparse.Namespace) -> dict:
         return _measure(a)
 
 
-def _measure(a: argparse.Namespace) -> dict:  # noqa: C901 (one branch per mode)
+def _program(a: argparse.Namespace) -> tuple:
+    """The step of ``a.mode``: ``(fn, args, donate, carry, info)``, ``fn(*args)`` to be jitted.
+
+    Every array reaches ``fn`` as an argument, the base params included: an array a jitted function
+    closes over is embedded in the program as a constant (16 GB of weights for the 8B, which is what
+    made the unmerged and mixed modes compile for minutes; `tests/test_benchmarks.py` checks that no
+    mode's program holds a constant). ``carry(args, out)`` gives the next step's args (the cache or
+    the training state, donated); ``out[-1]`` is what to block on.
+    """
     import jax
     import jax.numpy as jnp
     import optax
 
     import jaxlora
 
-    from . import common, models
+    from . import models
 
     cfg = models.configure(a.config, override=a.override)
     dt = jnp.dtype(cfg.dtype)
@@ -130,8 +144,7 @@ def _measure(a: argparse.Namespace) -> dict:  # noqa: C901 (one branch per mode)
     batch = a.decode_batch if decode else a.prefill_batch
     max_len = a.cache
     kv_shape = (cfg.n_layers, batch, 2, max_len, cfg.kv_heads, cfg.head_dim)
-    t0 = time.perf_counter()
-    out: dict = {"mode": a.mode, "batch": batch}
+    info: dict = {"mode": a.mode, "batch": batch, "tokens_per_step": batch * (1 if decode else max_len)}
     targets = models.targets(cfg)
     lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
 
@@ -143,86 +156,107 @@ def _measure(a: argparse.Namespace) -> dict:  # noqa: C901 (one branch per mode)
         lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
         opt = optax.adamw(1e-4, mu_dtype=jnp.float32)
         if a.mode == "train_one":
-            trained = lora
-            loss_of = lambda l, t: models.loss_fn(jaxlora.apply(model.apply, params, l, t), t)  # noqa: E731
+            trained, ids = lora, None
+            loss_of = lambda l, p, i, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
         else:
             trained = _stack_like(lora, RESIDENT[a.mode], 1, jnp.dtype(a.lora_dtype))
             opt = optax.masked(opt, jaxlora.mask(trained))
             ids = jnp.arange(batch, dtype=jnp.int32) % DISTINCT[a.mode]
-            loss_of = lambda s, t: models.loss_fn(jaxlora.apply(model.apply, params, s, t, adapter_ids=ids), t)  # noqa: E731
+            loss_of = lambda s, p, i, t: models.loss_fn(jaxlora.apply(model.apply, p, s, t, adapter_ids=i), t)  # noqa: E731
 
-        def step(trained, opt_state, t):
-            loss, g = jax.value_and_grad(loss_of)(trained, t)
+        def step(trained, opt_state, params, ids, t):
+            loss, g = jax.value_and_grad(loss_of)(trained, params, ids, t)
             updates, opt_state = opt.update(g, opt_state, trained)
             return optax.apply_updates(trained, updates), opt_state, loss
 
-        step = jax.jit(step, donate_argnums=(0, 1))
-        state = [trained, opt.init(trained), None]
+        args = (trained, opt.init(trained), params, ids, tokens)
+        carry = lambda args, out: (out[0], out[1], *args[2:])  # noqa: E731
+        info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        return step, args, (0, 1), carry, info
 
-        def run():
-            state[0], state[1], state[2] = step(state[0], state[1], tokens)
-
-        wait = lambda: jax.block_until_ready(state[2])  # noqa: E731
+    model = _model(cfg, max_len)
+    t = 1 if decode else max_len
+    tokens = jax.random.randint(jax.random.key(2), (batch, t), 0, cfg.vocab, dtype=jnp.int32)
+    params = jax.jit(lambda k: model.init(k, tokens[:1], jnp.zeros((*kv_shape[:1], 1, *kv_shape[2:]), dt), 0))(
+        jax.random.key(0)
+    )
+    cache_args = (tokens, jax.ShapeDtypeStruct(kv_shape, dt), 0)
+    lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=cache_args)
+    lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
+    cache = jax.jit(lambda: jnp.zeros(kv_shape, dt))()
+    pos = jnp.int32(max_len - 1 if decode else 0)  # decode: attend over the whole cache
+    if a.mode in ("base", "prefill_merged"):
+        fwd = lambda p, x, c, pos: model.apply(p, x, c, pos)  # noqa: E731
+        extra = jax.jit(jaxlora.merge)(params, lora)
+        if a.mode == "base":  # the same compiled step on the base weights, timed after the merged ones
+            info["base_params"] = params
+    elif a.mode == "unmerged":
+        fwd = lambda e, x, c, pos: jaxlora.apply(model.apply, e[0], e[1], x, c, pos)  # noqa: E731
+        extra = (params, lora)
     else:
-        model = _model(cfg, max_len)
-        t = 1 if decode else max_len
-        tokens = jax.random.randint(jax.random.key(2), (batch, t), 0, cfg.vocab, dtype=jnp.int32)
-        params = jax.jit(lambda k: model.init(k, tokens[:1], jnp.zeros((*kv_shape[:1], 1, *kv_shape[2:]), dt), 0))(
-            jax.random.key(0)
-        )
-        cache_args = (tokens, jax.ShapeDtypeStruct(kv_shape, dt), 0)
-        lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=cache_args)
-        lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
-        cache = jax.jit(lambda: jnp.zeros(kv_shape, dt))()
-        pos = jnp.int32(max_len - 1 if decode else 0)  # decode: attend over the whole cache
-        if a.mode in ("base", "prefill_merged"):
-            fwd = lambda p, x, c, pos: model.apply(p, x, c, pos)  # noqa: E731
-            extra = jax.jit(jaxlora.merge)(params, lora)
-        elif a.mode == "unmerged":
-            fwd = lambda l, x, c, pos: jaxlora.apply(model.apply, params, l, x, c, pos)  # noqa: E731
-            extra = lora
-        else:
-            n, k = RESIDENT[a.mode], DISTINCT[a.mode]
-            stk = _stack_like(lora, n, 1, jnp.dtype(a.lora_dtype))
-            ids = (jnp.arange(batch, dtype=jnp.int32) % k) * (n // k)  # k distinct slots, spread over the stack
-            out["factor_bytes_resident"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((stk.a, stk.b)))
-            out["factor_bytes_used"] = out["factor_bytes_resident"] * k // n
+        n, k = RESIDENT[a.mode], DISTINCT[a.mode]
+        stk = _stack_like(lora, n, 1, jnp.dtype(a.lora_dtype))
+        ids = (jnp.arange(batch, dtype=jnp.int32) % k) * (n // k)  # k distinct slots, spread over the stack
+        info["factor_bytes_resident"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((stk.a, stk.b)))
+        info["factor_bytes_used"] = info["factor_bytes_resident"] * k // n
 
-            def fwd(extra, x, c, pos):
-                s, i = extra
-                return jaxlora.apply(model.apply, params, s, x, c, pos, adapter_ids=i, example_axes=(0, 1, None),
-                                     example_out_axes=(0, 1))  # fmt: skip
+        def fwd(extra, x, c, pos):
+            p, s, i = extra
+            return jaxlora.apply(model.apply, p, s, x, c, pos, adapter_ids=i, example_axes=(0, 1, None),
+                                 example_out_axes=(0, 1))  # fmt: skip
 
-            extra = (stk, ids)
-        step = jax.jit(fwd, donate_argnums=2)
-        state = [cache, None]
+        extra = (params, stk, ids)
+    info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    info["kv_bytes"] = cache.size * cache.dtype.itemsize
+    carry = lambda args, out: (args[0], args[1], out[1], args[3])  # noqa: E731
+    return fwd, (extra, tokens, cache, pos), (2,), carry, info
 
-        def run():
-            state[1], state[0] = step(extra, tokens, state[0], pos)
 
-        wait = lambda: jax.block_until_ready(state[1])  # noqa: E731
-        out["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-        out["kv_bytes"] = cache.size * cache.dtype.itemsize
+def _measure(a: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from . import common, models
+
+    t0 = time.perf_counter()
+    fn, args, donate, carry, out = _program(a)
+    base_params = out.pop("base_params", None)
+    t1 = time.perf_counter()
+    step = jax.jit(fn, donate_argnums=donate)
+    lowered = step.lower(*args)
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    out.update(setup_s=round(t1 - t0, 2), trace_lower_s=round(t2 - t1, 2), compile_s=round(t3 - t2, 2))
+    state = {"args": args, "out": None}
+
+    def run():
+        state["out"] = compiled(*state["args"])
+        state["args"] = carry(state["args"], state["out"])
+
+    wait = lambda: jax.block_until_ready(state["out"][-1])  # noqa: E731
 
     def blocking():
         run()
         wait()
 
+    t4 = time.perf_counter()
     blocking()
-    out["compile_s"] = round(time.perf_counter() - t0, 1)
+    out["first_step_s"] = round(time.perf_counter() - t4, 2)
+    print(f"{a.mode}: setup {out['setup_s']} s, trace+lower {out['trace_lower_s']} s, compile {out['compile_s']} s, "
+          f"first step {out['first_step_s']} s", file=sys.stderr, flush=True)  # fmt: skip
     for _ in range(a.warmup):
         blocking()
     common.sync_point()
     ms = models.timeit(blocking, a.steps, 0)
     out.update(median_ms=models.median(ms), step_ms=[round(x, 3) for x in ms])
     out["pipelined_ms"] = models.median(models.timeit_pipelined(run, wait, max(2, a.steps // 4), 4))
-    toks = batch * (1 if decode else max_len)
-    out["tokens_per_s"] = toks / (out["pipelined_ms"] / 1e3)
-    if a.mode == "base":  # the same compiled step on the base weights, and a copy of W for bandwidth
-        extra = params
+    out["tokens_per_s"] = out["tokens_per_step"] / (out["pipelined_ms"] / 1e3)
+    if base_params is not None:  # the same compiled step on the base weights, and a copy of W for bandwidth
+        state["args"] = (base_params, *state["args"][1:])
         out["base_pipelined_ms"] = models.median(models.timeit_pipelined(run, wait, max(2, a.steps // 4), 4))
         copy = jax.jit(lambda ws: [w * jnp.asarray(1, w.dtype) for w in ws])
-        leaves = jax.tree.leaves(params)
+        leaves = jax.tree.leaves(base_params)
         res = [None]
         cms = models.timeit(lambda: res.__setitem__(0, jax.block_until_ready(copy(leaves))), a.steps, 2)
         out["copy_gb_per_s"] = 2 * out["weight_bytes"] / (models.median(cms) / 1e3) / 1e9
@@ -243,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--override", default="{}")
-    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--timeout", type=float, default=150, help="seconds one mode (its own process) may take")
+    p.add_argument("--budget", type=float, default=540, help="seconds all modes together may take")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -257,12 +292,15 @@ def main(argv: list[str] | None = None) -> dict:
              "--warmup", str(a.warmup), "--override", a.override, "--decode-batch", str(a.decode_batch),
              "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache)]  # fmt: skip
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
-    m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False)
     cfg = models.configure(a.config, override=a.override)
     result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
               "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
-              "modes": m}  # fmt: skip
+              "timeout_s": a.timeout, "budget_s": a.budget, "modes": {}}  # fmt: skip
+    partial = lambda so_far: common.write({**result, "modes": so_far, "partial": True}, a.out, quiet=True)  # noqa: E731
+    m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False, budget=a.budget,
+                           on_result=partial)  # fmt: skip
+    result["modes"] = m
     ok = lambda k: "pipelined_ms" in m.get(k, {})  # noqa: E731
     ratios = {}
     if ok("base"):
@@ -291,13 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["train_stack8_over_one"] = m["train_stack8"]["pipelined_ms"] / m["train_one"]["pipelined_ms"]  # <= 1.15
     result["ratios"] = ratios
     print(f"\n{result['device']}  {a.config}  decode batch {a.decode_batch}, cache {a.cache}, rank {a.rank}")
-    print(f"{'mode':<16} {'ms':>9} {'tokens/s':>11} {'peak':>10} {'compile s':>9}")
+    print(f"{'mode':<16} {'ms':>9} {'tokens/s':>11} {'peak':>10} {'compile s':>9} {'first step s':>12}")
     for mode, r in m.items():
         if "error" in r:
-            print(f"{mode:<16} failed: {r['error'][:200]}")
+            print(f"{mode:<16} failed: {r['error'][:200]} {r.get('stderr_tail', '')[-200:]}")
         else:
             print(f"{mode:<16} {r['pipelined_ms']:>9.3f} {r['tokens_per_s']:>11,.0f} {common.gb(r['peak_bytes']):>10} "
-                  f"{r['compile_s']:>9}")  # fmt: skip
+                  f"{r['compile_s']:>9} {r['first_step_s']:>12}")  # fmt: skip
     for k, v in ratios.items():
         print(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")
     common.write(result, a.out)

@@ -4,8 +4,11 @@ Modes:
   train_bf16  LoRA on the bfloat16 base (the reference).
   train_int8  LoRA on the int8 base (``jaxlora.quantize(params, "int8")``).
   train_nf4   QLoRA on the NF4 base (block 64, double quantization).
-  decode_bf16 / decode_nf4  one-token forward steps (the weight-bound part of decoding; no KV cache,
-              so the context's attention is left out) at ``--decode-batches``.
+  decode_bf16 / decode_nf4  decode steps (one new token per sequence, a ``--cache``-token KV cache
+              attended in full, one LoRA adapter unmerged) at each of ``--decode-batches``.
+The driver also counts the bytes of the NF4 base against the bf16 one from the leaves' shapes alone
+(``jax.eval_shape``, no device memory): with the default targets (embedding and ``lm_head`` kept in
+bf16) and with every matrix quantized, for ``--config`` (the real 8B on a CPU in seconds).
 Quantized bases are made layer by layer on the device: each stacked kernel's random bf16 layer is
 drawn and encoded inside one jitted ``lax.map``, so the float model never exists whole (the 70B's
 would be 140 GB). Embedding and ``lm_head`` stay bfloat16.
@@ -27,15 +30,16 @@ TRAIN = ("train_bf16", "train_int8", "train_nf4")
 DECODE = ("decode_bf16", "decode_nf4")
 
 
-def _base(cfg, model, tokens, fmt: str | None):
-    """Random base params (N(0, 0.02)), quantized leaf by leaf on the device when ``fmt`` is given."""
+def _base(init, fmt: str | None):
+    """Random base params (N(0, 0.02)) shaped as ``init(key)``'s, quantized leaf by leaf on the device
+    when ``fmt`` is given."""
     import jax
     import jax.numpy as jnp
 
     from jaxlora import _quant
     from jaxlora._tree import module_path
 
-    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    abstract = jax.eval_shape(init, jax.random.key(0))
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = []
     for i, (kp, leaf) in enumerate(flat):
@@ -58,6 +62,43 @@ def _base(cfg, model, tokens, fmt: str | None):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def stored_base_bytes(config: str, override: str = "{}", fmt: str = "nf4") -> dict:
+    """Bytes of the base as stored, from the leaves' shapes alone (``jax.eval_shape``: no device memory).
+
+    ``bf16``: the float model; ``default``: `jaxlora.quantize`'s default targets (embedding and
+    ``lm_head`` stay bf16); ``every_matrix``: every kernel and the embedding quantized too (norm
+    scales stay float). The ratios are to ``bf16``.
+    """
+    import re
+
+    import jax
+
+    import jaxlora
+    from jaxlora._tree import module_path
+
+    from . import models
+
+    cfg = models.configure(config, override=override)
+    model = models.Decoder(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 8), "int32")
+    abstract = jax.eval_shape(lambda k: model.init(k, tokens), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    matrices = [module_path(kp) for kp, leaf in flat if str(kp[-1].key) in ("kernel", "embedding")]
+    every = [re.escape(m) for m in matrices]
+    quantized = {
+        "default": jax.eval_shape(lambda p: jaxlora.quantize(p, fmt), abstract),
+        "every_matrix": jax.eval_shape(lambda p: jaxlora.quantize(p, fmt, targets=every, exclude=()), abstract),
+    }
+    out = {"format": fmt, "bf16": jaxlora._quant.nbytes(abstract)}
+    for k, q in quantized.items():
+        out[k] = jaxlora._quant.nbytes(q)
+        out[f"{k}_ratio_to_bf16"] = out[k] / out["bf16"]
+    q = jax.tree_util.tree_flatten_with_path(quantized["default"], is_leaf=jaxlora._quant.is_quantized)[0]
+    out["kept_float_in_default"] = [module_path(kp) for kp, x in q
+                                    if module_path(kp) in matrices and not jaxlora._quant.is_quantized(x)]  # fmt: skip
+    return out
+
+
 def _measure(a: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
@@ -72,7 +113,17 @@ def _measure(a: argparse.Namespace) -> dict:
     fmt = {"bf16": None, "int8": "int8", "nf4": "nf4"}[a.mode.split("_")[1]]
     t0 = time.perf_counter()
     tokens = models.tokens_for(cfg)
-    params = _base(cfg, model, tokens, fmt)
+    decode = a.mode.startswith("decode")
+    if decode:  # the KV-cache decoder of benchmarks/multi_adapter.py, attending over a full cache
+        from .multi_adapter import _model
+
+        model = _model(cfg, a.cache)
+        kv = lambda b: (cfg.n_layers, b, 2, a.cache, cfg.kv_heads, cfg.head_dim)  # noqa: E731
+        dt = jnp.dtype(cfg.dtype)
+        args = lambda b: (jnp.zeros((b, 1), jnp.int32), jax.ShapeDtypeStruct(kv(b), dt), 0)  # noqa: E731
+        params = _base(lambda k: model.init(k, *args(1)), fmt)
+    else:
+        params = _base(lambda k: model.init(k, tokens), fmt)
     base_bytes = jaxlora._quant.nbytes(params)
     build_s = time.perf_counter() - t0
     out = {"mode": a.mode, "base_bytes": base_bytes, "bits_per_parameter": 8 * base_bytes / cfg.params(),
@@ -106,14 +157,28 @@ def _measure(a: argparse.Namespace) -> dict:
         ms = models.timeit(blocking, a.steps, 0)
         out.update(median_ms=models.median(ms), step_ms=[round(x, 2) for x in ms], loss=float(state[-1]))
         out["tokens_per_s"] = cfg.batch * cfg.seq / (out["median_ms"] / 1e3)
-    else:
-        fwd = jax.jit(lambda p, t: jaxlora.apply(model.apply, p, {}, t))
+    else:  # one token a step for each of `batch` sequences, one LoRA (rank a.rank, B non-zero) unmerged
+        config = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
+        lora = jaxlora.init(jax.random.key(1), params, config, fn=model.apply, args=args(1))
+        lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
+        fwd = jax.jit(lambda p, l, t, c, pos: jaxlora.apply(model.apply, p, l, t, c, pos), donate_argnums=3)
+        out["cache"] = a.cache
         out["decode"] = {}
         for b in [int(x) for x in a.decode_batches.split(",")]:
             t = jnp.zeros((b, 1), jnp.int32)
-            jax.block_until_ready(fwd(params, t))
-            ms = models.timeit(lambda t=t: jax.block_until_ready(fwd(params, t)), a.steps, a.warmup)
-            out["decode"][str(b)] = {"median_ms": models.median(ms), "tokens_per_s": b / (models.median(ms) / 1e3)}
+            state = [jax.jit(lambda b=b: jnp.zeros(kv(b), dt))(), None]
+            pos = jnp.int32(a.cache - 1)
+            t0 = time.perf_counter()
+            compiled = fwd.lower(params, lora, t, state[0], pos).compile()
+            compile_s = time.perf_counter() - t0
+
+            def step(compiled=compiled, t=t, pos=pos, state=state):
+                state[1], state[0] = compiled(params, lora, t, state[0], pos)
+                jax.block_until_ready(state[1])
+
+            ms = models.timeit(step, a.steps, a.warmup + 1)
+            out["decode"][str(b)] = {"median_ms": models.median(ms), "tokens_per_s": b / (models.median(ms) / 1e3),
+                                     "compile_s": round(compile_s, 2)}  # fmt: skip
     out["peak_bytes"] = models.peak_bytes()
     return out
 
@@ -126,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", default="4,8", help="batch sizes (of --big-seq tokens) to try for --big")
     p.add_argument("--big-seq", type=int, default=4096)
     p.add_argument("--decode-batches", default="1,8")
+    p.add_argument("--cache", type=int, default=1024, help="KV-cache length of the decode modes")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -144,10 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = models.configure(a.config, override=a.override)
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
-             "--override", a.override, "--decode-batches", a.decode_batches]  # fmt: skip
+             "--override", a.override, "--decode-batches", a.decode_batches, "--cache", str(a.cache)]  # fmt: skip
     jobs = {m: ["--mode", m, *flags] for m in a.modes.split(",") if m}
     result = {**common.environment(), "benchmark": "qlora", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "params": cfg.params(), "rank": a.rank}  # fmt: skip
+    result["base_bytes"] = stored_base_bytes(a.config, a.override)
+    bb = result["base_bytes"]
+    print(f"{a.config} base: bf16 {common.gb(bb['bf16'])}; NF4 with the default targets {common.gb(bb['default'])} "
+          f"({bb['default_ratio_to_bf16']:.3f}x, {', '.join(bb['kept_float_in_default'])} kept bf16), every matrix "
+          f"{common.gb(bb['every_matrix'])} ({bb['every_matrix_ratio_to_bf16']:.3f}x)", flush=True)  # fmt: skip
     result["modes"] = common.run_workers("benchmarks.qlora", jobs, a.timeout, parallel=False)
     if a.big:
         big = {}

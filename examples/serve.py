@@ -118,20 +118,20 @@ def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24) -> dict:
     stk = jaxlora.stack(adapters, rank=8)  # slots of rank 8: room for any adapter up to rank 8
     ids = jnp.array([(i % (len(names) + 1)) - 1 for i in range(batch)], jnp.int32)  # -1: the base alone
 
-    def mixed(extra, tokens, cache, pos):
-        stk, ids = extra
+    def mixed(extra, tokens, cache, pos):  # params come in as an argument: closed over, jit would embed them
+        params, stk, ids = extra
         return jaxlora.apply(model.apply, params, stk, tokens, cache, pos, adapter_ids=ids)
 
     serve = generator(mixed)
     alone = generator(lambda p, tokens, cache, pos: model.apply(p, tokens, cache, pos))
 
     t0 = time.perf_counter()
-    out = jax.block_until_ready(serve((stk, ids), prompts, new_tokens))
+    out = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reps = 3
     for _ in range(reps):
-        out = jax.block_until_ready(serve((stk, ids), prompts, new_tokens))
+        out = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
     tokens_per_s = reps * batch * new_tokens / (time.perf_counter() - t0)
 
     def check(stk, out):
@@ -151,7 +151,7 @@ def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24) -> dict:
     put = jax.jit(jaxlora.stack_set, static_argnums=1, donate_argnums=0)
     stk = put(stk, "chat", new_chat)
     n0 = _COMPILES["n"]
-    swapped = jax.block_until_ready(serve((stk, ids), prompts, new_tokens))
+    swapped = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
     recompiles = _COMPILES["n"] - n0
     bad_after_swap = check(stk, swapped)
     result = dict(batch=batch, new_tokens=new_tokens, tokens_per_s=tokens_per_s, compile_s=compile_s,

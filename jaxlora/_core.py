@@ -237,6 +237,8 @@ def apply(
     ``lora`` computes no gradient for ``W``. Works eagerly and under ``jit``, ``grad``, ``vmap``, and
     through ``remat``, ``scan``, ``cond`` and nested ``jit`` inside ``fn``. At ``B = 0`` the output is
     ``fn(params, ...)``'s: bit for bit op by op, within a few ulps where XLA compiles the two apart.
+    Under ``jit``, pass ``params`` in as an argument of the jitted function: closed over, every weight
+    is compiled into the program as a constant (minutes of compilation for an 8B model).
 
     Args:
       fn: any function whose first argument is ``params`` (``model.apply``; a function of an

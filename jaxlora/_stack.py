@@ -366,16 +366,19 @@ def _ids(adapter_ids: Any, stk: LoraStack) -> jax.Array:
     return adapter_ids
 
 
-def _squeeze(axes: Any, out: Any) -> Any:
-    """Each output leaf without the size-1 example axis that ``fn`` saw (``axes``: a prefix of ``out``)."""
+def _squeeze(axes: Any, shapes: Any, out: Any) -> Any:
+    """Each output leaf of the ``vmap`` without the size-1 example axis that ``fn`` saw (``shapes``: the
+    leaves' shapes in ``fn``; ``axes``: a prefix of ``out``). ``vmap`` put the examples next to that
+    axis (before it for a negative axis), so dropping it is a reshape. (A squeeze inside the ``vmap``
+    would move the examples to the front and back: two transposes of a whole KV cache a step.)"""
     full = jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub), axes, out, is_leaf=lambda x: x is None)
 
-    def one(ax, y):
-        if ax is None or np.ndim(y) == 0 or y.shape[ax] != 1:
+    def one(ax, shape, y):
+        if ax is None or len(shape) == 0 or shape[ax] != 1:
             return y
-        return jnp.squeeze(y, ax)
+        return jnp.squeeze(y, ax + 1 if ax >= 0 else ax + len(shape))
 
-    return jax.tree.map(one, full, out, is_leaf=lambda x: x is None)
+    return jax.tree.map(one, full, shapes, out, is_leaf=lambda x: x is None)
 
 
 def apply_stack(
@@ -403,7 +406,11 @@ def apply_stack(
         scale = {p: jnp.sum(jnp.where(hot, s, 0.0)) for p, s in scales.items()}
         select = _trace.Selection(slot, scale, ranks, stk.slots, n)
         ctx = _trace.Context(fallback=unsupported, dropout_key=key, stack=select)
-        return _squeeze(example_out_axes, _trace.run(fn, params, args, kwargs, tagged, ctx))
+        out = _trace.run(fn, params, args, kwargs, tagged, ctx)
+        shapes.append(jax.tree.map(np.shape, out))  # static, read once the vmap has traced `one`
+        return out
 
+    shapes: list[Any] = []
     in_axes = (arg_axes, kw_axes, 0, None if keys is None else 0)
-    return jax.vmap(one, in_axes=in_axes, out_axes=example_out_axes)(args, kwargs, ids, keys)
+    out = jax.vmap(one, in_axes=in_axes, out_axes=example_out_axes)(args, kwargs, ids, keys)
+    return _squeeze(example_out_axes, shapes[-1], out)

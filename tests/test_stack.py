@@ -288,6 +288,13 @@ def test_shared_arguments_by_example_axes(form):
     total = lambda p, x: jnp.sum(fn(p, x))  # noqa: E731  (a scalar per example)
     loss = jaxlora.apply(total, params, stk, x + shift.reshape(1, 3, 4), adapter_ids=ids)
     np.testing.assert_allclose(loss, jnp.sum(want, axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    # a negative out axis, and outputs of several layouts at once (one gains the example axis)
+    both = lambda p, x, s: (fn(p, x + s), jnp.sum(fn(p, x + s)), fn(p, x + s)[..., :1])  # noqa: E731
+    got = jaxlora.apply(both, params, stk, xt, shift, adapter_ids=ids, example_axes=(1, None),
+                        example_out_axes=(-2, 0, 1))  # fmt: skip
+    np.testing.assert_allclose(got[0], jnp.swapaxes(want, 0, 1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], jnp.sum(want, axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], jnp.swapaxes(want, 0, 1)[..., :1], rtol=1e-6, atol=1e-6)
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -372,3 +379,84 @@ def test_orbax_round_trip_and_peft_directories_into_one_stack(tmp_path):
     peft = jaxlora.checkpoint.load_peft_stack(dirs, params=linen)
     assert peft.rank["w"].tolist() == [2, 3, 1] and peft.scale["v"].tolist() == [1.0, 0.0, 0.5]
     assert_trees_close(peft.a, jaxlora.stack(adapters).a, 1e-6, 1e-6)  # PEFT stores (r, in): transposed back exactly
+
+
+def _avals(jaxpr):
+    """Every equation's primitive and output shapes, sub-jaxprs (scan and remat bodies) included; the
+    constants; the shapes that transposes make."""
+    from jax.extend import core
+
+    prims, shapes, transposed, consts = [], [], [], [np.shape(c) for c in jaxpr.consts if np.ndim(c) > 0]
+
+    def walk(j):
+        for e in j.eqns:
+            prims.append(str(e.primitive))
+            if str(e.primitive) == "transpose":
+                transposed.append(tuple(e.outvars[0].aval.shape))
+            shapes.extend(tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape"))
+            consts.extend(np.shape(v.val) for v in e.invars if isinstance(v, core.Literal) and np.ndim(v.val) > 0)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, core.ClosedJaxpr):
+                        consts.extend(np.shape(c) for c in sub.consts if np.ndim(c) > 0)
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return prims, shapes, consts, transposed
+
+
+def test_mixed_decode_step_size_does_not_grow_with_the_stack_and_never_forms_per_example_weights(form):
+    """Issue 11: the decode step of a mixed batch, scanned layers with a layer-major KV cache: the
+    same program for 8 and 64 resident adapters (only the stack's own shapes differ), no constant, no
+    per-example copy of ``W`` (batch, d_in, d_out) anywhere, and no transpose of the cache."""
+    layers, d_in, d_out, batch, T = 3, 16, 24, 5, 7
+    params = {"w": jax.random.normal(jax.random.key(0), (layers, d_in, d_out)) / 4, "u": jnp.ones((d_out, d_in))}
+
+    def fn(p, x, cache):  # x: (b, 1, d_in), one token per example; cache: (layers, b, T, d_out)
+        def layer(h, wc):
+            y = jnp.tanh(h @ wc[0])
+            return h + y @ p["u"], jax.lax.dynamic_update_slice(wc[1], y, (0, T - 1, 0))
+
+        return jax.lax.scan(layer, x, (p["w"], cache))
+
+    config = jaxlora.LoraConfig(rank=2, targets="w")
+    x = jax.random.normal(jax.random.key(9), (batch, 1, d_in))
+    cache = jnp.zeros((layers, batch, T, d_out))
+    adapter = lambda k: _random(jaxlora.init(jax.random.key(k), params, config, fn=fn, args=(x, cache)), k)  # noqa: E731
+    programs = {}
+    for slots in (8, 64):
+        stk = jaxlora.stack({f"a{k}": adapter(k % 4) for k in range(slots)})
+        ids = jnp.array([0, 3, -1, 2, slots - 1])
+        step = lambda p, s, x, c, i: jaxlora.apply(fn, p, s, x, c, adapter_ids=i, example_axes=(0, 1),  # noqa: E731
+                                                   example_out_axes=(0, 1))  # fmt: skip
+        jaxpr = jax.make_jaxpr(step)(params, stk, x, cache, ids)
+        prims, shapes, consts, transposed = _avals(jaxpr)
+        assert consts == [], consts
+        per_example_w = [s for s in shapes if batch in s and d_in in s and d_out in s]
+        assert per_example_w == [], per_example_w
+        assert [s for s in transposed if np.prod(s) >= cache.size] == []  # the cache is never moved
+        programs[slots] = prims
+        got = jax.jit(step)(params, stk, x, cache, ids)
+        want = _numpy_scan(params, {n: adapter(k % 4) for k, n in enumerate(stk.names)}, stk.names, x, ids, T)
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=2e-5)
+    assert programs[8] == programs[64]  # the same equations: nothing per resident adapter
+
+
+def _numpy_scan(params, adapters, names, x, ids, T):
+    """Per example, per layer: h += tanh(h·(W + s·a·b))·U, the tanh written to the cache's last slot."""
+    hs, cache = [], np.zeros((params["w"].shape[0], len(ids), T, params["w"].shape[2]))
+    for e, (xi, i) in enumerate(zip(np.asarray(x, np.float64), np.asarray(ids))):
+        w = np.asarray(params["w"], np.float64)
+        if i >= 0:
+            f = adapters[names[i]]["w"]
+            w = w + f.scale * np.einsum("lir,lro->lio", np.asarray(f.a, np.float64), np.asarray(f.b, np.float64))
+        h = xi
+        for layer, wl in enumerate(w):
+            y = np.tanh(h @ wl)
+            cache[layer, e, T - 1] = y[0]
+            h = h + y @ np.asarray(params["u"], np.float64)
+        hs.append(h)
+    return np.stack(hs), cache
