@@ -75,3 +75,26 @@ def run_with_devices(code: str, n: int = 8, timeout: int = 600) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def jaxpr_parts(closed) -> tuple[list, list]:
+    """Every equation of a closed jaxpr, its sub-jaxprs' (scan, remat, cond bodies) included, and the
+    shapes of the arrays it holds as constants (closed over, or non-scalar literals)."""
+    from jax.extend import core
+
+    eqns, consts = [], [np.shape(c) for c in closed.consts if np.ndim(c) > 0]
+
+    def walk(j):
+        for e in j.eqns:
+            eqns.append(e)
+            consts.extend(np.shape(v.val) for v in e.invars if isinstance(v, core.Literal) and np.ndim(v.val) > 0)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, core.ClosedJaxpr):
+                        consts.extend(np.shape(c) for c in sub.consts if np.ndim(c) > 0)
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, core.Jaxpr):
+                        walk(sub)
+
+    walk(closed.jaxpr)
+    return eqns, consts

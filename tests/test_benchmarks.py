@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+from helpers import jaxpr_parts
 
 from benchmarks import inference, train_step
 
@@ -145,24 +146,7 @@ def test_multi_adapter_modes_run(mode):
 
 def _closed_over(jaxpr):
     """Shapes of the arrays a jaxpr holds as constants (closed over, or literals), its sub-jaxprs included."""
-    import numpy as np
-    from jax.extend import core
-
-    found = [np.shape(c) for c in jaxpr.consts if np.ndim(c) > 0]
-
-    def walk(j):
-        for e in j.eqns:
-            found.extend(np.shape(v.val) for v in e.invars if isinstance(v, core.Literal) and np.ndim(v.val) > 0)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, core.ClosedJaxpr):
-                        found.extend(np.shape(c) for c in sub.consts if np.ndim(c) > 0)
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
+    return jaxpr_parts(jaxpr)[1]
 
 
 @pytest.mark.parametrize("mode", ["base", "unmerged", "mixed8", "mixed64_of1024", "train_one", "train_stack8"])

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import assert_trees_close, run_with_devices
+from helpers import assert_trees_close, jaxpr_parts, run_with_devices
 
 import jaxlora
 from jaxlora import _matmul
@@ -384,26 +384,10 @@ def test_orbax_round_trip_and_peft_directories_into_one_stack(tmp_path):
 def _avals(jaxpr):
     """Every equation's primitive and output shapes, sub-jaxprs (scan and remat bodies) included; the
     constants; the shapes that transposes make."""
-    from jax.extend import core
-
-    prims, shapes, transposed, consts = [], [], [], [np.shape(c) for c in jaxpr.consts if np.ndim(c) > 0]
-
-    def walk(j):
-        for e in j.eqns:
-            prims.append(str(e.primitive))
-            if str(e.primitive) == "transpose":
-                transposed.append(tuple(e.outvars[0].aval.shape))
-            shapes.extend(tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape"))
-            consts.extend(np.shape(v.val) for v in e.invars if isinstance(v, core.Literal) and np.ndim(v.val) > 0)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, core.ClosedJaxpr):
-                        consts.extend(np.shape(c) for c in sub.consts if np.ndim(c) > 0)
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
+    eqns, consts = jaxpr_parts(jaxpr)
+    prims = [str(e.primitive) for e in eqns]
+    shapes = [tuple(v.aval.shape) for e in eqns for v in e.outvars if hasattr(v.aval, "shape")]
+    transposed = [tuple(e.outvars[0].aval.shape) for e in eqns if str(e.primitive) == "transpose"]
     return prims, shapes, consts, transposed
 
 
