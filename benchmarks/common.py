@@ -152,3 +152,33 @@ def write(result: dict[str, Any], path: str | None, quiet: bool = False) -> None
 
 def gb(b: int | None) -> str:
     return "-" if b is None else f"{b / 1e9:.2f} GB"
+
+
+def rounded(v: float | None) -> str:
+    """A ratio to three decimals, or "-" where it was not measured."""
+    return "-" if v is None else f"{v:.3f}"
+
+
+def add_ratios(modes: dict[str, dict[str, Any]], reference: str, names: Any = None) -> None:
+    """Add ``ratio_to_<reference>`` (median step), ``pipelined_ratio_to_<reference>`` and
+    ``memory_ratio_to_<reference>`` (peak bytes) to each mode of ``names`` (default: all), in place."""
+    ref = modes.get(reference, {})
+    for name in modes if names is None else names:
+        r = modes.get(name, {})
+        if "median_ms" in r and "median_ms" in ref:
+            r[f"ratio_to_{reference}"] = r["median_ms"] / ref["median_ms"]
+            r[f"pipelined_ratio_to_{reference}"] = r["pipelined_ms"] / ref["pipelined_ms"]
+            if r.get("peak_bytes") and ref.get("peak_bytes"):
+                r[f"memory_ratio_to_{reference}"] = r["peak_bytes"] / ref["peak_bytes"]
+
+
+def print_steps(modes: dict[str, dict[str, Any]], reference: str = "full") -> None:
+    """A table of each mode's median and pipelined step and peak memory, with the ratios to ``reference``."""
+    print(f"{'mode':<14} {'step ms':>9} {'ratio':>6} {'pipelined':>9} {'ratio':>6} {'peak memory':>12} {'ratio':>6}")
+    for mode, r in modes.items():
+        if "error" in r:
+            print(f"{mode:<14} failed: {r['error'][:200]}")
+            continue
+        print(f"{mode:<14} {r['median_ms']:>9.2f} {rounded(r.get(f'ratio_to_{reference}')):>6} "
+              f"{r['pipelined_ms']:>9.2f} {rounded(r.get(f'pipelined_ratio_to_{reference}')):>6} "
+              f"{gb(r['peak_bytes']):>12} {rounded(r.get(f'memory_ratio_to_{reference}')):>6}")  # fmt: skip

@@ -227,24 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
             "benchmarks.moe", {m: ["--mode", m, *flags] for m in a.modes.split(",")}, a.timeout, parallel=False
         ),  # fmt: skip
     }
-    full = result["modes"].get("full", {})
-    for r in result["modes"].values():
-        if "median_ms" in r and "median_ms" in full:
-            r["ratio_to_full"] = r["median_ms"] / full["median_ms"]
-            r["pipelined_ratio_to_full"] = r["pipelined_ms"] / full["pipelined_ms"]
-            if r.get("peak_bytes") and full.get("peak_bytes"):
-                r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
+    common.add_ratios(result["modes"], "full")
     print(f"\n{result['device']}  config {a.config}  batch {cfg.batch}x{cfg.seq}  {cfg.experts} experts "
           f"top-{cfg.top_k}  rank {a.rank}  {cfg.params() / 1e9:.2f}B params")  # fmt: skip
-    print(f"{'mode':<14} {'step ms':>9} {'ratio':>6} {'pipelined':>9} {'ratio':>6} {'peak memory':>12} {'ratio':>6}")
-    rounded = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for mode, r in result["modes"].items():
-        if "error" in r:
-            print(f"{mode:<14} failed: {r['error'][:200]}")
-            continue
-        print(f"{mode:<14} {r['median_ms']:>9.2f} {rounded(r.get('ratio_to_full')):>6} {r['pipelined_ms']:>9.2f} "
-              f"{rounded(r.get('pipelined_ratio_to_full')):>6} {common.gb(r['peak_bytes']):>12} "
-              f"{rounded(r.get('memory_ratio_to_full')):>6}")  # fmt: skip
+    common.print_steps(result["modes"])
     common.write(result, a.out)
     return result
 

@@ -229,37 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = {m: [*j, "--profile", f"{a.profile}_{m}", "--hlo", f"{a.profile}_{m}.hlo.txt"] for m, j in jobs.items()}
     result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel)
     full = result["modes"].get("full", {})
-    for r in result["modes"].values():
-        if "median_ms" in r and "median_ms" in full:
-            r["ratio_to_full"] = r["median_ms"] / full["median_ms"]
-            r["pipelined_ratio_to_full"] = r["pipelined_ms"] / full["pipelined_ms"]
-            if r.get("peak_bytes") and full.get("peak_bytes"):
-                r["memory_ratio_to_full"] = r["peak_bytes"] / full["peak_bytes"]
+    common.add_ratios(result["modes"], "full")
     lora = result["modes"].get("lora", {})
     for peer in ("peft", "peft_compiled"):  # how many times faster jaxlora's LoRA step is than PEFT's
         if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in lora:
             result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / lora["median_ms"]
-    lora_r = result["modes"].get("lora", {})
-    for mode in VARIANTS:  # DoRA against plain LoRA, measured in this run
-        r = result["modes"].get(mode, {})
-        if "median_ms" in r and "median_ms" in lora_r:
-            r["ratio_to_lora"] = r["median_ms"] / lora_r["median_ms"]
-            r["pipelined_ratio_to_lora"] = r["pipelined_ms"] / lora_r["pipelined_ms"]
-            if r.get("peak_bytes") and lora_r.get("peak_bytes"):
-                r["memory_ratio_to_lora"] = r["peak_bytes"] / lora_r["peak_bytes"]
+    common.add_ratios(result["modes"], "lora", VARIANTS)  # DoRA against plain LoRA, measured in this run
     if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
         result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
     print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
           f"batch {cfg.batch}x{cfg.seq}  rank {a.rank}  {cfg.params() / 1e6:.0f}M params")  # fmt: skip
-    print(f"{'mode':<14} {'step ms':>8} {'ratio':>6} {'pipelined':>9} {'ratio':>6} {'peak memory':>12} {'ratio':>6}")
-    rounded = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for mode, r in result["modes"].items():
-        if "error" in r:
-            print(f"{mode:<14} failed: {r['error'][:200]}")
-            continue
-        print(f"{mode:<14} {r['median_ms']:>8.2f} {rounded(r.get('ratio_to_full')):>6} {r['pipelined_ms']:>9.2f} "
-              f"{rounded(r.get('pipelined_ratio_to_full')):>6} {common.gb(r['peak_bytes']):>12} "
-              f"{rounded(r.get('memory_ratio_to_full')):>6}")  # fmt: skip
+    common.print_steps(result["modes"])
     for peer in ("peft", "peft_compiled"):
         if f"speedup_over_{peer}" in result:
             print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
@@ -268,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = result["modes"].get(mode, {})
         if "ratio_to_lora" in r:
             print(f"{mode}/lora: step {r['ratio_to_lora']:.3f}x, pipelined {r['pipelined_ratio_to_lora']:.3f}x, "
-                  f"peak memory {rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
+                  f"peak memory {common.rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
     if "mfu_full" in result:
         print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
     common.write(result, a.out)
