@@ -124,11 +124,27 @@ def switches_restored() -> Iterator[None]:
     """Restore jaxlora's private switches (the ablations' forms of the LoRA op) on exit."""
     from jaxlora import _matmul
 
-    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored
+    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM
     try:
         yield
     finally:
-        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored = saved
+        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM = saved
+
+
+def profile(blocking: Callable[[], Any], prefix: str, steps: int = 3) -> None:
+    """A perfetto trace of ``steps`` calls of ``blocking`` at ``prefix.trace.json.gz`` (read it with
+    ``python -m benchmarks.trace_summary``)."""
+    import glob
+    import shutil
+
+    import jax
+
+    with jax.profiler.trace(prefix + "_raw", create_perfetto_trace=True):
+        for _ in range(steps):
+            blocking()
+    for g in glob.glob(prefix + "_raw/**/*perfetto*", recursive=True):
+        shutil.copy(g, prefix + ".trace." + os.path.basename(g).split(".", 1)[1])
+    shutil.rmtree(prefix + "_raw")
 
 
 def sync_point() -> None:

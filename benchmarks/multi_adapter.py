@@ -39,11 +39,38 @@ RESIDENT = {"mixed8": 64, "mixed64": 64, "mixed64_of1024": 1024, "prefill_mixed8
 DISTINCT = {"mixed8": 8, "mixed64": 64, "mixed64_of1024": 64, "prefill_mixed8": 8, "train_stack8": 8}
 
 
-def _model(cfg, max_len: int):
-    """A decoder with a KV cache: ``(tokens (b, t), cache (layers, b, 2, max_len, kv, hd), pos) -> (logits, cache)``.
+ATTENTION = ("einsum", "fused")  # how a one-token step takes its products over the cache; see _model
+CACHE_FORMS = ("carry", "xs")  # how the layers under nn.scan reach the cache; see _model
 
-    Only the last position's logits are computed (a prefill needs no others). The cache is
-    layer-major, so ``nn.scan`` slices it per layer; its example axis is 1.
+
+def empty_cache(cfg, batch: int, max_len: int, dtype=None, *, abstract: bool = False):
+    """The KV cache of `_model`: keys and values, each ``(layers, batch, kv_heads, max_len, head_dim)``
+    (examples on axis 1), zeros or (``abstract``) their ``ShapeDtypeStruct``."""
+    import jax
+    import jax.numpy as jnp
+
+    shape, dt = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim), jnp.dtype(dtype or cfg.dtype)
+    if abstract:
+        return (jax.ShapeDtypeStruct(shape, dt),) * 2
+    return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)))()
+
+
+def _model(cfg, max_len: int, *, fresh: bool = False, attention: str = "einsum", cache_form: str = "carry"):
+    """A decoder with a KV cache: ``(tokens (b, t), cache, pos) -> (logits, cache)``, cache `empty_cache`.
+
+    The layers run under ``nn.scan``; ``cache_form`` says how they reach the cache:
+
+    * ``"carry"``: the whole cache is the scan's carry; each layer writes its new keys and values at
+      ``pos`` (``dynamic_update_slice``, in place in the loop, so a donated cache is never copied)
+      and attends over its slice of the cache up to them.
+    * ``"xs"``: each layer reads its slice as a scanned input and never writes it: it attends over the
+      cached positions before ``pos`` and, causally, over its own ``t`` new tokens, and returns their
+      keys and values, written after the layers (``fresh``: the cache is empty, so only the new
+      tokens are attended to). XLA copied the whole cache once a step for that write.
+
+    ``attention="fused"`` writes a one-token step's products over the cache as multiply-and-sum,
+    which XLA can fuse with the read of the layer's slice instead of copying it out for a library
+    matmul. Only the last position's logits are computed (a prefill needs no others).
     """
     import flax.linen as nn
     import jax
@@ -52,34 +79,83 @@ def _model(cfg, max_len: int):
     from . import models
 
     dt = jnp.dtype(cfg.dtype)
+    if attention not in ATTENTION or cache_form not in CACHE_FORMS:
+        raise ValueError(f"attention in {ATTENTION}, cache_form in {CACHE_FORMS}; got {attention!r}, {cache_form!r}")
+    one_token = lambda q: attention == "fused" and q.shape[1] == 1  # noqa: E731
 
-    class Block(nn.Module):
+    def scores(q, keys):
+        """``(b, t, kv, g, hd)`` queries against ``(b, kv, S, hd)`` keys: ``(b, kv, g, t, S)``, float32."""
+        if one_token(q):
+            return jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), -1)[
+                :, :, :, None
+            ]
+        return jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
+
+    def mix(p, values):
+        """``(b, kv, g, t, S)`` weights over ``(b, kv, S, hd)`` values: ``(b, t, kv, g, hd)``."""
+        if attention == "fused" and p.shape[3] == 1:
+            a = jnp.sum(p[:, :, :, 0, :, None].astype(jnp.float32) * values[:, :, None].astype(jnp.float32), -2)
+            return a[:, None].astype(dt)
+        return jnp.einsum("bkgts,bksd->btkgd", p, values)
+
+    def qkv(c, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        b, t, _ = x.shape
+        h = models.RMSNorm(dt, name="ln1")(x)
+        q = dense(c.n_heads * c.head_dim, "q")(h).reshape(b, t, c.kv_heads, c.n_heads // c.kv_heads, c.head_dim)
+        k = dense(c.kv_heads * c.head_dim, "k")(h).reshape(b, t, c.kv_heads, c.head_dim).swapaxes(1, 2)
+        v = dense(c.kv_heads * c.head_dim, "v")(h).reshape(b, t, c.kv_heads, c.head_dim).swapaxes(1, 2)
+        return q / jnp.asarray(c.head_dim**0.5, dt), k, v  # k, v: (b, kv, t, hd)
+
+    def rest(c, x, a):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        x = x + dense(c.d_model, "o")(a.reshape(*x.shape))
+        h = models.RMSNorm(dt, name="ln2")(x)
+        return x + dense(c.d_model, "down")(nn.silu(dense(c.ff, "gate")(h)) * dense(c.ff, "up")(h))
+
+    class CarryBlock(nn.Module):
+        @nn.compact
+        def __call__(self, carry, inputs):
+            (x, (kc, vc)), (layer, pos) = carry, inputs
+            q, k, v = qkv(cfg, x)
+            t = x.shape[1]
+            kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, 0, pos, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, 0, pos, 0))
+            keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (kc, vc))
+            s = scores(q, keys)
+            s = jnp.where(jnp.arange(max_len)[None, :] <= (pos + jnp.arange(t))[:, None], s, -1e30)
+            a = mix(jax.nn.softmax(s, axis=-1).astype(dt), values)
+            return (rest(cfg, x, a), (kc, vc)), None
+
+    class XsBlock(nn.Module):
         @nn.compact
         def __call__(self, x, inputs):
-            cache, pos = inputs
-            c = cfg
-            dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
-            b, t, _ = x.shape
-            h = models.RMSNorm(dt, name="ln1")(x)
-            q = dense(c.n_heads * c.head_dim, "q")(h).reshape(b, t, c.kv_heads, c.n_heads // c.kv_heads, c.head_dim)
-            k = dense(c.kv_heads * c.head_dim, "k")(h).reshape(b, t, c.kv_heads, c.head_dim)
-            v = dense(c.kv_heads * c.head_dim, "v")(h).reshape(b, t, c.kv_heads, c.head_dim)
-            cache = jax.lax.dynamic_update_slice(cache, jnp.stack([k, v], 1).astype(cache.dtype), (0, 0, pos, 0, 0))
-            s = jnp.einsum("btkgd,bskd->bkgts", q, cache[:, 0]).astype(jnp.float32) / c.head_dim**0.5
-            visible = jnp.arange(max_len)[None, :] <= (pos + jnp.arange(t))[:, None]
-            p = jax.nn.softmax(jnp.where(visible, s, -1e30), axis=-1).astype(dt)
-            a = jnp.einsum("bkgts,bskd->btkgd", p, cache[:, 1]).reshape(b, t, c.d_model)
-            x = x + dense(c.d_model, "o")(a)
-            h = models.RMSNorm(dt, name="ln2")(x)
-            x = x + dense(c.d_model, "down")(nn.silu(dense(c.ff, "gate")(h)) * dense(c.ff, "up")(h))
-            return x, cache
+            (keys, values), pos = inputs
+            q, k, v = qkv(cfg, x)
+            t = x.shape[1]
+            s_new = jnp.einsum("btkgd,bkud->bkgtu", q, k, preferred_element_type=jnp.float32)
+            s_new = jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], s_new, -1e30)
+            if not fresh:
+                s_old = jnp.where(jnp.arange(max_len) < pos, scores(q, keys), -1e30)
+                s_new = jnp.concatenate([s_old, s_new], -1)
+            p = jax.nn.softmax(s_new, axis=-1).astype(dt)
+            a = jnp.einsum("bkgtu,bkud->btkgd", p[..., -t:], v)
+            if not fresh:
+                a = a + mix(p[..., :max_len], values)
+            return rest(cfg, x, a), (k.astype(keys.dtype), v.astype(values.dtype))
 
     class Decoder(nn.Module):
         @nn.compact
         def __call__(self, tokens, cache, pos):
             x = nn.Embed(cfg.vocab, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")(tokens)
-            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0)
-            x, cache = layers(name="layers")(x, (cache, jnp.broadcast_to(pos, (cfg.n_layers,))))
+            scan = lambda block: nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},  # noqa: E731
+                                         in_axes=0, out_axes=0, length=cfg.n_layers)  # fmt: skip
+            per_layer = jnp.broadcast_to(pos, (cfg.n_layers,))
+            if cache_form == "carry":
+                (x, cache), _ = scan(CarryBlock)(name="layers")((x, cache), (jnp.arange(cfg.n_layers), per_layer))
+            else:
+                x, new = scan(XsBlock)(name="layers")(x, (cache, per_layer))
+                cache = tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, 0, pos, 0)) for c, n in zip(cache, new))
             x = models.RMSNorm(dt, name="ln_f")(x[:, -1:])
             return nn.Dense(cfg.vocab, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x), cache
 
@@ -115,9 +191,12 @@ def _stack_like(lora, n: int, seed: int, dtype):
 
 
 def _worker(a: argparse.Namespace) -> dict:
+    from jaxlora import _matmul
+
     from . import common
 
     with common.switches_restored():
+        _matmul._STACK_FORM = getattr(a, "stack_form", None)
         return _measure(a)
 
 
@@ -143,7 +222,6 @@ def _program(a: argparse.Namespace) -> tuple:
     decode = not a.mode.startswith(("prefill", "train"))
     batch = a.decode_batch if decode else a.prefill_batch
     max_len = a.cache
-    kv_shape = (cfg.n_layers, batch, 2, max_len, cfg.kv_heads, cfg.head_dim)
     info: dict = {"mode": a.mode, "batch": batch, "tokens_per_step": batch * (1 if decode else max_len)}
     targets = models.targets(cfg)
     lora_cfg = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=targets, dtype=a.lora_dtype)
@@ -174,16 +252,17 @@ def _program(a: argparse.Namespace) -> tuple:
         info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         return step, args, (0, 1), carry, info
 
-    model = _model(cfg, max_len)
+    model = _model(cfg, max_len, fresh=not decode, attention=getattr(a, "attention", "einsum"),
+                   cache_form=getattr(a, "cache_form", "carry"))  # fmt: skip
     t = 1 if decode else max_len
     tokens = jax.random.randint(jax.random.key(2), (batch, t), 0, cfg.vocab, dtype=jnp.int32)
-    params = jax.jit(lambda k: model.init(k, tokens[:1], jnp.zeros((*kv_shape[:1], 1, *kv_shape[2:]), dt), 0))(
+    params = jax.jit(lambda k: model.init(k, tokens[:1], empty_cache(cfg, 1, max_len), 0))(
         jax.random.key(0)
     )
-    cache_args = (tokens, jax.ShapeDtypeStruct(kv_shape, dt), 0)
+    cache_args = (tokens, empty_cache(cfg, batch, max_len, abstract=True), 0)
     lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=cache_args)
     lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
-    cache = jax.jit(lambda: jnp.zeros(kv_shape, dt))()
+    cache = empty_cache(cfg, batch, max_len)
     pos = jnp.int32(max_len - 1 if decode else 0)  # decode: attend over the whole cache
     if a.mode in ("base", "prefill_merged"):
         fwd = lambda p, x, c, pos: model.apply(p, x, c, pos)  # noqa: E731
@@ -207,7 +286,7 @@ def _program(a: argparse.Namespace) -> tuple:
 
         extra = (params, stk, ids)
     info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    info["kv_bytes"] = cache.size * cache.dtype.itemsize
+    info["kv_bytes"] = sum(c.size * c.dtype.itemsize for c in cache)
     carry = lambda args, out: (args[0], args[1], out[1], args[3])  # noqa: E731
     return fwd, (extra, tokens, cache, pos), (2,), carry, info
 
@@ -261,6 +340,10 @@ def _measure(a: argparse.Namespace) -> dict:
         cms = models.timeit(lambda: res.__setitem__(0, jax.block_until_ready(copy(leaves))), a.steps, 2)
         out["copy_gb_per_s"] = 2 * out["weight_bytes"] / (models.median(cms) / 1e3) / 1e9
     out["peak_bytes"] = models.peak_bytes()
+    if getattr(a, "profile", None):
+        with open(a.profile + ".hlo.txt", "w") as f:
+            f.write(compiled.as_text())
+        common.profile(blocking, a.profile)
     return out
 
 
@@ -277,6 +360,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--override", default="{}")
+    p.add_argument("--attention", default="einsum", choices=ATTENTION, help="a decode step's products over the cache")
+    p.add_argument("--cache-form", default="carry", choices=CACHE_FORMS, help="how the scanned layers reach the cache")
+    p.add_argument("--stack-form", default=None, choices=("gather", "onehot"), help="force a mixed batch's form")
+    p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO at PREFIX_<mode>")
     p.add_argument("--timeout", type=float, default=150, help="seconds one mode (its own process) may take")
     p.add_argument("--budget", type=float, default=540, help="seconds all modes together may take")
     p.add_argument("--out", default=None)
@@ -290,12 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     flags = ["--config", a.config, "--rank", str(a.rank), "--lora-dtype", a.lora_dtype, "--steps", str(a.steps),
              "--warmup", str(a.warmup), "--override", a.override, "--decode-batch", str(a.decode_batch),
-             "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache)]  # fmt: skip
+             "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache), "--attention", a.attention,
+             "--cache-form", a.cache_form]  # fmt: skip
+    if a.stack_form:
+        flags += ["--stack-form", a.stack_form]
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    if a.profile:
+        jobs = {m: [*j, "--profile", f"{a.profile}_{m}"] for m, j in jobs.items()}
     cfg = models.configure(a.config, override=a.override)
     result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
               "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
+              "attention": a.attention, "cache_form": a.cache_form, "stack_form": a.stack_form or "by cost",
               "timeout_s": a.timeout, "budget_s": a.budget, "modes": {}}  # fmt: skip
     partial = lambda so_far: common.write({**result, "modes": so_far, "partial": True}, a.out, quiet=True)  # noqa: E731
     m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False, budget=a.budget,

@@ -149,16 +149,7 @@ def _measure(a: argparse.Namespace) -> dict:
         with open(a.hlo, "w") as f:
             f.write(fn.lower(*args).compile().as_text())
     if a.profile:
-        import glob
-        import os
-        import shutil
-
-        with jax.profiler.trace(a.profile + "_raw", create_perfetto_trace=True):
-            for _ in range(3):
-                blocking()
-        for g in glob.glob(a.profile + "_raw/**/*perfetto*", recursive=True):
-            shutil.copy(g, a.profile + ".trace." + os.path.basename(g).split(".", 1)[1])
-        shutil.rmtree(a.profile + "_raw")
+        common.profile(blocking, a.profile)
     out = {
         "mode": a.mode,
         "median_ms": models.median(ms),

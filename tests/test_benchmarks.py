@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 from helpers import jaxpr_parts
 
@@ -84,7 +85,7 @@ def test_qlora_modes_run(mode):
     from benchmarks import qlora
 
     a = argparse.Namespace(config="tiny_scan", mode=mode, rank=4, steps=1, warmup=0, override="{}",
-                           decode_batches="1,8", cache=16)  # fmt: skip
+                           decode_batches="1,8", cache=16, attention="einsum", cache_form="carry")  # fmt: skip
     out = qlora._measure(a)
     assert out["bits_per_parameter"] < 16 if mode.endswith("nf4") else out["bits_per_parameter"] == 16
     assert out.get("median_ms", 1) > 0
@@ -141,7 +142,7 @@ def test_multi_adapter_modes_run(mode):
     out = multi_adapter._worker(a)
     assert out["pipelined_ms"] > 0 and out["tokens_per_s"] > 0
     if mode == "base":
-        assert out["copy_gb_per_s"] > 0 and out["kv_bytes"] == 2 * 2 * 16 * 4 * 16 * 4 * 4  # (L, b, 2, T, kv, hd) f32
+        assert out["copy_gb_per_s"] > 0 and out["kv_bytes"] == 2 * 2 * 16 * 4 * 16 * 4 * 4  # keys and values, each (L, b, kv, T, hd), f32
 
 
 def _closed_over(jaxpr):
@@ -177,3 +178,31 @@ def test_multi_adapter_driver_records_timeouts_and_skips_in_the_json(tmp_path, c
     modes = json.loads(path.read_text())["modes"]
     assert {k: v["error"] for k, v in modes.items()} == {"base": "skipped", "mixed8": "skipped"}
     assert "base: timeout" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", [("carry", "einsum"), ("carry", "fused"), ("xs", "einsum"), ("xs", "fused")])
+def test_the_decode_model_decodes_what_a_prefill_computes(form):
+    """The benchmarks' KV-cache decoder, each way of reaching the cache: a prefill of 5 tokens, then
+    3 one-token steps, then 3 tokens at once on the prefilled cache give the logits and the cache of
+    one pass over the 8 tokens."""
+    import jax
+
+    from benchmarks import models, multi_adapter
+
+    cache_form, attention = form
+    cfg = models.configure("tiny")
+    max_len, b = 8, 2
+    tokens = jax.random.randint(jax.random.key(0), (b, max_len), 0, cfg.vocab)
+    empty = multi_adapter.empty_cache(cfg, b, max_len)
+    fresh = multi_adapter._model(cfg, max_len, fresh=True, cache_form=cache_form)
+    step = multi_adapter._model(cfg, max_len, attention=attention, cache_form=cache_form)
+    params = fresh.init(jax.random.key(1), tokens, empty, 0)
+    want, want_cache = fresh.apply(params, tokens, empty, 0)
+    _, prefilled = fresh.apply(params, tokens[:, :5], empty, 0)
+    cache = prefilled
+    for pos in range(5, max_len):
+        got, cache = jax.jit(step.apply)(params, tokens[:, pos : pos + 1], cache, pos)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(cache, want_cache, rtol=2e-5, atol=2e-5)
+    chunk, _ = step.apply(params, tokens[:, 5:], prefilled, 5)
+    np.testing.assert_allclose(chunk, want, rtol=2e-5, atol=2e-5)
