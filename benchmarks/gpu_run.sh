@@ -3,7 +3,8 @@
 # Sections: profile (config A, 3 traced steps per mode), final, train_a, peers_a, infer_a, remat, scan, b, llama.
 # This session ran: profile infer_a llama | train_a peers_a infer_a | b remat scan llama | final, and
 # inference A with merged,unmerged,unmerged_factored (inference_A_forms.json).
-# On the H200 (2026-12-02): multi_forms, then multi qlora_decode.
+# On the H200 (2026-12-02): multi (the decoder then passed its cache through the scan), base under each
+# cache form (and a multiply-and-sum attention, since removed), multi --cache-form carry, qlora_decode.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -29,22 +30,10 @@ for section in "$@"; do
     llama)
       timeout 200 python3 -m benchmarks.train_step --config llama8b --modes lora --steps 5 --warmup 2 --window 3 --timeout 190 --out $OUT/train_llama8b_lora.json
       timeout 90 python3 -m benchmarks.train_step --config llama8b --modes full --steps 3 --warmup 1 --timeout 80 --out $OUT/train_llama8b_full.json ;;
-    multi_forms)  # issue 11: the decode step's attention and mixed-batch forms side by side, two profiled
-      M="python3 -m benchmarks.multi_adapter --config llama8b --timeout 100"
-      timeout 100 $M --attention einsum --modes base,mixed8 --budget 95 --profile /tmp/p_einsum --out $OUT/multi_einsum.json
-      timeout 220 $M --attention fused --modes base,unmerged,mixed8,mixed64,mixed64_of1024 --budget 215 --profile /tmp/p_fused --out $OUT/multi_fused.json
-      timeout 100 $M --attention fused --stack-form gather --modes mixed8,mixed64 --budget 95 --out $OUT/multi_fused_gather.json
-      for t in /tmp/p_*.trace.json.gz; do python3 -m benchmarks.trace_summary $t; done > $OUT/multi_profiles.txt 2>&1 ;;
-    multi_pick)  # issue 11: base decode under each cache form; the fastest runs every mode, then qlora decode
-      M="python3 -m benchmarks.multi_adapter --config ${CFG:-llama8b} ${EXTRA:-} --modes base --timeout 80 --budget 75"
-      for f in carry:einsum carry:fused xs:einsum; do
-        timeout 85 $M --cache-form ${f%:*} --attention ${f#*:} --profile /tmp/p_${f/:/_} --out $OUT/pick_${f/:/_}.json
-      done
-      for t in /tmp/p_*.trace.json.gz; do python3 -m benchmarks.trace_summary $t; done > $OUT/pick_profiles.txt 2>&1
-      best=$(python3 -c "import json,glob,os; r={os.path.basename(f)[5:-5]: json.load(open(f))['modes']['base'].get('pipelined_ms', 1e9) for f in glob.glob('$OUT/pick_*.json')}; print(min(r, key=r.get))")
-      echo "fastest: $best"; F="--cache-form ${best%_*} --attention ${best#*_}"
-      timeout 330 python3 -m benchmarks.multi_adapter --config ${CFG:-llama8b} ${EXTRA:-} $F --budget 320 --timeout 120 --out $OUT/multi_adapter_h200.json
-      timeout 200 python3 -m benchmarks.qlora --config ${CFG:-llama8b} --modes decode_bf16,decode_nf4 --big "" $F --timeout 95 --out $OUT/qlora_decode_h200.json ;;
+    multi_forms)  # issue 11: base and mixed8 decode under each cache form, profiled
+      M="python3 -m benchmarks.multi_adapter --config llama8b --modes base,mixed8 --timeout 80 --budget 150"
+      for f in xs carry; do timeout 160 $M --cache-form $f --profile /tmp/p_$f --out $OUT/decode_form_$f.json; done
+      for t in /tmp/p_*.trace.json.gz; do python3 -m benchmarks.trace_summary $t; done > $OUT/decode_forms_profiles.txt 2>&1 ;;
     multi) timeout 560 python3 -m benchmarks.multi_adapter --config llama8b --budget 545 --timeout 150 --out $OUT/multi_adapter_h200.json ;;
     qlora_decode) timeout 300 python3 -m benchmarks.qlora --modes decode_bf16,decode_nf4 --big "" --timeout 140 --out $OUT/qlora_decode_h200.json ;;
     *) echo "unknown section $section" ;;

@@ -39,8 +39,7 @@ RESIDENT = {"mixed8": 64, "mixed64": 64, "mixed64_of1024": 1024, "prefill_mixed8
 DISTINCT = {"mixed8": 8, "mixed64": 64, "mixed64_of1024": 64, "prefill_mixed8": 8, "train_stack8": 8}
 
 
-ATTENTION = ("einsum", "fused")  # how a one-token step takes its products over the cache; see _model
-CACHE_FORMS = ("carry", "xs")  # how the layers under nn.scan reach the cache; see _model
+CACHE_FORMS = ("xs", "carry")  # how the layers under nn.scan reach the cache; see _model
 
 
 def empty_cache(cfg, batch: int, max_len: int, dtype=None, *, abstract: bool = False):
@@ -55,22 +54,27 @@ def empty_cache(cfg, batch: int, max_len: int, dtype=None, *, abstract: bool = F
     return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)))()
 
 
-def _model(cfg, max_len: int, *, fresh: bool = False, attention: str = "einsum", cache_form: str = "carry"):
+def _model(cfg, max_len: int, *, fresh: bool = False, cache_form: str = "xs"):
     """A decoder with a KV cache: ``(tokens (b, t), cache, pos) -> (logits, cache)``, cache `empty_cache`.
 
     The layers run under ``nn.scan``; ``cache_form`` says how they reach the cache:
 
-    * ``"carry"``: the whole cache is the scan's carry; each layer writes its new keys and values at
-      ``pos`` (``dynamic_update_slice``, in place in the loop, so a donated cache is never copied)
-      and attends over its slice of the cache up to them.
     * ``"xs"``: each layer reads its slice as a scanned input and never writes it: it attends over the
       cached positions before ``pos`` and, causally, over its own ``t`` new tokens, and returns their
       keys and values, written after the layers (``fresh``: the cache is empty, so only the new
-      tokens are attended to). XLA copied the whole cache once a step for that write.
+      tokens are attended to).
+    * ``"carry"``: the whole cache is the scan's carry; each layer writes its new keys and values at
+      ``pos`` (``dynamic_update_slice`` in the loop) and attends over its slice up to them.
 
-    ``attention="fused"`` writes a one-token step's products over the cache as multiply-and-sum,
-    which XLA can fuse with the read of the layer's slice instead of copying it out for a library
-    matmul. Only the last position's logits are computed (a prefill needs no others).
+    Measured on the H200 (8B, batch 64, 1,024 cached positions; benchmarks/results/decode_form_h200_*):
+    base decode 20.1 ms (xs) and 19.3 ms (carry) against 40.3 ms when the cache went in and out of the
+    scan as a scanned input and output. Under ``adapter_ids`` ``vmap`` moves a carried cache's example
+    axis to the front, four transposes of the whole cache a step (mixed8 35.6 ms against 25.8 ms for
+    xs), so xs is the default. In both, the trace still shows one device copy of the whole cache a step
+    (7.1 ms) although the compiled program aliases the donated cache to its output, and each layer's
+    slice is copied out for the attention matmuls (4.0 ms); the bytes floor (W and the cache read
+    once) is 9.3 ms. Writing the one-token products as multiply-and-sum was slower (29.6 ms).
+    Only the last position's logits are computed (a prefill needs no others).
     """
     import flax.linen as nn
     import jax
@@ -79,23 +83,15 @@ def _model(cfg, max_len: int, *, fresh: bool = False, attention: str = "einsum",
     from . import models
 
     dt = jnp.dtype(cfg.dtype)
-    if attention not in ATTENTION or cache_form not in CACHE_FORMS:
-        raise ValueError(f"attention in {ATTENTION}, cache_form in {CACHE_FORMS}; got {attention!r}, {cache_form!r}")
-    one_token = lambda q: attention == "fused" and q.shape[1] == 1  # noqa: E731
+    if cache_form not in CACHE_FORMS:
+        raise ValueError(f"cache_form must be one of {CACHE_FORMS}, got {cache_form!r}")
 
     def scores(q, keys):
         """``(b, t, kv, g, hd)`` queries against ``(b, kv, S, hd)`` keys: ``(b, kv, g, t, S)``, float32."""
-        if one_token(q):
-            return jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), -1)[
-                :, :, :, None
-            ]
         return jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
 
     def mix(p, values):
         """``(b, kv, g, t, S)`` weights over ``(b, kv, S, hd)`` values: ``(b, t, kv, g, hd)``."""
-        if attention == "fused" and p.shape[3] == 1:
-            a = jnp.sum(p[:, :, :, 0, :, None].astype(jnp.float32) * values[:, :, None].astype(jnp.float32), -2)
-            return a[:, None].astype(dt)
         return jnp.einsum("bkgts,bksd->btkgd", p, values)
 
     def qkv(c, x):
@@ -218,7 +214,6 @@ def _program(a: argparse.Namespace) -> tuple:
     from . import models
 
     cfg = models.configure(a.config, override=a.override)
-    dt = jnp.dtype(cfg.dtype)
     decode = not a.mode.startswith(("prefill", "train"))
     batch = a.decode_batch if decode else a.prefill_batch
     max_len = a.cache
@@ -252,13 +247,10 @@ def _program(a: argparse.Namespace) -> tuple:
         info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         return step, args, (0, 1), carry, info
 
-    model = _model(cfg, max_len, fresh=not decode, attention=getattr(a, "attention", "einsum"),
-                   cache_form=getattr(a, "cache_form", "carry"))  # fmt: skip
+    model = _model(cfg, max_len, fresh=not decode, cache_form=getattr(a, "cache_form", "xs"))
     t = 1 if decode else max_len
     tokens = jax.random.randint(jax.random.key(2), (batch, t), 0, cfg.vocab, dtype=jnp.int32)
-    params = jax.jit(lambda k: model.init(k, tokens[:1], empty_cache(cfg, 1, max_len), 0))(
-        jax.random.key(0)
-    )
+    params = jax.jit(lambda k: model.init(k, tokens[:1], empty_cache(cfg, 1, max_len), 0))(jax.random.key(0))
     cache_args = (tokens, empty_cache(cfg, batch, max_len, abstract=True), 0)
     lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=cache_args)
     lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
@@ -360,8 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--override", default="{}")
-    p.add_argument("--attention", default="einsum", choices=ATTENTION, help="a decode step's products over the cache")
-    p.add_argument("--cache-form", default="carry", choices=CACHE_FORMS, help="how the scanned layers reach the cache")
+    p.add_argument("--cache-form", default="xs", choices=CACHE_FORMS, help="how the scanned layers reach the cache")
     p.add_argument("--stack-form", default=None, choices=("gather", "onehot"), help="force a mixed batch's form")
     p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO at PREFIX_<mode>")
     p.add_argument("--timeout", type=float, default=150, help="seconds one mode (its own process) may take")
@@ -377,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     flags = ["--config", a.config, "--rank", str(a.rank), "--lora-dtype", a.lora_dtype, "--steps", str(a.steps),
              "--warmup", str(a.warmup), "--override", a.override, "--decode-batch", str(a.decode_batch),
-             "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache), "--attention", a.attention,
+             "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache),
              "--cache-form", a.cache_form]  # fmt: skip
     if a.stack_form:
         flags += ["--stack-form", a.stack_form]
@@ -388,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
               "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
-              "attention": a.attention, "cache_form": a.cache_form, "stack_form": a.stack_form or "by cost",
+              "cache_form": a.cache_form, "stack_form": a.stack_form or "by cost",
               "timeout_s": a.timeout, "budget_s": a.budget, "modes": {}}  # fmt: skip
     partial = lambda so_far: common.write({**result, "modes": so_far, "partial": True}, a.out, quiet=True)  # noqa: E731
     m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False, budget=a.budget,

@@ -117,7 +117,7 @@ def _measure(a: argparse.Namespace) -> dict:
     if decode:  # the KV-cache decoder of benchmarks/multi_adapter.py, attending over a full cache
         from .multi_adapter import _model, empty_cache
 
-        model = _model(cfg, a.cache, attention=a.attention, cache_form=a.cache_form)
+        model = _model(cfg, a.cache, cache_form=a.cache_form)
         args = lambda b: (jnp.zeros((b, 1), jnp.int32), empty_cache(cfg, b, a.cache, abstract=True), 0)  # noqa: E731
         params = _base(lambda k: model.init(k, *args(1)), fmt)
     else:
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--big-seq", type=int, default=4096)
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--cache", type=int, default=1024, help="KV-cache length of the decode modes")
-    p.add_argument("--attention", default="einsum", help="the decode model's attention (benchmarks.multi_adapter)")
-    p.add_argument("--cache-form", default="carry", help="the decode model's cache form (benchmarks.multi_adapter)")
+    p.add_argument("--cache-form", default="xs", help="the decode model's cache form (benchmarks.multi_adapter)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = models.configure(a.config, override=a.override)
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
              "--override", a.override, "--decode-batches", a.decode_batches, "--cache", str(a.cache),
-             "--attention", a.attention, "--cache-form", a.cache_form]  # fmt: skip
+             "--cache-form", a.cache_form]  # fmt: skip
     jobs = {m: ["--mode", m, *flags] for m in a.modes.split(",") if m}
     result = {**common.environment(), "benchmark": "qlora", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "params": cfg.params(), "rank": a.rank}  # fmt: skip
