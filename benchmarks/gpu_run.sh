@@ -4,7 +4,8 @@
 # This session ran: profile infer_a llama | train_a peers_a infer_a | b remat scan llama | final, and
 # inference A with merged,unmerged,unmerged_factored (inference_A_forms.json).
 # On the H200 (2026-12-02): multi (the decoder then passed its cache through the scan), base under each
-# cache form (and a multiply-and-sum attention, since removed), multi --cache-form carry, qlora_decode.
+# cache form (and a multiply-and-sum attention, since removed), every mode with --cache-form carry,
+# qlora_decode, then the decode modes with the default xs form (multi_adapter_h200_decode_xs.json).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -32,7 +33,7 @@ for section in "$@"; do
       timeout 90 python3 -m benchmarks.train_step --config llama8b --modes full --steps 3 --warmup 1 --timeout 80 --out $OUT/train_llama8b_full.json ;;
     multi_forms)  # issue 11: base and mixed8 decode under each cache form, profiled
       M="python3 -m benchmarks.multi_adapter --config llama8b --modes base,mixed8 --timeout 80 --budget 150"
-      for f in xs carry; do timeout 160 $M --cache-form $f --profile /tmp/p_$f --out $OUT/decode_form_$f.json; done
+      for f in xs carry; do timeout 160 $M --cache-form $f --profile /tmp/p_$f --out $OUT/decode_form_h200_$f.json; done
       for t in /tmp/p_*.trace.json.gz; do python3 -m benchmarks.trace_summary $t; done > $OUT/decode_forms_profiles.txt 2>&1 ;;
     multi) timeout 560 python3 -m benchmarks.multi_adapter --config llama8b --budget 545 --timeout 150 --out $OUT/multi_adapter_h200.json ;;
     qlora_decode) timeout 300 python3 -m benchmarks.qlora --modes decode_bf16,decode_nf4 --big "" --timeout 140 --out $OUT/qlora_decode_h200.json ;;

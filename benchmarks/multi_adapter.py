@@ -42,13 +42,13 @@ DISTINCT = {"mixed8": 8, "mixed64": 64, "mixed64_of1024": 64, "prefill_mixed8": 
 CACHE_FORMS = ("xs", "carry")  # how the layers under nn.scan reach the cache; see _model
 
 
-def empty_cache(cfg, batch: int, max_len: int, dtype=None, *, abstract: bool = False):
+def empty_cache(cfg, batch: int, max_len: int, *, abstract: bool = False):
     """The KV cache of `_model`: keys and values, each ``(layers, batch, kv_heads, max_len, head_dim)``
     (examples on axis 1), zeros or (``abstract``) their ``ShapeDtypeStruct``."""
     import jax
     import jax.numpy as jnp
 
-    shape, dt = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim), jnp.dtype(dtype or cfg.dtype)
+    shape, dt = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim), jnp.dtype(cfg.dtype)
     if abstract:
         return (jax.ShapeDtypeStruct(shape, dt),) * 2
     return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)))()
@@ -67,13 +67,13 @@ def _model(cfg, max_len: int, *, fresh: bool = False, cache_form: str = "xs"):
       ``pos`` (``dynamic_update_slice`` in the loop) and attends over its slice up to them.
 
     Measured on the H200 (8B, batch 64, 1,024 cached positions; benchmarks/results/decode_form_h200_*):
-    base decode 20.1 ms (xs) and 19.3 ms (carry) against 40.3 ms when the cache went in and out of the
+    base decode 19.7 to 20.1 ms (xs) and 19.3 ms (carry) against 40.3 ms when the cache went in and out of the
     scan as a scanned input and output. Under ``adapter_ids`` ``vmap`` moves a carried cache's example
     axis to the front, four transposes of the whole cache a step (mixed8 35.6 ms against 25.8 ms for
     xs), so xs is the default. In both, the trace still shows one device copy of the whole cache a step
     (7.1 ms) although the compiled program aliases the donated cache to its output, and each layer's
     slice is copied out for the attention matmuls (4.0 ms); the bytes floor (W and the cache read
-    once) is 9.3 ms. Writing the one-token products as multiply-and-sum was slower (29.6 ms).
+    once) is about 9 ms. Writing the one-token products as multiply-and-sum was slower (29.6 ms).
     Only the last position's logits are computed (a prefill needs no others).
     """
     import flax.linen as nn
