@@ -122,13 +122,13 @@ def run_workers(
 @contextlib.contextmanager
 def switches_restored() -> Iterator[None]:
     """Restore jaxlora's private switches (the ablations' forms of the LoRA op) on exit."""
-    from jaxlora import _matmul
+    from jaxlora import _fused, _matmul
 
-    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM
+    saved = _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM, _fused._KERNEL
     try:
         yield
     finally:
-        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM = saved
+        _matmul._MERGED, _matmul._SIDE_BY_SIDE, _matmul.factored, _matmul._STACK_FORM, _fused._KERNEL = saved
 
 
 def profile(blocking: Callable[[], Any], prefix: str, steps: int = 3) -> None:

@@ -37,6 +37,10 @@ for section in "$@"; do
       for t in /tmp/p_*.trace.json.gz; do python3 -m benchmarks.trace_summary $t; done > $OUT/decode_forms_profiles.txt 2>&1 ;;
     multi) timeout 560 python3 -m benchmarks.multi_adapter --config llama8b --budget 545 --timeout 150 --out $OUT/multi_adapter_h200.json ;;
     qlora_decode) timeout 300 python3 -m benchmarks.qlora --modes decode_bf16,decode_nf4 --big "" --timeout 140 --out $OUT/qlora_decode_h200.json ;;
+    kernels)  # issue 14: the fused Pallas GEMM's own test on the device, then it against the library GEMM
+      timeout 150 python3 -m pytest tests/test_fused.py -q -p no:cacheprovider 2>&1 | tail -3
+      timeout 200 python3 -m benchmarks.kernels --config A --repeats 10 --out $OUT/kernels_A_h200.json ;;
+    fused_a) timeout 240 $T --config A --modes full,lora,lora_fused --timeout 230 --out $OUT/train_A_fused_h200.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -4,6 +4,7 @@ Modes, each in its own process:
   merged    the plain model on ``jaxlora.merge(params, lora)`` (merged once, outside the timing).
   unmerged  ``jaxlora.apply(model.apply, params, lora, tokens)``: the factored path.
   unmerged_factored  the same with the transient ``W + ΔW`` form switched off: ``x·W + (x·A)·B``.
+  unmerged_fused  the same with every Dense layer on the fused Pallas GEMM (`jaxlora._fused`, a GPU).
   merge     ``jax.jit(jaxlora.merge)`` on the whole model (B random, so nothing folds away).
   merge_donated  the same with ``donate_argnums=0`` (the weights updated in place).
   copy      one copy of the same targeted weights, jitted: the memory-bandwidth yardstick for merge.
@@ -19,7 +20,7 @@ import json
 import os
 import time
 
-MODES = ("merged", "unmerged", "unmerged_factored", "merge", "merge_donated", "copy")
+MODES = ("merged", "unmerged", "unmerged_factored", "unmerged_fused", "merge", "merge_donated", "copy")
 
 
 def _worker(a: argparse.Namespace) -> dict:
@@ -55,10 +56,11 @@ def _measure(a: argparse.Namespace) -> dict:
         merged = jax.jit(jaxlora.merge)(params, lora)
         fwd = jax.jit(model.apply)
         run = lambda: state.__setitem__(0, fwd(merged, tokens))  # noqa: E731
-    elif a.mode in ("unmerged", "unmerged_factored"):
-        from jaxlora import _matmul
+    elif a.mode in ("unmerged", "unmerged_factored", "unmerged_fused"):
+        from jaxlora import _fused, _matmul
 
         _matmul._MERGED = False if a.mode == "unmerged_factored" else None
+        _fused._KERNEL = True if a.mode == "unmerged_fused" else None
         fwd = jax.jit(lambda p, l, t: jaxlora.apply(model.apply, p, l, t))
         run = lambda: state.__setitem__(0, fwd(params, lora, tokens))  # noqa: E731
     elif a.mode == "merge":
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["modes"] = common.run_workers("benchmarks.inference", jobs, a.timeout, a.parallel)
     m = result["modes"]
     ok = lambda k: "median_ms" in m.get(k, {})  # noqa: E731
-    for k in ("unmerged", "unmerged_factored"):
+    for k in ("unmerged", "unmerged_factored", "unmerged_fused"):
         if ok("merged") and ok(k):
             result[f"{k}_over_merged"] = m[k]["median_ms"] / m["merged"]["median_ms"]
             result[f"{k}_over_merged_pipelined"] = m[k]["pipelined_ms"] / m["merged"]["pipelined_ms"]

@@ -10,6 +10,7 @@ Modes:
   lora_factored jaxlora with its transient ``W + ΔW`` form switched off: always ``x·W + (x·A)·B`` (an ablation).
   lora_merged   jaxlora with the transient ``W + ΔW`` form for every op, whatever its cost rule says (an ablation).
   lora_single   jaxlora without the one-read ops on ``[W | a]`` and ``[W ; b]`` (an ablation).
+  lora_fused    jaxlora with every Dense layer on the fused Pallas GEMM (`jaxlora._fused`; a GPU).
   torch_full, torch_full_compiled, peft, peft_compiled
                 the PyTorch peer (`benchmarks.torch_peer`): the same decoder in torch, full fine-tuning
                 or PEFT LoRA, eager or under ``torch.compile``.
@@ -30,7 +31,7 @@ import os
 import time
 
 MODES = ("full", "lora", "nnx", "merge", "frozen")
-ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single")
+ABLATIONS = ("lora_plain", "lora_factored", "lora_merged", "lora_single", "lora_fused")
 VARIANTS = ("dora",)
 
 
@@ -105,7 +106,7 @@ def _measure(a: argparse.Namespace) -> dict:
             run = lambda: state.__setitem__(0, fwd(params, tokens))  # noqa: E731
         else:
             lora = jaxlora.init(jax.random.key(1), params, lora_cfg, fn=model.apply, args=(tokens,))
-            from jaxlora import _matmul
+            from jaxlora import _fused, _matmul
 
             if a.mode == "lora_plain":  # the ablation: plain autodiff of the reference math
 
@@ -118,6 +119,7 @@ def _measure(a: argparse.Namespace) -> dict:
             if a.mode in ("lora_factored", "lora_merged"):  # the ablations: never / always the transient W + ΔW
                 _matmul._MERGED = a.mode == "lora_merged"
             _matmul._SIDE_BY_SIDE = a.mode != "lora_single"
+            _fused._KERNEL = True if a.mode == "lora_fused" else None
             if a.mode.startswith("lora") or a.mode in VARIANTS:
                 loss_of = lambda l, p, t: models.loss_fn(jaxlora.apply(model.apply, p, l, t), t)  # noqa: E731
             elif a.mode == "merge":

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from . import _fused
+
 Array = jax.Array
 
 
@@ -181,7 +183,8 @@ def lora_op(
     ``side_by_side`` says that ``W`` is 2-D ``(in, out)``, contracted with the last axis of ``x``
     (a Dense layer). With the transient ``W + ΔW`` and under differentiation, ``x`` is then read once
     for ``x·W`` and ``x·a`` (one op on ``[W | a]``), and the output gradient once for ``g·Wᵀ`` and
-    ``g·bᵀ`` (one op on ``[W ; b]``).
+    ``g·bᵀ`` (one op on ``[W ; b]``). Where `jaxlora._fused.chosen` picks it (a GPU, covered shapes,
+    no dropout), a Dense layer's ``x·W + t·b`` and ``g·Wᵀ + dt·aᵀ`` are instead one fused Pallas GEMM each.
 
     DoRA (``magnitude`` given): the value is ``g ⊙ (base(x, W) + scale·second_op(first_op(x, a), b))``
     with ``g = m / ‖W + ΔW‖`` per output feature, the norm under ``stop_gradient`` (PEFT and the
@@ -211,6 +214,8 @@ def _lora_op(x, w, first, second, scale, base, first_op, second_op, delta_op, si
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
         xl = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
     if floating:
+        if side_by_side and xl is x and not _on_mesh() and _fused.chosen(x, w, first.shape[-1]):
+            return factored(x, xl, w, first, second, scale, base, first_op, second_op, None, False, True), None
         if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
             delta_op = None
         # the one-read ops pay off with the transient W + ΔW (measured slower and larger without it)
@@ -268,8 +273,12 @@ def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
     return w + delta_op(f, s).astype(w.dtype)
 
 
-def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, need_t=True):
+def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused=False, need_t=True):
     """The op's value and (if needed or used) the rank product ``t = first_op(xl, f)``."""
+    if fused:  # x·W + t·s in one kernel (xl is x)
+        t = first_op(x, f)
+        y = _fused.matmul(x.reshape(-1, w.shape[0]), w, t.reshape(-1, t.shape[-1]), s)
+        return y.reshape(*x.shape[:-1], w.shape[1]), t
     wm = w if delta_op is None else _merged(w, f, s, delta_op)
     t = None
     if side_by_side and need_t:  # one read of x for both products
@@ -287,16 +296,17 @@ def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, 
     return y, t
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None, side_by_side=False):
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None, side_by_side=False, fused=False):
     """``base(x, W) + second_op(first_op(xl, scale·first), second)`` with a VJP that has no ``dW``.
 
     ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). With ``delta_op`` (then ``xl`` is
-    ``x``) the value is ``base(x, W + ΔW)``. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
+    ``x``) the value is ``base(x, W + ΔW)``; with ``fused`` (a Dense layer, ``xl`` is ``x``) the forward
+    and the input gradient are `jaxlora._fused.matmul`. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
     buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
     """
     f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side: at B = 0 this is base(x, W) + an exact zero
-    return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, need_t=False)[0]
+    return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, fused, need_t=False)[0]
 
 
 def _cast(first: Array, second: Array, scale: float, dtype) -> tuple[Array, Array]:
@@ -304,25 +314,31 @@ def _cast(first: Array, second: Array, scale: float, dtype) -> tuple[Array, Arra
     return (first * jnp.asarray(scale, first.dtype)).astype(dtype), second.astype(dtype)
 
 
-def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side):
+def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, fused):
     # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
     # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x).
     need = tuple(p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
     f, s = _cast(first, second, scale, xl.dtype)
-    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side)
+    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused)
     keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
     return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
 
 
-def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res, g):
+def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fused, res, g):
     x, xl, w, f, s, t, first, second, need_w, need_x, need_xl = res
     if isinstance(g, SymbolicZero):
         return None, None, None, None, None
     # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
     dx = dxl = dt = None
     g = g.astype(t.dtype)
-    if need_x or (need_xl and delta_op is not None):
+    if fused and (need_x or need_xl):  # g·Wᵀ + dt·fᵀ in one kernel: dx holds the LoRA term (xl is x)
+        dt = jax.vjp(lambda t: second_op(t, s), t)[1](g)[0]
+        k, n = w.shape
+        dx = _fused.matmul(g.reshape(-1, n), w, dt.reshape(-1, dt.shape[-1]), f.T, transpose_w=True)
+        dx = dx.reshape(*x.shape[:-1], k).astype(x.dtype)
+        need_xl = False
+    elif need_x or (need_xl and delta_op is not None):
         # W + ΔW is made again only once g exists: the barrier stops XLA from keeping the forward's
         # copy alive, or preparing every layer's up front.
         wm = w
@@ -341,7 +357,7 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, res,
         dt = jax.vjp(lambda t: second_op(t, s), t)[1](g)[0]
     ds = jax.vjp(lambda s: second_op(t, s), s)[1](g)[0]
     dw = jax.vjp(lambda w: base(x, w), w)[1](g)[0].astype(w.dtype) if need_w else None
-    if delta_op is None and need_xl:  # (with delta_op, xl is x and dx has the LoRA term already)
+    if delta_op is None and need_xl:  # (with delta_op or fused, xl is x and dx has the LoRA term already)
         dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype)
     df = jax.vjp(lambda f: first_op(xl, f), f)[1](dt)[0] if first else None
     dfirst = (df.astype(first[0].dtype) * jnp.asarray(scale, first[0].dtype)) if first else None
