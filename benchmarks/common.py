@@ -56,6 +56,7 @@ def run_workers(
     *,
     budget: float | None = None,
     on_result: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    envs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``python -m module --worker *args`` for each job, each in a fresh process (its own peak memory).
 
@@ -65,7 +66,8 @@ def run_workers(
     ``timeout`` seconds and the whole series at most ``budget``: a job past its limit is recorded as
     ``{"error": "timeout", ...}`` with the end of its stderr, one that the budget leaves no time for
     as ``{"error": "skipped", ...}``, and ``on_result(results so far)`` is called after each job, so a
-    caller can write what it has before a later job hangs.
+    caller can write what it has before a later job hangs. ``envs[name]`` adds variables to the
+    environment of job ``name`` alone (``XLA_FLAGS``, which XLA reads once, as the backend starts).
     """
     env = dict(os.environ)
     if not parallel:
@@ -80,7 +82,7 @@ def run_workers(
             else:
                 try:
                     p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True,
-                                       text=True, timeout=left, env=env)  # fmt: skip
+                                       text=True, timeout=left, env={**env, **(envs or {}).get(name, {})})  # fmt: skip
                     out[name] = _parse(p.returncode, p.stdout, p.stderr)
                 except subprocess.TimeoutExpired as e:
                     err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
@@ -97,7 +99,7 @@ def run_workers(
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     procs = {}
     for i, (name, args) in enumerate(jobs.items()):
-        penv = dict(env, BENCH_SYNC=os.path.join(sync, str(i)))
+        penv = {**env, **(envs or {}).get(name, {}), "BENCH_SYNC": os.path.join(sync, str(i))}
         procs[name] = subprocess.Popen([sys.executable, "-m", module, "--worker", *args], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True, env=penv)  # fmt: skip
     deadline = time.time() + timeout
@@ -166,6 +168,22 @@ def write(result: dict[str, Any], path: str | None, quiet: bool = False) -> None
             print(f"wrote {path}")
 
 
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes", "peak_memory_in_bytes")  # fmt: skip
+
+
+def memory_analysis(compiled: Any) -> dict[str, int] | None:
+    """The byte counts of ``compiled.memory_analysis()`` (a ``jax.stages.Compiled``) that this backend
+    reports, or None where it reports none. Arguments include donated buffers, which ``alias`` counts
+    again: what the program needs beyond its arguments is about ``output - alias + temp``. On the CPU
+    (jaxlib 0.10.2) ``peak_memory_in_bytes`` leaves the temps out: it is ``argument + output - alias``."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    found = {f: getattr(stats, f, None) for f in MEMORY_FIELDS}
+    return {f: int(v) for f, v in found.items() if v is not None}
+
+
 def gb(b: int | None) -> str:
     return "-" if b is None else f"{b / 1e9:.2f} GB"
 
@@ -176,11 +194,14 @@ def rounded(v: float | None) -> str:
 
 
 def add_ratios(modes: dict[str, dict[str, Any]], reference: str, names: Any = None) -> None:
-    """Add ``ratio_to_<reference>`` (median step), ``pipelined_ratio_to_<reference>`` and
-    ``memory_ratio_to_<reference>`` (peak bytes) to each mode of ``names`` (default: all), in place."""
+    """Add ``ratio_to_<reference>`` (median step), ``pipelined_ratio_to_<reference>``,
+    ``memory_ratio_to_<reference>`` (peak bytes) and ``compile_ratio_to_<reference>`` (``compile_s``)
+    to each mode of ``names`` (default: all), in place."""
     ref = modes.get(reference, {})
     for name in modes if names is None else names:
         r = modes.get(name, {})
+        if r.get("compile_s") is not None and ref.get("compile_s"):
+            r[f"compile_ratio_to_{reference}"] = r["compile_s"] / ref["compile_s"]
         if "median_ms" in r and "median_ms" in ref:
             r[f"ratio_to_{reference}"] = r["median_ms"] / ref["median_ms"]
             r[f"pipelined_ratio_to_{reference}"] = r["pipelined_ms"] / ref["pipelined_ms"]

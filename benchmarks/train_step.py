@@ -19,13 +19,16 @@ Modes:
 ``--modes lora,dora`` prints the DoRA/LoRA step-time ratio measured in the same run.
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
-``--scan``); it prints a table and writes JSON with ``--out``.
+``--scan``); it prints a table and writes JSON with ``--out``. Each mode records its compiled step's
+``memory_analysis``; ``--buffers DIR`` has XLA dump each mode's buffer assignment in ``DIR/<mode>``
+for ``python -m benchmarks.buffers DIR/full DIR/lora``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -56,6 +59,15 @@ def _optimizer_step(opt, loss_of):
         return optax.apply_updates(trained, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _step_args(mode: str, state: list, params, rest, tokens) -> tuple:
+    """The arguments the timed loop passes to the jitted step of ``mode`` (its latest state)."""
+    if mode == "frozen":
+        return params, tokens
+    if mode == "full":
+        return state[0], state[1], tokens
+    return state[0], state[1], rest if mode == "nnx" else params, tokens
 
 
 def _measure(a: argparse.Namespace) -> dict:
@@ -143,13 +155,11 @@ def _measure(a: argparse.Namespace) -> dict:
     common.sync_point()
     ms = models.timeit(blocking, a.steps, 1)
     piped = models.timeit_pipelined(run, lambda: jax.block_until_ready(state[-1]), a.steps, a.window)
+    fn = fwd if a.mode == "frozen" else step  # jit's caches hand back the executable the loop ran: no recompile
+    compiled = fn.lower(*_step_args(a.mode, state, params, rest, tokens)).compile()
     if a.hlo:  # the optimised HLO of the step, for reading which kernels XLA made
-        fn = step if a.mode != "frozen" else fwd
-        args = {"full": lambda: (state[0], state[1], tokens), "frozen": lambda: (params, tokens)}.get(
-            a.mode, lambda: (state[0], state[1], rest if a.mode == "nnx" else params, tokens)
-        )()
         with open(a.hlo, "w") as f:
-            f.write(fn.lower(*args).compile().as_text())
+            f.write(compiled.as_text())
     if a.profile:
         common.profile(blocking, a.profile)
     out = {
@@ -160,8 +170,17 @@ def _measure(a: argparse.Namespace) -> dict:
         "step_ms": [round(x, 3) for x in ms],
         "peak_bytes": models.peak_bytes(),
         "loss": float(state[-1]),
-        "compile_s": round(compile_s, 1),
+        "compile_s": round(compile_s, 2),
     }
+    memory = common.memory_analysis(compiled)
+    if memory is not None:
+        out["memory_analysis"] = memory
+    if a.buffers:
+        out["buffers"] = a.buffers
+        if not glob.glob(os.path.join(a.buffers, "*buffer-assignment.txt")):
+            raise RuntimeError(f"--buffers {a.buffers}: XLA wrote no buffer assignment there. It reads XLA_FLAGS "
+                               "once, as JAX starts its backend: run the driver, which sets --xla_dump_to per mode, "
+                               f"or start Python with XLA_FLAGS=--xla_dump_to={a.buffers}")  # fmt: skip
     out["tokens_per_s"] = cfg.batch * cfg.seq / (out["median_ms"] / 1e3)
     if a.mode == "full":
         out["model_tflops"] = cfg.train_flops() / 1e12
@@ -188,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parallel", action="store_true", help="compile all modes at once, then time them one by one")
     p.add_argument("--hlo", default=None, help="worker: write the compiled step's HLO text here")
     p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO")
+    p.add_argument("--buffers", default=None, help="per mode: XLA's buffer assignment of each program in DIR/<mode> "
+                   "(read it with python -m benchmarks.buffers)")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -220,7 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
     if a.profile:
         jobs = {m: [*j, "--profile", f"{a.profile}_{m}", "--hlo", f"{a.profile}_{m}.hlo.txt"] for m, j in jobs.items()}
-    result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel)
+    envs = {}
+    if a.buffers:  # XLA reads XLA_FLAGS as the backend starts, so each worker gets its own in its environment
+        dirs = {m: os.path.join(os.path.abspath(a.buffers), m) for m in jobs}
+        jobs = {m: [*j, "--buffers", dirs[m]] for m, j in jobs.items()}
+        flags_now = os.environ.get("XLA_FLAGS", "")
+        envs = {m: {"XLA_FLAGS": f"{flags_now} --xla_dump_to={d}".strip()} for m, d in dirs.items()}
+    result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel, envs=envs)
     full = result["modes"].get("full", {})
     common.add_ratios(result["modes"], "full")
     lora = result["modes"].get("lora", {})
@@ -236,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     for peer in ("peft", "peft_compiled"):
         if f"speedup_over_{peer}" in result:
             print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
-    print("compile s: " + ", ".join(f"{m} {r['compile_s']}" for m, r in result["modes"].items() if "compile_s" in r))
+    said = [f"{m} {r['compile_s']} ({common.rounded(r.get('compile_ratio_to_full'))})"
+            for m, r in result["modes"].items() if "compile_s" in r]  # fmt: skip
+    print("compile s, start to first step done (ratio to full): " + ", ".join(said))
     for mode in VARIANTS:
         r = result["modes"].get(mode, {})
         if "ratio_to_lora" in r:

@@ -12,7 +12,7 @@ from benchmarks import inference, train_step
 
 def _args(mode, **kw):
     base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, window=2,
-                override="{}", hlo=None, profile=None, targets="", lora_dtype="float32")  # fmt: skip
+                override="{}", hlo=None, profile=None, targets="", lora_dtype="float32", buffers=None)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -26,6 +26,83 @@ def test_train_step_modes_run(mode):
 @pytest.mark.parametrize("opts", [dict(remat=True), dict(scan=True), dict(targets="q,v", lora_dtype="bfloat16")])
 def test_train_step_remat_and_scan(opts):
     assert train_step._worker(_args("lora", **opts))["median_ms"] > 0
+
+
+def test_train_step_records_the_compiled_steps_memory_analysis():
+    """Full fine-tuning donates all its arguments but the tokens; LoRA donates its factors and their
+    optimizer state, not the frozen weights (float32 in the tiny config)."""
+    from benchmarks import models
+
+    full, lora = (train_step._worker(_args(mode))["memory_analysis"] for mode in ("full", "lora"))
+    tokens, frozen = 2 * 32 * 4, 4 * models.configure("tiny").params()  # int32 tokens (batch, seq); float32 weights
+    assert full["temp_size_in_bytes"] > 0 and lora["temp_size_in_bytes"] > 0
+    assert full["argument_size_in_bytes"] - full["alias_size_in_bytes"] == tokens, full
+    assert lora["argument_size_in_bytes"] - lora["alias_size_in_bytes"] == tokens + frozen, lora
+    assert lora["argument_size_in_bytes"] < full["argument_size_in_bytes"]
+
+
+def test_train_step_says_when_xla_wrote_no_buffers(tmp_path):
+    """This process's backend started without --xla_dump_to, so a worker asked for its buffers must say so."""
+    with pytest.raises(RuntimeError, match="XLA wrote no buffer assignment there"):
+        train_step._worker(_args("frozen", buffers=str(tmp_path)))
+
+
+def test_buffers_parses_a_dump_without_a_peak_section(tmp_path):
+    """The older single-file form, and a tuple-shaped value: the temp allocations' values stand in for the peak."""
+    from benchmarks import buffers
+
+    (tmp_path / "m.after_optimizations-buffer-assignment.txt").write_text(
+        "BufferAssignment:\n"
+        "allocation 0: size 1024, parameter 0, shape |f32[16,16]| at ShapeIndex {}:\n"
+        " value: <0 p.1 @0> (size=1024,offset=0): f32[16,16]{1,0}\n"
+        "allocation 1: size 2048, preallocated-temp:\n"
+        " value: <1 dot.2 @0> (size=1024,offset=0): f32[16,16]{1,0}\n"
+        " value: <2 fusion.3{1} @0> (size=1024,offset=1024): f32[16,16]{1,0}\n"
+        "allocation 2: size 16, output shape is |(f32[2], f32[2])|, maybe-live-out:\n"
+        " value: <3 tuple.4{} @0> (size=16,offset=0): (f32[2]{0}, /*index=1*/f32[2]{0})\n"
+    )
+    (tmp_path / "m.after_optimizations.txt").write_text(
+        '  %dot.2 = f32[16,16]{1,0} dot(%p.1, %p.1), metadata={op_name="jit(f)/dot_general"}\n'
+    )
+    m = buffers.read(str(tmp_path))
+    assert m["totals"] == {"parameter": 1024, "preallocated-temp": 2048, "output": 16, "maybe-live-out": 16,
+                           "total": 3088}  # fmt: skip
+    assert [(v["name"], v["op"], v["source"]) for v in m["peak"]] == [
+        ("dot.2{}", "dot", "jit(f)/dot_general"),
+        ("fusion.3{1}", "?", ""),
+    ]
+    [g] = buffers.groups(m["peak"])
+    assert (g["shape"], g["origin"], g["count"], g["bytes"]) == ("f32[16,16]", "computed", 2, 2048)
+
+
+@pytest.mark.slow
+def test_driver_dumps_each_modes_buffers_and_buffers_compares_them(tmp_path, capsys):
+    """--buffers: each worker's XLA writes its programs' buffer assignment; benchmarks.buffers finds the
+    step in each, agrees with its memory_analysis, and finds the LoRA factors (rank 4) that full lacks."""
+    from benchmarks import buffers
+
+    path, dumps = tmp_path / "r.json", tmp_path / "buf"
+    train_step.main(["--config", "tiny", "--modes", "full,lora", "--steps", "2", "--warmup", "1", "--rank", "4",
+                     "--buffers", str(dumps), "--out", str(path)])  # fmt: skip
+    modes = json.loads(path.read_text())["modes"]
+    assert modes["full"]["compile_ratio_to_full"] == 1.0
+    assert modes["lora"]["compile_ratio_to_full"] == pytest.approx(
+        modes["lora"]["compile_s"] / modes["full"]["compile_s"]
+    )
+    assert (
+        f"lora {modes['lora']['compile_s']} ({modes['lora']['compile_ratio_to_full']:.3f})" in capsys.readouterr().out
+    )
+    got = buffers.main([modes["full"]["buffers"], modes["lora"]["buffers"], "--json", str(tmp_path / "b.json")])
+    assert got == json.loads((tmp_path / "b.json").read_text())
+    for mode in ("full", "lora"):
+        r, memory = got[mode], modes[mode]["memory_analysis"]
+        assert "jit_step" in r["module"] and r["groups"], r["module"]
+        assert r["totals"]["parameter"] == memory["argument_size_in_bytes"]
+        assert r["totals"]["preallocated-temp"] == memory["temp_size_in_bytes"]  # so on the CPU
+        assert 0 < r["peak_bytes"] <= r["totals"]["total"]
+    kept = {(d["shape"], d["origin"]): d for d in got["kept_by_lora_not_full"]}
+    a = kept["f32[64,4]", "argument"]  # each layer's q, k, v, o and up factor a, its adam mu and nu: 2 * 5 * 3
+    assert (a["count_first"], a["count_second"], a["extra_bytes"]) == (0, 30, 30 * 64 * 4 * 4)
 
 
 @pytest.mark.parametrize("mode", ["torch_full", "peft"])
