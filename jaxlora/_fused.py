@@ -7,8 +7,8 @@ and the LoRA term costs no extra pass over the output. `matmul` is that kernel, 
 for its Triton lowering on a GPU; `reference` is the same math in XLA, the fallback everywhere else.
 
 `chosen` decides, from static shapes and the backend only, whether `jaxlora._matmul` uses the kernel:
-never on a CPU or TPU, never for shapes the tiles do not cover, and on a GPU only where
-``benchmarks/kernels.py`` measured it faster than XLA's own forms (docs/design.md gives the figures).
+never on a CPU or TPU, never for shapes the tiles do not cover, and on a GPU only where it measured
+faster in a whole step. On an H200 it did not (docs/design.md gives the figures), so XLA is the default.
 
 Example:
   >>> import jax.numpy as jnp
@@ -51,9 +51,11 @@ def covers(m: int, k: int, n: int, r: int, block: tuple[int, int, int] | None = 
 def chosen(x: Array, w: Array, rank: int) -> bool:
     """Whether `jaxlora._matmul` uses the kernel for ``x: (..., k)`` against a 2-D ``w: (k, n)``.
 
-    Only on a GPU, for 16-bit floating ``x`` and ``w`` of one dtype, shapes `covers`, and where it
-    measured faster: ``benchmarks/kernels.py`` on an H200 found the Triton-lowered GEMM slower than
-    the library's at every training and prefill shape of config A, so the automatic rule keeps XLA.
+    Only on a GPU, for 16-bit floating ``x`` and ``w`` of one dtype, shapes `covers` both ways (the
+    forward and ``dx``), and where it pays (`_PAYS`). On an H200 each layer alone was 11-16 % faster
+    fused (``benchmarks/kernels.py``), but config A's training step was 1.9 % slower (XLA merges the
+    products that share an input, which a custom call cannot join), so `_PAYS` is False: XLA's forms.
+    `_KERNEL` True or False forces the kernel on (where it fits) or off.
     """
     m = x.size // x.shape[-1]
     fits = (
@@ -68,7 +70,7 @@ def chosen(x: Array, w: Array, rank: int) -> bool:
     return fits and jax.default_backend() == "gpu" and _PAYS
 
 
-_PAYS = False  # set from the measurements in benchmarks/results/kernels_h200.json (see `chosen`)
+_PAYS = False  # measured: benchmarks/results/kernels_A_h200.json and train_A_fused_h200.json (see `chosen`)
 
 
 def matmul(
