@@ -6,6 +6,7 @@
 # On the H200 (2026-12-02): multi (the decoder then passed its cache through the scan), base under each
 # cache form (and a multiply-and-sum attention, since removed), every mode with --cache-form carry,
 # qlora_decode, then the decode modes with the default xs form (multi_adapter_h200_decode_xs.json).
+# Then (2026-12-02, issue 14): kernels fused_a, and llama8b lora alone (train_llama8b_lora_h200.json).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
