@@ -291,10 +291,24 @@ def test_truncated_arrays(tmp_path, trained):
     for f in data:  # cut every data file in half
         with open(f, "r+b") as fh:
             fh.truncate(os.path.getsize(f) // 2)
-    with pytest.raises(ValueError, match="truncated or corrupt: reading its arrays failed.*restore an earlier"):
-        ckpt.restore(cut)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="is damaged; restore an earlier.*\n  lora/.*bytes, .* written"):
+        ckpt.restore(cut)  # the manifest's sizes catch it before a byte of the arrays is read
+    (cut / "jaxlora_manifest.json").unlink()  # as written before manifests: Orbax's own read fails
+    with pytest.warns(UserWarning, match="no jaxlora_manifest.json.*unverified"):
+        with pytest.raises(ValueError, match="truncated or corrupt: reading its arrays failed.*restore an earlier"):
+            ckpt.restore(cut)
     time.sleep(1.0)  # let TensorStore's late callbacks arrive within this test
     gc.collect()
+
+
+def _edit(checkpoint, rel, text=None):
+    """Rewrite (or, with ``text=None``, delete) a file of a checkpoint, and its manifest to match: the
+    damage the manifest would catch, made to reach the checks behind it."""
+    from jaxlora.checkpoint import _commit
+
+    f = checkpoint / rel
+    shutil.rmtree(f) if text is None else f.write_text(text)
+    _commit.write_manifest(checkpoint, _commit.read_manifest(checkpoint)["kind"])
 
 
 def test_corrupt_foreign_and_newer(tmp_path, trained):
@@ -304,20 +318,21 @@ def test_corrupt_foreign_and_newer(tmp_path, trained):
         ckpt.restore(tmp_path / "missing")
     # corrupt metadata
     bad = ckpt.save(tmp_path / "badjson", lora)
-    (bad / "lora_meta" / "metadata").write_text('{"format": "jaxlora.adap')
+    with pytest.raises(ckpt.CorruptCheckpointError, match="is damaged.*\n  lora_meta/metadata: 24 bytes, 708 written"):
+        (bad / "lora_meta" / "metadata").write_text('{"format": "jaxlora.adap')
+        ckpt.restore(bad)
+    _edit(bad, "lora_meta/metadata", '{"format": "jaxlora.adap')
     with pytest.raises(ValueError, match="is corrupt: lora_meta/metadata is not valid JSON.*earlier checkpoint"):
         ckpt.restore(bad)
     # arrays missing entirely
     gone = ckpt.save(tmp_path / "noarrays", lora)
-    import shutil
-
-    shutil.rmtree(gone / "lora")
+    _edit(gone, "lora")
     with pytest.raises(ValueError, match="'lora' item .* is missing"):
         ckpt.restore(gone)
     # newer format version
     newer = ckpt.save(tmp_path / "newer", lora)
     meta = json.loads((newer / "lora_meta" / "metadata").read_text())
-    (newer / "lora_meta" / "metadata").write_text(json.dumps({**meta, "version": 99, "jaxlora_version": "9.0"}))
+    _edit(newer, "lora_meta/metadata", json.dumps({**meta, "version": 99, "jaxlora_version": "9.0"}))
     with pytest.raises(ValueError, match="format version 99, written by a newer jaxlora.*Upgrade jaxlora"):
         ckpt.restore(newer)
     # another library's Orbax checkpoint; a plain directory; a PEFT directory; a file
@@ -326,7 +341,7 @@ def test_corrupt_foreign_and_newer(tmp_path, trained):
     with pytest.raises(ValueError, match="not a jaxlora adapter checkpoint"):
         ckpt.restore(tmp_path / "params")
     other = ckpt.save(tmp_path / "foreign", lora)
-    (other / "lora_meta" / "metadata").write_text(json.dumps({"format": "something-else"}))
+    _edit(other, "lora_meta/metadata", json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="format 'something-else', expected 'jaxlora.adapter'"):
         ckpt.restore(other)
     (tmp_path / "empty").mkdir()

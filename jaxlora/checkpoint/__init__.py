@@ -1,5 +1,6 @@
 """Adapter checkpoints: Orbax (`save`, `restore`), PEFT files (`save_peft`, `load_peft`), merged export, stacks."""
 
+from ._commit import CorruptCheckpointError as CorruptCheckpointError
 from ._fingerprint import check as check_base
 from ._fingerprint import fingerprint as fingerprint
 from ._merged import merge_safetensors as merge_safetensors
@@ -19,6 +20,7 @@ from ._stack import save_stack as save_stack
 
 __all__ = [
     "AdapterInfo",
+    "CorruptCheckpointError",
     "check_base",
     "fingerprint",
     "info",

@@ -4,21 +4,16 @@ A checkpoint directory holds two Orbax items: ``lora`` (the arrays ``a`` and ``b
 Orbax's OCDBT format) and ``lora_meta`` (JSON: format name and version, each module's path, rank, scale,
 roles and dropout, the `LoraConfig` it was made with, and the base fingerprint). The static fields of
 `LoraFactors` are no pytree leaves, so they travel in the JSON and `restore` rebuilds the factors.
-Orbax writes into a temporary directory and renames it when complete, so a save that dies midway
-leaves any earlier checkpoint as it was. ``save(..., overwrite=True)`` writes the new checkpoint next to
-the old one (``<name>.jaxlora-new-<pid>``), then renames the old one away (``<name>.jaxlora-old-<pid>``)
-and the new one in: two renames, since POSIX cannot rename a directory over a non-empty one. A process
-killed between them leaves no checkpoint at ``<name>`` but two complete ones beside it; `restore` and
-`info` then use the newer complete one and warn, naming both paths, and the next save tidies up.
+Every save goes through `_commit.committing`: written beside ``directory``, checksummed in
+``jaxlora_manifest.json``, then renamed into place; `restore` and `info` verify the manifest before
+reading anything and check the JSON item against itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +27,11 @@ import orbax.checkpoint as ocp
 from .._config import LoraConfig
 from .._matmul import LoraFactors
 from .._saved import SavedModule
-from . import _fingerprint
+from . import _commit, _fingerprint
+from ._info import AdapterInfo as AdapterInfo
+from ._info import config_from_json as config_from_json
+from ._info import config_to_json as config_to_json
+from ._info import module_problems
 
 FORMAT = "jaxlora.adapter"
 VERSION = 1
@@ -40,55 +39,6 @@ ARRAYS = "lora"  # the Orbax item names; a CheckpointManager may hold other item
 META = "lora_meta"
 Lora = dict[str, LoraFactors]
 PathLike = str | os.PathLike
-
-
-class AdapterInfo(NamedTuple):
-    """What a saved adapter holds, read without loading its arrays (see `info`).
-
-    Attributes:
-      format: ``"orbax"`` or ``"peft"``.
-      version: the format version (jaxlora's, or PEFT's ``peft_version`` string).
-      config: the `LoraConfig` fields as a dict, or ``None`` when unknown.
-      modules: ``{path: {"rank", "scale", "roles", "dropout", "a_shape", "b_shape", "dtype"}}``; a saved
-        module (``modules_to_save``): ``{path: {"kind": "saved", "leaves": {name: {"shape", "dtype"}}}}``.
-      base: the base fingerprint ``{path: {"shape", "dtype", "name"}}``, or ``None`` when unknown.
-      size_bytes: bytes on disk.
-    """
-
-    format: str
-    version: Any
-    config: dict[str, Any] | None
-    modules: dict[str, dict[str, Any]]
-    base: dict[str, dict[str, Any]] | None
-    size_bytes: int
-
-    @property
-    def trainable(self) -> int:
-        """The number of LoRA parameters."""
-        return sum(
-            sum(int(np.prod(w["shape"])) for w in m["leaves"].values())
-            if m.get("kind") == "saved"
-            else sum(int(np.prod(m[f"{k}_shape"])) for k in ("a", "b", "m") if f"{k}_shape" in m)
-            for m in self.modules.values()
-        )
-
-
-def config_to_json(config: LoraConfig) -> dict[str, Any]:
-    """`LoraConfig` fields as JSON-able values (patterns as dicts, dtype as its name)."""
-    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    out["targets"] = out["targets"] if isinstance(out["targets"], str) else list(out["targets"])
-    out["exclude"] = list(out["exclude"])
-    out["modules_to_save"] = list(out["modules_to_save"])
-    out["rank_pattern"] = dict(out["rank_pattern"])
-    out["alpha_pattern"] = dict(out["alpha_pattern"])
-    out["dtype"] = jnp.dtype(out["dtype"]).name
-    return out
-
-
-def config_from_json(fields: Mapping[str, Any]) -> LoraConfig:
-    """The inverse of `config_to_json`."""
-    names = {f.name for f in dataclasses.fields(LoraConfig)}
-    return LoraConfig(**{k: v for k, v in fields.items() if k in names})
 
 
 def metadata(
@@ -126,6 +76,7 @@ def metadata(
             "dtype": jnp.dtype(f.a.dtype).name,
             "b_dtype": jnp.dtype(f.b.dtype).name,
             **({} if f.m is None else {"m_shape": [int(d) for d in f.m.shape], "m_dtype": jnp.dtype(f.m.dtype).name}),
+            **({"from_config": True} if _from_config(config, path, f) else {}),
         }
         for path, f in lora.items()
         if path not in saved
@@ -139,6 +90,11 @@ def metadata(
         "config": None if config is None else config_to_json(config),
         "base": _fingerprint.fingerprint(params, lora) if params is not None else fingerprint,
     }
+
+
+def _from_config(config: LoraConfig | None, path: str, f: LoraFactors) -> bool:
+    """Whether ``f``'s scale and rank are ``config``'s for ``path`` (then `restore` checks they still are)."""
+    return config is not None and (config.rank_for(path), config.scale_for(path)) == (f.a.shape[-1], float(f.scale))
 
 
 def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
@@ -202,9 +158,10 @@ def save(
       config: the `LoraConfig` it was made with (optional, recorded).
       params: the base parameters (may be abstract), recorded as a fingerprint (optional).
       fingerprint: the base fingerprint itself, when params are not at hand (optional).
-      overwrite: replace an existing checkpoint. The new one is written completely before the old one
-        is renamed away; a process killed between the two renames leaves both complete beside
-        ``directory``, and `restore` uses the new one (with a warning).
+      overwrite: replace an existing adapter checkpoint (and nothing else). The new one is written
+        completely beside it, checksummed, and renamed in; a process killed between the two renames
+        leaves both complete beside ``directory``, and `restore` uses the new one (with a warning).
+        Through a symlink, its target is replaced.
 
     Returns:
       The checkpoint's path.
@@ -212,6 +169,7 @@ def save(
     Raises:
       FileExistsError: if ``directory`` exists (or an interrupted overwrite left its checkpoint beside it)
         and ``overwrite`` is false.
+      ValueError: if ``overwrite`` would replace something that is not a jaxlora adapter checkpoint.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile
@@ -221,67 +179,43 @@ def save(
       >>> jaxlora.checkpoint.restore(path, params=params)["w"].a.shape
       (4, 2)
     """
-    path = Path(directory).absolute()
-    if (path.exists() or _leftovers(path)) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
-    items = save_args(lora, config=config, params=params, fingerprint=fingerprint)
-    if not path.exists():
-        _checkpointer().save(path, args=ocp.args.Composite(**items))
-    else:
-        fresh, stale = (
-            path.with_name(f"{path.name}.jaxlora-new-{os.getpid()}"),
-            path.with_name(f"{path.name}.jaxlora-old-{os.getpid()}"),
-        )
-        _checkpointer().save(fresh, args=ocp.args.Composite(**items), force=True)
-        os.replace(path, stale)  # killed from here ...
-        os.replace(fresh, path)  # ... to here, `restore(path)` falls back on `fresh` (complete) and warns
-    for p in path.parent.glob(f"{glob.escape(path.name)}.jaxlora-*"):  # this save's `stale`, earlier kills' leftovers
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return path
+    items = ocp.args.Composite(**save_args(lora, config=config, params=params, fingerprint=fingerprint))
+    with _commit.committing(directory, kind="adapter", overwrite=overwrite, collective=True) as staging:
+        _checkpointer().save(staging, args=items)
+    return Path(directory).absolute()
 
 
-def _leftovers(path: Path) -> list[Path]:
-    """The complete checkpoints that interrupted ``save(path, overwrite=True)`` calls left beside ``path``,
-    newest first. Orbax renames a checkpoint into place only when it is complete, so a half-written one
-    still has its ``.orbax-checkpoint-tmp`` name and is never among them."""
-    found = []
-    for kind in ("new", "old"):
-        prefix = f"{path.name}.jaxlora-{kind}-"
-        for p in path.parent.glob(f"{glob.escape(prefix)}*"):
-            if p.name[len(prefix) :].isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / ARRAYS).is_dir():
-                try:
-                    _check_meta(p)
-                except ValueError:
-                    continue
-                found.append(p)
-    return sorted(found, key=lambda p: (p / "_CHECKPOINT_METADATA").stat().st_mtime_ns, reverse=True)
+def _legacy(p: Path) -> bool:
+    """A complete leftover of a save made before checkpoints had manifests."""
+    if not ((p / "_CHECKPOINT_METADATA").is_file() and (p / ARRAYS).is_dir()):
+        return False
+    try:
+        _check_meta(p)
+    except ValueError:
+        return False
+    return True
 
 
 def _locate(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint at ``path`` and its JSON item; where an overwrite interrupted between its two renames
-    left no checkpoint at ``path``, the newest complete one it left beside it (with a warning)."""
-    if path.exists() or not (found := _leftovers(path)):
-        return path, _read_meta(path)
-    others = "".join(f", {p}" for p in found[1:])
-    warnings.warn(
-        f"{path} does not exist: a save(..., overwrite=True) was interrupted between its two renames. Using the "
-        f"complete checkpoint it left at {found[0]} (the newest of {len(found)}: {found[0]}{others}); "
-        f"save to {path} again, or rename {found[0].name} to {path.name}, to put it back in place.",
-        stacklevel=3,
-    )
-    return found[0], _check_meta(found[0])
+    """The checkpoint at ``path`` (or the leftover an interrupted overwrite left), verified, and its JSON item."""
+    found = _commit.locate(path, "adapter", _legacy)
+    return found, _read_meta(found, leftover=found != path)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    """The JSON item of the checkpoint at ``path``, after checking it is one jaxlora can read."""
+def _read_meta(path: Path, *, leftover: bool = False) -> dict[str, Any]:
+    """The JSON item of the checkpoint at ``path``, after checking it is one jaxlora can read, intact."""
     if not path.exists():
         raise FileNotFoundError(f"No adapter checkpoint at {path}: it does not exist.")
-    if ".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name:
+    if not leftover and (".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name):
         raise ValueError(
             f"{path} is an unfinished save (it was interrupted); restore {path.name.split('.jaxlora-')[0]}"
             " or the previous checkpoint instead."
         )
-    return _check_meta(path)
+    verified = path.is_dir() and _commit.verify(path, "adapter")
+    meta = _check_meta(path)
+    if not verified and not path.name.isdigit():  # a CheckpointManager's step is Orbax's, and has no manifest
+        _commit.warn_unverified(path, "the adapter")
+    return meta
 
 
 def _check_meta(path: Path) -> dict[str, Any]:
@@ -293,6 +227,8 @@ def _check_meta(path: Path) -> dict[str, Any]:
             hint = "it is a PEFT adapter: use jaxlora.checkpoint.load_peft"
         elif steps := sorted(p.name for p in path.iterdir() if p.name.isdigit()):
             hint = f"it holds CheckpointManager steps {steps[-5:]}: pass {path / steps[-1]} or use restore_step"
+        elif (path / "lora_stack_meta").is_dir():
+            hint = "it is a stack of adapters: use jaxlora.checkpoint.restore_stack"
         elif (path / "_CHECKPOINT_METADATA").exists():
             items = sorted(p.name for p in path.iterdir() if p.is_dir())
             hint = f"it is an Orbax checkpoint with items {items}, but without jaxlora's {META!r} item"
@@ -302,7 +238,7 @@ def _check_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
+        raise _commit.CorruptCheckpointError(
             f"{path} is corrupt: {META}/metadata is not valid JSON ({e}); restore an earlier checkpoint or save again."
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -313,7 +249,38 @@ def _check_meta(path: Path) -> dict[str, Any]:
             f"{path} has format version {meta.get('version')!r}, written by a newer jaxlora "
             f"({meta.get('jaxlora_version')}); this jaxlora reads versions up to {VERSION}. Upgrade jaxlora."
         )
+    _validate(meta, path)
     return meta
+
+
+def _validate(meta: dict[str, Any], path: Path) -> None:
+    """Check the JSON item against itself; every problem named, in one `CorruptCheckpointError`."""
+    modules, problems, config = meta.get("modules"), [], None
+    if not isinstance(modules, dict):
+        problems.append(f"'modules' is {type(modules).__name__}, not a dict from module path to its metadata")
+        modules = {}
+    if not isinstance(meta.get("base"), (dict, type(None))):
+        problems.append(f"'base' is {type(meta.get('base')).__name__}, not a fingerprint dict or null")
+    if meta.get("config") is not None:
+        try:
+            config = config_from_json(meta["config"])
+        except (TypeError, ValueError, AttributeError) as e:
+            problems.append(f"'config' is not a valid LoraConfig ({str(e).splitlines()[-1].strip()})")
+    for p, m in modules.items():
+        problems += module_problems(p, m)
+        if isinstance(m, dict) and m.get("from_config") and not problems:
+            want = None if config is None else (config.rank_for(p), config.scale_for(p))
+            if want != (m.get("rank"), m.get("scale")):
+                problems.append(
+                    f"module {p!r}: rank {m.get('rank')} and scale {m.get('scale')} were saved as the config's, "
+                    f"which gives {want}"
+                )
+    if problems:
+        raise _commit.CorruptCheckpointError(
+            f"{path} is damaged: its {META} item does not hold up; restore an earlier checkpoint or save again:\n  "
+            + "\n  ".join(problems[:8])
+        )
+
 
 
 def _size(path: Path) -> int:
@@ -456,7 +423,7 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
     if params is not None and meta["base"] is not None:
         _fingerprint.check(meta["base"], params, source=f"The adapter at {path}")
     if not (path / ARRAYS).is_dir():
-        raise ValueError(
+        raise _commit.CorruptCheckpointError(
             f"{path} is corrupt: its {ARRAYS!r} item (the arrays) is missing; restore an earlier checkpoint."
         )
     target = _abstract(meta, shardings)
@@ -465,7 +432,7 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
             ARRAYS
         ]
     except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-        raise ValueError(
+        raise _commit.CorruptCheckpointError(
             f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
             "restore an earlier checkpoint or save again."
         ) from e
@@ -511,7 +478,7 @@ def restore_step(
     if step is None:
         raise FileNotFoundError(f"{manager.directory} holds no finished checkpoint step; nothing to resume from.")
     path = Path(manager.directory) / str(step)
-    meta = _read_meta(path) if path.is_dir() else None
+    meta = _check_meta(path) if path.is_dir() else None  # a manager's step has no jaxlora manifest
     if meta is None:
         meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     if params is not None and meta["base"] is not None:

@@ -46,7 +46,7 @@ from .._matmul import LoraFactors
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
 from . import _fingerprint
-from ._orbax import AdapterInfo, config_to_json
+from ._info import AdapterInfo, config_to_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

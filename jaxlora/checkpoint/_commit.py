@@ -1,0 +1,493 @@
+"""The one write protocol of every jaxlora writer: write beside, checksum, then rename into place.
+
+A directory (adapter, stack, PEFT files, merged Orbax export) is written whole into a fresh staging
+directory beside the target, ``<name>.jaxlora-new-<host>-<pid>-<token>``. When the writer returns,
+`committing` lists every file it wrote, with its size and SHA-256, in ``jaxlora_manifest.json``
+(written last, so a staging directory with a valid manifest is complete), fsyncs, and commits by
+rename: one rename onto an absent target; for an existing one, the target is renamed aside
+(``<name>.jaxlora-old-...``), the staging directory in, and the old one deleted. POSIX cannot rename
+a directory over a non-empty one, so a kill between those two renames leaves no ``<name>`` but
+complete leftovers beside it: readers then use the newest complete one (`locate`, with a warning)
+and the next save removes them. A single file (a merged ``.safetensors``) is written to a staging
+file beside the target, fsynced and ``os.replace``d: one atomic rename; its checksum lives in the
+safetensors header (`seal_safetensors`).
+
+Concurrent writers to one path each write their own staging path and hold an ``fcntl`` lock on the
+parent directory while renaming; the clean-up removes only superseded ``old`` leftovers and the
+staging paths of processes on this host that no longer run, never another live writer's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "jaxlora_manifest.json"
+MANIFEST_FORMAT = "jaxlora.manifest"
+MANIFEST_VERSION = 1
+SHA_KEY = "jaxlora_sha256"  # in a safetensors file's __metadata__
+_CHUNK = 1 << 20
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_SIBLING = re.compile(r"\.jaxlora-(?P<role>new|old)-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)(?:-(?P<token>[0-9a-f]{8}))?(?P<rest>.*)")
+_LEGACY_TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
+KINDS = {
+    "adapter": "a jaxlora adapter checkpoint",
+    "stack": "a jaxlora stack checkpoint",
+    "peft": "a PEFT adapter directory",
+    "merged": "an Orbax checkpoint (a merged export)",
+    "safetensors": "a .safetensors file",
+}
+_warned: set[str] = set()
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint or export whose files do not match what was written: damaged on disk, never data."""
+
+
+def _sha256(path: Path, *, skip: tuple[int, int] | None = None) -> str:
+    """SHA-256 of a file read in chunks; ``skip=(start, stop)`` hashes those bytes as zeros."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        pos = 0
+        while chunk := f.read(_CHUNK):
+            if skip and pos < skip[1] and pos + len(chunk) > skip[0]:
+                buf = bytearray(chunk)
+                lo, hi = max(skip[0] - pos, 0), min(skip[1] - pos, len(chunk))
+                buf[lo:hi] = b"0" * (hi - lo)
+                chunk = bytes(buf)
+            h.update(chunk)
+            pos += len(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(root: Path, skip: Sequence[str] = ()) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), root)
+            if rel != MANIFEST and rel.split(os.sep)[0] not in skip:
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def write_manifest(root: Path, kind: str, *, skip: Sequence[str] = ()) -> None:
+    """List every file under ``root`` (but ``skip``ped top-level entries) with its size and SHA-256,
+    fsync them and write the manifest last."""
+    files = {}
+    for rel in _files(root, skip):
+        f = root / rel
+        files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        _fsync(f)
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": kind, "files": files}
+    with open(root / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for dirpath, _, _ in os.walk(root):
+        _fsync(Path(dirpath))
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of ``root`` (``None`` if it has none); a damaged one raises."""
+    f = root / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        m = json.loads(f.read_bytes())
+        ok = (
+            m["format"] == MANIFEST_FORMAT
+            and m["version"] == MANIFEST_VERSION
+            and m["kind"] in KINDS
+            and all(
+                isinstance(k, str) and type(v["size"]) is int and re.fullmatch(r"[0-9a-f]{64}", v["sha256"])
+                for k, v in m["files"].items()
+            )
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{root} is damaged: its {MANIFEST} is not a valid jaxlora manifest (a newer jaxlora's, or damaged "
+            "on disk); restore an earlier checkpoint or save again."
+        )
+    return m
+
+
+def verify(root: Path, kind: str) -> bool:
+    """Check every file ``root``'s manifest lists (presence, size, SHA-256) before anything is read.
+
+    Returns whether ``root`` has a manifest (``False``: written before jaxlora checksummed, unverified).
+
+    Raises:
+      CorruptCheckpointError: naming every damaged or missing file.
+    """
+    m = read_manifest(root)
+    if m is None:
+        return False
+    problems = [] if m["kind"] == kind else [f"{MANIFEST} says it is {KINDS[m['kind']]}, read as {KINDS[kind]}"]
+    for rel, want in m["files"].items():
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif (size := f.stat().st_size) != want["size"]:
+            problems.append(f"{rel}: {size} bytes, {want['size']} written")
+        elif _sha256(f) != want["sha256"]:
+            problems.append(f"{rel}: SHA-256 differs from the one recorded at save (the file is damaged)")
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise CorruptCheckpointError(
+            f"{root} is damaged; restore an earlier checkpoint or save again:\n  " + "\n  ".join(shown)
+        )
+    return True
+
+
+def warn_unverified(root: Path, what: str) -> None:
+    """Warn, once per path, that a jaxlora checkpoint without a manifest is read unverified."""
+    if str(root) not in _warned:
+        _warned.add(str(root))
+        warnings.warn(
+            f"{root} has no {MANIFEST} (written by jaxlora before checkpoints were checksummed): {what} is read "
+            "unverified, so damage on disk may go unnoticed; save it again to add checksums.",
+            stacklevel=3,
+        )
+
+
+def kind_of(path: Path) -> str | None:
+    """The kind of checkpoint at ``path`` (see ``KINDS``), from its manifest or, for one written before
+    manifests, its layout; ``None`` for anything else (a missing or empty path is ``"empty"``)."""
+    if not path.exists() and not path.is_symlink():
+        return "empty"
+    if path.is_file():
+        return "safetensors" if path.suffix == ".safetensors" else None
+    if not path.is_dir():
+        return None
+    names = set(os.listdir(path))
+    if not names:
+        return "empty"
+    try:
+        if (m := read_manifest(path)) is not None:
+            return m["kind"]
+    except CorruptCheckpointError:
+        pass  # fall back on the layout
+    if "lora_meta" in names:
+        return "adapter"
+    if "lora_stack_meta" in names:
+        return "stack"
+    if names & {"adapter_config.json", "adapter_model.safetensors"}:
+        return "peft"
+    if names & {"_CHECKPOINT_METADATA", "_METADATA", "orbax.checkpoint"}:
+        return "merged"
+    return None
+
+
+def _describe(path: Path) -> str:
+    if path.is_dir():
+        entries = sorted(os.listdir(path))
+        return f"a directory holding {entries[:6]}{' ...' if len(entries) > 6 else ''}"
+    return "a file" if path.is_file() else "something that is neither a file nor a directory"
+
+
+def check_replaceable(path: Path, kind: str, *, overwrite: bool, slot: bool = False) -> None:
+    """Raise unless ``path`` may be written: absent, or (with ``overwrite``) a checkpoint of ``kind``.
+
+    ``slot``: an existing directory that holds no checkpoint may receive one (PEFT files into a repo);
+    its files are carried into the new directory.
+    """
+    found = kind_of(path)
+    if found == "empty" and not path.exists() and not leftovers(path, kind):
+        return
+    if slot and found is None and path.is_dir():
+        return
+    if not overwrite:
+        if slot and found == "empty":
+            return
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path.")
+    if found in (kind, "empty"):
+        return
+    what = KINDS[found] if found in KINDS else _describe(path)
+    raise ValueError(
+        f"{path} is {what}, not {KINDS[kind]}: overwrite=True replaces only {KINDS[kind]}, so nothing was "
+        "written. Choose another path, or move it away yourself if it may go."
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _siblings(path: Path) -> Iterator[tuple[Path, re.Match[str]]]:
+    for p in path.parent.glob(f"{glob.escape(path.name)}.jaxlora-*"):
+        if m := _SIBLING.fullmatch(p.name[len(path.name) :]):
+            yield p, m
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _ours(m: re.Match[str]) -> bool:
+    return m["host"] in (None, _HOST)
+
+
+def clean_up(path: Path) -> None:
+    """Remove the leftovers beside ``path`` that no writer can still need: superseded ``old`` copies, and
+    staging paths of processes on this host that have died (never a live writer's work in progress)."""
+    for p, m in _siblings(path):
+        if (m["role"] == "old" and not m["rest"]) or (_ours(m) and not _alive(int(m["pid"]))):
+            _remove(p)
+    for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # single-file staging before this protocol
+        if (m := _LEGACY_TMP.fullmatch(p.name)) and not _alive(int(m["pid"])):
+            _remove(p)
+
+
+def complete(p: Path, kind: str) -> bool:
+    """Whether ``p`` (a leftover) is a whole checkpoint of ``kind``: its manifest valid and every file intact."""
+    try:
+        return verify(p, kind)
+    except (CorruptCheckpointError, OSError):
+        return False
+
+
+def leftovers(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) -> list[Path]:
+    """The complete checkpoints that interrupted writes left beside ``path``, newest first.
+
+    ``legacy(p)`` judges one written before manifests (the caller knows its layout)."""
+    found: list[tuple[int, Path]] = []
+    for p, m in _siblings(path):
+        if m["rest"] or not p.is_dir():
+            continue
+        if (p / MANIFEST).is_file():
+            if complete(p, kind):
+                found.append(((p / MANIFEST).stat().st_mtime_ns, p))
+        elif legacy is not None and legacy(p):
+            found.append((max(f.stat().st_mtime_ns for f in p.iterdir()), p))
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def locate(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) -> Path:
+    """``path``, or where a write interrupted between its two renames left no ``path``, the newest
+    complete leftover beside it (with a warning)."""
+    if path.exists() or not (found := leftovers(path, kind, legacy)):
+        return path
+    others = "".join(f", {p}" for p in found[1:])
+    warnings.warn(
+        f"{path} does not exist: a save(..., overwrite=True) was interrupted between its two renames. Using the "
+        f"complete checkpoint it left at {found[0]} (the newest of {len(found)}: {found[0]}{others}); "
+        f"save to {path} again, or rename {found[0].name} to {path.name}, to put it back in place.",
+        stacklevel=4,
+    )
+    return found[0]
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The absolute path a write goes to: through a symlink (``latest -> step_100``) to its target."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _token() -> tuple[str, str]:
+    """This writer's pid and a random token; under several JAX processes, process 0's for all."""
+    import jax
+
+    pid, token = os.getpid(), secrets.randbits(31)
+    if jax.process_count() > 1:  # every process writes into process 0's staging path
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        pid, token = (int(x) for x in multihost_utils.broadcast_one_to_all(np.array([pid, token], np.int64)))
+    return str(pid), f"{token:08x}"
+
+
+def _sync(collective: bool, name: str) -> None:
+    import jax
+
+    if collective and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def committing(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool,
+    collective: bool = False,
+    slot: bool = False,
+    carry: Sequence[str] = (),
+) -> Iterator[Path]:
+    """Write a checkpoint directory of ``kind`` at ``path`` with the protocol above.
+
+    Yields the staging path (not yet created) that the caller writes the whole directory into. On
+    success the manifest is written, and the directory renamed into place; on any exception,
+    ``KeyboardInterrupt`` included, the staging path is removed and ``path`` left as it was.
+
+    Args:
+      path: the target (a symlink is followed: its target is replaced).
+      kind: one of ``KINDS``; an existing target must be of this kind.
+      overwrite: replace an existing target.
+      collective: every JAX process writes (Orbax); process 0 alone checksums and renames, after a barrier.
+      slot: see `check_replaceable`. The existing directory's entries other than ``carry`` (the names
+        jaxlora writes) are copied into the new directory, so a hub repo's ``README.md`` survives; they
+        are left out of the manifest (jaxlora does not vouch for them).
+      carry: with ``slot``, the names that the writer writes itself.
+    """
+    import jax
+
+    target = resolve(path)
+    check_replaceable(target, kind, overwrite=overwrite, slot=slot)
+    pid, token = _token() if collective else (str(os.getpid()), secrets.token_hex(4))
+    staging = target.with_name(f"{target.name}.jaxlora-new-{_HOST}-{pid}-{token}")
+    aside = target.with_name(f"{target.name}.jaxlora-old-{_HOST}-{pid}-{token}")
+    lead = not collective or jax.process_index() == 0
+    try:
+        yield staging
+        _sync(collective, f"jaxlora wrote {staging}")
+        if lead:
+            extra = []
+            if slot and target.is_dir():
+                for name in sorted(set(os.listdir(target)) - set(carry) - {MANIFEST}):
+                    if not (staging / name).exists():
+                        _copy(target / name, staging / name)
+                        extra.append(name)
+            write_manifest(staging, kind, skip=extra)
+            _swap(target, staging, aside, {kind, "empty"} | ({None} if slot else set()))
+    except BaseException:
+        if lead:
+            for p in target.parent.glob(f"{glob.escape(staging.name)}*"):
+                _remove(p)
+        raise
+    _sync(collective, f"jaxlora committed {staging}")
+
+
+def _swap(target: Path, staging: Path, aside: Path, allowed: set[str | None]) -> None:
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
+        if target.exists():
+            if (found := kind_of(target)) not in allowed:
+                raise ValueError(
+                    f"{target} became {KINDS.get(found or '', _describe(target))} while this save ran; nothing written."
+                )
+            os.replace(target, aside)  # killed from here ...
+        os.replace(staging, target)  # ... to here, readers fall back on `staging` (complete) and warn
+        os.fsync(fd)
+        _remove(aside)
+        clean_up(target)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def committing_file(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Write one ``.safetensors`` file at ``path``: into a staging file beside it, fsynced, then
+    ``os.replace``d (one atomic rename). Yields the staging path; on an exception it is removed."""
+    target = resolve(path)
+    check_replaceable(target, "safetensors", overwrite=overwrite)
+    staging = target.with_name(f"{target.name}.jaxlora-new-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield staging
+        _fsync(staging)
+        os.replace(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        _remove(staging)
+        raise
+    clean_up(target)
+
+
+# A safetensors file checksums itself: its __metadata__ holds the SHA-256 of the whole file with the
+# 64 hex digits of that value read as "0" * 64 (header and data covered, the checksum itself not).
+PLACEHOLDER = "0" * 64
+
+
+def sealed_offsets(path: Path) -> tuple[int, int] | None:
+    """Where the checksum's hex digits sit in a sealed safetensors file (``None``: not sealed).
+
+    Raises:
+      CorruptCheckpointError: for a file jaxlora wrote whose checksum entry is itself damaged.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        raw = f.read(min(max(n, 1 << 16), 100 * 2**20))  # a damaged length still finds the entry
+    key = f'"{SHA_KEY}":"'.encode()
+    at = raw.find(key)
+    if at < 0:
+        if b"jaxlora" in raw and re.search(rb'":"[0-9a-f]{64}"', raw):  # the entry's name is damaged
+            raise CorruptCheckpointError(f"{path} is damaged: its header's {SHA_KEY} entry is unreadable.")
+        return None
+    start = 8 + at + len(key)
+    return start, start + 64
+
+
+def seal(path: Path) -> None:
+    """Write the checksum into a safetensors file written with ``{SHA_KEY: PLACEHOLDER}`` metadata."""
+    where = sealed_offsets(path)
+    if where is None:
+        raise ValueError(f"{path}: written without the {SHA_KEY} placeholder, so it cannot be sealed.")
+    digest = _sha256(path, skip=where)
+    with open(path, "r+b") as f:
+        f.seek(where[0])
+        f.write(digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_safetensors(path: Path) -> bool:
+    """Check a safetensors file jaxlora wrote against its checksum (``False``: not sealed, unverified).
+
+    Raises:
+      CorruptCheckpointError: if the file does not match.
+    """
+    try:
+        where = sealed_offsets(path)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path} cannot be read ({e}).") from None
+    if where is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(where[0])
+        recorded = f.read(64).decode("ascii", "replace")
+    if _sha256(path, skip=where) != recorded:
+        raise CorruptCheckpointError(
+            f"{path} is damaged: its SHA-256 differs from the one jaxlora recorded when it wrote it "
+            f"({SHA_KEY} in its header); export it again."
+        )
+    return True
