@@ -291,7 +291,9 @@ def test_truncated_arrays(tmp_path, trained):
     for f in data:  # cut every data file in half
         with open(f, "r+b") as fh:
             fh.truncate(os.path.getsize(f) // 2)
-    with pytest.raises(ckpt.CorruptCheckpointError, match="is damaged; restore an earlier.*\n  lora/.*bytes, .* written"):
+    with pytest.raises(
+        ckpt.CorruptCheckpointError, match="is damaged; restore an earlier.*\n  lora/.*bytes, .*written"
+    ):
         ckpt.restore(cut)  # the manifest's sizes catch it before a byte of the arrays is read
     (cut / "jaxlora_manifest.json").unlink()  # as written before manifests: Orbax's own read fails
     with pytest.warns(UserWarning, match="no jaxlora_manifest.json.*unverified"):

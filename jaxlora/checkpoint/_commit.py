@@ -41,7 +41,9 @@ MANIFEST_VERSION = 1
 SHA_KEY = "jaxlora_sha256"  # in a safetensors file's __metadata__
 _CHUNK = 1 << 20
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-_SIBLING = re.compile(r"\.jaxlora-(?P<role>new|old)-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)(?:-(?P<token>[0-9a-f]{8}))?(?P<rest>.*)")
+_SIBLING = re.compile(  # ".jaxlora-new-<host>-<pid>-<token>" (or "-<pid>" alone before this protocol), then any suffix
+    r"\.jaxlora-(?P<role>new|old)-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)(?:-(?P<token>[0-9a-f]{8}))?(?P<rest>.*)"
+)
 _LEGACY_TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 KINDS = {
     "adapter": "a jaxlora adapter checkpoint",

@@ -11,17 +11,14 @@ reading anything and check the JSON item against itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from .._config import LoraConfig
@@ -280,7 +277,6 @@ def _validate(meta: dict[str, Any], path: Path) -> None:
             f"{path} is damaged: its {META} item does not hold up; restore an earlier checkpoint or save again:\n  "
             + "\n  ".join(problems[:8])
         )
-
 
 
 def _size(path: Path) -> int:
