@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import delta_reference
+from helpers import delta_reference, reseal
 from test_matmul import LAYOUTS, Wrap, _close, _dots
 
 import jaxlora
@@ -333,6 +333,7 @@ def test_peft_dora_errors(tmp_path):
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False}))
+    reseal(tmp_path)
     with pytest.raises(ValueError, match="'proj_in': use_dora is False but lora_magnitude_vector is present"):
         checkpoint.load_peft(tmp_path, params=params)
 

@@ -27,6 +27,7 @@ def _strip_header(directory):
 
     tensors = load_file(str(directory / "adapter_model.safetensors"))
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "jaxlora_manifest.json").unlink()  # PEFT writes none
 
 
 def test_layout_and_round_trip(tmp_path):

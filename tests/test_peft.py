@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close
+from helpers import assert_trees_close, reseal
 
 import jaxlora
 from jaxlora import checkpoint as ckpt
@@ -122,6 +122,7 @@ def test_foreign_layout_needs_params_and_mapping(tmp_path, model):
 
     tensors = load_file(str(out / "adapter_model.safetensors"))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})  # strip jaxlora's header
+    (out / "jaxlora_manifest.json").unlink()  # and its manifest: the files as PEFT writes them
     back = ckpt.load_peft(out, params=params, names=NAMES, fn=net.apply, args=(ids,))
     assert_trees_close(back, lora, rtol=0, atol=0)
     assert back["heads"].roles == "ioo"
@@ -156,17 +157,23 @@ def test_errors(tmp_path, model):
         ckpt.load_peft(tmp_path / "empty")
     cfg = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True, "modules_to_save": ["cls"]}))
+    reseal(out)
     missing = r"(?s)modules_to_save \['cls'\].*'fc1': use_dora is True but lora_magnitude_vector is missing"
     with pytest.raises(ValueError, match=missing):
         ckpt.load_peft(out, params=params, names=NAMES)
     (out / "adapter_config.json").write_text("{oops")
+    reseal(out)
     with pytest.raises(ValueError, match="not valid JSON"):
         ckpt.load_peft(out)
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     data = (out / "adapter_model.safetensors").read_bytes()
     (out / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(
+        ckpt.CorruptCheckpointError, match=r"is damaged.*\n  adapter_config.json: .*\n  adapter_model.safetensors: "
+    ):
         ckpt.load_peft(out)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ckpt.load_peft(reseal(out))
 
 
 def test_wrong_shapes_named(tmp_path, model):

@@ -52,6 +52,13 @@ KINDS = {
     "merged": "an Orbax checkpoint (a merged export)",
     "safetensors": "a .safetensors file",
 }
+READERS = {
+    "adapter": "read it with jaxlora.checkpoint.restore",
+    "stack": "read it with jaxlora.checkpoint.restore_stack",
+    "peft": "read it with jaxlora.checkpoint.load_peft",
+    "merged": "read it with orbax.checkpoint.v1.load",
+    "safetensors": "read it with safetensors",
+}
 _warned: set[str] = set()
 
 
@@ -147,7 +154,9 @@ def verify(root: Path, kind: str) -> bool:
     m = read_manifest(root)
     if m is None:
         return False
-    problems = [] if m["kind"] == kind else [f"{MANIFEST} says it is {KINDS[m['kind']]}, read as {KINDS[kind]}"]
+    if m["kind"] != kind:
+        raise ValueError(f"{root} is {KINDS[m['kind']]}, not {KINDS[kind]}: {READERS[m['kind']]}.")
+    problems = []
     for rel, want in m["files"].items():
         f = root / rel
         if not f.is_file():
@@ -159,7 +168,8 @@ def verify(root: Path, kind: str) -> bool:
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise CorruptCheckpointError(
-            f"{root} is damaged; restore an earlier checkpoint or save again:\n  " + "\n  ".join(shown)
+            f"{root} is damaged; restore an earlier checkpoint or save again (if you changed a file on purpose, "
+            f"delete {MANIFEST} to read it unverified):\n  " + "\n  ".join(shown)
         )
     return True
 
@@ -274,7 +284,7 @@ def complete(p: Path, kind: str) -> bool:
     """Whether ``p`` (a leftover) is a whole checkpoint of ``kind``: its manifest valid and every file intact."""
     try:
         return verify(p, kind)
-    except (CorruptCheckpointError, OSError):
+    except (ValueError, OSError):
         return False
 
 

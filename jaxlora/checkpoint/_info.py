@@ -74,11 +74,12 @@ def _dtype_ok(name: Any) -> bool:
     return isinstance(name, str)
 
 
-def module_problems(path: Any, m: Any, *, stacked: bool = False) -> list[str]:
+def module_problems(path: Any, m: Any, *, adapters: int | None = None) -> list[str]:
     """What is wrong with one module's saved metadata, checked against itself (empty if nothing).
 
-    Roles only from ``s``, ``i``, ``o``; ``a (*S, *I, r)`` and ``b (*S, r, *O)`` (a stack's: one leading
-    adapter axis more) consistent with the roles and the rank; ``0 <= dropout < 1``; a finite scale.
+    Roles only from ``s``, ``i``, ``o``; ``a (*S, *I, r)`` and ``b (*S, r, *O)`` (a stack of ``adapters``:
+    ``a (*S, *I, n, R)``, ``b (*S, n, R, *O)``) consistent with the roles and the rank; ``0 <= dropout < 1``;
+    a finite scale.
     """
     where = f"module {path!r}"
     if not isinstance(m, dict):
@@ -95,7 +96,7 @@ def module_problems(path: Any, m: Any, *, stacked: bool = False) -> list[str]:
         return problems
     roles, dropout, a, b = m["roles"], m["dropout"], m["a_shape"], m["b_shape"]
     if not isinstance(roles, str) or not roles or set(roles) - set("sio") or "i" not in roles or "o" not in roles:
-        problems.append(f"{where}: roles {roles!r} are not axes from {{s, i, o}} with an i and an o")
+        return [f"{where}: roles {roles!r} are not axes from {{s, i, o}} with an i and an o"]
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         problems.append(f"{where}: dropout {dropout!r} is not in [0, 1)")
     if "scale" in m and (not isinstance(m["scale"], (int, float)) or not math.isfinite(m["scale"])):
@@ -103,15 +104,18 @@ def module_problems(path: Any, m: Any, *, stacked: bool = False) -> list[str]:
     for k in ("dtype", "b_dtype", "m_dtype"):
         if k in m and not _dtype_ok(m[k]):
             problems.append(f"{where}: {k} {m[k]!r} is no dtype")
-    if not (_ints(a) and _ints(b)) or problems:
-        return problems + ([] if _ints(a) and _ints(b) else [f"{where}: shapes {a!r}, {b!r} are not lists of sizes"])
-    lead = 1 if stacked else 0
+    if not (_ints(a) and _ints(b)):
+        return [*problems, f"{where}: shapes {a!r}, {b!r} are not lists of sizes"]
+    n = 0 if adapters is None else 1
     ns, ni, no = (roles.count(c) for c in "sio")
-    if len(a) != lead + ns + ni + 1 or len(b) != lead + ns + 1 + no:
-        return [f"{where}: a {a} and b {b} do not have the axes roles {roles!r} give (a: *S, *I, r; b: *S, r, *O)"]
+    if len(a) != ns + ni + n + 1 or len(b) != ns + n + 1 + no:
+        want = "a: *S, *I, r; b: *S, r, *O" if adapters is None else "a: *S, *I, n, R; b: *S, n, R, *O"
+        return [*problems, f"{where}: a {a} and b {b} do not have the axes roles {roles!r} give ({want})"]
     r = a[-1]
-    if b[lead + ns] != r or a[: lead + ns] != b[: lead + ns] or ("rank" in m and m["rank"] != r):
+    if b[ns + n] != r or a[:ns] != b[:ns] or ("rank" in m and m["rank"] != r):
         problems.append(f"{where}: a {a}, b {b} and rank {m.get('rank', r)} disagree on the rank or stacked axes")
-    if "m_shape" in m and m["m_shape"] != a[lead : lead + ns] + b[lead + ns + 1 :]:
+    if adapters is not None and a[-2] != adapters or b[ns : ns + n] != a[-1 - n : -1]:
+        problems.append(f"{where}: a {a} and b {b} do not hold {adapters} adapters")
+    if "m_shape" in m and m["m_shape"] != a[:ns] + b[ns + 1 :]:
         problems.append(f"{where}: DoRA magnitude {m['m_shape']} is not (*S, *O) of a {a} and b {b}")
     return problems

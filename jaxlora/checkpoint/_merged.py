@@ -2,7 +2,10 @@
 
 The safetensors writers compute the file's header from shapes alone, then merge and write each weight
 in turn, so the extra host memory stays near one weight, not a second copy of the model; the Orbax
-writer hands Orbax's partial-save session a chunk of merged weights at a time.
+writer hands Orbax's partial-save session a chunk of merged weights at a time. Both go through
+`_commit`: a safetensors file is written beside its target and renamed over it in one step, with
+the SHA-256 of the whole file in its header (``jaxlora_sha256``), checked when jaxlora reads it back
+as a merge base; an Orbax export is a directory committed with a manifest like any checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from .._matmul import LoraFactors
 from .._tree import _names, nearest
+from . import _commit
 from ._peft import read_peft
 
 _DTYPES = {
@@ -29,24 +33,20 @@ _DTYPES = {
 Layout = Callable[[str], tuple[str, tuple[int, ...] | None]]
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path.")
-
-
 def write_safetensors(
     path: str | os.PathLike,
     entries: list[tuple[str, tuple[int, ...], Any]],
     produce: Callable[[int], np.ndarray],
     *,
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write a safetensors file whose tensors are made one at a time by ``produce(i)``; returns the bytes written.
 
     ``entries`` lists ``(name, shape, dtype)`` in file order; only the tensor being written is in memory.
-    The file appears atomically (written under a temporary name, then renamed).
+    The file appears atomically (written beside ``path``, sealed with its checksum, then renamed over it).
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": {**(metadata or {}), _commit.SHA_KEY: _commit.PLACEHOLDER}}
     offset = 0
     for name, shape, dtype in entries:
         size = math.prod(shape) * np.dtype(dtype).itemsize
@@ -58,18 +58,19 @@ def write_safetensors(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for i, (name, shape, dtype) in enumerate(entries):
-            array = np.ascontiguousarray(produce(i))
-            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise ValueError(f"{name}: produced {array.shape} {array.dtype}, header says {tuple(shape)} {dtype}")
-            f.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B"))
-            del array
-    os.replace(tmp, path)
+    with _commit.committing_file(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for i, (name, shape, dtype) in enumerate(entries):
+                array = np.ascontiguousarray(produce(i))
+                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise ValueError(
+                        f"{name}: produced {array.shape} {array.dtype}, header says {tuple(shape)} {dtype}"
+                    )
+                f.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B"))
+                del array
+        _commit.seal(tmp)
     return 8 + len(raw) + offset
 
 
@@ -81,20 +82,15 @@ def leaf_paths(params: Any) -> list[str]:
 CHUNK_BYTES = 256 * 2**20  # merged weights held in memory at once by the Orbax export (or one weight)
 
 
-def _save_orbax_in_chunks(path: Path, params: Any, merged: Callable[[int], Any], overwrite: bool) -> None:
+def _save_orbax_in_chunks(path: Path, params: Any, merged: Callable[[int], Any]) -> None:
     """An Orbax PyTree checkpoint written through Orbax's partial-save session, a chunk of weights a call.
 
-    The tree is saved as nested dicts keyed by the params' path names (Linen's own layout).
+    The tree is saved as nested dicts keyed by the params' path names (Linen's own layout). ``path`` is
+    `_commit`'s staging path: Orbax's own ``.partial_save`` directory sits beside it, under its name.
     """
-    import shutil
-
     from orbax.checkpoint.experimental.v1 import partial
 
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    staging = path.with_name(path.name + ".partial_save")
-    for stale in (staging, path) if overwrite else (staging,):
-        if stale.exists():  # an old output (asked to replace) or an interrupted earlier export
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
     def flush(indices: list[int]) -> None:
         chunk: dict[str, Any] = {}
@@ -140,14 +136,17 @@ def save_merged(
         ``orbax.checkpoint.v1.load(path)``); unadapted weights are written as they are.
       layout: safetensors only: ``leaf path -> (key, axes permutation or None)``, e.g. to write a
         Hugging Face checkpoint with torch names and ``(out, in)`` kernels.
-      overwrite: replace an existing output.
+      overwrite: replace an existing output of the same kind (a ``.safetensors`` file, or an Orbax
+        checkpoint directory), and nothing else. Either way the old output stays whole until the new
+        one is complete (see docs/design.md, "Checkpoints").
 
     Returns:
       The output path.
 
     Raises:
       FileExistsError: if the output exists and ``overwrite`` is false.
-      ValueError: if ``lora`` does not fit ``params``, or for an unknown ``format``.
+      ValueError: if ``lora`` does not fit ``params``, for an unknown ``format``, or if ``overwrite``
+        would replace something other than an output of this format.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile
@@ -161,7 +160,6 @@ def save_merged(
     from .._core import _fit, merged_weight
 
     path = Path(path)
-    _check_target(path, overwrite)
     targets = _fit(params, lora)
     by_index = {w.index: lora[p] for p, w in targets.items()}
     leaves = jax.tree_util.tree_leaves(params)
@@ -173,7 +171,8 @@ def save_merged(
         return merged_weight(w, by_index[i])[0]
 
     if format == "orbax":
-        _save_orbax_in_chunks(path, params, merged, overwrite)
+        with _commit.committing(path, kind="merged", overwrite=overwrite, collective=True) as staging:
+            _save_orbax_in_chunks(staging, params, merged)
         return path
     if format != "safetensors":
         raise ValueError(f'format must be "safetensors" or "orbax", got {format!r}.')
@@ -188,7 +187,7 @@ def save_merged(
         array = np.asarray(merged(i))
         return array if perms[i] is None else np.transpose(array, perms[i])
 
-    write_safetensors(path, entries, produce, metadata={"format": "pt", "merged_by": "jaxlora"})
+    write_safetensors(path, entries, produce, metadata={"format": "pt", "merged_by": "jaxlora"}, overwrite=overwrite)
     return path
 
 
@@ -217,6 +216,7 @@ def merge_safetensors(
 
     Raises:
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
+      CorruptCheckpointError: if ``base`` is a jaxlora export that no longer matches its checksum.
       ValueError: naming adapter modules whose ``<name>.weight`` the base lacks or whose shape differs.
 
     Example:
@@ -234,7 +234,8 @@ def merge_safetensors(
     from safetensors import safe_open
 
     out = Path(out)
-    _check_target(out, overwrite)
+    _commit.check_replaceable(_commit.resolve(out), "safetensors", overwrite=overwrite)
+    _commit.verify_safetensors(Path(base))  # a merged export of jaxlora's carries its checksum
     deltas = {f"{name}.weight": (kind, A, B, s, M) for name, kind, A, B, s, M in _peft_deltas(adapter)}
     with safe_open(str(base), framework="numpy") as f:
         keys = list(f.keys())
@@ -271,7 +272,7 @@ def merge_safetensors(
                 d *= g[:, None] if kind == "linear" else g[None, :]
             return d.astype(dtype, copy=False)
 
-        write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"})
+        write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"}, overwrite=overwrite)
     return out
 
 

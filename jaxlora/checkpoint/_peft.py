@@ -45,7 +45,7 @@ from .._config import matches
 from .._matmul import LoraFactors
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
-from . import _fingerprint
+from . import _commit, _fingerprint
 from ._info import AdapterInfo, config_to_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -168,12 +168,6 @@ def _expert_from_peft(A: np.ndarray, B: np.ndarray, e: int, i_shape: tuple[int, 
     return a, b
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_peft_files(
     directory: str | os.PathLike,
     lora: Mapping[str, LoraFactors],
@@ -190,8 +184,7 @@ def save_peft_files(
     from safetensors.numpy import save_file
 
     path = Path(directory)
-    if not overwrite and any((path / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise FileExistsError(f"{path} already holds a PEFT adapter; pass overwrite=True to replace it.")
+    _commit.check_replaceable(_commit.resolve(path), "peft", overwrite=overwrite, slot=True)
     rslora = bool(config and config.get("rslora"))
     expert_patterns = (experts,) if isinstance(experts, str) else tuple(experts)
     is_expert = {p: isinstance(f, LoraFactors) and any(matches(q, p) for q in expert_patterns) for p, f in lora.items()}
@@ -328,11 +321,14 @@ def save_peft_files(
         "use_dora": dora == {True},
     }
     extra = {"version": 1, "modules": modules, "saved": saved, "base": base, "config": dict(config) if config else None}
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt", "jaxlora": json.dumps(extra)})
-    )
-    _write_atomic(path / CONFIG_FILE, lambda f: Path(f).write_text(json.dumps(adapter_config, indent=2) + "\n"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # both files in one directory swap: a reader sees the old adapter or the new one, never a mix
+    with _commit.committing(
+        path, kind="peft", overwrite=overwrite, slot=True, carry=(CONFIG_FILE, WEIGHTS_FILE)
+    ) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "jaxlora": json.dumps(extra)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return path
 
 
@@ -364,7 +360,10 @@ def save_peft(
       names: jaxlora module path -> torch module name (see the module docstring).
       config: the `LoraConfig` (its ``rslora`` picks ``use_rslora``; recorded).
       base_model_name_or_path: written to the config, as PEFT does (e.g. ``"bert-base-uncased"``).
-      overwrite: replace existing adapter files.
+      overwrite: replace the PEFT adapter in ``directory`` (and nothing else). Both files are written
+        into a new directory beside it and swapped in together, so a reader sees the old adapter or
+        the new one, never a mix; other files already there (a hub repo's ``README.md``) are copied
+        along, unchecked.
       initial: for an adapter trained from `jaxlora.init_from_weights` (PiSSA, OLoRA) on the residual
         base: the tree as that function returned it. The file then holds an ordinary LoRA against
         the *original* weights, ``ΔW = scale·(a·b - a₀·b₀)`` at rank ``2r`` (``a' = [a | a₀]``,
@@ -383,7 +382,8 @@ def save_peft(
 
     Raises:
       FileExistsError: if adapter files exist and ``overwrite`` is false.
-      ValueError: for modules PEFT cannot express (stacked layers; stacked axes not named in
+      ValueError: if ``directory`` holds another kind of checkpoint; for modules PEFT cannot express
+        (stacked layers; stacked axes not named in
         ``experts``; expert weights with DoRA or several stacked axes; LoRA dropout together with
         expert weights, which PEFT's ``ParamWrapper`` refuses), names the mapping does not cover, or
         an ``initial`` tree that does not match ``lora``.
@@ -464,6 +464,7 @@ def read_peft(
             else ""
         )
         raise ValueError(f"{path} is not a PEFT adapter: {missing} missing{hint}.")
+    verified = _commit.verify(path, "peft")  # written by jaxlora: every file checked before it is read
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -525,6 +526,8 @@ def read_peft(
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
     extra = json.loads(meta["jaxlora"]) if "jaxlora" in meta else None
+    if extra is not None and not verified:
+        _commit.warn_unverified(path, "the PEFT adapter jaxlora wrote")
     return config, modules, extra
 
 

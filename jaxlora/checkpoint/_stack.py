@@ -3,6 +3,7 @@
 A stack checkpoint holds two Orbax items: ``lora_stack`` (every module's ``a``, ``b``, ``scale``
 and ``rank`` arrays, keyed ``m0``, ``m1``, ... as in `save`) and ``lora_stack_meta`` (JSON: format,
 version, the adapters' names, each module's path, roles, dropout and shapes, the base fingerprint).
+It is written with the protocol of `_commit` (beside, checksummed, renamed in) and verified on read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from .._stack import LoraStack, stack
-from . import _fingerprint
+from . import _commit, _fingerprint
+from ._info import module_problems
 from ._peft import PARAMETER_ORDER, Names, load_peft
 
 FORMAT = "jaxlora.stack"
@@ -39,10 +41,14 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
       stk: the stack.
       params: the base parameters (may be abstract), recorded as a fingerprint that `restore_stack`
         checks (optional).
-      overwrite: replace an existing checkpoint.
+      overwrite: replace an existing stack checkpoint (and nothing else), as `save` does.
 
     Returns:
       The checkpoint's path.
+
+    Raises:
+      FileExistsError: if ``directory`` exists and ``overwrite`` is false.
+      ValueError: if ``overwrite`` would replace something that is not a jaxlora stack checkpoint.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile
@@ -56,9 +62,6 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
 
     if not isinstance(stk, LoraStack):
         raise TypeError(f"save_stack saves a jaxlora.LoraStack, got {type(stk).__name__}; use save for one adapter.")
-    path = Path(directory).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another directory.")
     roles, dropout = dict(stk.roles), dict(stk.dropout)
     meta = {
         "format": FORMAT,
@@ -81,8 +84,9 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
     }
     arrays = {f"m{i}": {k: getattr(stk, k)[p] for k in FIELDS} for i, p in enumerate(stk.paths)}
     items = ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
-    _checkpointer().save(path, args=items, force=overwrite)
-    return path
+    with _commit.committing(directory, kind="stack", overwrite=overwrite, collective=True) as staging:
+        _checkpointer().save(staging, args=items)
+    return Path(directory).absolute()
 
 
 def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding: Any = None) -> LoraStack:
@@ -95,21 +99,10 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
 
     Raises:
       FileNotFoundError: if ``directory`` does not exist.
+      CorruptCheckpointError: if a file differs from what was saved, or the metadata contradicts itself.
       ValueError: for a directory that is not a stack checkpoint, a newer format, or another base.
     """
-    path = Path(directory).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"No stack checkpoint at {path}: it does not exist.")
-    meta_file = path / META / "metadata"
-    if not meta_file.is_file():
-        hint = "use jaxlora.checkpoint.restore for one adapter" if (path / "lora_meta").exists() else "no metadata"
-        raise ValueError(f"{path} is not a jaxlora stack checkpoint ({META}/metadata is missing: {hint}).")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise ValueError(
-            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this jaxlora reads "
-            f"{FORMAT!r} up to version {VERSION}."
-        )
+    path, meta = read_stack_meta(directory)
     if params is not None and meta["base"] is not None:
         _fingerprint.check(meta["base"], params, source=f"The stack at {path}")
     n = len(meta["names"])
@@ -122,7 +115,14 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
         }
         for i, m in enumerate(meta["modules"])
     }
-    out = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[ARRAYS]
+    try:
+        out = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))
+        out = out[ARRAYS]
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+        raise _commit.CorruptCheckpointError(
+            f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
+            "restore an earlier checkpoint or save again."
+        ) from e
     mods = meta["modules"]
     fields = {k: {m["path"]: out[f"m{i}"][k] for i, m in enumerate(mods)} for k in FIELDS}
     return LoraStack(
@@ -131,6 +131,68 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
         roles=tuple((m["path"], m["roles"]) for m in mods),
         dropout=tuple((m["path"], float(m["dropout"])) for m in mods),
     )
+
+
+def _legacy(p: Path) -> bool:
+    try:
+        _check(p, json.loads((p / META / "metadata").read_text()))
+    except (OSError, ValueError):
+        return False
+    return (p / ARRAYS).is_dir()
+
+
+def read_stack_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The stack checkpoint at ``directory`` (or the leftover an interrupted overwrite left), verified
+    against its manifest, and its metadata, checked against itself."""
+    path = _commit.locate(Path(directory).absolute(), "stack", _legacy)
+    if not path.exists():
+        raise FileNotFoundError(f"No stack checkpoint at {path}: it does not exist.")
+    verified = path.is_dir() and _commit.verify(path, "stack")
+    meta_file = path / META / "metadata"
+    if not meta_file.is_file():
+        hint = "use jaxlora.checkpoint.restore for one adapter" if (path / "lora_meta").exists() else "no metadata"
+        raise ValueError(f"{path} is not a jaxlora stack checkpoint ({META}/metadata is missing: {hint}).")
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _commit.CorruptCheckpointError(
+            f"{path} is corrupt: {META}/metadata is not valid JSON ({e}); restore an earlier checkpoint or save again."
+        ) from None
+    _check(path, meta)
+    if not verified:
+        _commit.warn_unverified(path, "the stack")
+    return path, meta
+
+
+def _check(path: Path, meta: Any) -> None:
+    """Check a stack's metadata against itself; every problem in one error (never a raw KeyError)."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not a jaxlora stack checkpoint: format {found!r}, expected {FORMAT!r}.")
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this jaxlora reads "
+            f"{FORMAT!r} up to version {VERSION}."
+        )
+    names, modules, problems = meta.get("names"), meta.get("modules"), []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        problems.append(f"'names' {names!r} is not a list of distinct adapter names")
+    if not isinstance(meta.get("base"), (dict, type(None))):
+        problems.append(f"'base' is {type(meta.get('base')).__name__}, not a fingerprint dict or null")
+    if not isinstance(modules, list):
+        problems.append(f"'modules' is {type(modules).__name__}, not a list")
+        modules = []
+    n = len(names) if isinstance(names, list) else None
+    for i, m in enumerate(modules):
+        where = m.get("path", f"#{i}") if isinstance(m, dict) else f"#{i}"
+        if isinstance(m, dict) and not isinstance(m.get("path"), str):
+            problems.append(f"module #{i}: 'path' {m.get('path')!r} is not a module path")
+        problems += module_problems(where, m, adapters=n)
+    if problems:
+        raise _commit.CorruptCheckpointError(
+            f"{path} is damaged: its {META} item does not hold up; restore an earlier checkpoint or save again:\n  "
+            + "\n  ".join(problems[:8])
+        )
 
 
 def load_peft_stack(
