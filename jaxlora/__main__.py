@@ -58,6 +58,8 @@ def _kind(path: Path) -> str:
         )
     if (path / "lora_meta").is_dir():
         return "orbax"
+    if (path / "lora_stack_meta").is_dir():
+        return "stack"
     if (path / "adapter_config.json").is_file():
         return "peft"
     if (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
@@ -73,9 +75,28 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _inspect_stack(path: Path, as_json: bool) -> None:
+    from .checkpoint._stack import read_stack_meta
+
+    _, meta = read_stack_meta(path)
+    if as_json:
+        print(json.dumps({k: meta[k] for k in ("format", "version", "names", "modules", "base")}, indent=2))
+        return
+    print(f"stack:      {path}")
+    print(f"format:     {meta['format']} (version {meta['version']})")
+    print(f"adapters:   {len(meta['names'])}: {', '.join(meta['names'])}")
+    print(f"modules:    {len(meta['modules'])}")
+    print("base:       " + ("no fingerprint recorded" if not meta["base"] else f"{len(meta['base'])} adapted weights"))
+    width = max((len(m["path"]) for m in meta["modules"]), default=6)
+    for m in meta["modules"]:
+        print(f"  {m['path']:<{width}}  a {str(m['a_shape']):<16} b {str(m['b_shape']):<16} {m['dtype']}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from . import checkpoint
 
+    if (Path(args.dir) / "lora_stack_meta").is_dir():
+        return _inspect_stack(Path(args.dir), args.json)
     about = checkpoint.info(args.dir)
     if args.json:
         print(json.dumps(about._asdict() | {"trainable": about.trainable}, indent=2))
@@ -125,6 +146,9 @@ def _restore_params(path: Path) -> Any:
     import jax
     import orbax.checkpoint as ocp
 
+    from .checkpoint import _commit
+
+    _commit.verify(path.absolute(), "merged")  # a merged export of jaxlora's: checked before it is read
     if (path / "orbax.checkpoint").exists():  # Orbax's v1 layout, e.g. a merged export of jaxlora's
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shapes = ocp.v1.metadata(path.absolute()).metadata
@@ -192,6 +216,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     to = args.to or ("peft" if kind == "orbax" else "orbax")
     if to == kind:
         raise CliError(f"{src} is already in {kind} format; pick --to {'peft' if kind == 'orbax' else 'orbax'}.")
+    if dst.exists() and not args.overwrite:  # a PEFT dir is otherwise a slot: refuse to fill any existing one
+        same = " (it is SRC itself)" if dst.resolve() == src.resolve() else ""
+        raise CliError(f"{dst} already exists{same}; choose another DST, or pass --overwrite to replace it.")
     params = _restore_params(Path(args.base)) if args.base else None
     lora, about = _load_adapter(src, params=params, names=names)
     if to == "peft":
@@ -256,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (CliError, ValueError, TypeError, OSError) as e:  # OSError: e.g. a read-only output directory
         message = str(e)
         if isinstance(e, FileExistsError):
             message = message.replace("pass overwrite=True", "pass --overwrite")

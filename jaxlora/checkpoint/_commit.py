@@ -232,7 +232,7 @@ def check_replaceable(path: Path, kind: str, *, overwrite: bool, slot: bool = Fa
     if slot and found is None and path.is_dir():
         return
     if not overwrite:
-        if slot and found == "empty":
+        if slot and found == "empty" and path.exists():
             return
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path.")
     if found in (kind, "empty"):
@@ -417,7 +417,12 @@ def _swap(target: Path, staging: Path, aside: Path, allowed: set[str | None]) ->
                     f"{target} became {KINDS.get(found or '', _describe(target))} while this save ran; nothing written."
                 )
             os.replace(target, aside)  # killed from here ...
-        os.replace(staging, target)  # ... to here, readers fall back on `staging` (complete) and warn
+        try:
+            os.replace(staging, target)  # ... to here, readers fall back on `staging` (complete) and warn
+        except BaseException:
+            if aside.exists() and not target.exists():
+                os.replace(aside, target)  # the old one back in place
+            raise
         os.fsync(fd)
         _remove(aside)
         clean_up(target)

@@ -298,7 +298,8 @@ def info(directory: PathLike) -> AdapterInfo:
       ('orbax', 20, 2)
     """
     path = Path(directory).absolute()
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists():
+    peft = path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists()
+    if peft or not path.exists() and _commit.leftovers(path, "peft"):
         from ._peft import peft_info
 
         return peft_info(path)

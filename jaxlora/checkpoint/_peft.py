@@ -453,7 +453,7 @@ def read_peft(
     """The config, ``{torch name: {"kind", "A", "B"}}`` and jaxlora's metadata (or ``None``) of a PEFT dir."""
     from safetensors import safe_open
 
-    path = Path(directory)
+    path = _commit.locate(Path(directory).absolute(), "peft")
     if not path.exists():
         raise FileNotFoundError(f"No PEFT adapter at {path}: it does not exist.")
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
@@ -744,7 +744,7 @@ def _saved_modules(
 
 def peft_info(directory: str | os.PathLike) -> AdapterInfo:
     """`jaxlora.checkpoint.info` for a PEFT directory."""
-    path = Path(directory)
+    path = _commit.locate(Path(directory).absolute(), "peft")
     config, modules, extra = read_peft(path)
     saved = {m.get("key", m["torch"]): (p, m) for p, m in (extra or {}).get("modules", {}).items()}
     keys, _ = nested_keys(list(config.get("target_parameters") or []), PARAMETER_ORDER)

@@ -1,0 +1,271 @@
+"""The write protocol of every checkpoint writer (jaxlora/checkpoint/_commit.py), on real files.
+
+``faults.py`` (next to this file) runs the kill and corruption campaigns at large counts.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlora import checkpoint as ckpt
+from jaxlora.checkpoint import _commit
+
+sys.path.insert(0, os.path.dirname(__file__))
+import faults  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _same(got, want):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("kind", faults.KINDS)
+def test_overwrite_keeps_old_or_new_when_the_write_fails(tmp_path, kind, monkeypatch):
+    w = faults.Writer(kind, size=8, rank=2)
+    path = w.save(tmp_path / w.name, 1)
+    old = w.load(path)
+    last = "seal" if kind == "safetensors" else "write_manifest"  # the step before the rename
+    real = getattr(_commit, last)
+
+    def fail_late(*a, **k):  # every file written, the manifest (the checksum) not: no commit
+        raise KeyboardInterrupt
+
+    def fail_early(*a, **k):  # the array writer itself fails part way
+        raise OSError(28, "No space left on device")
+
+    for fail, exc in ((fail_late, KeyboardInterrupt), (fail_early, OSError)):
+        with monkeypatch.context() as m:
+            if fail is fail_late:
+                m.setattr(_commit, last, fail)
+            else:
+                w.break_writer(m, fail)
+            with pytest.raises(exc):
+                w.save(path, 2, overwrite=True)
+        _same(w.load(path), old)
+        assert sorted(os.listdir(tmp_path)) == [w.name], os.listdir(tmp_path)  # no staging left behind
+    assert getattr(_commit, last) is real
+    w.save(path, 2, overwrite=True)
+    _same(w.load(path), w.expected(2))
+
+
+def test_peft_files_swap_together_when_the_config_write_fails(tmp_path, monkeypatch):
+    """Issue 22 item 5: a failed adapter_config.json write (disk full) never leaves new factors beside
+    the old lora_alpha."""
+    w = faults.Writer("peft", size=8, rank=2)
+    path = w.save(tmp_path / "peft", 1)
+    real = type(path).write_text
+
+    def full(self, *a, **k):
+        if self.name == "adapter_config.json":
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(path), "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        w.save(path, 2, overwrite=True)
+    monkeypatch.undo()
+    _same(w.load(path), w.expected(1))
+
+
+@pytest.mark.parametrize("kind", faults.KINDS)
+def test_corruption_is_raised_or_restored_right(tmp_path, kind):
+    """One bit flipped at sampled offsets of every file, and every file truncated: never silently wrong."""
+    counts = faults.corrupt(faults.Writer(kind, size=16, rank=4), tmp_path, flips_per_file=2, seed=0)
+    assert counts["silently_wrong"] == 0, counts
+    assert counts["corruptions"] > 0 and counts["raised"] > 0, counts
+
+
+@pytest.mark.parametrize("kind", ["adapter", "stack", "merged", "safetensors"])
+def test_overwrite_refuses_what_is_not_its_kind(tmp_path, kind):
+    w = faults.Writer(kind, size=8, rank=2)
+    project = tmp_path / ("project.safetensors" if kind == "safetensors" else "project")
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("print('hello')\n")
+    with pytest.raises(ValueError, match=r"project(\.safetensors)? is a directory holding \['src'\], not .*nothing"):
+        w.save(project, 1, overwrite=True)
+    assert (project / "src" / "train.py").read_text() == "print('hello')\n"
+    other = "stack" if kind == "adapter" else "adapter"
+    theirs = faults.Writer(other, size=8, rank=2).save(
+        tmp_path / ("x.safetensors" if kind == "safetensors" else "x"), 1
+    )
+    with pytest.raises(ValueError, match=f"is a jaxlora {other} checkpoint, not "):
+        w.save(theirs, 1, overwrite=True)
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        w.save(theirs, 1)
+
+
+def test_peft_carries_files_it_did_not_write(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# my adapter\n")
+    w = faults.Writer("peft", size=8, rank=2)
+    w.save(repo, 1)  # an existing directory without an adapter is a place to write one, as before
+    w.save(repo, 2, overwrite=True)
+    assert (repo / "README.md").read_text() == "# my adapter\n"
+    assert "README.md" not in _commit.read_manifest(repo)["files"]  # carried, not vouched for
+    _same(w.load(repo), w.expected(2))
+    adapter = faults.Writer("adapter", size=8, rank=2).save(tmp_path / "orbax", 1)
+    with pytest.raises(ValueError, match="is a jaxlora adapter checkpoint, not a PEFT adapter directory"):
+        w.save(adapter, 1, overwrite=True)
+
+
+def test_save_through_a_symlink_replaces_its_target(tmp_path):
+    w = faults.Writer("adapter", size=8, rank=2)
+    step = w.save(tmp_path / "step_100", 1)
+    (tmp_path / "latest").symlink_to("step_100")
+    w.save(tmp_path / "latest", 2, overwrite=True)
+    assert os.readlink(tmp_path / "latest") == "step_100"
+    _same(w.load(step), w.expected(2))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_100"]
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_clean_up_spares_live_writers_and_removes_dead_ones(tmp_path):
+    w = faults.Writer("safetensors", size=8, rank=2)
+    out = w.save(tmp_path / "m.safetensors", 1)
+    host, dead = _commit._HOST, _dead_pid()
+    litter = [f"m.safetensors.jaxlora-new-{host}-{dead}-0badc0de", f".m.safetensors.tmp-{dead}"]  # killed writers
+    live = [f"m.safetensors.jaxlora-new-{host}-{os.getppid()}-0000abcd", "m.safetensors.jaxlora-new-otherhost-1-12"]
+    for name in litter + live:
+        (tmp_path / name).write_bytes(b"partial")
+    w.save(out, 2, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", *live])
+    _same(w.load(out), w.expected(2))
+
+
+@pytest.mark.parametrize("kind", ["stack", "peft"])
+def test_leftovers_after_a_kill_between_the_renames(tmp_path, kind):
+    w = faults.Writer(kind, size=8, rank=2)
+    path = tmp_path / kind
+    old, new = (w.save(tmp_path / f"v{v}", v) for v in (1, 2))
+    dead = _dead_pid()  # the state a kill between the renames leaves
+    os.rename(old, tmp_path / f"{kind}.jaxlora-old-{_commit._HOST}-{dead}-aaaaaaaa")
+    os.rename(new, tmp_path / f"{kind}.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb")
+    os.utime(tmp_path / f"{kind}.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb" / _commit.MANIFEST)
+    with pytest.warns(UserWarning, match=f"{path} does not exist.*interrupted.*jaxlora-new.*newest of 2"):
+        _same(w.load(path), w.expected(2))
+    with pytest.raises(FileExistsError, match="already exists"):
+        w.save(path, 3)
+    w.save(path, 3, overwrite=True)
+    assert os.listdir(tmp_path) == [kind]
+
+
+def test_manifest_and_metadata_errors(tmp_path):
+    w = faults.Writer("adapter", size=8, rank=2)
+    path = w.save(tmp_path / "a", 1)
+    (path / _commit.MANIFEST).write_text("{}")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="jaxlora_manifest.json is not a valid jaxlora manifest"):
+        w.load(path)
+    (path / _commit.MANIFEST).unlink()
+    with pytest.warns(UserWarning, match="has no jaxlora_manifest.json.*read unverified"):
+        w.load(path)
+    meta = path / "lora_meta" / "metadata"
+    import json
+
+    good = json.loads(meta.read_text())
+    m = good["modules"]["w"]
+    for change, match in [
+        ({"roles": "ix"}, "roles 'ix' are not axes from"),
+        ({"dropout": 1.5}, r"dropout 1.5 is not in \[0, 1\)"),
+        ({"scale": 6.0}, r"rank 2 and scale 6.0 were saved as the config's, which gives \(2, 1.5\)"),
+        ({"a_shape": [8, 3]}, "disagree on the rank"),
+        ({"b_shape": [2]}, "do not have the axes roles 'io' give"),
+    ]:
+        meta.write_text(json.dumps({**good, "modules": {"w": {**m, **change}}}))
+        with pytest.raises(ckpt.CorruptCheckpointError, match=match):
+            ckpt.restore(path)
+    meta.write_text(json.dumps({k: v for k, v in good.items() if k != "modules"}))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="'modules' is NoneType"):
+        ckpt.restore(path)
+
+
+def test_stack_metadata_errors(tmp_path):
+    import json
+
+    w = faults.Writer("stack", size=8, rank=2)
+    path = w.save(tmp_path / "s", 1)
+    meta = path / "lora_stack_meta" / "metadata"
+    good = json.loads(meta.read_text())
+    for bad, match in [
+        ('{"format": "jaxlora.st', "is corrupt: lora_stack_meta/metadata is not valid JSON"),
+        (json.dumps({k: v for k, v in good.items() if k != "modules"}), "'modules' is NoneType, not a list"),
+        (json.dumps({**good, "modules": [{"path": "w"}]}), "module 'w': 'roles' missing"),
+        (json.dumps({**good, "names": ["a", "a"]}), "is not a list of distinct adapter names"),
+    ]:
+        meta.write_text(bad)
+        with pytest.raises(ckpt.CorruptCheckpointError, match="is damaged"):  # the manifest first
+            ckpt.restore_stack(path)
+        _commit.write_manifest(path, "stack")
+        with pytest.raises(ckpt.CorruptCheckpointError, match=match):
+            ckpt.restore_stack(path)
+
+
+@pytest.mark.slow
+def test_concurrent_overwrites_all_succeed(tmp_path):
+    """Two processes overwriting one path 10 times each: every save succeeds, the result is whole."""
+    w = faults.Writer("adapter", size=8, rank=2)
+    path = w.save(tmp_path / "a", 1)
+    procs = [faults.spawn(["overwrite", "adapter", str(path), str(v), "10"]) for v in (2, 3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    got = w.load(path)
+    assert any(_equal(got, w.expected(v)) for v in (2, 3))
+    assert os.listdir(tmp_path) == ["a"]
+
+
+def _equal(got, want):
+    return sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", faults.KINDS)
+def test_sigkill_during_overwrites(tmp_path, kind):
+    counts = faults.kill(faults.Writer(kind, size=64, rank=8), tmp_path, kills=2, seed=1)
+    assert counts["lost"] == 0 and counts["torn"] == 0, counts
+
+
+def test_cli_read_only_output_and_convert_into_existing(tmp_path, capsys):
+    from jaxlora.__main__ import main
+
+    w = faults.Writer("adapter", size=8, rank=2)
+    src = w.save(tmp_path / "src", 1)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert main(["convert", str(src), str(tmp_path / "ro" / "peft")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("python -m jaxlora convert: error: ") and "Permission denied" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert main(["convert", str(src), str(src)]) == 1
+    assert "already exists (it is SRC itself); choose another DST, or pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(src), str(src), "--overwrite"]) == 1
+    assert "is a jaxlora adapter checkpoint, not a PEFT adapter directory" in capsys.readouterr().err
+    _same(w.load(src), w.expected(1))
+
+
+def test_cli_inspect_a_stack(tmp_path, capsys):
+    from jaxlora.__main__ import main
+
+    path = faults.Writer("stack", size=8, rank=2).save(tmp_path / "s", 1)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "adapters:   2: one, two" in out and "modules:    1" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["names"] == ["one", "two"]
