@@ -235,22 +235,26 @@ def test_sigkill_during_overwrites(tmp_path, kind):
     assert counts["lost"] == 0 and counts["torn"] == 0, counts
 
 
-def test_cli_read_only_output_and_convert_into_existing(tmp_path, capsys):
+def test_cli_read_only_output_and_convert_into_existing(tmp_path, capsys, monkeypatch):
     from jaxlora.__main__ import main
 
     w = faults.Writer("adapter", size=8, rank=2)
     src = w.save(tmp_path / "src", 1)
+    real = type(src).mkdir
+
+    def read_only(self, *a, **k):  # a directory the user may not write in (root may write anywhere)
+        if self.parent.name == "ro":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
     (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o555)
-    try:
-        if os.access(tmp_path / "ro", os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
+    with monkeypatch.context() as m:
+        m.setattr(type(src), "mkdir", read_only)
         assert main(["convert", str(src), str(tmp_path / "ro" / "peft")]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("python -m jaxlora convert: error: ") and "Permission denied" in err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    finally:
-        os.chmod(tmp_path / "ro", 0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("python -m jaxlora convert: error: ") and "Permission denied" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / "ro") == []
     assert main(["convert", str(src), str(src)]) == 1
     assert "already exists (it is SRC itself); choose another DST, or pass --overwrite" in capsys.readouterr().err
     assert main(["convert", str(src), str(src), "--overwrite"]) == 1
