@@ -231,7 +231,9 @@ def _equal(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", faults.KINDS)
 def test_sigkill_during_overwrites(tmp_path, kind):
-    counts = faults.kill(faults.Writer(kind, size=64, rank=8), tmp_path, kills=2, seed=1)
+    """A few kills per writer here (each costs a process start); ``tests/faults.py --kills N`` runs many."""
+    kills = 2 if kind in ("adapter", "stack", "peft", "merged") else 1  # the four issue 22 found losing data
+    counts = faults.kill(faults.Writer(kind, size=64, rank=8), tmp_path, kills=kills, seed=1)
     assert counts["lost"] == 0 and counts["torn"] == 0, counts
 
 
