@@ -29,6 +29,7 @@ from ._info import AdapterInfo as AdapterInfo
 from ._info import config_from_json as config_from_json
 from ._info import config_to_json as config_to_json
 from ._info import module_problems
+from ._peft import peft_info  # _peft never imports this module: no circle
 
 FORMAT = "jaxlora.adapter"
 VERSION = 1
@@ -300,8 +301,6 @@ def info(directory: PathLike) -> AdapterInfo:
     path = Path(directory).absolute()
     peft = path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists()
     if peft or not path.exists() and _commit.leftovers(path, "peft"):
-        from ._peft import peft_info
-
         return peft_info(path)
     path, meta = _locate(path)
     return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(path))
