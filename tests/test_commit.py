@@ -262,6 +262,13 @@ def test_cli_read_only_output_and_convert_into_existing(tmp_path, capsys, monkey
     assert main(["convert", str(src), str(src), "--overwrite"]) == 1
     assert "is a jaxlora adapter checkpoint, not a PEFT adapter directory" in capsys.readouterr().err
     _same(w.load(src), w.expected(1))
+    base = faults.Writer("merged", size=8, rank=2).save(tmp_path / "base", 1)  # a merged export is a base too
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("x = 1\n")
+    assert main(["merge", str(base), str(src), str(project), "--overwrite"]) == 1
+    assert "project is a directory holding ['src'], not an Orbax checkpoint" in capsys.readouterr().err
+    assert (project / "src" / "train.py").read_text() == "x = 1\n"
 
 
 def test_cli_inspect_a_stack(tmp_path, capsys):
