@@ -282,3 +282,33 @@ def test_cli_inspect_a_stack(tmp_path, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["names"] == ["one", "two"]
+
+
+def test_a_failed_second_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    w = faults.Writer("adapter", size=8, rank=2)
+    path = w.save(tmp_path / "a", 1)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # staging -> target
+            raise OSError(18, "Invalid cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="cross-device"):
+        w.save(path, 2, overwrite=True)
+    monkeypatch.undo()
+    _same(w.load(path), w.expected(1))
+    assert os.listdir(tmp_path) == ["a"]
+
+
+def test_merge_bases_jaxlora_exported_are_verified(tmp_path):
+    base = faults.Writer("safetensors", size=8, rank=2).save(tmp_path / "base.safetensors", 1)
+    adapter = faults.Writer("peft", size=8, rank=2).save(tmp_path / "adapter", 1)
+    data = bytearray(base.read_bytes())
+    data[-5] ^= 1  # one bit of the last weight
+    base.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="base.safetensors is damaged: its SHA-256 differs"):
+        ckpt.merge_safetensors(base, adapter, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
