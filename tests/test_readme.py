@@ -21,6 +21,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# blocks that take over ~5 s on two cores (their jit compilations): CI runs them once, on Python 3.12
+SLOW = {"docs/guides/many_adapters.md:stack", "docs/guides/qlora.md:qlora"}
 BLOCK = re.compile(r"^```python\n(?P<code>.*?)^```", re.S | re.M)
 HEADER = re.compile(
     r"# (?P<name>[\w-]+): (?:(?P<pasted>runs as pasted)|continues (?P<after>[\w-]+(?:, [\w-]+)*)"
@@ -45,8 +47,9 @@ def _cases():
         for name, (header, _) in _blocks(page).items():
             if header["example"]:
                 continue
-            marks = [pytest.mark.torch] if header["torch"] else []
-            yield pytest.param(page, name, id=f"{page.relative_to(ROOT)}:{name}", marks=marks)
+            case = f"{page.relative_to(ROOT)}:{name}"
+            marks = [pytest.mark.torch] * bool(header["torch"]) + [pytest.mark.slow] * (case in SLOW)
+            yield pytest.param(page, name, id=case, marks=marks)
 
 
 def _chain(blocks: dict, name: str, seen: tuple[str, ...] = ()) -> list[str]:
@@ -61,6 +64,8 @@ def _chain(blocks: dict, name: str, seen: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_readme_and_docs_have_blocks():
+    cases = {p.id for p in _cases()}
+    assert SLOW <= cases, f"SLOW names blocks that do not exist: {SLOW - cases}"
     readme = _blocks(ROOT / "README.md")
     assert readme["tour"][0]["pasted"], "the README's first block runs as pasted"
     assert next(iter(readme)) == "tour"
