@@ -106,3 +106,16 @@ def test_chain_errors():
         _chain(blocks, "a")
     with pytest.raises(AssertionError, match="not a block of the same page"):
         _chain({"a": (HEADER.match("# a: continues c\n"), "")}, "a")
+
+
+def test_readme_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert links, "the README links its guides"
+    missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+    anchors = re.findall(r"\]\(#([^)]+)\)", text)
+    headings = {
+        re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)
+    }
+    assert set(anchors) <= headings, f"README table of contents names missing sections: {set(anchors) - headings}"
