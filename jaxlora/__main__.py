@@ -65,6 +65,9 @@ def _kind(path: Path) -> str:
     raise CliError(f"{path} is neither a jaxlora adapter, a PEFT adapter nor an Orbax checkpoint.")
 
 
+_WHAT = {"safetensors": "a safetensors file", "params": "an Orbax checkpoint of parameters"}
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -154,9 +157,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
     base_kind, adapter_kind, names = _kind(base), _kind(adapter), _names(args.names)
     if adapter_kind not in ("orbax", "peft"):
-        raise CliError(
-            f"{adapter} is not an adapter (found a {base_kind} checkpoint); expected jaxlora or PEFT format."
-        )
+        raise CliError(f"{adapter} is not an adapter (found {_WHAT[adapter_kind]}); expected jaxlora or PEFT format.")
     if base_kind == "safetensors":  # a Hugging Face checkpoint: PEFT's names and math, streamed
         if adapter_kind == "orbax":
             lora, about = _load_adapter(adapter)
@@ -188,7 +189,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     src, dst = Path(args.src), Path(args.dst)
     kind, names = _kind(src), _names(args.names)
     if kind not in ("orbax", "peft"):
-        raise CliError(f"{src} is not an adapter (it is a {kind} checkpoint).")
+        raise CliError(f"{src} is not an adapter (it is {_WHAT[kind]}).")
     to = args.to or ("peft" if kind == "orbax" else "orbax")
     if to == kind:
         raise CliError(f"{src} is already in {kind} format; pick --to {'peft' if kind == 'orbax' else 'orbax'}.")
