@@ -209,3 +209,13 @@ def test_cli_merges_a_bfloat16_base(tmp_path, capsys):
     # an adapter argument that is a base: the message names the adapter's kind, not the base's
     assert main(["merge", base, out, str(tmp_path / "x")]) == 1
     assert f"{out} is not an adapter (found a safetensors file);" in capsys.readouterr().err
+
+
+def test_merge_safetensors_unreadable_base_named(tmp_path):
+    params = {"fc": {"weight": jnp.zeros((6, 4))}}
+    ckpt.save_peft(tmp_path / "adapter", _lora(params), params=params)
+    with pytest.raises(FileNotFoundError, match="The base .*none.safetensors does not exist"):
+        ckpt.merge_safetensors(tmp_path / "none.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + bytes(7) + b"{garbage}")
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        ckpt.merge_safetensors(tmp_path / "bad.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")

@@ -349,6 +349,18 @@ def test_torch_peft_loads_jaxlora_adapter(tmp_path, model, rslora):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.torch
+def test_peft_refuses_a_rank_contradicting_the_tensors_too(tmp_path, model):
+    net, params, ids = model
+    torch, twin = _torch_twin(params)
+    import peft
+
+    ckpt.save_peft(tmp_path, _lora(model)[1], params=params, names=NAMES)
+    _rewrite_config(tmp_path, r=8)
+    with pytest.raises(RuntimeError, match="size mismatch for base_model.model.fc1.lora_A"):
+        peft.PeftModel.from_pretrained(twin, str(tmp_path))
+
+
 def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
     net, params, ids = model
     torch, twin = _torch_twin(params)

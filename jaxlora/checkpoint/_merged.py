@@ -284,7 +284,9 @@ def merge_safetensors(
 
     Raises:
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
-      ValueError: naming adapter modules whose ``<name>.weight`` the base lacks or whose shape differs.
+      FileNotFoundError: if ``base`` does not exist.
+      ValueError: naming adapter modules whose ``<name>.weight`` the base lacks, whose shape differs or
+        that is no float tensor (a quantized checkpoint); for a damaged base or adapter.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile, numpy as np
@@ -303,7 +305,13 @@ def merge_safetensors(
     out = Path(out)
     _check_target(out, overwrite)
     deltas = {f"{name}.weight": (kind, A, B, s, M) for name, kind, A, B, s, M in _peft_deltas(adapter)}
-    with safe_open(str(base), framework="numpy") as f, open(base, "rb") as data:
+    try:
+        reader = safe_open(str(base), framework="numpy")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The base {base} does not exist.") from None
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"The base {base} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
+    with reader as f, open(base, "rb") as data:
         keys = list(f.keys())
         meta = f.metadata() or {}
         start, spans = _data_spans(data)
