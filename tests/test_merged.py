@@ -219,3 +219,15 @@ def test_merge_safetensors_unreadable_base_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10" + bytes(7) + b"{garbage}")
     with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
         ckpt.merge_safetensors(tmp_path / "bad.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")
+
+
+def test_cli_on_a_quantized_base_restored_without_its_nodes_says_how(tmp_path, capsys):
+    params = _base()
+    q = jaxlora.quantize(params, "nf4")
+    with ocp.StandardCheckpointer() as c:
+        c.save((tmp_path / "base").absolute(), q)
+    ckpt.save(tmp_path / "adapter", _lora(q), params=q)
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "m.safetensors")]) == 1
+    assert "'fc': missing from params; params has no adaptable weight (it was a nf4-quantized weight" in (
+        capsys.readouterr().err
+    )

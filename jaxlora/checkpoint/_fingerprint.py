@@ -75,7 +75,14 @@ def check(expected: Fingerprint, params: Any, *, source: str = "the adapter") ->
     problems = []
     for path, want in expected.items():
         if path not in found:
-            problems.append(f"{path!r}: missing from params; {nearest(path, found)}")
+            quantized = (
+                f" (it was a {want['quantized']['format']}-quantized weight: params must hold the jaxlora.Quantized "
+                "node; an Orbax checkpoint of jaxlora.quantize's output restored without a target holds only its "
+                "codes and scales, so restore it onto jax.eval_shape(lambda: jaxlora.quantize(float_params, ...)))"
+                if isinstance(want.get("quantized"), dict)
+                else ""
+            )
+            problems.append(f"{path!r}: missing from params; {nearest(path, found)}{quantized}")
             continue
         shape = [int(d) for d in found[path].leaf.shape]
         if shape != list(want["shape"]):
