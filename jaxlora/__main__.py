@@ -28,7 +28,10 @@ def _names(spec: str | None) -> Any:
     if spec is None:
         return None
     if spec.endswith(".json"):
-        return json.loads(Path(spec).read_text())
+        try:
+            return json.loads(Path(spec).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CliError(f"--names {spec}: cannot read a JSON object {{regex: replacement}} from it ({e}).") from None
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise CliError(f"--names {spec!r}: expected FILE.json, MODULE:ATTR or FILE.py:ATTR.")

@@ -231,3 +231,13 @@ def test_cli_on_a_quantized_base_restored_without_its_nodes_says_how(tmp_path, c
     assert "'fc': missing from params; params has no adaptable weight (it was a nf4-quantized weight" in (
         capsys.readouterr().err
     )
+
+
+def test_cli_names_file_that_is_not_json(tmp_path, capsys):
+    (tmp_path / "names.json").write_text("{oops")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    args = [str(tmp_path / "b.safetensors"), str(tmp_path / "adapter"), str(tmp_path / "o")]
+    assert main(["merge", *args, "--names", str(tmp_path / "names.json")]) == 1
+    assert "names.json: cannot read a JSON object {regex: replacement} from it (Expecting" in capsys.readouterr().err

@@ -806,7 +806,8 @@ def load_peft(
             a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
             b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
         mag = None if "M" not in m else jnp.asarray(m["M"].reshape(o_shape), dtype)
-        dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
+        dropout = float(config.get("lora_dropout", 0.0))
+        dropout = saved[name][1].get("dropout", dropout) if name in saved else dropout
         scale = _scale(config, param_of.get(name, name), r)
         lora[p] = LoraFactors(a=a, b=b, scale=scale, roles=role, dropout=dropout, m=mag)
     lora.update(_saved_modules(to_save, extra, params, names, dtype, problems))
