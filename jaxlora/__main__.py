@@ -28,7 +28,10 @@ def _names(spec: str | None) -> Any:
     if spec is None:
         return None
     if spec.endswith(".json"):
-        return json.loads(Path(spec).read_text())
+        try:
+            return json.loads(Path(spec).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CliError(f"--names {spec}: cannot read a JSON object {{regex: replacement}} from it ({e}).") from None
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise CliError(f"--names {spec!r}: expected FILE.json, MODULE:ATTR or FILE.py:ATTR.")
@@ -63,6 +66,9 @@ def _kind(path: Path) -> str:
     if (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
         return "params"
     raise CliError(f"{path} is neither a jaxlora adapter, a PEFT adapter nor an Orbax checkpoint.")
+
+
+_WHAT = {"safetensors": "a safetensors file", "params": "an Orbax checkpoint of parameters"}
 
 
 def _human(n: float) -> str:
@@ -154,9 +160,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
     base_kind, adapter_kind, names = _kind(base), _kind(adapter), _names(args.names)
     if adapter_kind not in ("orbax", "peft"):
-        raise CliError(
-            f"{adapter} is not an adapter (found a {base_kind} checkpoint); expected jaxlora or PEFT format."
-        )
+        raise CliError(f"{adapter} is not an adapter (found {_WHAT[adapter_kind]}); expected jaxlora or PEFT format.")
     if base_kind == "safetensors":  # a Hugging Face checkpoint: PEFT's names and math, streamed
         if adapter_kind == "orbax":
             lora, about = _load_adapter(adapter)
@@ -188,7 +192,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     src, dst = Path(args.src), Path(args.dst)
     kind, names = _kind(src), _names(args.names)
     if kind not in ("orbax", "peft"):
-        raise CliError(f"{src} is not an adapter (it is a {kind} checkpoint).")
+        raise CliError(f"{src} is not an adapter (it is {_WHAT[kind]}).")
     to = args.to or ("peft" if kind == "orbax" else "orbax")
     if to == kind:
         raise CliError(f"{src} is already in {kind} format; pick --to {'peft' if kind == 'orbax' else 'orbax'}.")

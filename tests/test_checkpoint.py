@@ -84,7 +84,7 @@ def test_round_trip_values_dtypes_config(tmp_path, trained, dtype):
     about = ckpt.info(path)
     assert about.format == "orbax" and about.version == 1
     assert about.config == {**about.config, "rank": 4, "alpha": 8, "rank_pattern": {"out": 2}, "dropout": 0.1}
-    assert about.base["embed"] == {"shape": [50, 16], "dtype": "float32", "name": "embedding"}
+    assert about.base["embed"] == {"shape": [50, 16], "dtype": "float32", "name": "embedding", "roles": "io"}
     assert about.base["heads"]["shape"] == [16, 2, 8]
     assert about.trainable == sum(f.a.size + f.b.size for f in lora.values())
     # the adapter is small: the base is not in it
