@@ -264,18 +264,21 @@ def quantize(
     out = [leaf for _, _, leaf in leaves]
     run = _encoder(format, block_size, double_quant)
     users: dict[Any, set[int]] = {}  # each buffer -> the leaves holding it (tied weights share one)
-    for i, leaf in enumerate(out):
+    for i, leaf in enumerate(out if donate else ()):
         for b in _buffers(leaf):
             users.setdefault(b, set()).add(i)
     done: dict[int, Quantized] = {}  # id of a float array -> its quantized copy, so tied weights stay tied
-    for n, i in enumerate(chosen):
+    finished: set[int] = set()
+    for i in chosen:
         w = out[i]
+        finished.add(i)
         if id(w) not in done:
             done[id(w)] = jax.eval_shape(run, w) if isinstance(w, jax.ShapeDtypeStruct) else run(jnp.asarray(w))
         out[i] = done[id(w)]
-        later = {j for b in _buffers(w) for j in users[b]}
-        later -= set(chosen[: n + 1])  # leaves already quantized no longer need w
-        if donate and not later and _concrete(w):
+        if not donate:
+            continue
+        later = {j for b in _buffers(w) for j in users[b]} - finished
+        if not later and _concrete(w):
             w.delete()  # its quantized copy exists and no other leaf holds it: free it before the next weight
     return jax.tree_util.tree_unflatten(treedef, out)
 
