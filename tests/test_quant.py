@@ -143,7 +143,8 @@ def test_nf4_double_quant_never_flips_a_block(double_quant):
     err, a = _check_nf4_bound(w, q)
     back = np.asarray(jaxlora.dequantize(q))
     assert (np.sign(back) * np.sign(w) >= 0).all()
-    assert (err.max(-1) <= (HALF_GAP + 1e-6) * (a + (24 if double_quant else 0))).all()
+    step = np.abs(a - a.mean()).max() / 127 if double_quant else 0.0  # the nested step of the one group
+    assert (err.max(-1) <= (HALF_GAP + 1e-6) * (a + step * (1 + 1e-5))).all()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
