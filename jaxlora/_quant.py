@@ -286,8 +286,11 @@ def quantize(
 _ALL_FINITE = jax.jit(lambda w: jnp.all(jnp.isfinite(w)))
 
 
+_TRACER = getattr(jax.core, "Tracer", ())
+
+
 def _concrete(x: Any) -> bool:
-    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax.Array) and not isinstance(x, _TRACER)
 
 
 def _non_finite(named: list[tuple[str, Any]]) -> list[str]:
