@@ -24,6 +24,10 @@ def matches(pattern: str, path: str) -> bool:
     return re.fullmatch(pattern, path) is not None or re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
 
 
+def _positive_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 def _freeze_patterns(name: str, value: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
     if value is None:
         return ()
@@ -95,8 +99,10 @@ class LoraConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank <= 0:
             problems.append(f"rank must be a positive int, got {self.rank!r}; try rank=8.")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
-            problems.append(f"alpha must be a positive number or None (meaning alpha = rank), got {self.alpha!r}.")
+        if self.alpha is not None and not _positive_finite(self.alpha):
+            problems.append(
+                f"alpha must be a positive number or None (meaning alpha = rank), and finite; got {self.alpha!r}."
+            )
         if isinstance(self.targets, str):
             targets: tuple[str, ...] = (self.targets,)
         else:
@@ -121,8 +127,8 @@ class LoraConfig:
             if not isinstance(r, (int, np.integer)) or r <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive int, got {r!r}.")
         for pattern, a in self.alpha_pattern:
-            if not isinstance(a, (int, float)) or a <= 0:
-                problems.append(f"alpha_pattern[{pattern!r}] must be a positive number, got {a!r}.")
+            if not _positive_finite(a):
+                problems.append(f"alpha_pattern[{pattern!r}] must be a positive number, and finite; got {a!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}.")
         try:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import ALL_LINEAR, LoraConfig, matches
+from ._quantized import is_quantized
 
 SEPARATOR = "/"
 # Leaf names that *are* their module's weight: the key drops them ("query/kernel" -> "query").
@@ -78,8 +79,6 @@ def is_array(x: Any) -> bool:
 def weights(params: Any) -> dict[str, Weight]:
     """Every adaptable leaf of ``params`` (floating, ``ndim >= 2``; a `jaxlora.Quantized` weight is
     one leaf), keyed by module path."""
-    from ._quant import is_quantized
-
     found: dict[str, Weight] = {}
     for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]):
         if (

@@ -152,3 +152,27 @@ def test_merge_needs_real_weights():
     lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
     with pytest.raises(TypeError, match="merge needs real weights"):
         jaxlora.merge(params, lora)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_config_refuses_non_finite_alpha(value):
+    with pytest.raises(ValueError, match=r"alpha must be a positive number .*and finite; got (nan|inf|-inf)"):
+        jaxlora.LoraConfig(alpha=value)
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q'\] must be a positive number, and finite"):
+        jaxlora.LoraConfig(alpha_pattern={"q": value})
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        jaxlora.LoraConfig(dropout=value)
+
+
+def test_apply_refuses_abstract_values_outside_eval_shape():
+    params = {"w": jnp.ones((4, 6))}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    x = jnp.ones((1, 4))
+    abstract = jax.eval_shape(lambda: params)
+    with pytest.raises(TypeError, match=r"abstract values \(jax.ShapeDtypeStruct\) at \['params'\]\['w'\].*eval_shape"):
+        jaxlora.apply(fn, abstract, lora, x)
+    with pytest.raises(TypeError, match=r"at \['args'\]\[0\], \['lora'\]\['w'\].a, \['lora'\]\['w'\].b"):
+        jaxlora.apply(fn, params, jax.eval_shape(lambda: lora), jax.ShapeDtypeStruct((1, 4), jnp.float32))
+    out = jax.eval_shape(lambda p: jaxlora.apply(fn, p, lora, x), abstract)  # the way the error suggests
+    assert out.shape == (1, 6)
