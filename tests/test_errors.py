@@ -47,6 +47,21 @@ def test_unknown_target_names_the_closest_paths():
         jaxlora.init(jax.random.key(0), _params(), jaxlora.LoraConfig(targets=["querry", "value"]))
 
 
+@pytest.mark.parametrize(
+    "target, params, why",
+    [  # the README's own pattern on a model whose query/value sit at the top level
+        (r".*/(query|value)", {"query": {"kernel": jnp.zeros((4, 4))}, "value": {"kernel": jnp.zeros((4, 4))}},
+         r"'\.\*/' requires a parent module, but \['query', 'value'\] are at the top level.*write '\(query\|value\)'"),
+        ("encoder/query/kernel", None, r"module paths drop the leaf name 'kernel'.*write 'encoder/query'"),
+        ("Query", None, r"\['encoder/query'\] differ only in case"),
+        ("uery", None, r"must match a whole module path or a whole trailing part"),
+    ],
+)  # fmt: skip
+def test_unmatched_target_says_why_a_near_match_failed(target, params, why):
+    with pytest.raises(ValueError, match=why):
+        jaxlora.init(jax.random.key(0), params or _params(), jaxlora.LoraConfig(targets=target))
+
+
 def test_everything_excluded():
     with pytest.raises(ValueError, match="Every targeted module is excluded"):
         jaxlora.init(jax.random.key(0), _params(), jaxlora.LoraConfig(targets="query", exclude=".*query"))
