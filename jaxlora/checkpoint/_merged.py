@@ -126,6 +126,7 @@ def save_merged(
     format: str = "safetensors",
     layout: Layout | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``merge(params, lora)`` to disk: a safetensors file or an Orbax checkpoint.
 
@@ -141,6 +142,7 @@ def save_merged(
       layout: safetensors only: ``leaf path -> (key, axes permutation or None)``, e.g. to write a
         Hugging Face checkpoint with torch names and ``(out, in)`` kernels.
       overwrite: replace an existing output.
+      progress: called as ``progress(done, total)`` after each leaf is merged (the CLI's progress bar).
 
     Returns:
       The output path.
@@ -167,10 +169,10 @@ def save_merged(
     leaves = jax.tree_util.tree_leaves(params)
 
     def merged(i: int) -> Any:
-        w = leaves[i]
-        if i not in by_index:
-            return w
-        return merged_weight(w, by_index[i])[0]
+        w = leaves[i] if i not in by_index else merged_weight(leaves[i], by_index[i])[0]
+        if progress is not None:
+            progress(i + 1, len(leaves))
+        return w
 
     if format == "orbax":
         _save_orbax_in_chunks(path, params, merged, overwrite)
@@ -207,13 +209,19 @@ def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndar
 
 
 def merge_safetensors(
-    base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Merge a PEFT adapter into a Hugging Face safetensors checkpoint, one tensor at a time (PEFT's math).
 
     ``W (out, in) += scale · B·A`` for ``lora_A``/``lora_B`` and ``W (vocab, features) += scale · (B·A)ᵀ`` for
     embeddings, summed in float32 and cast back to ``W``'s dtype; with DoRA's ``lora_magnitude_vector``
     the sum is then scaled to ``m / ‖W + ΔW‖`` per output feature. Only one base tensor is read at a time.
+    ``progress``, if given, is called as ``progress(done, total)`` after each tensor.
 
     Raises:
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
@@ -271,7 +279,13 @@ def merge_safetensors(
                 d *= g[:, None] if kind == "linear" else g[None, :]
             return d.astype(dtype, copy=False)
 
-        write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"})
+        def counted(i: int) -> np.ndarray:
+            array = produce(i)
+            if progress is not None:
+                progress(i + 1, len(entries))
+            return array
+
+        write_safetensors(out, entries, counted, metadata={**meta, "merged_by": "jaxlora"})
     return out
 
 
