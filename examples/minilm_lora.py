@@ -232,7 +232,7 @@ def summary(r: dict) -> str:
         f"MiniLM-L6 loaded; against PyTorch: {torch}",
         f"{len(r['classes'])}-way topic classification, {r['train_size']} train / {r['test_size']} test sentences:",
         f"  linear probe on frozen embeddings  {r['probe_acc']:.1%}",
-        f"  LoRA ({r['lora_trainable_percent']:.2f}% of the weights)     {r['lora_acc']:.1%} "
+        f"  {'LoRA (' + format(r['lora_trainable_percent'], '.2f') + '% of the weights)':<34} {r['lora_acc']:.1%} "
         f"in {r['lora_train_s']:.0f} s",
         f"  full fine-tuning                   {full}",
         f"adapter: {mb_(r['orbax_bytes'])} (Orbax), {mb_(r['peft_bytes'])} (PEFT) beside a {mb_(r['base_bytes'])} base;"
