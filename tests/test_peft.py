@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import flax.linen as nn
 import jax
@@ -388,3 +390,17 @@ def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
     got = jaxlora.apply(net.apply, params, lora, ids)
     assert np.abs(want - np.asarray(net.apply(params, ids))).max() > 0.1
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_adapter_files_get_the_mode_open_would_give(tmp_path, umask):
+    params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    old = os.umask(umask)
+    try:
+        out = ckpt.save_peft(tmp_path / "adapter", lora, params=params)
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()}
+    want = oct(0o666 & ~umask)
+    assert modes == {"adapter_config.json": want, "adapter_model.safetensors": want}

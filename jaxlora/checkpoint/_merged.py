@@ -176,6 +176,7 @@ def save_merged(
     layout: Layout | None = None,
     dtype: Any = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``merge(params, lora)`` to disk: a safetensors file or an Orbax checkpoint.
 
@@ -196,6 +197,7 @@ def save_merged(
       dtype: the dtype of the merged and the dequantized weights, as in `jaxlora.merge` (default: each
         weight's own; a quantized one's float dtype). Other leaves are written as they are.
       overwrite: replace an existing output.
+      progress: called as ``progress(done, total)`` after each leaf is merged (the CLI's progress bar).
 
     Returns:
       The output path.
@@ -235,8 +237,12 @@ def save_merged(
     def merged(i: int) -> Any:
         w = leaves[i]
         if i in by_index:
-            return merged_weight(w, by_index[i], dtype)[0]
-        return dequantize_weight(w, dtype) if is_quantized(w) else w
+            w = merged_weight(w, by_index[i], dtype)[0]
+        elif is_quantized(w):
+            w = dequantize_weight(w, dtype)
+        if progress is not None:
+            progress(i + 1, len(leaves))
+        return w
 
     view = jax.tree_util.tree_unflatten(  # params with each quantized weight as the float array it writes
         treedef, [jax.ShapeDtypeStruct(w.shape, out_dtype(i)) if is_quantized(w) else w for i, w in enumerate(leaves)]
@@ -274,13 +280,19 @@ def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndar
 
 
 def merge_safetensors(
-    base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Merge a PEFT adapter into a Hugging Face safetensors checkpoint, one tensor at a time (PEFT's math).
 
     ``W (out, in) += scale · B·A`` for ``lora_A``/``lora_B`` and ``W (vocab, features) += scale · (B·A)ᵀ`` for
     embeddings, summed in float32 and cast back to ``W``'s dtype; with DoRA's ``lora_magnitude_vector``
     the sum is then scaled to ``m / ‖W + ΔW‖`` per output feature. Only one base tensor is read at a time.
+    ``progress``, if given, is called as ``progress(done, total)`` after each tensor.
 
     Raises:
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
@@ -358,7 +370,13 @@ def merge_safetensors(
                 d *= g[:, None] if kind == "linear" else g[None, :]
             return d.astype(dtype, copy=False)
 
-        write_safetensors(out, entries, produce, metadata={**meta, "merged_by": "jaxlora"})
+        def counted(i: int) -> np.ndarray:
+            array = produce(i)
+            if progress is not None:
+                progress(i + 1, len(entries))
+            return array
+
+        write_safetensors(out, entries, counted, metadata={**meta, "merged_by": "jaxlora"})
     return out
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,10 @@ def _expert_from_peft(A: np.ndarray, B: np.ndarray, e: int, i_shape: tuple[int, 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb"):  # created as open() creates files (0666 less the umask), to learn that mode
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
     write(str(tmp))
+    os.chmod(tmp, mode)  # safetensors writes its own temporary file with 0600 and renames it over ours
     os.replace(tmp, path)
 
 
