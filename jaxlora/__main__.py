@@ -62,7 +62,9 @@ def _names(spec: str | None) -> Any:
         try:
             return json.loads(Path(spec).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise CliError(f"--names {spec!r}: cannot read a JSON object {{regex: replacement}} from it ({e}).") from None
+            raise CliError(
+                f"--names {spec!r}: cannot read a JSON object {{regex: replacement}} from it ({e})."
+            ) from None
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise CliError(f"--names {spec!r}: expected FILE.json, MODULE:ATTR or FILE.py:ATTR.")

@@ -240,4 +240,4 @@ def test_cli_names_file_that_is_not_json(tmp_path, capsys):
     (tmp_path / "b.safetensors").write_bytes(b"")
     args = [str(tmp_path / "b.safetensors"), str(tmp_path / "adapter"), str(tmp_path / "o")]
     assert main(["merge", *args, "--names", str(tmp_path / "names.json")]) == 1
-    assert "names.json: cannot read a JSON object {regex: replacement} from it (Expecting" in capsys.readouterr().err
+    assert "names.json': cannot read a JSON object {regex: replacement} from it (Expecting" in capsys.readouterr().err
