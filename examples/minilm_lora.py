@@ -223,10 +223,32 @@ def main(steps: int = 60, probe_steps: int = 300, rank: int = 8, batch: int = 32
     return result
 
 
+def summary(r: dict) -> str:
+    """A few lines for people; ``--json`` prints everything."""
+    mb_ = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+    full = "skipped" if r["full_acc"] is None else f"{r['full_acc']:.1%} in {r['full_train_s']:.0f} s"
+    torch = "skipped (no torch)" if r["torch_max_abs_diff"] is None else f"max |diff| {r['torch_max_abs_diff']:.1e}"
+    return "\n".join([
+        f"MiniLM-L6 loaded; against PyTorch: {torch}",
+        f"{len(r['classes'])}-way topic classification, {r['train_size']} train / {r['test_size']} test sentences:",
+        f"  linear probe on frozen embeddings  {r['probe_acc']:.1%}",
+        f"  {'LoRA (' + format(r['lora_trainable_percent'], '.2f') + '% of the weights)':<34} {r['lora_acc']:.1%} "
+        f"in {r['lora_train_s']:.0f} s",
+        f"  full fine-tuning                   {full}",
+        f"adapter: {mb_(r['orbax_bytes'])} (Orbax), {mb_(r['peft_bytes'])} (PEFT) beside a {mb_(r['base_bytes'])} base;"
+        f" reloaded outputs match to {max(r['reload_orbax_max_abs'], r['reload_peft_max_abs']):.0e}, the merged "
+        f"Hugging Face file to {r['merged_vs_unmerged_max_abs']:.0e}",
+        f"files: {r['out_dir'] or 'removed (pass --out DIR to keep them)'}; {r['total_s']:.0f} s in all "
+        "(--json: every figure)",
+    ])  # fmt: skip
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", default=None, help="keep the adapters and merged model in OUT (default: removed)")
+    parser.add_argument("--json", action="store_true", help="print every measurement as JSON instead of the summary")
     a = parser.parse_args()
-    print(json.dumps(main(steps=a.steps, rank=a.rank, out_dir=a.out), indent=2))
+    result = main(steps=a.steps, rank=a.rank, out_dir=a.out)
+    print(json.dumps(result, indent=2) if a.json else summary(result))

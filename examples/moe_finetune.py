@@ -21,7 +21,9 @@ weight is the expert axis, so every expert gets its own pair ``a (experts, d, r)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 
 import flax.linen as nn
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from tqdm import tqdm
 
 import jaxlora
 
@@ -123,10 +126,11 @@ def main(steps: int = 150, rank: int = 4, batch: int = 8, lr: float = 1e-2, seed
     evaluate = jax.jit(loss_fn)
     before = float(evaluate(lora, held_out))
     opt_state, start = opt.init(lora), time.perf_counter()
-    for i in range(steps):
+    for i in (bar := tqdm(range(steps), desc="LoRA (distillation)", ncols=90)):
         lora, opt_state, loss = step(
             lora, opt_state, jax.random.randint(jax.random.fold_in(k_data, i), (batch, SEQ), 0, VOCAB)
         )
+        bar.set_postfix(loss=f"{float(loss):.4f}")
     jax.block_until_ready(loss)
     seconds = time.perf_counter() - start
     after = float(evaluate(lora, held_out))
@@ -137,6 +141,10 @@ def main(steps: int = 150, rank: int = 4, batch: int = 8, lr: float = 1e-2, seed
     merged = model.apply(jaxlora.merge(params, lora), held_out)
     gap = float(jnp.max(jnp.abs(merged - unmerged)))
     print(f"merged vs unmerged logits: max |diff| = {gap:.2e}")
+    closed = (before - after) / (before - floor)
+    print(
+        f"LoRA on the expert weights closed {closed:.0%} of the gap to the teacher in {steps} steps ({seconds:.1f} s)"
+    )
     return {
         "loss_before": before,
         "loss_after": after,
@@ -150,4 +158,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rank", type=int, default=4)
-    print(json.dumps(main(steps=parser.parse_args().steps, rank=parser.parse_args().rank), indent=2))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (the rest goes to stderr)")
+    args = parser.parse_args()
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = main(steps=args.steps, rank=args.rank)
+    if args.json:
+        print(json.dumps(result, indent=2))

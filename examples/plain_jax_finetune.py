@@ -18,14 +18,17 @@ matmuls that consume each targeted weight, and computes them as ``W·x + scale·
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from tqdm import tqdm
 
 import jaxlora
 
@@ -119,9 +122,10 @@ def main(lora_steps: int = 200, rank: int = 4) -> dict:
     test_y = task(test_x)
     evaluate = jax.jit(lambda lora: loss_fn(lora, test_x, test_y))
     before = float(evaluate(lora))
-    for i in range(lora_steps):
+    for i in (bar := tqdm(range(lora_steps), desc="LoRA", ncols=90)):
         x = sample(jax.random.key(1000 + i))
-        lora, opt_state, _ = step(lora, opt_state, x, task(x))
+        lora, opt_state, loss = step(lora, opt_state, x, task(x))
+        bar.set_postfix(loss=f"{float(loss):.4f}")
     after = float(evaluate(lora))
 
     merged = jaxlora.merge(model, lora)  # a Model again, with W + scale·B·A
@@ -133,8 +137,10 @@ def main(lora_steps: int = 200, rank: int = 4) -> dict:
         merged_vs_unmerged_max_abs=gap,
         seconds=round(time.perf_counter() - start, 1),
     )
-    print(f"test loss: {before:.4f} -> {after:.4f}; merged vs unmerged: max |Δ| = {gap:.2e}")
-    print(json.dumps(result))
+    print(
+        f"test loss {before:.4f} -> {after:.4f} training {summary.percent:.2f}% of the parameters; merged vs "
+        f"unmerged outputs differ by at most {gap:.1e}; {result['seconds']} s"
+    )
     return result
 
 
@@ -142,5 +148,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (the rest goes to stderr)")
     args = parser.parse_args()
-    main(args.lora_steps, args.rank)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = main(args.lora_steps, args.rank)
+    if args.json:
+        print(json.dumps(result, indent=2))

@@ -13,8 +13,10 @@ Runs on two CPU cores in about a minute:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import sys
 import textwrap
 import time
 from pydoc_data import topics
@@ -143,7 +145,6 @@ def main(pretrain_steps: int, lora_steps: int, rank: int) -> dict:
     print(
         f"held-out code loss: {before:.3f} -> {after:.3f} (nats/char); merged vs unmerged logits: max |Δ| = {gap:.2e}"
     )
-    print(json.dumps(result))
     return result
 
 
@@ -152,5 +153,9 @@ if __name__ == "__main__":
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (the rest goes to stderr)")
     args = parser.parse_args()
-    main(args.pretrain_steps, args.lora_steps, args.rank)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = main(args.pretrain_steps, args.lora_steps, args.rank)
+    if args.json:
+        print(json.dumps(result, indent=2))

@@ -100,5 +100,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> list[str]:  # the public names, not this file's helpers (importlib, Any, TYPE_CHECKING)
+    return sorted([*__all__, "__version__"])

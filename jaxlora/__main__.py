@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -23,27 +24,64 @@ class CliError(Exception):
     """A failure reported to the user as one line on stderr, with exit status 1."""
 
 
+def _import(where: str, spec: str) -> Any:
+    """The module ``where`` names: a ``.py`` file (relative to the current directory) or an importable module."""
+    if where.endswith(".py") and Path(where).is_file():
+        path = Path(where).resolve()
+        loaded = importlib.util.spec_from_file_location(f"_jaxlora_names_{path.stem}", path)
+        assert loaded is not None and loaded.loader is not None  # a .py file always has a loader
+        module = importlib.util.module_from_spec(loaded)
+        sys.modules[loaded.name] = module  # dataclasses look their module up; a private name shadows nothing
+        sys.path.insert(0, str(path.parent))  # the file's own sibling imports, as `python FILE.py` would find them
+        try:
+            loaded.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+        return module
+    name = where[: -len(".py")].replace("/", ".").replace("\\", ".") if where.endswith(".py") else where
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        tried = f"no file {Path(where).resolve()} and no importable module {name!r}" if name != where else str(e)
+        raise CliError(
+            f"--names {spec!r}: {tried}; a FILE.py path is relative to the current directory ({Path.cwd()})."
+        ) from None
+
+
 def _names(spec: str | None) -> Any:
-    """``--names``: a JSON file with ``{regex: replacement}``, or ``module:ATTR`` / ``path/to/file.py:ATTR``."""
+    """``--names``: a JSON file with ``{regex: replacement}``, or ``MODULE:ATTR`` / ``path/to/file.py:ATTR``.
+
+    A ``FILE.py`` is read relative to the current directory, or else imported as the module its path
+    names (``examples/minilm_bert.py`` -> ``examples.minilm_bert``).
+    """
     if spec is None:
         return None
     if spec.endswith(".json"):
-        return json.loads(Path(spec).read_text())
+        if not Path(spec).is_file():
+            raise CliError(f"--names {spec!r}: no file {Path(spec).resolve()}.")
+        try:
+            return json.loads(Path(spec).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CliError(
+                f"--names {spec!r}: cannot read a JSON object {{regex: replacement}} from it ({e})."
+            ) from None
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise CliError(f"--names {spec!r}: expected FILE.json, MODULE:ATTR or FILE.py:ATTR.")
-    if where.endswith(".py"):
-        loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
-        if loaded is None or loaded.loader is None or not Path(where).is_file():
-            raise CliError(f"--names {spec!r}: no Python file {where}.")
-        module = importlib.util.module_from_spec(loaded)
-        sys.modules[loaded.name] = module
-        loaded.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+    module = _import(where, spec)
     if not hasattr(module, attr):
         raise CliError(f"--names {spec!r}: {where} has no attribute {attr!r}.")
     return getattr(module, attr)
+
+
+# Flax's automatic names (Dense_0, MultiHeadDotProductAttention_1) and list items (layers_0), which a torch
+# model spells layers.0: a module path holding one is not a torch module name
+_FLAX_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_\d+|\w+_\d+")
+
+
+def _flax_style(paths: Sequence[str]) -> list[str]:
+    """The module paths with a part no torch module name has (see `_FLAX_NAME`)."""
+    return [p for p in paths if any(_FLAX_NAME.fullmatch(part) for part in p.split("/"))]
 
 
 def _kind(path: Path) -> str:
@@ -65,6 +103,9 @@ def _kind(path: Path) -> str:
     if (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
         return "params"
     raise CliError(f"{path} is neither a jaxlora adapter, a PEFT adapter nor an Orbax checkpoint.")
+
+
+_WHAT = {"safetensors": "a safetensors file", "params": "an Orbax checkpoint of parameters"}
 
 
 def _human(n: float) -> str:
@@ -132,14 +173,21 @@ def _prod(shape: Sequence[int]) -> int:
     return out
 
 
-def _load_adapter(path: Path, *, params: Any = None, names: Any = None) -> tuple[Any, Any]:
+def _load_adapter(
+    path: Path, *, params: Any = None, names: Any = None, names_spec: str | None = None
+) -> tuple[Any, Any]:
     """The LoRA tree and its info, from either format."""
     from . import checkpoint
 
     about = checkpoint.info(path)
     if about.format == "orbax":
         return checkpoint.restore(path, params=params), about
-    return checkpoint.load_peft(path, params=params, names=names), about
+    try:
+        return checkpoint.load_peft(path, params=params, names=names), about
+    except ValueError as e:
+        if "pass names=" not in str(e):
+            raise
+        raise CliError(str(e) + _names_hint(names_spec, torch_adapter=True)) from None
 
 
 def _restore_params(path: Path) -> Any:
@@ -161,14 +209,60 @@ def _restore_params(path: Path) -> Any:
         return c.restore(path.absolute())
 
 
-def _names_hint(names: str | None) -> str:
+def _names_hint(names: str | None, *, torch_adapter: bool = False) -> str:
     if names:
         return f"\nCheck that --names {names} maps every module path to the base's tensor names."
+    if torch_adapter:
+        return (
+            "\nThe PEFT adapter names torch modules (e.g. 'encoder.layer.0.attention.self.query'); the base's "
+            "module paths are jaxlora's: pass --names (FILE.json, MODULE:ATTR or FILE.py:ATTR) mapping jaxlora "
+            "paths to torch names, e.g. --names examples/minilm_bert.py:NAMES."
+        )
     return (
         "\nThe adapter's module paths are jaxlora's (e.g. 'encoder/layer_0/query'); a Hugging Face base names "
         "its tensors the torch way: pass --names (FILE.json, MODULE:ATTR or FILE.py:ATTR) to map them, e.g. "
         "--names examples/minilm_bert.py:NAMES."
     )
+
+
+def _progress(description: str) -> Any:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when stderr is no terminal)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=description, unit="tensor", disable=None, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _flax_layout(path: Path) -> bool:
+    """Whether a safetensors file names its tensors by jaxlora leaf paths (``"up/kernel"``: `save_merged`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        keys = list(f.keys())
+    return any("/" in k for k in keys) and not any("." in k for k in keys)
+
+
+def _read_flax_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file of leaf paths (as `save_merged` writes) as the nested params dict."""
+    from safetensors.numpy import load_file
+
+    params: dict[str, Any] = {}
+    for key, array in load_file(str(path)).items():
+        *parents, leaf = key.split("/")
+        node = params
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = array
+    return params
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -178,25 +272,32 @@ def cmd_merge(args: argparse.Namespace) -> None:
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
     base_kind, adapter_kind, names = _kind(base), _kind(adapter), _names(args.names)
     if adapter_kind not in ("orbax", "peft"):
-        raise CliError(
-            f"{adapter} is not an adapter (found a {base_kind} checkpoint); expected jaxlora or PEFT format."
-        )
-    if base_kind == "safetensors":  # a Hugging Face checkpoint: PEFT's names and math, streamed
+        raise CliError(f"{adapter} is not an adapter (found {_WHAT[adapter_kind]}); expected jaxlora or PEFT format.")
+    progress = _progress("merge")
+    if base_kind == "safetensors" and not _flax_layout(base):  # Hugging Face's: PEFT's names and math, streamed
         if adapter_kind == "orbax":
             lora, about = _load_adapter(adapter)
             with tempfile.TemporaryDirectory() as tmp:
                 save_peft_files(tmp, lora, base=about.base, names=names, config=about.config)
                 try:
-                    checkpoint.merge_safetensors(base, tmp, out, overwrite=args.overwrite)
+                    checkpoint.merge_safetensors(base, tmp, out, overwrite=args.overwrite, progress=progress)
                 except ValueError as e:  # name the user's adapter, not the temporary PEFT copy
                     raise CliError(str(e).replace(str(tmp), str(adapter)) + _names_hint(args.names)) from None
         else:
-            checkpoint.merge_safetensors(base, adapter, out, overwrite=args.overwrite)
-    elif base_kind == "params":
-        params = _restore_params(base)
-        lora, _ = _load_adapter(adapter, params=params, names=names)
+            try:
+                checkpoint.merge_safetensors(base, adapter, out, overwrite=args.overwrite, progress=progress)
+            except ValueError as e:
+                if "does not fit the base" not in str(e):
+                    raise
+                raise CliError(
+                    f"{e}\nIf {adapter} came from `convert` without --names, its module names are jaxlora's: "
+                    "convert the jaxlora adapter again with --names mapping them to the base's torch names."
+                ) from None
+    elif base_kind in ("params", "safetensors"):  # an Orbax checkpoint, or a safetensors file jaxlora wrote
+        params = _restore_params(base) if base_kind == "params" else _read_flax_safetensors(base)
+        lora, _ = _load_adapter(adapter, params=params, names=names, names_spec=args.names)
         fmt = "safetensors" if out.suffix == ".safetensors" else "orbax"
-        checkpoint.save_merged(out, params, lora, format=fmt, overwrite=args.overwrite)
+        checkpoint.save_merged(out, params, lora, format=fmt, overwrite=args.overwrite, progress=progress)
     else:
         raise CliError(
             f"BASE {base} is a {base_kind} adapter; pass the base model (.safetensors or an Orbax checkpoint)."
@@ -210,9 +311,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint._peft import save_peft_files
 
     src, dst = Path(args.src), Path(args.dst)
+    if args.names and args.keep_names:
+        raise CliError("--names and --keep-names contradict each other; pass one.")
     kind, names = _kind(src), _names(args.names)
     if kind not in ("orbax", "peft"):
-        raise CliError(f"{src} is not an adapter (it is a {kind} checkpoint).")
+        raise CliError(f"{src} is not an adapter (it is {_WHAT[kind]}).")
     to = args.to or ("peft" if kind == "orbax" else "orbax")
     if to == kind:
         raise CliError(f"{src} is already in {kind} format; pick --to {'peft' if kind == 'orbax' else 'orbax'}.")
@@ -220,7 +323,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
         same = " (it is SRC itself)" if dst.resolve() == src.resolve() else ""
         raise CliError(f"{dst} already exists{same}; choose another DST, or pass --overwrite to replace it.")
     params = _restore_params(Path(args.base)) if args.base else None
-    lora, about = _load_adapter(src, params=params, names=names)
+    lora, about = _load_adapter(src, params=params, names=names, names_spec=args.names)
+    flax_paths = _flax_style(list(lora)) if to == "peft" and names is None and not args.keep_names else []
+    if flax_paths:
+        shown = flax_paths[:3] + ([f"... {len(flax_paths) - 3} more"] if len(flax_paths) > 3 else [])
+        raise CliError(
+            f"module paths such as {shown} are Flax names (automatic names like Dense_0, list items like "
+            "layers_0 where torch writes layers.0), which no torch model has, so PEFT would not find these "
+            "modules. Pass --names (FILE.json, MODULE:ATTR or FILE.py:ATTR) mapping them to the torch model's "
+            "module names, or --keep-names to write them as they are (for jaxlora to read back)."
+        )
     if to == "peft":
         save_peft_files(
             dst, lora, base=about.base, names=names, config=about.config, overwrite=args.overwrite,
@@ -249,8 +361,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("merge", help="write the base with an adapter merged in",
                        description="Merge ADAPTER into BASE and write the full parameters to OUT. BASE is a Hugging "
                        "Face .safetensors file (merged one tensor at a time with PEFT's math; a jaxlora adapter is "
-                       "converted with --names) or an Orbax checkpoint of the params (OUT: an Orbax directory, or "
-                       "a .safetensors file written one weight at a time).")  # fmt: skip
+                       "converted with --names), a .safetensors file jaxlora wrote (leaf paths such as up/kernel), "
+                       "or an Orbax checkpoint of the params (OUT: an Orbax directory, or a .safetensors file "
+                       "written one weight at a time).")  # fmt: skip
     s.add_argument("base")
     s.add_argument("adapter")
     s.add_argument("out")
@@ -264,6 +377,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--to", choices=("peft", "orbax"), help="target format (default: the other one)")
     s.add_argument("--names", help=names_help)
+    s.add_argument("--keep-names", action="store_true",
+                   help="(to PEFT) write jaxlora's module paths as torch names even where they look like Flax "
+                   "names (layers_0, Dense_0) that no torch model has")  # fmt: skip
     s.add_argument("--base", help="Orbax checkpoint of the base params: needed to place an adapter PEFT made")
     s.add_argument("--experts", action="append", metavar="PATTERN",
                    help="(to PEFT) a pattern of expert weights to write as PEFT target_parameters; repeatable; "

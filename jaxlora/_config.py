@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
+
+from . import _peft_config
 
 ALL_LINEAR = "all-linear"
 Init = Literal["kaiming", "gaussian"]
@@ -24,9 +27,15 @@ def matches(pattern: str, path: str) -> bool:
     return re.fullmatch(pattern, path) is not None or re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
 
 
+def _positive_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 def _freeze_patterns(name: str, value: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
     if value is None:
         return ()
+    if isinstance(value, tuple) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in value):
+        return value  # a built config's own frozen form (dataclasses.replace passes it back)
     if not isinstance(value, Mapping):
         raise TypeError(f"LoraConfig.{name} must be a dict from regex to number, got {type(value).__name__}.")
     return tuple(value.items())
@@ -66,6 +75,9 @@ class LoraConfig:
         one per output feature, initialised to the norms of ``W``'s output columns; the layer
         computes ``m / ‖W + ΔW‖ · (W + ΔW)``, the norm treated as a constant in the backward pass.
 
+    PEFT's names (``r``, ``lora_alpha``, ``target_modules``, ``use_dora``...) raise a ``TypeError``
+    naming jaxlora's; `LoraConfig.from_peft` converts a PEFT config.
+
     Raises:
       ValueError, TypeError: for a field that cannot work, naming the field and the fix.
 
@@ -95,8 +107,10 @@ class LoraConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank <= 0:
             problems.append(f"rank must be a positive int, got {self.rank!r}; try rank=8.")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
-            problems.append(f"alpha must be a positive number or None (meaning alpha = rank), got {self.alpha!r}.")
+        if self.alpha is not None and not _positive_finite(self.alpha):
+            problems.append(
+                f"alpha must be a positive number or None (meaning alpha = rank), and finite; got {self.alpha!r}."
+            )
         if isinstance(self.targets, str):
             targets: tuple[str, ...] = (self.targets,)
         else:
@@ -121,8 +135,8 @@ class LoraConfig:
             if not isinstance(r, (int, np.integer)) or r <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive int, got {r!r}.")
         for pattern, a in self.alpha_pattern:
-            if not isinstance(a, (int, float)) or a <= 0:
-                problems.append(f"alpha_pattern[{pattern!r}] must be a positive number, got {a!r}.")
+            if not _positive_finite(a):
+                problems.append(f"alpha_pattern[{pattern!r}] must be a positive number, and finite; got {a!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}.")
         try:
@@ -161,3 +175,53 @@ class LoraConfig:
     def excludes(self, path: str) -> bool:
         """Whether ``exclude`` rules ``path`` out."""
         return any(matches(p, path) for p in self.exclude)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **overrides: Any) -> LoraConfig:
+        """The `LoraConfig` of a PEFT ``LoraConfig``, its dict, or an ``adapter_config.json`` path.
+
+        Maps ``r`` -> ``rank``, ``lora_alpha`` -> ``alpha``, ``target_modules`` -> ``targets``
+        (a list of module names becomes their trailing-name patterns, ``"self_attn.q_proj"`` ->
+        ``"self_attn/q_proj"``; a regex keeps its meaning with ``\\.`` read as ``"/"``; ``"all-linear"``
+        stays), ``exclude_modules`` -> ``exclude``, ``lora_dropout`` -> ``dropout``, ``use_dora`` ->
+        ``dora``, ``use_rslora`` -> ``rslora``, ``init_lora_weights`` (``True`` -> ``"kaiming"``,
+        ``"gaussian"``), and ``modules_to_save``, ``rank_pattern``, ``alpha_pattern`` as patterns.
+        Torch module names often differ from Flax paths (``layers.0`` vs ``layers_0``): `jaxlora.init`
+        says which targets match nothing. A PEFT object is read through its ``to_dict()``, so neither
+        torch nor peft is imported here.
+
+        Args:
+          peft_config: a ``peft.LoraConfig``, its ``to_dict()``, or the path of an
+            ``adapter_config.json`` or of the adapter directory holding one.
+          **overrides: jaxlora fields to set on top (``dtype``, ``expert_rank``, ``targets``...).
+
+        Returns:
+          The `LoraConfig`.
+
+        Raises:
+          ValueError: naming every PEFT field jaxlora cannot honour (a ``bias`` other than ``"none"``,
+            ``init_lora_weights="pissa"``/``"olora"``: use `jaxlora.init_from_weights`; ``loftq_config``,
+            ``layers_to_transform``, ``target_parameters``, ...), or no ``target_modules`` and no ``targets``.
+          FileNotFoundError: for a path with no ``adapter_config.json``.
+          TypeError: for anything else.
+
+        Example:
+          >>> import jaxlora
+          >>> peft = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
+          >>> config = jaxlora.LoraConfig.from_peft(peft)
+          >>> config.rank, config.alpha, config.targets, config.dora
+          (16, 32, ('q_proj', 'v_proj'), True)
+        """
+        return cls(**(_peft_config.peft_fields(peft_config, frozenset(overrides)) | overrides))
+
+
+@functools.wraps(LoraConfig.__init__)
+def _init_with_peft_hint(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
+    peft = [name for name in kwargs if name in _peft_config.PEFT_NAMES]
+    if peft:
+        raise _peft_config.peft_spelling_error(peft)
+    _dataclass_init(self, *args, **kwargs)
+
+
+_dataclass_init = LoraConfig.__init__
+LoraConfig.__init__ = _init_with_peft_hint  # type: ignore[method-assign]  # PEFT's names get jaxlora's in the error

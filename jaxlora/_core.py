@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -247,7 +249,8 @@ def apply(
       lora: the tree from `init`.
       *args, **kwargs: the rest of ``fn``'s arguments; array leaves are traced, other leaves static.
       dropout_key: a PRNG key to turn on LoRA dropout (the rate is ``LoraConfig.dropout``); without
-        it, as in inference, there is no dropout.
+        it, as in inference, there is no dropout, and a tree with dropout warns that it is off (a
+        ``UserWarning``, once per call site under Python's default filter).
       unsupported: ``"error"`` (default) raises when a targeted weight reaches an op jaxlora cannot
         factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
       adapter_ids: with a `LoraStack` as ``lora``: one int per example, an index into ``stack.names``
@@ -275,6 +278,9 @@ def apply(
         raise ValueError(f"unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.")
     from . import _stack
 
+    if dropout_key is None:
+        _warn_dropout_off(lora)
+
     if isinstance(lora, _stack.LoraStack) or adapter_ids is not None or example_axes is not None:
         if not isinstance(lora, _stack.LoraStack) or adapter_ids is None:
             raise TypeError(
@@ -291,6 +297,29 @@ def apply(
     tagged = {targets[path].index: (path, f) for path, f in factors.items()}
     ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
     return _trace.run(fn, _saved.substitute(params, saved), args, kwargs, tagged, ctx)
+
+
+def _warn_dropout_off(lora: Any) -> None:
+    """Warn that a tree with LoRA dropout runs without it (no ``dropout_key``)."""
+    if hasattr(lora, "names") and hasattr(lora, "dropout"):  # a LoraStack: {path: rate} pairs
+        rates = {p: r for p, r in lora.dropout if r > 0}
+    elif isinstance(lora, Mapping):
+        rates = {p: f.dropout for p, f in lora.items() if isinstance(f, LoraFactors) and f.dropout > 0}
+    else:
+        return
+    if not rates:
+        return
+    level, frame = 3, sys._getframe(2)  # point at the caller's line, past jaxlora's own front-ends
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("jaxlora."):
+        level, frame = level + 1, frame.f_back
+    shown = sorted(rates)[:3] + (["..."] if len(rates) > 3 else [])
+    warnings.warn(
+        f"LoRA dropout is off: {len(rates)} modules have dropout {sorted(set(rates.values()))} ({', '.join(shown)}) "
+        "but jaxlora.apply got no dropout_key. To train with it, pass dropout_key=jax.random.fold_in(key, step); "
+        "for evaluation this is right (dropout only acts in training).",
+        UserWarning,
+        stacklevel=level,
+    )
 
 
 def _float32(w: Any) -> jax.Array:

@@ -1,17 +1,10 @@
-"""Quantized frozen bases (QLoRA): the `Quantized` pytree node, the NF4 and int8 codecs.
+"""Quantized frozen bases (QLoRA): the NF4 and int8 codecs and `quantize` (the node: `_quantized`).
 
-A quantized weight keeps ``W``'s leading *outer* axis (the stacked-layer axis of a scanned model,
-``W.ndim >= 3``) outside its blocks, so ``W[i]`` (a ``scan`` step) is the same codes and scales
-sliced at ``i``; the blocks run over the rest of each slice, flattened in row-major order:
-
-* ``"nf4"`` (bitsandbytes' layout): ``codes`` uint8 ``(*outer, n // 2)``, two 4-bit indices into
-  `NF4` a byte (the first element in the high nibble); one absmax per block of ``block_size``
-  (64) elements. With ``double_quant`` the absmax values, minus their mean, are 8-bit quantized in
-  groups of 256 with one float32 scale each: ``scale`` int8 ``(*outer, groups * 256)``,
-  ``scale_scale`` float32 ``(*outer, groups)``, ``scale_mean`` float32 ``(*outer, 1)``;
-  4 + 8/64 + 32/(64·256) = 4.127 bits a parameter. Without it, ``scale`` is float32 ``(*outer, n / 64)``.
-* ``"int8"`` (weight-only): ``codes`` int8 of ``W``'s shape; ``scale`` float32, one per output
-  channel (``W``'s last axis, Flax's ``(in, out)`` layout) and outer index.
+Each codec is written for the full float range: blocks holding values near float32's maximum code
+and decode without overflow, magnitudes below float32's smallest normal (``2**-126``) code as zero,
+and a decoded weight is clipped to its dtype's range. `quantize` refuses non-finite weights; `encode`,
+which runs under a trace, cannot raise on values: it makes the block (NF4), the group of 256 blocks
+(NF4 with double quantization) or the channel (int8) holding a NaN or inf decode to NaN.
 
 `dequantize` gives ``codes``·``scale`` in ``W``'s dtype; inside `jaxlora.apply` each use of a quantized
 weight is dequantized where it is used (``jaxlora/_trace/_quantized.py``).
@@ -20,6 +13,7 @@ weight is dequantized where it is used (``jaxlora/_trace/_quantized.py``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import matches
+from ._quantized import Quantized as Quantized
+from ._quantized import is_quantized as is_quantized
+from ._tree import _names, module_path
 
 FORMATS = ("nf4", "int8")
 DQ_GROUP = 256  # absmax values per double-quantization group (bitsandbytes' nested blocksize)
@@ -47,133 +44,99 @@ DEFAULT_EXCLUDE = ("lm_head", "head")  # ...but the output head (bitsandbytes ke
 _MATRIX_NAMES = ("kernel", "weight")  # embedding tables (nn.Embed's "embedding") stay in full precision
 
 
-@jax.tree_util.register_pytree_node_class
-class Quantized:
-    """A quantized frozen weight: a pytree node whose leaves are its codes and scales.
-
-    Attributes:
-      codes: the packed codes (see the module docstring for each format's layout).
-      scale: per-block absmax (NF4; int8-coded under double quantization) or per-channel scales (int8).
-      scale_scale, scale_mean: the double quantization's float32 group scales and mean, or None.
-      format: ``"nf4"`` or ``"int8"``; static.
-      inner: the shape of one outer slice of ``W`` (``W.shape[1:]`` if stacked, else ``W.shape``); static.
-      dtype: ``W``'s dtype, which `dequantize` restores; static.
-      block_size: NF4's block size; static.
-
-    ``shape``, ``dtype``, ``ndim`` and ``size`` are those of the float weight, so shape-reading code
-    (``jaxlora.init``, ``summary``) treats it as ``W``; ``nbytes`` counts the stored leaves.
-
-    Example:
-      >>> import jax.numpy as jnp, jaxlora
-      >>> q = jaxlora.quantize({"kernel": jnp.ones((64, 128))}, "nf4")["kernel"]
-      >>> q.shape, q.codes.shape, q.codes.dtype
-      ((64, 128), (4096,), dtype('uint8'))
-    """
-
-    def __init__(self, codes, scale, scale_scale=None, scale_mean=None, *, format, inner, dtype, block_size=64):
-        self.codes, self.scale, self.scale_scale, self.scale_mean = codes, scale, scale_scale, scale_mean
-        self.format, self.inner, self.dtype, self.block_size = format, tuple(inner), jnp.dtype(dtype), block_size
-
-    def tree_flatten(self):
-        aux = (self.format, self.inner, self.dtype, self.block_size)
-        return (self.codes, self.scale, self.scale_scale, self.scale_mean), aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        fmt, inner, dtype, block = aux
-        return cls(*children, format=fmt, inner=inner, dtype=dtype, block_size=block)
-
-    @property
-    def outer(self) -> tuple[int, ...]:
-        """The outer (stacked) axes kept outside the blocks: ``()`` or ``(layers,)``."""
-        n = self.codes.ndim - (1 if self.format == "nf4" else len(self.inner))
-        return tuple(self.codes.shape[:n])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.outer + self.inner
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def double_quant(self) -> bool:
-        return self.scale_scale is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored leaves (codes and every scale)."""
-        leaves = (self.codes, self.scale, self.scale_scale, self.scale_mean)
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves if x is not None)
-
-    def describe(self) -> dict[str, Any]:
-        """How it was quantized, for checkpoint fingerprints: ``{"format", "block_size", "double_quant"}``."""
-        if self.format == "int8":
-            return {"format": "int8"}
-        return {"format": self.format, "block_size": self.block_size, "double_quant": self.double_quant}
-
-    def __repr__(self) -> str:
-        extra = f", block_size={self.block_size}, double_quant={self.double_quant}" if self.format == "nf4" else ""
-        shape = self.shape if hasattr(self.codes, "ndim") else f"outer+{self.inner}"
-        return f"Quantized({self.format}, shape={shape}, dtype={self.dtype.name}{extra})"
-
-
-def is_quantized(x: Any) -> bool:
-    return isinstance(x, Quantized)
-
-
 def _outer_count(shape: Sequence[int]) -> int:
     return 1 if len(shape) >= 3 else 0
 
 
-def _nf4_encode(w: jax.Array, k: int, block: int, double_quant: bool) -> tuple:
-    outer = w.shape[:k]
-    x = w.astype(jnp.float32).reshape(*outer, -1, block)
-    absmax = jnp.max(jnp.abs(x), axis=-1)
-    normed = x / jnp.where(absmax == 0, 1, absmax)[..., None]
-    mids = jnp.asarray(_NF4_MIDPOINTS).reshape((1,) * normed.ndim + (-1,))
-    idx = jnp.sum(normed[..., None] > mids, axis=-1).astype(jnp.uint8)
-    idx = idx.reshape(*outer, -1)
-    codes = (idx[..., 0::2] << 4) | idx[..., 1::2]
-    if not double_quant:
-        return codes, absmax, None, None
-    mean = jnp.mean(absmax, axis=-1, keepdims=True)
+_TINY = float(np.finfo(np.float32).tiny)  # smaller magnitudes code as 0 (CPUs flush them to 0 anyway)
+_INT8_TOP = np.float32(np.finfo(np.float32).max / 127)  # the largest int8 scale whose code 127 stays finite
+with np.errstate(over="ignore"):
+    while not np.isfinite(_INT8_TOP * np.float32(127)):
+        _INT8_TOP = np.nextafter(_INT8_TOP, np.float32(0))
+
+
+def _finite_part(x: jax.Array, axes, keepdims: bool) -> tuple[jax.Array, jax.Array]:
+    """``x`` with non-finite and subnormal values zeroed, and whether each slice over ``axes`` was finite."""
+    ok = jnp.isfinite(x)
+    return jnp.where(ok & (jnp.abs(x) >= _TINY), x, 0.0), jnp.all(ok, axis=axes, keepdims=keepdims)
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """``2.0**k`` in float32, exactly, for integers ``k`` in [-126, 127]."""
+    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def _divide(x: jax.Array, v: jax.Array) -> jax.Array:
+    """``x / v`` for ``v`` anywhere in float32's normal range (``x`` where ``v`` is 0).
+
+    Computed as ``x · 2**-e / m`` (``v = m · 2**e``, exact steps) because XLA rewrites a division by
+    a broadcast value into a product with its reciprocal, which underflows to 0 for ``v > 2**126``.
+    """
+    m, e = jnp.frexp(v)
+    half = e // 2
+    return x * _pow2(-half) * _pow2(half - e) / jnp.where(m > 0, m, 1)
+
+
+def _nested(absmax: jax.Array, finite: jax.Array) -> tuple:
+    """Double quantization of a slice's block absmax values: int8 codes of ``absmax - mean`` per group
+    of `DQ_GROUP`, rounded *up*, so the recovered absmax ``code·step + mean`` (computed as
+    `dequantize_weight` does) is never below the true one and exceeds it by less than one ``step``.
+    (Only near float32's maximum, where that would overflow, is it rounded down instead.)
+
+    Returns the int8 codes, the group steps (NaN for a group holding a non-finite block), the mean and
+    the recovered absmax of each block.
+    """
     nb = absmax.shape[-1]
-    groups = -(-nb // DQ_GROUP)
-    centred = jnp.pad(absmax - mean, [(0, 0)] * k + [(0, groups * DQ_GROUP - nb)]).reshape(*outer, groups, DQ_GROUP)
-    s2 = jnp.max(jnp.abs(centred), axis=-1) / 127
-    q = jnp.round(centred / jnp.where(s2 == 0, 1, s2)[..., None]).astype(jnp.int8)
-    return codes, q.reshape(*outer, -1), s2, mean
+    pad = -(-nb // DQ_GROUP) * DQ_GROUP - nb
+    top = jnp.max(absmax)
+    mean = (jnp.mean(_divide(absmax, top)) * top).reshape(1, 1)  # scaled first: a sum near float32's max overflows
+    padded = jnp.pad(absmax, (0, pad), constant_values=mean[0, 0]).reshape(-1, DQ_GROUP)
+    centred = padded - mean
+    step = jnp.max(jnp.abs(centred), axis=-1, keepdims=True) / 127
+    step = jnp.where(step >= _TINY, step, 0.0)  # a subnormal step: every absmax of the group is the mean
+    q = jnp.where(step > 0, jnp.clip(jnp.ceil(_divide(centred, step)), -127, 127), 0.0)
+    recover = lambda q: q * step + mean  # noqa: E731  (dequantize_weight's arithmetic)
+    q = q + ((recover(q) < padded) & (q < 127))  # float rounding left it below: one step up
+    q = q - (~jnp.isfinite(recover(q)) & (q > -127))  # above float32's max: one step down (codes clamp)
+    bad = ~jnp.all(jnp.pad(finite, (0, pad), constant_values=True).reshape(-1, DQ_GROUP), axis=-1)
+    rec = recover(q).reshape(-1)[:nb]
+    return q.astype(jnp.int8).reshape(-1), jnp.where(bad, jnp.nan, step[:, 0]), mean.reshape(1), rec
 
 
-def _int8_encode(w: jax.Array, k: int) -> tuple:
-    x = w.astype(jnp.float32)
-    axes = tuple(range(k, w.ndim - 1))
-    scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127
-    codes = jnp.clip(jnp.round(x / jnp.where(scale == 0, 1, scale)), -127, 127).astype(jnp.int8)
-    return codes, scale, None, None
+def _nf4_encode(w: jax.Array, block: int, double_quant: bool) -> tuple:
+    x, finite = _finite_part(w.astype(jnp.float32).reshape(-1, block), -1, False)
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    if double_quant:
+        scale, step, mean, absmax = _nested(absmax, finite)
+    else:
+        scale, step, mean = jnp.where(finite, absmax, jnp.nan), None, None
+    normed = _divide(x, absmax[:, None])  # coded against the absmax that decoding uses
+    idx = jnp.sum(normed[..., None] > jnp.asarray(_NF4_MIDPOINTS)[None, None], axis=-1).astype(jnp.uint8).reshape(-1)
+    return (idx[0::2] << 4) | idx[1::2], scale, step, mean
+
+
+def _int8_encode(w: jax.Array) -> tuple:
+    axes = tuple(range(w.ndim - 1))
+    x, finite = _finite_part(w.astype(jnp.float32), axes, True)
+    scale = jnp.minimum(jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127, _INT8_TOP)
+    scale = jnp.where(scale >= _TINY, scale, 0.0)  # a channel whose values are all below 127·2**-126 codes as 0
+    codes = jnp.clip(jnp.round(_divide(x, scale)), -127, 127).astype(jnp.int8)
+    return codes, jnp.where(finite, scale, jnp.nan), None, None
 
 
 def encode(w: jax.Array, format: str = "nf4", *, block_size: int = 64, double_quant: bool = True) -> Quantized:
     """Quantize one weight (traceable: call it inside ``jax.jit``, ``lax.map`` or a layer loop).
 
-    Checks nothing: `quantize` validates. A stacked weight (``ndim >= 3``) is encoded one layer at a
-    time (``lax.map``), so only one layer's float32 temporaries exist at once.
+    Checks no values: `quantize` validates. A block, double-quantization group or channel holding a
+    NaN or inf decodes to NaN. A stacked weight (``ndim >= 3``) is encoded one layer at a time
+    (``lax.map``), so only one layer's float32 temporaries exist at once.
     """
     k = _outer_count(w.shape)
     if format == "nf4":
-        fn = lambda v, k: _nf4_encode(v, k, block_size, double_quant)  # noqa: E731
+        fn = lambda v: _nf4_encode(v, block_size, double_quant)  # noqa: E731
     else:
         fn = _int8_encode
-    if k:
-        leaves = jax.lax.map(lambda v: fn(v, 0), w)
-    else:
-        leaves = fn(w, 0)
+    leaves = jax.lax.map(fn, w) if k else fn(w)
     return Quantized(*leaves, format=format, inner=w.shape[k:], dtype=w.dtype, block_size=block_size)
 
 
@@ -181,8 +144,9 @@ def dequantize_weight(q: Quantized, dtype: Any = None) -> jax.Array:
     """The float weight of ``q`` in ``dtype`` (default: its own), computed in float32."""
     dtype = jnp.dtype(dtype or q.dtype)
     outer = q.outer
+    top = float(jnp.finfo(q.dtype).max)  # a recovered absmax may exceed the largest value of W's dtype
     if q.format == "int8":
-        return (q.codes.astype(jnp.float32) * q.scale).astype(dtype)
+        return jnp.clip(q.codes.astype(jnp.float32) * q.scale, -top, top).astype(dtype)
     hi, lo = q.codes >> 4, q.codes & 15
     idx = jnp.stack([hi, lo], axis=-1).reshape(*outer, -1, q.block_size)
     absmax = q.scale
@@ -190,13 +154,11 @@ def dequantize_weight(q: Quantized, dtype: Any = None) -> jax.Array:
         groups = q.scale_scale.shape[-1]
         absmax = q.scale.reshape(*outer, groups, DQ_GROUP).astype(jnp.float32) * q.scale_scale[..., None]
         absmax = absmax.reshape(*outer, -1)[..., : idx.shape[-2]] + q.scale_mean
-    values = jnp.asarray(NF4)[idx.astype(jnp.int32)] * absmax[..., None]
+    values = jnp.clip(jnp.asarray(NF4)[idx.astype(jnp.int32)] * absmax[..., None], -top, top)
     return values.reshape(q.shape).astype(dtype)
 
 
 def _leaves_with_paths(params: Any):
-    from ._tree import module_path
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     return [(module_path(kp), kp, leaf) for kp, leaf in flat], treedef
 
@@ -221,7 +183,14 @@ def quantize(
     (stacked layers one at a time, so float32 temporaries are one layer's), and ``donate=True``
     deletes each float array once its quantized copy exists, so a model never needs its float and
     quantized copies whole at once. (A jit donation would not help: the codes are smaller than ``W``,
-    so XLA cannot reuse its buffer.)
+    so XLA cannot reuse its buffer.) Tied weights (leaves holding one buffer) are quantized once and
+    stay tied; a buffer is deleted only once no leaf still to be quantized or left in float holds it.
+
+    Weights holding a NaN or inf are refused, all named in one error, before anything is encoded or
+    deleted. Under a trace (``jax.jit``, ``jax.eval_shape``) values cannot be checked: a NF4 block
+    (with double quantization, its group of 256 blocks) or int8 channel holding one dequantizes to
+    NaN instead. A ``jax.ShapeDtypeStruct`` leaf gives a `Quantized` of ``ShapeDtypeStruct``s
+    (a restore target).
 
     Args:
       params: a params pytree (Linen variables, ``nnx.State``, any pytree of arrays).
@@ -235,8 +204,8 @@ def quantize(
       The same tree with `Quantized` leaves.
 
     Raises:
-      ValueError: an unknown format, a block size that does not divide a weight, a tree already
-        quantized, or a target matching nothing. TypeError: a target that is not floating.
+      ValueError: an unknown format, a block size that does not divide a weight, a weight holding a
+        NaN or inf, a tree already quantized, a target that is not floating or matches nothing.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -277,30 +246,72 @@ def quantize(
         k = _outer_count(leaf.shape)
         n = math.prod(leaf.shape[k:])
         if format == "nf4" and n % block_size:
+            slice_ = "one layer of the stack" if k else "the whole weight"
             problems.append(
-                f"{path!r}: {n} elements a slice (shape {tuple(leaf.shape)}) is not a multiple of block_size="
-                f"{block_size}; pick a block size that divides it or exclude {name!r}."
+                f"{path!r}: a slice must hold a multiple of block_size={block_size} elements ({n} elements a "
+                f"slice here: {slice_}, shape {tuple(leaf.shape)}); pick a block_size that divides {n} or "
+                f"exclude {name!r}."
             )
             continue
         chosen.append(i)
     if explicit:
         unmatched = [p for p in targets if not any(matches(p, path) for path, _, _ in leaves)]
         problems += [f"target {p!r} matches no leaf of params." for p in unmatched]
+    if not problems:
+        problems = _non_finite([(leaves[i][0], leaves[i][2]) for i in chosen])
     if problems:
         raise ValueError("jaxlora.quantize:\n  " + "\n  ".join(problems))
     out = [leaf for _, _, leaf in leaves]
     run = _encoder(format, block_size, double_quant)
+    users: dict[Any, set[int]] = {}  # each buffer -> the leaves holding it (tied weights share one)
+    for i, leaf in enumerate(out if donate else ()):
+        for b in _buffers(leaf):
+            users.setdefault(b, set()).add(i)
+    done: dict[int, Quantized] = {}  # id of a float array -> its quantized copy, so tied weights stay tied
+    finished: set[int] = set()
     for i in chosen:
         w = out[i]
-        out[i] = run(jnp.asarray(w))
-        if donate and isinstance(w, jax.Array) and not isinstance(w, getattr(jax.core, "Tracer", ())):
-            w.delete()  # its quantized copy exists: free the float buffer before the next weight
+        finished.add(i)
+        if id(w) not in done:
+            done[id(w)] = jax.eval_shape(run, w) if isinstance(w, jax.ShapeDtypeStruct) else run(jnp.asarray(w))
+        out[i] = done[id(w)]
+        if not donate:
+            continue
+        later = {j for b in _buffers(w) for j in users[b]} - finished
+        if not later and _concrete(w):
+            w.delete()  # its quantized copy exists and no other leaf holds it: free it before the next weight
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _is_matrix(keypath) -> bool:
-    from ._tree import _names
+_ALL_FINITE = jax.jit(lambda w: jnp.all(jnp.isfinite(w)))
 
+
+_TRACER = getattr(jax.core, "Tracer", ())
+
+
+def _concrete(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, _TRACER)
+
+
+def _non_finite(named: list[tuple[str, Any]]) -> list[str]:
+    """A line for each weight holding a NaN or inf (concrete ones; under a trace `encode` marks them)."""
+    concrete = [(path, w) for path, w in named if _concrete(w) or isinstance(w, np.ndarray)]
+    flags = [(path, w, _ALL_FINITE(w)) for path, w in concrete]  # dispatched together, read after
+    return [
+        f"{path!r}: {int(jnp.sum(~jnp.isfinite(w)))} of {w.size} values are NaN or inf; quantize finite weights."
+        for path, w, ok in flags
+        if not bool(ok)
+    ]
+
+
+def _buffers(x: Any) -> set:
+    """The device buffers behind a concrete array (``(device id, address)``; empty for anything else)."""
+    if not _concrete(x) or x.is_deleted():
+        return set()
+    return {(s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+
+
+def _is_matrix(keypath) -> bool:
     return _names(keypath)[-1] in _MATRIX_NAMES
 
 
@@ -348,15 +359,15 @@ def quantize_file(
 
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     out: dict[str, Any] = {}
-    run = _encoder(format, block_size, double_quant)
     with safe_open(path, framework="numpy") as f:
         for name in f.keys():
             t = f.get_tensor(name)
             module = name.replace(".", "/")
             skip = any(matches(p, module.rsplit("/", 1)[0]) for p in exclude) or "embed" in name
             if t.ndim >= 2 and np.issubdtype(t.dtype, np.floating) and not skip:
-                quantize({"w": t}, format, block_size=block_size, double_quant=double_quant)  # validates
-                out[name] = run(jnp.asarray(t))
+                one = {name: t}  # validated as quantize does, errors naming the tensor
+                kw = dict(block_size=block_size, double_quant=double_quant, targets=re.escape(name), exclude=())
+                out[name] = quantize(one, format, **kw)[name]
             else:
                 out[name] = jnp.asarray(t)
             del t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import ALL_LINEAR, LoraConfig, matches
+from ._quantized import is_quantized
 
 SEPARATOR = "/"
 # Leaf names that *are* their module's weight: the key drops them ("query/kernel" -> "query").
@@ -78,8 +80,6 @@ def is_array(x: Any) -> bool:
 def weights(params: Any) -> dict[str, Weight]:
     """Every adaptable leaf of ``params`` (floating, ``ndim >= 2``; a `jaxlora.Quantized` weight is
     one leaf), keyed by module path."""
-    from ._quant import is_quantized
-
     found: dict[str, Weight] = {}
     for index, (keypath, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]):
         if (
@@ -107,6 +107,38 @@ def nearest(name: str, paths: Iterable[str], n: int = 3) -> str:
     return f"closest module paths: {close}" if close else "params has no adaptable weight"
 
 
+def why_no_match(pattern: str, paths: Iterable[str]) -> str:
+    """Why a target ``pattern`` matched none of ``paths``, when a near miss tells (else ``""``).
+
+    Example:
+      >>> print(why_no_match("Query", ["encoder/query"]))
+      ['encoder/query'] differ only in case; patterns are case-sensitive
+    """
+    paths = sorted(paths)
+    for prefix in (".*/", ".+/", "(.*/)?"):
+        if pattern.startswith(prefix) and (top := [p for p in paths if matches(pattern[len(prefix) :], p)]):
+            return (
+                f"{prefix!r} requires a parent module, but {top[:3]} are at the top level; a pattern already "
+                f"matches any whole trailing part of a path, so write {pattern[len(prefix) :]!r}"
+            )
+    leaf = pattern.rsplit(SEPARATOR, 1)
+    if len(leaf) == 2 and leaf[1] in WEIGHT_NAMES and (hits := [p for p in paths if matches(leaf[0], p)]):
+        return (
+            f"module paths drop the leaf name {leaf[1]!r} ({hits[0] + SEPARATOR + leaf[1]!r} is keyed "
+            f"{hits[0]!r}); write {leaf[0]!r}"
+        )
+    try:
+        folded = [p for p in paths if re.fullmatch(rf"(?:.*/)?(?:{pattern})", p, flags=re.IGNORECASE)]
+    except re.error:
+        folded = []
+    if folded:
+        return f"{folded[:3]} differ only in case; patterns are case-sensitive"
+    return (
+        "a pattern must match a whole module path or a whole trailing part of one after a '/' "
+        "(so 'uery' does not match 'query')"
+    )
+
+
 def select(
     candidates: dict[str, Weight], config: LoraConfig, linear: set[str] | None, refused: dict[str, str] | None = None
 ) -> list[str]:
@@ -128,7 +160,10 @@ def select(
         if not hits and refusals:
             problems.append(f"target {pattern!r} matches only weights LoRA cannot adapt: {'; '.join(refusals)}.")
         elif not hits:
-            problems.append(f"target {pattern!r} matches no adaptable weight; {nearest(pattern, candidates)}.")
+            problems.append(
+                f"target {pattern!r} matches no adaptable weight; {nearest(pattern, candidates)}: "
+                f"{why_no_match(pattern, candidates)}."
+            )
         chosen |= hits
     if problems:
         raise ValueError("LoraConfig.targets:\n  " + "\n  ".join(problems))

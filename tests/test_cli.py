@@ -184,3 +184,106 @@ def test_help_does_not_import_jax():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "usage: python -m jaxlora merge" in r.stdout and r.stdout.endswith("imported jax: False\n"), r.stdout
+
+
+def test_convert_refuses_flax_names_without_names_or_keep_names(tmp_path, capsys):
+    params = {"params": {"layers_0": {"Dense_0": {"kernel": jnp.ones((4, 6))}}, "head": {"kernel": jnp.ones((6, 2))}}}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    ckpt.save(tmp_path / "adapter", lora, params=params)
+    assert main(["convert", str(tmp_path / "adapter"), str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "['layers_0/Dense_0'] are Flax names" in err and "Pass --names" in err and "--keep-names" in err
+    assert not (tmp_path / "p").exists()
+    assert main(["convert", str(tmp_path / "adapter"), str(tmp_path / "p"), "--keep-names", "--names", "x.json"]) == 1
+    assert "--names and --keep-names contradict each other" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "adapter"), str(tmp_path / "p"), "--keep-names"]) == 0
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["target_modules"] == [
+        "head", "layers_0.Dense_0"
+    ]  # fmt: skip
+    (tmp_path / "names.json").write_text(json.dumps({"layers_(\\d+)/Dense_0": r"layers.\1.fc", "head": "head"}))
+    assert (
+        main(["convert", str(tmp_path / "adapter"), str(tmp_path / "q"), "--names", str(tmp_path / "names.json")]) == 0
+    )
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["target_modules"] == ["head", "layers.0.fc"]
+
+
+def test_a_safetensors_file_jaxlora_wrote_is_a_merge_base(saved, tmp_path):
+    from safetensors.numpy import load_file
+
+    d, params, config, lora = saved
+    once = jaxlora.merge(params, lora)
+    twice = jaxlora.merge(once, lora)
+    assert main(["merge", str(d / "base"), str(d / "adapter"), str(tmp_path / "once.safetensors")]) == 0
+    for adapter in ("adapter", "peft"):
+        out = tmp_path / f"twice_{adapter}.safetensors"
+        assert main(["merge", str(tmp_path / "once.safetensors"), str(d / adapter), str(out)]) == 0
+        got = load_file(str(out))
+        assert sorted(got) == ["down/bias", "down/kernel", "up/kernel"]
+        np.testing.assert_allclose(got["up/kernel"], twice["params"]["up"]["kernel"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got["down/kernel"], twice["params"]["down"]["kernel"], rtol=1e-6, atol=1e-6)
+    assert main(["merge", str(tmp_path / "once.safetensors"), str(d / "adapter"), str(tmp_path / "twice_orbax")]) == 0
+    back = ocp.v1.load(tmp_path / "twice_orbax", jax.tree.map(ocp.utils.to_shape_dtype_struct, params["params"]))
+    np.testing.assert_allclose(back["up"]["kernel"], twice["params"]["up"]["kernel"], rtol=1e-6, atol=1e-6)
+
+
+def test_names_file_relative_to_cwd_or_importable(saved, tmp_path, monkeypatch, capsys):
+    d, params, config, lora = saved
+    pkg = tmp_path / "lib" / "mymaps"
+    pkg.mkdir(parents=True)
+    (pkg / "shared.py").write_text('PREFIX = "model."\n')
+    (pkg / "bert.py").write_text('from shared import PREFIX\nNAMES = {"(up|down)": PREFIX + r"\\1_proj"}\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative FILE.py is read from here; its sibling imports work
+    assert main(["convert", str(d / "adapter"), "a", "--names", "../lib/mymaps/bert.py:NAMES"]) == 0
+    assert json.loads((work / "a" / "adapter_config.json").read_text())["target_modules"] == [
+        "model.down_proj", "model.up_proj"
+    ]  # fmt: skip
+    assert "json" in sys.modules and sys.modules["json"].__name__ == "json"  # nothing shadowed
+    (pkg / "plain.py").write_text('NAMES = {"(up|down)": r"net.\\1"}\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))  # not a file here, but an importable module path
+    assert main(["convert", str(d / "adapter"), "b", "--names", "mymaps/plain.py:NAMES"]) == 0
+    assert json.loads((work / "b" / "adapter_config.json").read_text())["target_modules"] == ["net.down", "net.up"]
+    assert main(["convert", str(d / "adapter"), "c", "--names", "nowhere/x.py:NAMES"]) == 1
+    err = capsys.readouterr().err
+    assert "no file" in err and "no importable module 'nowhere.x'" in err and str(work) in err
+    assert main(["convert", str(d / "adapter"), "c", "--names", "missing.json"]) == 1
+    assert "--names 'missing.json': no file" in capsys.readouterr().err
+
+
+def test_merge_of_a_torch_named_adapter_suggests_names(saved, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    d, params, config, lora = saved
+    (tmp_path / "names.json").write_text(json.dumps({"(up|down)": r"model.\1_proj"}))
+    assert main(["convert", str(d / "adapter"), str(tmp_path / "hf"), "--names", str(tmp_path / "names.json")]) == 0
+    weights = tmp_path / "hf" / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # as PEFT writes it: no jaxlora metadata to place it by
+    (tmp_path / "hf" / "jaxlora_manifest.json").unlink()  # nor a manifest
+    assert main(["merge", str(d / "base"), str(tmp_path / "hf"), str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "torch module 'model.up_proj' matches no weight" in err and "pass --names" in err
+    assert main(["merge", str(d / "base"), str(tmp_path / "hf"), str(tmp_path / "m"),
+                 "--names", str(tmp_path / "names.json")]) == 0  # fmt: skip
+    # a PEFT adapter with jaxlora's names merged into a Hugging Face base: convert it again with --names
+    t = lambda x: np.ascontiguousarray(np.asarray(x).T)  # noqa: E731
+    save_file({"model.up_proj.weight": t(params["params"]["up"]["kernel"])}, str(tmp_path / "base.safetensors"))
+    assert main(["merge", str(tmp_path / "base.safetensors"), str(d / "peft"), str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "'up.weight': not in the base" in err and "convert the jaxlora adapter again with --names" in err
+
+
+def test_merges_report_progress(saved, tmp_path):
+    from safetensors.numpy import save_file
+
+    d, params, config, lora = saved
+    calls = []
+    ckpt.save_merged(tmp_path / "m.safetensors", params, lora, progress=lambda *a: calls.append(a))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    calls.clear()
+    base = {"up.weight": np.ones((32, 8), np.float32), "down.weight": np.ones((8, 32), np.float32)}
+    save_file(base | {"x": np.ones(2, np.float32)}, str(tmp_path / "b.safetensors"))
+    ckpt.merge_safetensors(
+        tmp_path / "b.safetensors", d / "peft", tmp_path / "o.safetensors", progress=lambda *a: calls.append(a)
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -47,6 +47,21 @@ def test_unknown_target_names_the_closest_paths():
         jaxlora.init(jax.random.key(0), _params(), jaxlora.LoraConfig(targets=["querry", "value"]))
 
 
+@pytest.mark.parametrize(
+    "target, params, why",
+    [  # the README's own pattern on a model whose query/value sit at the top level
+        (r".*/(query|value)", {"query": {"kernel": jnp.zeros((4, 4))}, "value": {"kernel": jnp.zeros((4, 4))}},
+         r"'\.\*/' requires a parent module, but \['query', 'value'\] are at the top level.*write '\(query\|value\)'"),
+        ("encoder/query/kernel", None, r"module paths drop the leaf name 'kernel'.*write 'encoder/query'"),
+        ("Query", None, r"\['encoder/query'\] differ only in case"),
+        ("uery", None, r"must match a whole module path or a whole trailing part"),
+    ],
+)  # fmt: skip
+def test_unmatched_target_says_why_a_near_match_failed(target, params, why):
+    with pytest.raises(ValueError, match=why):
+        jaxlora.init(jax.random.key(0), params or _params(), jaxlora.LoraConfig(targets=target))
+
+
 def test_everything_excluded():
     with pytest.raises(ValueError, match="Every targeted module is excluded"):
         jaxlora.init(jax.random.key(0), _params(), jaxlora.LoraConfig(targets="query", exclude=".*query"))
@@ -152,3 +167,27 @@ def test_merge_needs_real_weights():
     lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
     with pytest.raises(TypeError, match="merge needs real weights"):
         jaxlora.merge(params, lora)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_config_refuses_non_finite_alpha(value):
+    with pytest.raises(ValueError, match=r"alpha must be a positive number .*and finite; got (nan|inf|-inf)"):
+        jaxlora.LoraConfig(alpha=value)
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q'\] must be a positive number, and finite"):
+        jaxlora.LoraConfig(alpha_pattern={"q": value})
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        jaxlora.LoraConfig(dropout=value)
+
+
+def test_apply_refuses_abstract_values_outside_eval_shape():
+    params = {"w": jnp.ones((4, 6))}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    x = jnp.ones((1, 4))
+    abstract = jax.eval_shape(lambda: params)
+    with pytest.raises(TypeError, match=r"abstract values \(jax.ShapeDtypeStruct\) at \['params'\]\['w'\].*eval_shape"):
+        jaxlora.apply(fn, abstract, lora, x)
+    with pytest.raises(TypeError, match=r"at \['args'\]\[0\], \['lora'\]\['w'\].a, \['lora'\]\['w'\].b"):
+        jaxlora.apply(fn, params, jax.eval_shape(lambda: lora), jax.ShapeDtypeStruct((1, 4), jnp.float32))
+    out = jax.eval_shape(lambda p: jaxlora.apply(fn, p, lora, x), abstract)  # the way the error suggests
+    assert out.shape == (1, 6)

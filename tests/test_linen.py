@@ -161,7 +161,8 @@ def test_grad_matches_reference_gradient():
 def test_dropout_only_with_a_key():
     model, x, params, lora = _setup("dense")
     lora = {p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles, dropout=0.5) for p, f in lora.items()}
-    plain = jaxlora.apply(model.apply, params, lora, x)
+    with pytest.warns(UserWarning, match=r"LoRA dropout is off: \d+ modules have dropout \[0.5\].*dropout_key="):
+        plain = jaxlora.apply(model.apply, params, lora, x)
     nodrop = jaxlora.apply(
         model.apply, params, {p: jaxlora.LoraFactors(f.a, f.b, f.scale, f.roles) for p, f in lora.items()}, x
     )
@@ -226,3 +227,25 @@ def test_scale_rslora_and_patterns():
     assert lora["v"].scale == 0.5 and lora["v"].rank == 2
     rs = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=4, alpha=8, rslora=True))
     assert rs["q"].scale == 4.0
+
+
+def test_dropout_without_key_warns_once_at_the_callers_line():
+    import warnings
+
+    params = {"w": jnp.ones((4, 6))}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, dropout=0.1))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: once per call site
+        for _ in range(3):
+            jaxlora.apply(fn, params, lora, jnp.ones((1, 4)))
+    assert len(caught) == 1 and caught[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+    assert "for evaluation this is right" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a key, or without dropout: silent
+        jaxlora.apply(fn, params, lora, jnp.ones((1, 4)), dropout_key=jax.random.key(1))
+        jaxlora.apply(fn, params, jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2)), jnp.ones((1, 4)))
+    stack = jaxlora.stack({"a": lora, "b": lora})
+    with pytest.warns(UserWarning, match=r"LoRA dropout is off: 1 modules have dropout \[0.1\] \(w\)") as record:
+        jaxlora.apply(fn, params, stack, jnp.ones((2, 4)), adapter_ids=jnp.array([0, 1]))
+    assert record[0].filename == __file__

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import flax.linen as nn
 import jax
@@ -188,6 +190,116 @@ def test_wrong_shapes_named(tmp_path, model):
         ckpt.load_peft(out, params=other, names=NAMES, fn=net.apply, args=(ids,))
 
 
+def _rewrite_config(out, **changes):
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    for k, v in changes.items():
+        if v is KeyError:
+            del cfg[k]
+        else:
+            cfg[k] = v
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    reseal(out)  # the edit reaches the config checks behind the checksums
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"lora_alpha": "16"}, r"lora_alpha is '16'; expected a finite number"),
+        ({"lora_alpha": None}, r"lora_alpha is None; expected a finite number"),
+        ({"lora_alpha": KeyError}, r"'lora_alpha' is missing"),
+        ({"r": KeyError, "rank_pattern": [2]}, r"(?s)'r' is missing.*rank_pattern is \[2\]; expected an object"),
+        ({"r": 2.5, "lora_dropout": 1.0}, r"(?s)r is 2.5; expected a positive integer.*lora_dropout is 1.0"),
+        ({"modules_to_save": "cls", "use_rslora": "yes"}, r"(?s)use_rslora is 'yes'.*modules_to_save is 'cls'"),
+    ],
+)
+def test_bad_config_fields_named(tmp_path, model, changes, match):
+    _, lora = _lora(model)
+    out = ckpt.save_peft(tmp_path, lora, params=model[1], names=NAMES)
+    _rewrite_config(out, **changes)
+    with pytest.raises(
+        ValueError, match="(?s)adapter_config.json is not a readable PEFT LoRA config:.*" + match.removeprefix("(?s)")
+    ):
+        ckpt.load_peft(out, params=model[1], names=NAMES)
+
+
+def test_config_that_is_not_an_object(tmp_path, model):
+    out = ckpt.save_peft(tmp_path, _lora(model)[1], params=model[1], names=NAMES)
+    (out / "adapter_config.json").write_text("[8, 16]")
+    reseal(out)
+    with pytest.raises(ValueError, match="holds a JSON list, where PEFT writes an object"):
+        ckpt.load_peft(out)
+
+
+def test_rank_contradicting_the_tensors_refused(tmp_path, model):
+    """PEFT builds each module at the config's rank and refuses other shapes; so does load_peft (and
+    merge_safetensors), naming the module, the config's rank and the tensors' shapes."""
+    net, params, ids = model
+    _, lora = _lora(model)
+    out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES)
+    cfg = _rewrite_config(out, r=8)
+    match = r"'fc1': the config gives rank 8 \(r\), but lora_A is \(4, 16\) and lora_B \(32, 4\); PEFT refuses"
+    with pytest.raises(ValueError, match=match):
+        ckpt.load_peft(out, params=params, names=NAMES, fn=net.apply, args=(ids,))
+    with pytest.raises(ValueError, match=match):
+        ckpt.merge_safetensors(tmp_path / "nobase.safetensors", out, tmp_path / "m.safetensors")
+    _rewrite_config(out, r=cfg["r"], rank_pattern={"attn.heads": 3})
+    with pytest.raises(
+        ValueError, match=r"'attn.heads': the config gives rank 3 \(rank_pattern\), but lora_A is \(2, 32\)"
+    ):
+        ckpt.load_peft(out, params=params, names=NAMES, fn=net.apply, args=(ids,))
+
+
+def test_damaged_jaxlora_metadata_named(tmp_path, model):
+    from safetensors.numpy import load_file, save_file
+
+    out = ckpt.save_peft(tmp_path, _lora(model)[1], params=model[1], names=NAMES)
+    tensors = load_file(out / "adapter_model.safetensors")
+    for meta, match in (("{oops", "is not valid JSON"), ('{"modules": {"fc1": {}}}', "modules entry 'fc1' lacks")):
+        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt", "jaxlora": meta})
+        reseal(out)
+        with pytest.raises(ValueError, match=f"jaxlora metadata in adapter_model.safetensors (is damaged: )?.*{match}"):
+            ckpt.load_peft(out)
+
+
+def _square(name):
+    w = jax.random.normal(jax.random.key(5), (6, 6))
+    return {"params": {"fc": {name: w if name == "kernel" else w.T}}}  # one weight, in either layout
+
+
+def test_layout_recorded_and_checked(tmp_path):
+    """A square Flax kernel (in, out) and a torch weight (out, in) share a shape; the fingerprint's layout
+    tells them apart, so an Orbax adapter is refused rather than merged transposed, and a PEFT file
+    (whose tensors name input and output) is re-laid out for the weight."""
+    kernel, weight = _square("kernel"), _square("weight")
+    lora = _with_b(jaxlora.init(jax.random.key(0), kernel, jaxlora.LoraConfig(rank=2)))
+    assert ckpt.fingerprint(kernel, lora)["fc"] == {
+        "shape": [6, 6],
+        "dtype": "float32",
+        "name": "kernel",
+        "roles": "io",
+    }
+    orbax = ckpt.save(tmp_path / "orbax", lora, params=kernel)
+    match = (
+        r"'fc': the adapter was made for a 'kernel' leaf laid out \(in, out\), but params hold a 'weight' laid out "
+        r"\(out, in\); its factors would merge transposed"
+    )
+    with pytest.raises(ValueError, match=match):
+        ckpt.restore(orbax, params=weight)
+    assert_trees_close(ckpt.restore(orbax, params=kernel), lora)
+    peft = ckpt.save_peft(tmp_path / "peft", lora, params=kernel)
+    back = ckpt.load_peft(peft, params=weight)
+    assert back["fc"].roles == "oi"
+    want = jaxlora.merge(kernel, lora)["params"]["fc"]["kernel"]
+    np.testing.assert_allclose(jaxlora.merge(weight, back)["params"]["fc"]["weight"], want.T, rtol=1e-6, atol=1e-6)
+    # an older fingerprint without roles is checked by the layout its leaf name implies; one without names by shape
+    old = {"shape": [6, 6], "dtype": "float32", "name": "kernel"}
+    with pytest.raises(ValueError, match="merge transposed"):
+        ckpt.check_base({"fc": old}, weight)
+    ckpt.check_base({"fc": {"shape": [6, 6], "dtype": "float32"}}, weight)
+    ckpt.check_base({"fc": old}, {"params": {"fc": {"embedding": jnp.zeros((6, 6))}}})  # both (in, out)
+
+
 # ---- cross-check against PyTorch + PEFT ------------------------------------------------------------
 
 
@@ -249,6 +361,18 @@ def test_torch_peft_loads_jaxlora_adapter(tmp_path, model, rslora):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.torch
+def test_peft_refuses_a_rank_contradicting_the_tensors_too(tmp_path, model):
+    net, params, ids = model
+    torch, twin = _torch_twin(params)
+    import peft
+
+    ckpt.save_peft(tmp_path, _lora(model)[1], params=params, names=NAMES)
+    _rewrite_config(tmp_path, r=8)
+    with pytest.raises(RuntimeError, match="size mismatch for base_model.model.fc1.lora_A"):
+        peft.PeftModel.from_pretrained(twin, str(tmp_path))
+
+
 def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
     net, params, ids = model
     torch, twin = _torch_twin(params)
@@ -276,3 +400,17 @@ def test_peft_made_adapter_loads_into_jaxlora(tmp_path, model):
     got = jaxlora.apply(net.apply, params, lora, ids)
     assert np.abs(want - np.asarray(net.apply(params, ids))).max() > 0.1
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_adapter_files_get_the_mode_open_would_give(tmp_path, umask):
+    params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    old = os.umask(umask)
+    try:
+        out = ckpt.save_peft(tmp_path / "adapter", lora, params=params)
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()}
+    want = oct(0o666 & ~umask)
+    assert modes == {"adapter_config.json": want, "adapter_model.safetensors": want, "jaxlora_manifest.json": want}

@@ -21,6 +21,7 @@ from jax.extend.core import Jaxpr, Literal
 from .._matmul import LoraFactors, delta, weight_norm
 from .._quant import is_quantized
 from .._tree import is_array
+from ._quantized import Lazy, Packed
 
 FALLBACKS = ("error", "merge")
 
@@ -77,25 +78,6 @@ class Tagged:
             "b": group("s") + ["r"] + group("o"),
             "m": group("s") + group("o"),
         }[side]
-
-
-class Lazy:
-    """A weight kept in another form until its first use that needs it whole (`_quantized.Packed`).
-
-    Calls, ``remat``, ``scan`` (which slices it per step) and ``cond`` carry it inside (`KEEPS_LAZY`);
-    any other equation gets it `realize`d first, so a quantized weight is dequantized inside the
-    body that uses it.
-    """
-
-    shape: tuple[int, ...]
-    dtype: Any
-
-    def realize(self, eqn=None) -> jax.Array:
-        raise NotImplementedError
-
-    def scannable(self) -> bool:
-        """Whether ``lax.scan`` may slice it along axis 0 as a pytree."""
-        return False
 
 
 KEEPS_LAZY: set[str] = set()  # primitives whose rules carry Lazy values inside (filled by _control)
@@ -353,8 +335,7 @@ def run(
     Array leaves of ``params``, ``args`` and ``kwargs`` are traced; every other leaf is static. A
     `jaxlora.Quantized` weight is traced as its float shape and evaluated as a `Lazy` value.
     """
-    from ._quantized import Packed
-
+    _refuse_abstract(params, args, kwargs, tagged)
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
     dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or is_quantized(leaf)]
 
@@ -378,6 +359,22 @@ def run(
         values.append(v)
     outs = evaluate(traced.jaxpr, traced.consts, values, ctx)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _refuse_abstract(params: Any, args: tuple, kwargs: dict, tagged: dict) -> None:
+    """Raise naming every ``jax.ShapeDtypeStruct`` among the inputs (inside ``jax.eval_shape`` they are tracers)."""
+    factors = {path: f for path, f in tagged.values() if f is not None}
+    named = {"params": params, "args": args, "kwargs": kwargs, "lora": factors}
+    flat = jax.tree_util.tree_flatten_with_path(named)[0]
+    found = [jax.tree_util.keystr(k) for k, v in flat if isinstance(v, jax.ShapeDtypeStruct)]
+    if found:
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise TypeError(
+            f"jaxlora.apply got abstract values (jax.ShapeDtypeStruct) at {', '.join(found[:5])}{more}: they hold "
+            "no numbers to compute with. For output shapes, call it inside jax.eval_shape: "
+            "jax.eval_shape(lambda p, x: jaxlora.apply(fn, p, lora, x), params, x); else pass arrays "
+            "(restore or initialise the params first)."
+        )
 
 
 def path_seed(path: str) -> int:

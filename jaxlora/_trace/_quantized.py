@@ -17,7 +17,27 @@ from typing import Any
 import jax
 
 from .._quant import Quantized, dequantize_weight
-from ._eval import Lazy
+
+
+class Lazy:
+    """A weight kept in another form until its first use that needs it whole (`Packed`).
+
+    Defined here, below the evaluator (`_eval` imports it and never the other way round).
+
+    Calls, ``remat``, ``scan`` (which slices it per step) and ``cond`` carry it inside (`KEEPS_LAZY`);
+    any other equation gets it `realize`d first, so a quantized weight is dequantized inside the
+    body that uses it.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def realize(self, eqn=None) -> jax.Array:
+        raise NotImplementedError
+
+    def scannable(self) -> bool:
+        """Whether ``lax.scan`` may slice it along axis 0 as a pytree."""
+        return False
 
 
 @jax.tree_util.register_pytree_node_class

@@ -493,6 +493,8 @@ def verify_safetensors(path: Path) -> bool:
     Raises:
       CorruptCheckpointError: if the file does not match.
     """
+    if not path.is_file():
+        return False  # the reader names what is missing
     try:
         where = sealed_offsets(path)
     except OSError as e:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,10 @@ def save_peft_files(
         path, kind="peft", overwrite=overwrite, slot=True, carry=(CONFIG_FILE, WEIGHTS_FILE)
     ) as tmp:
         tmp.mkdir()
+        with open(tmp / WEIGHTS_FILE, "wb"):  # created as open() creates files (0666 less the umask) ...
+            mode = stat.S_IMODE(os.stat(tmp / WEIGHTS_FILE).st_mode)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "jaxlora": json.dumps(extra)})
+        os.chmod(tmp / WEIGHTS_FILE, mode)  # ... as safetensors writes its own temporary file 0600
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return path
 
@@ -469,7 +473,9 @@ def read_peft(
         config = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the adapter is corrupt.") from None
-    problems = []
+    problems = config_problems(config)
+    if problems:
+        raise ValueError(f"{path / CONFIG_FILE} is not a readable PEFT LoRA config:\n  " + "\n  ".join(problems))
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
     to_save = list(config.get("modules_to_save") or [])
@@ -523,12 +529,102 @@ def read_peft(
                 f"{name!r}: use_dora is {bool(config.get('use_dora'))} but {MAGNITUDE} is "
                 f"{'present' if 'M' in m else 'missing'}"
             )
+    if not config.get("target_parameters"):  # else load_peft checks, once it knows each expert weight's experts
+        problems += [
+            p for name, m in modules.items() if "A" in m and "B" in m and (p := rank_problem(config, name, m, 1))
+        ]
+    extra = _jaxlora_meta(meta, problems)
     if problems:
         raise ValueError(f"Cannot read the PEFT adapter at {path}:\n  " + "\n  ".join(problems))
-    extra = json.loads(meta["jaxlora"]) if "jaxlora" in meta else None
     if extra is not None and not verified:
         _commit.warn_unverified(path, "the PEFT adapter jaxlora wrote")
     return config, modules, extra
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def config_problems(config: Any) -> list[str]:
+    """What in a parsed ``adapter_config.json`` a LoRA reader cannot use, one sentence each.
+
+    ``r`` and ``lora_alpha`` must be present (PEFT always writes them; they fix the scale); the other
+    keys may be missing (PEFT's defaults apply) but, when present, must have PEFT's types.
+
+    Example:
+      >>> config_problems({"r": 8, "lora_alpha": "16"})
+      ["lora_alpha is '16'; expected a finite number"]
+    """
+    if not isinstance(config, dict):
+        return [f"it holds a JSON {type(config).__name__}, where PEFT writes an object of config fields"]
+    problems = [
+        f"{k!r} is missing (PEFT always writes it; it sets the scale)" for k in ("r", "lora_alpha") if k not in config
+    ]
+    r, alpha = config.get("r", 1), config.get("lora_alpha", 1)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        problems.append(f"r is {r!r}; expected a positive integer")
+    if not _is_number(alpha):
+        problems.append(f"lora_alpha is {alpha!r}; expected a finite number")
+    for key, valid, what in (
+        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive integers"),
+        ("alpha_pattern", _is_number, "finite numbers"),
+    ):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(valid(v) for v in pattern.values())):
+            problems.append(f"{key} is {pattern!r}; expected an object from module-name patterns to {what}")
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key) not in (None, True, False):
+            problems.append(f"{key} is {config[key]!r}; expected true or false")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        problems.append(f"lora_dropout is {dropout!r}; expected a number in [0, 1)")
+    for key in ("modules_to_save", "target_parameters"):
+        names = config.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            problems.append(f"{key} is {names!r}; expected a list of module names or null")
+    if not isinstance(config.get("peft_type", "LORA"), str):
+        problems.append(f'peft_type is {config["peft_type"]!r}; expected "LORA"')
+    return problems
+
+
+def rank_problem(config: Mapping[str, Any], name: str, m: Mapping[str, np.ndarray], experts: int) -> str | None:
+    """A sentence if the config's rank for module (or expert parameter) ``name`` contradicts its tensors.
+
+    PEFT builds each module at the config's rank (``r``, or ``rank_pattern``'s) and then refuses tensors
+    of another shape; reading the rank off the tensors instead would pair them with a wrong scale.
+    """
+    r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+    if m["A"].shape[0] == r * experts and m["B"].shape[1] == r * experts:
+        return None
+    source = "rank_pattern" if r != config["r"] else "r"
+    per = f" for each of {experts} experts" if experts > 1 else ""
+    return (
+        f"{name!r}: the config gives rank {r}{per} ({source}), but lora_A is {m['A'].shape} and lora_B "
+        f"{m['B'].shape}; PEFT refuses this adapter (fix r / rank_pattern in {CONFIG_FILE})"
+    )
+
+
+def _jaxlora_meta(meta: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
+    """jaxlora's own metadata in the safetensors header (``None`` in a file PEFT wrote)."""
+    if "jaxlora" not in meta:
+        return None
+    try:
+        extra = json.loads(meta["jaxlora"])
+    except json.JSONDecodeError as e:
+        problems.append(f"the jaxlora metadata in {WEIGHTS_FILE} is not valid JSON ({e})")
+        return None
+    bad = []
+    if not isinstance(extra, dict) or not isinstance(extra.get("modules"), dict):
+        bad.append("it has no 'modules' object")
+    else:
+        for group, need in (("modules", {"torch", "roles", "kind"}), ("saved", {"torch", "leaves"})):
+            for p, m in (extra.get(group) or {}).items():
+                if not isinstance(m, dict) or not need <= set(m):
+                    bad.append(f"{group} entry {p!r} lacks some of {sorted(need)}")
+    if bad:
+        problems.append(f"the jaxlora metadata in {WEIGHTS_FILE} is damaged: " + "; ".join(bad))
+        return None
+    return extra
 
 
 def _scale(config: Mapping[str, Any], name: str, r: int) -> float:
@@ -629,7 +725,16 @@ def load_peft(
                 "(pass names= mapping jaxlora paths to torch names):\n  " + "\n  ".join(problems)
             )
         paths = set(where.values())
-        roles = {p: saved[n][1]["roles"] for n, (p, _) in saved.items() if p in paths and n in modules}
+        # jaxlora's recorded roles, where the weight has the layout they were made for; elsewhere (an adapter of
+        # a Flax kernel (in, out) on a torch weight (out, in)) PEFT's (r, in) and (out, r) take the base's roles
+        base = (extra or {}).get("base") or {}
+        roles = {
+            p: saved[n][1]["roles"]
+            for n, (p, _) in saved.items()
+            if p in paths
+            and n in modules
+            and not (p in base and _fingerprint.layout_problem(p, base[p], candidates[p].name))
+        }
         need = sorted(paths - set(roles))
         if need:
             from .. import _core
@@ -691,6 +796,9 @@ def load_peft(
             i_shape, o_shape, experts = (A.shape[1],), (B.shape[0],), 1
         if expert:
             r = A.shape[0] // experts
+        if targets and (bad := rank_problem(config, param_of.get(name, name), m, experts if expert else 1)):
+            problems.append(bad)  # read_peft checked the rest
+            continue
         if A.shape[1] != math.prod(i_shape) or B.shape[0] != math.prod(o_shape) or A.shape[0] != r * experts:
             need_a, need_b = ("r", "r") if not expert else (f"{experts}·r", f"r·{experts}")
             problems.append(
@@ -705,7 +813,8 @@ def load_peft(
             a = jnp.asarray(A.T.reshape(*i_shape, r), dtype)
             b = jnp.asarray(B.T.reshape(r, *o_shape), dtype)
         mag = None if "M" not in m else jnp.asarray(m["M"].reshape(o_shape), dtype)
-        dropout = saved[name][1]["dropout"] if name in saved else float(config.get("lora_dropout", 0.0))
+        dropout = float(config.get("lora_dropout", 0.0))
+        dropout = saved[name][1].get("dropout", dropout) if name in saved else dropout
         scale = _scale(config, param_of.get(name, name), r)
         lora[p] = LoraFactors(a=a, b=b, scale=scale, roles=role, dropout=dropout, m=mag)
     lora.update(_saved_modules(to_save, extra, params, names, dtype, problems))
