@@ -502,6 +502,10 @@ def test_orbax_round_trip_and_peft_directories_into_one_stack(tmp_path):
     assert (back.names, back.roles, back.scale, back.rank) == (stk.names, stk.roles, stk.scale, stk.rank)
     assert jax.tree.structure(back) == jax.tree.structure(stk)
     assert_trees_close(back, stk, 0, 0)
+    folded = jaxlora.stack(adapters, rank=4, fold_scales=True)
+    back = jaxlora.checkpoint.restore_stack(jaxlora.checkpoint.save_stack(tmp_path / "folded", folded))
+    assert back.folded and jax.tree.structure(back) == jax.tree.structure(folded)
+    assert_trees_close(back, folded, 0, 0)
     with pytest.raises(ValueError, match="not a jaxlora stack checkpoint"):
         jaxlora.checkpoint.restore_stack(jaxlora.checkpoint.save(tmp_path / "one", adapters["sql"]))
     linen = {"params": {k: {"kernel": v} for k, v in params.items()}}
@@ -511,28 +515,28 @@ def test_orbax_round_trip_and_peft_directories_into_one_stack(tmp_path):
     assert_trees_close(peft.a, jaxlora.stack(adapters).a, 1e-6, 1e-6)  # PEFT stores (r, in): transposed back exactly
 
 
-def _save_version_1(path, stk, scale=None, rank=None):
-    """A stack checkpoint as jaxlora wrote it before scales and ranks became static: float32 arrays."""
+def _save_by_hand(path, stk, version=1, scale=None, rank=None, folded=None):
+    """A stack checkpoint written with Orbax directly: version 1 as jaxlora wrote it before scales and
+    ranks became static (float32 arrays beside the factors), or version 2 (JSON) with given values."""
     import orbax.checkpoint as ocp
 
     from jaxlora.checkpoint import _stack as ckpt
 
+    scale, rank = scale or stk.scale, rank or stk.rank
     meta = {
-        "format": ckpt.FORMAT, "version": 1, "jaxlora_version": "0.0", "names": list(stk.names), "base": None,
+        "format": ckpt.FORMAT, "version": version, "jaxlora_version": "0.0", "names": list(stk.names), "base": None,
         "modules": [
             {"path": p, "roles": dict(stk.roles)[p], "dropout": dict(stk.dropout)[p], "a_shape": list(stk.a[p].shape),
              "b_shape": list(stk.b[p].shape), "dtype": "float32", "b_dtype": "float32"}
+            | ({} if version == 1 else {"scale": list(scale[p]), "rank": list(rank[p])})
             for p in stk.paths
         ],
-    }  # fmt: skip
+    } | ({} if folded is None else {"folded": folded})  # fmt: skip
     arrays = {
-        f"m{i}": {
-            "a": stk.a[p], "b": stk.b[p],
-            "scale": np.asarray((scale or stk.scale)[p], np.float32),
-            "rank": np.asarray((rank or stk.rank)[p], np.float32),
-        }
+        f"m{i}": {"a": stk.a[p], "b": stk.b[p]}
+        | ({"scale": np.asarray(scale[p], np.float32), "rank": np.asarray(rank[p], np.float32)} if version == 1 else {})
         for i, p in enumerate(stk.paths)
-    }  # fmt: skip
+    }
     items = {ckpt.ARRAYS: ocp.args.StandardSave(arrays), ckpt.META: ocp.args.JsonSave(meta)}
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, args=ocp.args.Composite(**items))
     return path
@@ -541,19 +545,28 @@ def _save_version_1(path, stk, scale=None, rank=None):
 def test_version_1_stack_checkpoints_restore_into_static_scales_and_ranks(tmp_path):
     _, _, adapters = _mlp()
     stk = jaxlora.stack(adapters, rank=4)
-    back = jaxlora.checkpoint.restore_stack(_save_version_1(tmp_path / "v1", stk))
+    back = jaxlora.checkpoint.restore_stack(_save_by_hand(tmp_path / "v1", stk))
     assert (back.scale, back.rank, back.folded) == (stk.scale, stk.rank, False)
     assert jax.tree.structure(back) == jax.tree.structure(stk)
     assert_trees_close(back, stk, 0, 0)
     decayed = {"w": (2.0, 3.0, 0.99999), "v": (2.0, 0.0, 1.0)}  # what adamw made of rank 1 before the fix
     bad_scale = {"w": (1.0, float("nan"), 0.5), "v": stk.scale["v"]}
-    _save_version_1(tmp_path / "bad", stk, scale=bad_scale, rank=decayed)
+    _save_by_hand(tmp_path / "bad", stk, scale=bad_scale, rank=decayed)
     msg = (
         r"(?s)invalid scales or ranks.*'w': scale .*, expected 3 finite numbers"
         r".*'w': rank .*, expected 3 whole numbers in \[0, 4\]"
     )
     with pytest.raises(ValueError, match=msg):
         jaxlora.checkpoint.restore_stack(tmp_path / "bad")
+    _save_by_hand(tmp_path / "v2", stk, version=2, scale={"w": ("2", 3, 1), "v": (1, 0, 0.5)}, rank=stk.rank)
+    with pytest.raises(ValueError, match=r"'w': scale \['2', 3, 1\], expected 3 finite numbers"):
+        jaxlora.checkpoint.restore_stack(tmp_path / "v2")
+    _save_by_hand(tmp_path / "folded", stk, version=2, folded=True)
+    with pytest.raises(ValueError, match="'w': a folded stack has scale 1.0 and rank 4 in every slot"):
+        jaxlora.checkpoint.restore_stack(tmp_path / "folded")
+    _save_by_hand(tmp_path / "flag", stk, version=2, folded="yes")
+    with pytest.raises(ValueError, match="folded 'yes', expected true or false"):
+        jaxlora.checkpoint.restore_stack(tmp_path / "flag")
 
 
 def _avals(jaxpr):

@@ -132,7 +132,9 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
     out = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[ARRAYS]
     mods = meta["modules"]
     fields = {k: {m["path"]: out[f"m{i}"][k] for i, m in enumerate(mods)} for k in FIELDS}
-    scale, rank = _scales_and_ranks(path, mods, [out[f"m{i}"] if old else m for i, m in enumerate(mods)], n)
+    folded = meta.get("folded", False)
+    held = [out[f"m{i}"] if old else m for i, m in enumerate(mods)]
+    scale, rank = _scales_and_ranks(path, mods, held, n, folded)
     return LoraStack(
         **fields,
         scale=scale,
@@ -140,20 +142,25 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
         names=tuple(meta["names"]),
         roles=tuple((m["path"], m["roles"]) for m in mods),
         dropout=tuple((m["path"], float(m["dropout"])) for m in mods),
-        folded=bool(meta.get("folded", False)),
+        folded=folded,
     )
 
 
-def _scales_and_ranks(path: Path, mods: list[dict], held: list[Any], n: int) -> tuple[dict, dict]:
+def _scales_and_ranks(path: Path, mods: list[dict], held: list[Any], n: int, folded: Any) -> tuple[dict, dict]:
     """Each module's scales and ranks (``held[i]``: its JSON entry, or its arrays in a version-1
-    checkpoint), validated: ``n`` finite scales and ``n`` whole ranks in ``[0, slot rank]``."""
+    checkpoint), validated: ``n`` finite scales and ``n`` whole ranks in ``[0, slot rank]``; in a
+    folded stack every scale 1.0 and every rank the slot rank."""
     scale, rank, problems = {}, {}, []
+    if not isinstance(folded, bool):
+        problems.append(f"folded {folded!r}, expected true or false")
     for m, h in zip(mods, held):
         s, r, R = _numbers(h.get("scale"), n), _numbers(h.get("rank"), n), m["a_shape"][-1]
         if s is None:
             problems.append(f"{m['path']!r}: scale {h.get('scale')!r}, expected {n} finite numbers")
         if r is None or not ((r == np.round(r)) & (r >= 0) & (r <= R)).all():
             problems.append(f"{m['path']!r}: rank {h.get('rank')!r}, expected {n} whole numbers in [0, {R}]")
+        elif folded is True and not ((s == 1.0).all() and (r == R).all()):
+            problems.append(f"{m['path']!r}: a folded stack has scale 1.0 and rank {R} in every slot")
         elif s is not None:
             scale[m["path"]], rank[m["path"]] = s.tolist(), [int(x) for x in r]
     if problems:
@@ -165,11 +172,12 @@ def _scales_and_ranks(path: Path, mods: list[dict], held: list[Any], n: int) -> 
 
 
 def _numbers(x: Any, n: int) -> np.ndarray | None:
-    """``x`` as ``n`` finite float64 numbers, or None."""
-    try:
-        v = np.asarray(x, np.float64)
-    except (TypeError, ValueError):
+    """``x`` (a JSON list of numbers, or a version-1 array) as ``n`` finite float64 numbers, or None."""
+    if isinstance(x, list) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in x):
+        x = np.asarray(x, np.float64)
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.number):
         return None
+    v = x.astype(np.float64)
     return v if v.shape == (n,) and np.isfinite(v).all() else None
 
 
