@@ -48,24 +48,28 @@ class PerAdapter(Mapping[str, tuple]):
     once, so the comparison is an identity check and a stack of 1,024 adapters costs no more per
     call than one of two.
 
+    ``kind`` (``float`` for scales, ``int`` for ranks) converts every value, and is part of the
+    identity: ranks ``(1,)`` are never the scales ``(1.0,)``, although ``1 == 1.0``.
+
     Example:
       >>> from jaxlora._stack import PerAdapter
-      >>> ranks = PerAdapter({"w": (2, 3)})
-      >>> ranks["w"], ranks is PerAdapter({"w": [2, 3]})
-      ((2, 3), True)
+      >>> ranks = PerAdapter({"w": (2, 3)}, int)
+      >>> ranks["w"], ranks is PerAdapter({"w": [2.0, 3]}, int), ranks == PerAdapter({"w": (2, 3)}, float)
+      ((2, 3), True, False)
     """
 
-    __slots__ = ("_items", "_hash", "__weakref__")
+    __slots__ = ("_items", "_kind", "_hash", "__weakref__")
     _interned: weakref.WeakValueDictionary[tuple, PerAdapter] = weakref.WeakValueDictionary()
     _items: dict[str, tuple]
+    _kind: type
     _hash: int
 
-    def __new__(cls, items: Mapping[str, Any]) -> PerAdapter:
-        key = tuple((p, tuple(v)) for p, v in items.items())
+    def __new__(cls, items: Mapping[str, Any], kind: type) -> PerAdapter:
+        key = (kind, tuple((p, tuple(map(kind, v))) for p, v in items.items()))
         self = cls._interned.get(key)  # hashes the values: once per construction, never per jit call
         if self is None:
             self = super().__new__(cls)
-            self._items, self._hash = dict(key), hash(key)
+            self._kind, self._items, self._hash = kind, dict(key[1]), hash(key)
             cls._interned[key] = self
         return self
 
@@ -86,18 +90,19 @@ class PerAdapter(Mapping[str, tuple]):
             return True
         if not isinstance(other, PerAdapter):
             return NotImplemented
-        return self._hash == other._hash and self._items == other._items  # the same values, in another order
+        # the same values in another order (interning goes by order)
+        return self._hash == other._hash and self._kind is other._kind and self._items == other._items
 
     def __repr__(self) -> str:
-        return f"PerAdapter({self._items!r})"
+        return f"PerAdapter({self._items!r}, {self._kind.__name__})"
 
     def __reduce__(self) -> tuple:
-        return PerAdapter, (self._items,)
+        return PerAdapter, (self._items, self._kind)
 
     def written(self, slot: int, values: Mapping[str, Any]) -> PerAdapter:
         """These values with ``values[path]`` in ``slot`` of each path: ``self`` if nothing changes."""
         changed = {p: (*v[:slot], values[p], *v[slot + 1 :]) for p, v in self._items.items() if v[slot] != values[p]}
-        return PerAdapter({**self._items, **changed}) if changed else self
+        return PerAdapter({**self._items, **changed}, self._kind) if changed else self
 
 
 @jax.tree_util.register_dataclass
@@ -146,9 +151,9 @@ class LoraStack:
 
     def __post_init__(self):  # plain dicts or sequences in (a hand-built stack): stored as PerAdapter
         for field in ("scale", "rank"):
-            value, kind = getattr(self, field), float if field == "scale" else int
+            value = getattr(self, field)
             if not isinstance(value, PerAdapter):
-                object.__setattr__(self, field, PerAdapter({p: [kind(x) for x in v] for p, v in value.items()}))
+                object.__setattr__(self, field, PerAdapter(value, float if field == "scale" else int))
 
     @property
     def slots(self) -> int:
@@ -279,7 +284,7 @@ def stack(
         held = [adapters[n].get(path) for n in names]
         scale[path] = [1.0 if fold_scales else 0.0 if f is None else float(f.scale) for f in held]
         ranks[path] = [R if fold_scales else 0 if f is None else f.rank for f in held]
-    meta = PerAdapter(scale), PerAdapter(ranks)
+    meta = PerAdapter(scale, float), PerAdapter(ranks, int)
     return LoraStack(a, b, *meta, names, tuple(roles.items()), tuple(dropout.items()), folded=fold_scales)
 
 

@@ -15,6 +15,8 @@ import optax
 import pytest
 from flax import nnx
 from helpers import assert_trees_close, jaxpr_parts, run_with_devices
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 import jaxlora
 from jaxlora import _matmul
@@ -194,6 +196,33 @@ OPTIMIZERS = {  # plain optimizers, no mask: each updates every leaf of the stac
 }
 
 
+def _train(opt, loss, lora, steps=4):
+    @jax.jit
+    def step(lora, state):
+        u, state = opt.update(jax.grad(loss)(lora), state, lora)
+        return optax.apply_updates(lora, u), state
+
+    state = opt.init(lora)
+    for _ in range(steps):
+        lora, state = step(lora, state)
+    return lora
+
+
+def _trained_together_and_alone(opt, fn, params, adapters, stk, x, y, ids, steps=4):
+    """The stack trained with ``opt`` on every row; checks that each adapter equals it trained alone."""
+    loss = lambda s: jnp.sum((jaxlora.apply(fn, params, s, x, adapter_ids=ids) - y) ** 2)  # noqa: E731
+    together = _train(opt, loss, stk, steps)
+    back = jaxlora.unstack(together)
+    for j, n in enumerate(stk.names):
+        rows = np.flatnonzero(np.asarray(ids) == j)
+        alone = _train(opt, lambda lora, rows=rows: _loss_rows(fn, params, lora, x[rows], y[rows]), adapters[n], steps)
+        assert jax.tree.structure(back[n]) == jax.tree.structure(alone)
+        # Adam divides by sqrt(v): where a gradient is near zero, ulp differences between the two programs
+        # grow to a fraction of a step (lr = 1e-2), so the tolerance is a tenth of one step
+        assert_trees_close(back[n], alone, 1e-3, 1e-3)
+    return together
+
+
 @pytest.mark.parametrize(
     "name, form",
     [("adamw", "gather"), ("adamw", "onehot"), ("sgd", "onehot"), ("lion", "gather"), ("chain", "gather")],
@@ -207,31 +236,36 @@ def test_three_adapters_trained_at_once_equal_each_trained_alone(name, form):
     before = jax.tree.structure(stk)
     x, y = jax.random.normal(jax.random.key(5), (9, 4)), jax.random.normal(jax.random.key(6), (9, 3))
     ids = jnp.array([0, 1, 2, 2, 1, 0, 0, 2, 1])
-    opt = OPTIMIZERS[name]()
-
-    def train(loss, lora, steps=4):
-        @jax.jit
-        def step(lora, state):
-            u, state = opt.update(jax.grad(loss)(lora), state, lora)
-            return optax.apply_updates(lora, u), state
-
-        state = opt.init(lora)
-        for _ in range(steps):
-            lora, state = step(lora, state)
-        return lora
-
-    together = train(lambda s: jnp.sum((jaxlora.apply(fn, params, s, x, adapter_ids=ids) - y) ** 2), stk)
+    together = _trained_together_and_alone(OPTIMIZERS[name](), fn, params, adapters, stk, x, y, ids)
     assert jax.tree.structure(together) == before  # scales and ranks exactly as they were
-    back = jaxlora.unstack(together)
-    for j, n in enumerate(stk.names):
-        rows = np.flatnonzero(np.asarray(ids) == j)
-        alone = train(lambda lora, rows=rows: _loss_rows(fn, params, lora, x[rows], y[rows]), adapters[n])
-        assert jax.tree.structure(back[n]) == jax.tree.structure(alone)
-        # Adam divides by sqrt(v): where a gradient is near zero, ulp differences between the two programs
-        # grow to a fraction of a step (lr = 1e-2), so the tolerance is a tenth of one step
-        assert_trees_close(back[n], alone, 1e-3, 1e-3)
     for path in stk.paths:  # padding and the module "chat" lacks stay exactly zero
         assert not np.asarray(together.a[path][..., 1, 3 if path == "w" else 0 :]).any()
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.generate])
+@given(
+    config=st.lists(
+        st.tuples(st.integers(1, 3), st.sampled_from([1.0, 4.0, 16.0]), st.booleans()), min_size=1, max_size=3
+    ),
+    name=st.sampled_from(sorted(OPTIMIZERS)),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_optimizer_trains_a_stack_as_each_adapter_alone(config, name, seed):
+    """Ranks, alphas, targets (w alone, or w and v), ids (-1 too) and the optimizer drawn at random."""
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 6)), "v": jax.random.normal(jax.random.key(1), (6, 3))}
+    fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]  # noqa: E731
+    adapters = {
+        f"a{k}": _random(jaxlora.init(jax.random.key(k), params, jaxlora.LoraConfig(rank=r, alpha=alpha,
+                                      targets="w" if w_only else "all-linear")), seed + k)
+        for k, (r, alpha, w_only) in enumerate(config)
+    }  # fmt: skip
+    stk = jaxlora.stack(adapters, rank=4)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x, y = jax.random.normal(keys[0], (7, 4)), jax.random.normal(keys[1], (7, 3))
+    ids = jax.random.randint(keys[2], (7,), -1, len(config))
+    together = _trained_together_and_alone(OPTIMIZERS[name](), fn, params, adapters, stk, x, y, ids, steps=3)
+    assert (together.scale, together.rank) == (stk.scale, stk.rank)
 
 
 def test_stack_set_swaps_one_adapter_and_pads_a_smaller_rank():
@@ -427,10 +461,14 @@ def test_stack_metadata_costs_nothing_per_call_at_1024_adapters():
     """jit hashes and compares the treedef on every call: the scales and ranks of 1,024 adapters x 224
     modules are interned (equal values: one object) and hashed once, so both are about free."""
     paths = [f"layer{i}/m{j}" for i in range(32) for j in range(7)]
-    scale = jaxlora_stack.PerAdapter({p: [0.5 + k % 7 for k in range(1024)] for p in paths})
-    assert jaxlora_stack.PerAdapter({p: [0.5 + k % 7 for k in range(1024)] for p in paths}) is scale
-    assert scale != jaxlora_stack.PerAdapter({p: [1.0] * 1024 for p in paths}) and dict(scale) == scale._items
-    stk = jaxlora.LoraStack({}, {}, scale, scale, tuple(map(str, range(1024))), (), ())
+    scale = jaxlora_stack.PerAdapter({p: [0.5 + k % 7 for k in range(1024)] for p in paths}, float)
+    assert jaxlora_stack.PerAdapter({p: [0.5 + k % 7 for k in range(1024)] for p in paths}, float) is scale
+    assert scale != jaxlora_stack.PerAdapter({p: [1.0] * 1024 for p in paths}, float) and dict(scale) == scale._items
+    ones = jaxlora_stack.PerAdapter({p: [1] * 1024 for p in paths}, int)  # ranks: never the equal-valued scales
+    assert (
+        ones != jaxlora_stack.PerAdapter({p: [1.0] * 1024 for p in paths}, float) and type(ones["layer0/m0"][0]) is int
+    )
+    stk = jaxlora.LoraStack({}, {}, scale, ones, tuple(map(str, range(1024))), (), ())
     treedef = jax.tree.structure(stk)
     start = time.perf_counter()
     for _ in range(1000):
