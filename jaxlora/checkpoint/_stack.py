@@ -159,7 +159,7 @@ def _scales_and_ranks(path: Path, mods: list[dict], held: list[Any], n: int, fol
             problems.append(f"{m['path']!r}: scale {h.get('scale')!r}, expected {n} finite numbers")
         if r is None or not ((r == np.round(r)) & (r >= 0) & (r <= R)).all():
             problems.append(f"{m['path']!r}: rank {h.get('rank')!r}, expected {n} whole numbers in [0, {R}]")
-        elif folded is True and not ((s == 1.0).all() and (r == R).all()):
+        elif s is not None and folded is True and not ((s == 1.0).all() and (r == R).all()):
             problems.append(f"{m['path']!r}: a folded stack has scale 1.0 and rank {R} in every slot")
         elif s is not None:
             scale[m["path"]], rank[m["path"]] = s.tolist(), [int(x) for x in r]
