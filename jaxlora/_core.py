@@ -303,7 +303,7 @@ def apply(
 
 def _warn_dropout_off(lora: Any) -> None:
     """Warn that a tree with LoRA dropout runs without it (no ``dropout_key``)."""
-    if hasattr(lora, "names") and hasattr(lora, "dropout"):  # a LoraStack: {path: rate} pairs
+    if isinstance(lora, _stack.LoraStack):  # {path: rate} pairs
         rates = {p: r for p, r in lora.dropout if r > 0}
     elif isinstance(lora, Mapping):
         rates = {p: f.dropout for p, f in lora.items() if isinstance(f, LoraFactors) and f.dropout > 0}
