@@ -179,8 +179,8 @@ def _stack_like(lora, n: int, seed: int, dtype):
     for p, (sa, sb) in shapes.items():
         a[p] = rnd(next(keys), sa)
         b[p] = rnd(next(keys), sb)
-    scale = {p: jnp.full((n,), f.scale, jnp.float32) for p, f in lora.items()}
-    rank = {p: jnp.full((n,), f.rank, jnp.float32) for p, f in lora.items()}
+    scale = {p: (f.scale,) * n for p, f in lora.items()}  # static metadata, as jaxlora.stack makes it
+    rank = {p: (f.rank,) * n for p, f in lora.items()}
     roles = tuple((p, f.roles) for p, f in lora.items())
     return jaxlora.LoraStack(a, b, scale, rank, tuple(f"adapter{i}" for i in range(n)), roles,
                              tuple((p, 0.0) for p in lora))  # fmt: skip

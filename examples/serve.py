@@ -115,7 +115,9 @@ def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24) -> dict:
     params = model.init(jax.random.key(0), prompts, empty_cache(batch), 0)
     names = ("sql", "chat", "math", "code")
     adapters = make_adapters(params, prompts, empty_cache(batch), names, ranks=(4, 8, 2, 6))
-    stk = jaxlora.stack(adapters, rank=8)  # slots of rank 8: room for any adapter up to rank 8
+    # slots of rank 8: room for any adapter up to rank 8; scales folded into b, so that writing an adapter
+    # of any rank and alpha into a slot changes nothing the compiled functions see
+    stk = jaxlora.stack(adapters, rank=8, fold_scales=True)
     ids = jnp.array([(i % (len(names) + 1)) - 1 for i in range(batch)], jnp.int32)  # -1: the base alone
 
     def mixed(extra, tokens, cache, pos):  # params come in as an argument: closed over, jit would embed them

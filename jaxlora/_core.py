@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _quant, _saved, _trace
+from . import _quant, _saved, _stack, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
@@ -255,7 +255,10 @@ def apply(
         factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
       adapter_ids: with a `LoraStack` as ``lora``: one int per example, an index into ``stack.names``
         (-1: the base alone). ``fn`` is mapped over the examples (``jax.vmap``) and sees each as a batch
-        of one; each example's rows use their own adapter at every targeted op.
+        of one; each example's rows use their own adapter at every targeted op. An id outside
+        ``[-1, n)`` raises a ValueError when the ids are concrete (eagerly, or numpy ids under
+        ``jit``); traced ids cannot be checked, so such an example's scale is NaN: its output row
+        (and the gradient it sends) is NaN, never the base model's output in silence.
       example_axes: with ``adapter_ids``: one entry per positional argument after ``params``, its
         example axis (an int, or a pytree of them) or None for an argument all examples share. By
         default each array argument's axis 0 is its example axis (0-d arrays are shared).
@@ -276,8 +279,6 @@ def apply(
     """
     if unsupported not in _trace.FALLBACKS:
         raise ValueError(f"unsupported must be one of {_trace.FALLBACKS}, got {unsupported!r}.")
-    from . import _stack
-
     if dropout_key is None:
         _warn_dropout_off(lora)
 
@@ -288,8 +289,9 @@ def apply(
                 f"adapter_ids= (one index into stack.names per example); got {type(lora).__name__} and "
                 f"adapter_ids={'None' if adapter_ids is None else 'given'}."
             )
+        targets = _fit(params, {p: lora.factors(p) for p in lora.paths})
         return _stack.apply_stack(
-            fn, params, lora, args, kwargs, adapter_ids=adapter_ids, example_axes=example_axes,
+            fn, params, lora, targets, args, kwargs, adapter_ids=adapter_ids, example_axes=example_axes,
             example_out_axes=example_out_axes, dropout_key=dropout_key, unsupported=unsupported,
         )  # fmt: skip
     targets = _fit(params, lora)
@@ -301,7 +303,7 @@ def apply(
 
 def _warn_dropout_off(lora: Any) -> None:
     """Warn that a tree with LoRA dropout runs without it (no ``dropout_key``)."""
-    if hasattr(lora, "names") and hasattr(lora, "dropout"):  # a LoraStack: {path: rate} pairs
+    if isinstance(lora, _stack.LoraStack):  # {path: rate} pairs
         rates = {p: r for p, r in lora.dropout if r > 0}
     elif isinstance(lora, Mapping):
         rates = {p: f.dropout for p, f in lora.items() if isinstance(f, LoraFactors) and f.dropout > 0}

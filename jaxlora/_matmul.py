@@ -433,7 +433,8 @@ def stacked_op(
       slot at once (factors shared by the whole batch, read once), the product is masked to this
       example's slot and scaled, and ``second_op`` lifts it back.
 
-    ``index`` out of range is the caller's to prevent (``jaxlora.apply`` maps id -1 to scale 0).
+    ``index`` must be in range: ``jaxlora.apply`` clips each id into ``[0, slots)`` and gives id -1
+    scale 0 and an id outside ``[-1, slots)`` scale NaN (both forms then return NaN).
     """
     rank = first.shape[first_axis] // slots
     floating = jnp.issubdtype(x.dtype, jnp.floating)

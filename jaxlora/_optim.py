@@ -18,7 +18,7 @@ T = TypeVar("T")
 def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
     """A pytree like ``tree``: ``trainable`` at every LoRA leaf (`LoraFactors`, `SavedModule`), ``frozen`` elsewhere.
 
-    In a `LoraStack` the factors ``a`` and ``b`` are trainable, its ``scale`` and ``rank`` frozen.
+    In a `LoraStack` the factors ``a`` and ``b`` are trainable; its scales and ranks are static, no leaves.
 
     With the defaults it is a boolean mask for ``optax.masked``; with labels it feeds
     ``optax.multi_transform``.
@@ -35,14 +35,8 @@ def mask(tree: Any, trainable: T = True, frozen: T = False) -> Any:
     from ._stack import LoraStack
 
     def label(x):
-        if isinstance(x, LoraStack):  # the factors train; each adapter's scale and rank are data
-            return dataclasses.replace(
-                x,
-                a=_all(x.a, trainable),
-                b=_all(x.b, trainable),
-                scale=_all(x.scale, frozen),
-                rank=_all(x.rank, frozen),
-            )
+        if isinstance(x, LoraStack):  # its leaves are the factors alone
+            return dataclasses.replace(x, a=_all(x.a, trainable), b=_all(x.b, trainable))
         return _all(x, trainable) if isinstance(x, (LoraFactors, SavedModule)) else frozen
 
     return jax.tree_util.tree_map(label, tree, is_leaf=lambda x: isinstance(x, (LoraFactors, SavedModule, LoraStack)))
@@ -57,8 +51,7 @@ def loraplus_labels(tree: Any) -> Any:
 
     DoRA's magnitude ``m`` learns at ``B``'s rate (``"b"``), as PEFT groups every 1-D trainable
     parameter with ``B``; so do the 1-D leaves (biases, norm scales) of ``modules_to_save``, whose
-    other leaves learn at ``A``'s rate (``"a"``). A `LoraStack`'s ``scale`` and ``rank`` are data:
-    ``"frozen"``.
+    other leaves learn at ``A``'s rate (``"a"``). A `LoraStack`'s leaves are its ``a`` and ``b``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -73,9 +66,7 @@ def loraplus_labels(tree: Any) -> Any:
         if isinstance(x, LoraFactors):
             return dataclasses.replace(x, a="a", b="b", m=None if x.m is None else "b")
         if isinstance(x, LoraStack):
-            return dataclasses.replace(
-                x, a=_all(x.a, "a"), b=_all(x.b, "b"), scale=_all(x.scale, "frozen"), rank=_all(x.rank, "frozen")
-            )
+            return dataclasses.replace(x, a=_all(x.a, "a"), b=_all(x.b, "b"))
         return "b" if getattr(x, "ndim", 2) == 1 else "a"
 
     return jax.tree_util.tree_map(label, tree, is_leaf=lambda x: isinstance(x, (LoraFactors, LoraStack)))
@@ -116,4 +107,4 @@ def loraplus(
     else:
         fast = ratio * learning_rate
     transforms = {"a": optimizer(learning_rate, **kwargs), "b": optimizer(fast, **kwargs)}
-    return optax.multi_transform({**transforms, "frozen": optax.set_to_zero()}, loraplus_labels)
+    return optax.multi_transform(transforms, loraplus_labels)

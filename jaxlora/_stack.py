@@ -8,9 +8,11 @@ A stack holds ``n`` adapters' factors side by side on the rank axis: for a modul
 each adapter zero-padded to ``R`` (exact: padded columns of ``a`` and rows of ``b`` add zero). The
 adapter axis sits next to the rank axis, not in front, so that the rewrite sees the stack as one
 LoRA of rank ``n·R`` in ``W``'s own layout: scans over stacked layers, views of ``W`` and sharding
-specs carry it as they carry any factor. Each adapter's scale and rank are data (``(n,)`` arrays per
-module; 0 where an adapter does not adapt a module), so swapping in an adapter with another alpha
-or rank recompiles nothing.
+specs carry it as they carry any factor. The factors are the stack's only leaves: each adapter's
+scale and rank are static metadata (`PerAdapter`), exact and out of every optimizer's reach, and
+carried by gradients so that ``unstack(jax.grad(loss)(stack))`` is each adapter's own gradient.
+``stack(..., fold_scales=True)`` folds each scale into ``b`` so that swapping in an adapter of any
+alpha or rank recompiles nothing.
 
 ``apply(fn, params, stack, *args, adapter_ids=ids)`` maps the rewritten ``fn`` over the examples
 with ``jax.vmap``: ``fn`` sees each example as a batch of one (its example axis kept, of size 1), and
@@ -21,34 +23,110 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+import math
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _trace
 from ._matmul import LoraFactors
+from ._saved import SavedModule
+from ._tree import Weight, is_array
 
 Lora = dict[str, LoraFactors]
+
+
+class PerAdapter(Mapping[str, tuple]):
+    """``{module path: one value per adapter}``: a stack's scales or ranks, read-only static metadata.
+
+    It is part of the stack's pytree structure, which ``jax.jit`` hashes and compares on every call.
+    Equal values are one object (interned: made once, while any holder lives) with its hash computed
+    once, so the comparison is an identity check and a stack of 1,024 adapters costs no more per
+    call than one of two.
+
+    ``kind`` (``float`` for scales, ``int`` for ranks) converts every value, and is part of the
+    identity: ranks ``(1,)`` are never the scales ``(1.0,)``, although ``1 == 1.0``.
+
+    Example:
+      >>> from jaxlora._stack import PerAdapter
+      >>> ranks = PerAdapter({"w": (2, 3)}, int)
+      >>> ranks["w"], ranks is PerAdapter({"w": [2.0, 3]}, int), ranks == PerAdapter({"w": (2, 3)}, float)
+      ((2, 3), True, False)
+    """
+
+    __slots__ = ("_items", "_kind", "_hash", "__weakref__")
+    _interned: weakref.WeakValueDictionary[tuple, PerAdapter] = weakref.WeakValueDictionary()
+    _items: dict[str, tuple]
+    _kind: type
+    _hash: int
+
+    def __new__(cls, items: Mapping[str, Any], kind: type) -> PerAdapter:
+        key = (kind, tuple((p, tuple(map(kind, v))) for p, v in items.items()))
+        self = cls._interned.get(key)  # hashes the values: once per construction, never per jit call
+        if self is None:
+            self = super().__new__(cls)
+            self._kind, self._items, self._hash = kind, dict(key[1]), hash(key)
+            cls._interned[key] = self
+        return self
+
+    def __getitem__(self, path: str) -> tuple:
+        return self._items[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, PerAdapter):
+            return NotImplemented
+        # the same values in another order (interning goes by order)
+        return self._hash == other._hash and self._kind is other._kind and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"PerAdapter({self._items!r}, {self._kind.__name__})"
+
+    def __reduce__(self) -> tuple:
+        return PerAdapter, (self._items, self._kind)
+
+    def written(self, slot: int, values: Mapping[str, Any]) -> PerAdapter:
+        """These values with ``values[path]`` in ``slot`` of each path: ``self`` if nothing changes."""
+        changed = {p: (*v[:slot], values[p], *v[slot + 1 :]) for p, v in self._items.items() if v[slot] != values[p]}
+        return PerAdapter({**self._items, **changed}, self._kind) if changed else self
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraStack:
-    """``n`` named adapters of one base, padded to a common slot rank: a pytree.
+    """``n`` named adapters of one base, padded to a common slot rank: a pytree whose leaves are ``a`` and ``b``.
 
     Attributes:
       a: ``{path: (*S, *I, n, R)}``: every adapter's ``a``, the adapter axis before the rank axis.
       b: ``{path: (*S, n, R, *O)}``: every adapter's ``b``.
-      scale: ``{path: (n,) float32}``: each adapter's scale for the module (0 where it has none).
-      rank: ``{path: (n,) float32}``: each adapter's own rank (0 where it has none), for `unstack`.
+      scale: ``{path: (s_0, ..., s_n-1)}``: each adapter's scale for the module (0.0 where it has
+        none; 1.0 everywhere in a folded stack). Static (`PerAdapter`).
+      rank: ``{path: (r_0, ..., r_n-1)}``: each adapter's own rank (0 where it has none; ``R``
+        everywhere in a folded stack), for `unstack`. Static.
       names: the adapters' names; ``adapter_ids`` index into them. Static.
       roles: ``{path: roles}`` of each module's ``W`` (as in `LoraFactors`). Static.
       dropout: ``{path: rate}``: LoRA dropout of each module. Static.
+      folded: whether each adapter's scale is folded into its ``b`` (``stack(..., fold_scales=True)``). Static.
 
-    ``scale`` and ``rank`` are data, not trainable: `jaxlora.apply` reads them through
-    ``stop_gradient``, and ``jaxlora.mask(stack)`` is False on them (train with ``optax.masked``).
+    Scales and ranks are static, as a `LoraFactors`' scale is: no optimizer (weight decay, any
+    ``optax`` chain) can change them, and a gradient (itself a `LoraStack`) carries them, so
+    ``unstack(jax.grad(loss)(stack))`` gives each adapter's gradient at its own rank. Writing an
+    adapter with another scale or rank into an unfolded stack changes them, so ``jit`` traces
+    again; a folded stack's never change.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -56,17 +134,26 @@ class LoraStack:
       >>> one = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
       >>> two = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=3, alpha=6))
       >>> s = jaxlora.stack({"one": one, "two": two})
-      >>> s.names, s.a["w"].shape, s.b["w"].shape, s.scale["w"].tolist()
-      (('one', 'two'), (4, 2, 3), (2, 3, 6), [1.0, 2.0])
+      >>> s.names, s.a["w"].shape, s.b["w"].shape, s.scale["w"], s.rank["w"]
+      (('one', 'two'), (4, 2, 3), (2, 3, 6), (1.0, 2.0), (2, 3))
+      >>> len(jax.tree.leaves(s))  # a and b only
+      2
     """
 
     a: dict[str, jax.Array]
     b: dict[str, jax.Array]
-    scale: dict[str, jax.Array]
-    rank: dict[str, jax.Array]
+    scale: PerAdapter = dataclasses.field(metadata=dict(static=True))
+    rank: PerAdapter = dataclasses.field(metadata=dict(static=True))
     names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
     roles: tuple[tuple[str, str], ...] = dataclasses.field(metadata=dict(static=True))
     dropout: tuple[tuple[str, float], ...] = dataclasses.field(metadata=dict(static=True))
+    folded: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __post_init__(self):  # plain dicts or sequences in (a hand-built stack): stored as PerAdapter
+        for field in ("scale", "rank"):
+            value = getattr(self, field)
+            if not isinstance(value, PerAdapter):
+                object.__setattr__(self, field, PerAdapter(value, float if field == "scale" else int))
 
     @property
     def slots(self) -> int:
@@ -92,8 +179,6 @@ class LoraStack:
 
 
 def _check_lora(name: str, lora: Any) -> list[str]:
-    from ._saved import SavedModule
-
     if isinstance(lora, Mapping) and (saved := sorted(p for p, f in lora.items() if isinstance(f, SavedModule))):
         return [  # a full copy of a module per adapter is a different model per example, not a LoRA term
             f"adapter {name!r}: saved modules (modules_to_save) {saved} cannot be stacked: each is a full copy "
@@ -107,11 +192,19 @@ def _check_lora(name: str, lora: Any) -> list[str]:
     dora = sorted(p for p, f in lora.items() if f.m is not None)
     if dora:  # the magnitude rescales the whole output, base included: no per-example form here yet
         return [f"adapter {name!r}: DoRA modules {dora} cannot be stacked; merge them or serve them one at a time"]
-    return []
+    return [
+        f"adapter {name!r}: {p!r} has scale {f.scale!r}; a stacked scale must be a finite number"
+        for p, f in lora.items()
+        if not isinstance(f.scale, (int, float, np.number)) or not math.isfinite(f.scale)
+    ]
 
 
 def stack(
-    adapters: Mapping[str, Mapping[str, LoraFactors]], *, rank: int | None = None, dtype: Any = None
+    adapters: Mapping[str, Mapping[str, LoraFactors]],
+    *,
+    rank: int | None = None,
+    dtype: Any = None,
+    fold_scales: bool = False,
 ) -> LoraStack:
     """Stack named adapters of one base into a `LoraStack` (ranks, scales and targets may differ).
 
@@ -121,13 +214,20 @@ def stack(
       rank: the slot rank ``R`` of every module (default: the largest rank of each module); a server
         reserves room for larger adapters with it.
       dtype: the factors' dtype (default: the adapters' common dtype).
+      fold_scales: store ``scale·b`` in place of ``b`` (vLLM's layout), every slot with scale 1.0
+        and rank ``R``: the static metadata then never changes, so `stack_set` can write an adapter
+        of any alpha and rank without a retrace. Outputs equal the unfolded stack's up to rounding
+        of ``scale·b`` in ``dtype``; `unstack` returns equivalent adapters of scale 1.0 and rank
+        ``R`` (not the same factors), a module an adapter lacks as zeros. Training a folded stack
+        is not training the adapters alone: the optimizer sees ``scale·b``, another parameterization
+        (use an unfolded stack to train).
 
     Returns:
       The stack; its ``names`` are the keys of ``adapters``, in order.
 
     Raises:
-      ValueError: for no adapters, a rank above ``rank``, or adapters that disagree on a module's
-        weight layout or dropout (naming the module and the adapters).
+      ValueError: for no adapters, a rank above ``rank``, a scale that is not finite, or adapters
+        that disagree on a module's weight layout or dropout (naming the module and the adapters).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -135,8 +235,11 @@ def stack(
       >>> one = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, targets="w"))
       >>> two = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=1))
       >>> s = jaxlora.stack({"one": one, "two": two}, rank=4)
-      >>> s.paths, s.a["v"].shape, s.rank["v"].tolist()
-      (('w', 'v'), (6, 2, 4), [0.0, 1.0])
+      >>> s.paths, s.a["v"].shape, s.rank["v"], s.scale["v"]
+      (('w', 'v'), (6, 2, 4), (0, 1), (0.0, 1.0))
+      >>> f = jaxlora.stack({"one": one, "two": two}, rank=4, fold_scales=True)
+      >>> f.rank["v"], f.scale["v"]
+      ((4, 4), (1.0, 1.0))
     """
     names = tuple(adapters)
     problems = [p for n in names for p in _check_lora(n, adapters[n])]
@@ -170,18 +273,26 @@ def stack(
     for path in paths:
         (path_roles, i_shape, o_shape), R = shapes[path]
         ns = path_roles.count("s")
-        cols_a, cols_b, sc, rk = [], [], [], []
+        cols_a, cols_b = [], []
         for n in names:
             f = adapters[n].get(path)
             fa = jnp.zeros((*i_shape, R), dt) if f is None else _pad(f.a.astype(dt), -1, R)
-            fb = jnp.zeros((*i_shape[:ns], R, *o_shape), dt) if f is None else _pad(f.b.astype(dt), ns, R)
+            fb = jnp.zeros((*i_shape[:ns], R, *o_shape), dt) if f is None else _pad(_b(f, dt, fold_scales), ns, R)
             cols_a.append(fa), cols_b.append(fb)
-            sc.append(0.0 if f is None else f.scale), rk.append(0 if f is None else f.rank)
         a[path] = jnp.stack(cols_a, axis=-2)
         b[path] = jnp.stack(cols_b, axis=ns)
-        scale[path] = jnp.asarray(sc, jnp.float32)
-        ranks[path] = jnp.asarray(rk, jnp.float32)
-    return LoraStack(a, b, scale, ranks, names, tuple(roles.items()), tuple(dropout.items()))
+        held = [adapters[n].get(path) for n in names]
+        scale[path] = [1.0 if fold_scales else 0.0 if f is None else float(f.scale) for f in held]
+        ranks[path] = [R if fold_scales else 0 if f is None else f.rank for f in held]
+    meta = PerAdapter(scale, float), PerAdapter(ranks, int)
+    return LoraStack(a, b, *meta, names, tuple(roles.items()), tuple(dropout.items()), folded=fold_scales)
+
+
+def _b(f: LoraFactors, dtype: Any, fold: bool) -> jax.Array:
+    """``f.b`` in ``dtype``, times ``f.scale`` (rounded once, from at least float32) when folding."""
+    if not fold:
+        return f.b.astype(dtype)
+    return (f.b.astype(jnp.promote_types(f.b.dtype, jnp.float32)) * f.scale).astype(dtype)
 
 
 def _pad(f: jax.Array, axis: int, size: int) -> jax.Array:
@@ -193,9 +304,14 @@ def _pad(f: jax.Array, axis: int, size: int) -> jax.Array:
 
 def _slot(stk: LoraStack, name: str | int) -> int:
     if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
-        if not -stk.slots <= name < stk.slots:
+        if name < 0:  # -1 would write the last slot while adapter id -1 means the base alone
+            raise ValueError(
+                f"slot {name}: negative slots are refused (adapter id -1 means no adapter); "
+                f"pass a name or a slot in [0, {stk.slots}) of {list(stk.names)}."
+            )
+        if name >= stk.slots:
             raise ValueError(f"slot {name} is out of range for a stack of {stk.slots} adapters {list(stk.names)}.")
-        return int(name) % stk.slots
+        return int(name)
     if name not in stk.names:
         close = difflib.get_close_matches(str(name), stk.names, n=3)
         raise ValueError(
@@ -209,8 +325,11 @@ def _slot(stk: LoraStack, name: str | int) -> int:
 def unstack(stk: LoraStack) -> dict[str, Lora]:
     """Each adapter of the stack at its own rank: ``{name: lora}``, the inverse of `stack`.
 
-    The factors are those that went in, bit for bit (in the stack's dtype); each module an adapter
-    does not adapt is left out; scales come back as the float32 values the computation uses.
+    The factors and scales are those that went in, bit for bit (in the stack's dtype); each module
+    an adapter does not adapt is left out. Of a folded stack (``fold_scales=True``): equivalent
+    adapters, not the same ones: scale 1.0, rank ``R``, ``b`` times the scale, zeros for a module
+    an adapter lacks. Works under ``jit`` (ranks are static), so ``unstack(jax.grad(loss)(stack))``
+    is each adapter's gradient.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -224,15 +343,15 @@ def unstack(stk: LoraStack) -> dict[str, Lora]:
     roles, dropout = dict(stk.roles), dict(stk.dropout)
     for path in stk.paths:
         ns = roles[path].count("s")
-        ranks, scales = np.asarray(stk.rank[path]), np.asarray(stk.scale[path])
+        ranks, scales = stk.rank[path], stk.scale[path]
         for j, n in enumerate(stk.names):
-            r = int(ranks[j])
+            r = ranks[j]
             if r == 0:
                 continue
             a = stk.a[path][..., j, :r]
             b = jax.lax.index_in_dim(stk.b[path], j, ns, keepdims=False)
             b = jax.lax.slice_in_dim(b, 0, r, axis=ns)
-            out[n][path] = LoraFactors(a=a, b=b, scale=float(scales[j]), roles=roles[path], dropout=dropout[path])
+            out[n][path] = LoraFactors(a=a, b=b, scale=scales[j], roles=roles[path], dropout=dropout[path])
     return out
 
 
@@ -240,12 +359,17 @@ def stack_set(stk: LoraStack, name: str | int, lora: Mapping[str, LoraFactors]) 
     """The stack with adapter ``name`` (or slot index) replaced by ``lora``: pure, shapes unchanged.
 
     A smaller rank is zero-padded into the slot; a module ``lora`` does not adapt becomes zero for
-    this adapter. The stack's shapes do not change, so nothing that takes it recompiles; under
+    this adapter. The slot takes ``lora``'s scales and ranks exactly. Where they equal the slot's
+    old ones the stack's structure is unchanged and nothing that takes it recompiles; where they
+    differ its static metadata changes and each ``jit`` that takes the stack traces once more. A
+    folded stack (``stack(..., fold_scales=True)``) folds ``lora``'s scales into ``b`` and never
+    changes its structure: the hot-swap path for adapters of any alpha and rank. Under
     ``jax.jit(jaxlora.stack_set, static_argnums=1, donate_argnums=0)`` it writes in place.
 
     Raises:
-      ValueError: for an unknown name, a module the stack lacks, a rank above the slot rank (re-stack
-        with ``jaxlora.stack(..., rank=)``), or factors made for another weight layout.
+      ValueError: for an unknown name, a negative slot (adapter id -1 means no adapter), a module
+        the stack lacks, a rank above the slot rank (re-stack with ``jaxlora.stack(..., rank=)``), a
+        scale that is not finite, or factors made for another weight layout.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -253,8 +377,8 @@ def stack_set(stk: LoraStack, name: str | int, lora: Mapping[str, LoraFactors]) 
       >>> one = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
       >>> new = jaxlora.init(jax.random.key(1), params, jaxlora.LoraConfig(rank=1, alpha=3))
       >>> s = jaxlora.stack_set(jaxlora.stack({"one": one, "two": one}), "two", new)
-      >>> s.rank["w"].tolist(), s.scale["w"].tolist()
-      ([2.0, 1.0], [1.0, 3.0])
+      >>> s.rank["w"], s.scale["w"]
+      ((2, 1), (1.0, 3.0))
     """
     j = _slot(stk, name)
     problems = _check_lora(str(name), lora)
@@ -283,24 +407,20 @@ def stack_set(stk: LoraStack, name: str | int, lora: Mapping[str, LoraFactors]) 
             problems.append(f"{path!r}: LoRA dropout {f.dropout} differs from the stack's {dict(stk.dropout)[path]}")
     if problems:
         raise ValueError(f"jaxlora.stack_set cannot write adapter {name!r}:\n  " + "\n  ".join(problems))
-    a, b, scale, rank = dict(stk.a), dict(stk.b), dict(stk.scale), dict(stk.rank)
+    a, b = dict(stk.a), dict(stk.b)
     for path in stk.paths:
         R, ns = stk.slot_rank(path), roles[path].count("s")
         f = lora.get(path)
         if f is None:
             fa, fb = jnp.zeros_like(a[path][..., 0, :]), jnp.zeros_like(jax.lax.index_in_dim(b[path], 0, ns, False))
-            s, r = 0.0, 0
         else:
-            fa, fb, s, r = (
-                _pad(f.a.astype(a[path].dtype), -1, R),
-                _pad(f.b.astype(b[path].dtype), ns, R),
-                f.scale,
-                f.rank,
-            )
+            fa, fb = _pad(f.a.astype(a[path].dtype), -1, R), _pad(_b(f, b[path].dtype, stk.folded), ns, R)
         a[path] = a[path].at[..., j, :].set(fa)
         b[path] = b[path].at[(slice(None),) * ns + (j,)].set(fb)
-        scale[path] = scale[path].at[j].set(s)
-        rank[path] = rank[path].at[j].set(r)
+    if stk.folded:  # every slot scale 1.0 and rank R: the structure never changes
+        return dataclasses.replace(stk, a=a, b=b)
+    scale = stk.scale.written(j, {p: float(lora[p].scale) if p in lora else 0.0 for p in stk.paths})
+    rank = stk.rank.written(j, {p: lora[p].rank if p in lora else 0 for p in stk.paths})
     return dataclasses.replace(stk, a=a, b=b, scale=scale, rank=rank)
 
 
@@ -309,7 +429,6 @@ def stack_set(stk: LoraStack, name: str | int, lora: Mapping[str, LoraFactors]) 
 
 def _example_axes(args: tuple[Any, ...], kwargs: dict[str, Any], axes: Any, n: int) -> tuple[Any, Any]:
     """The example axis of each array leaf of ``(args, kwargs)`` (None: shared by every example)."""
-    from ._tree import is_array
 
     def default(x):
         return 0 if is_array(x) and np.ndim(x) > 0 else None
@@ -363,7 +482,29 @@ def _ids(adapter_ids: Any, stk: LoraStack) -> jax.Array:
             f"adapter_ids must be 1-D, one id per example, got shape {np.shape(adapter_ids)}; "
             "for a batch of shape (batch, seq) pass one id per row."
         )
+    if jnp.dtype(dtype).itemsize < 4:  # int8 ids cannot be compared with 1,024 slots; int32 holds them all
+        adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
+    known = _concrete(adapter_ids)  # eager, or numpy under jit; traced ids give NaN rows (apply_stack)
+    if known is not None:
+        bad = sorted({int(i) for i in known if not -1 <= i < stk.slots})
+        if bad:
+            raise ValueError(
+                f"adapter_ids {bad} are out of range for a stack of {stk.slots} adapters: each id must be in "
+                f"[-1, {stk.slots}) (an index into stack.names {list(stk.names)[:8]}"
+                + ("..." if stk.slots > 8 else "")
+                + ", or -1 for the base alone)."
+            )
     return adapter_ids
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x``'s values, or None for traced values (or an array other processes hold parts of)."""
+    try:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
 
 
 def _squeeze(axes: Any, shapes: Any, out: Any) -> Any:
@@ -382,28 +523,48 @@ def _squeeze(axes: Any, shapes: Any, out: Any) -> Any:
 
 
 def apply_stack(
-    fn, params, stk: LoraStack, args, kwargs, *, adapter_ids, example_axes, example_out_axes, dropout_key, unsupported
+    fn,
+    params,
+    stk: LoraStack,
+    targets: Mapping[str, Weight],
+    args,
+    kwargs,
+    *,
+    adapter_ids,
+    example_axes,
+    example_out_axes,
+    dropout_key,
+    unsupported,
 ):
-    """`jaxlora.apply` with a stack: ``fn`` mapped over the examples, each with its adapter's factors."""
-    from . import _core, _trace
+    """`jaxlora.apply` with a stack: ``fn`` mapped over the examples, each with its adapter's factors.
 
+    ``targets``: ``jaxlora._core._fit(params, {p: stk.factors(p) ...})``, the targeted weights (the
+    caller, `jaxlora.apply`, fits them: this module never calls back into ``_core``).
+    """
     ids = _ids(adapter_ids, stk)
-    n = ids.shape[0]
-    targets = _core._fit(params, {p: stk.factors(p) for p in stk.paths})
+    n, signed = ids.shape[0], jnp.issubdtype(ids.dtype, jnp.signedinteger)
     arg_axes, kw_axes = _example_axes(args, kwargs, example_axes, n)
     keep = lambda ax, x: x if ax is None else jnp.expand_dims(x, ax + 1)  # noqa: E731
     args = jax.tree.map(keep, arg_axes, args, is_leaf=lambda x: x is None)
     kwargs = jax.tree.map(keep, kw_axes, kwargs, is_leaf=lambda x: x is None)
     keys = None if dropout_key is None else jax.random.split(dropout_key, n)
     factors = {p: stk.factors(p) for p in stk.paths}
-    scales = {p: jax.lax.stop_gradient(stk.scale[p]) for p in stk.paths}
     ranks = {p: stk.slot_rank(p) for p in stk.paths}
     tagged = {targets[p].index: (p, f) for p, f in factors.items()}
 
     def one(args, kwargs, i, key):
-        slot = jnp.maximum(i, 0)
+        slot = jnp.clip(i, 0, stk.slots - 1)  # in range, so that an unknown id's NaN scale reaches its output
         hot = jnp.arange(stk.slots) == i  # no gather: a sharded id needs no collective (id -1 hits nothing)
-        scale = {p: jnp.sum(jnp.where(hot, s, 0.0)) for p, s in scales.items()}
+        known = (i < stk.slots) & ((i >= -1) if signed else True)  # an unknown id (traced, not caught by _ids): NaN
+        by_values: dict[tuple, jax.Array] = {}  # modules whose adapters have the same scales share one
+        for values in stk.scale.values():
+            if values not in by_values:
+                if len(set(values)) == 1:  # a folded stack, or one alpha/rank for all: no constant
+                    s = jnp.where(i >= 0, values[0], 0.0)
+                else:  # the scales are static: one (n,) constant of the program
+                    s = jnp.sum(jnp.where(hot, np.asarray(values, np.float32), 0.0))
+                by_values[values] = jnp.where(known, s, jnp.nan)
+        scale = {p: by_values[stk.scale[p]] for p in stk.paths}
         select = _trace.Selection(slot, scale, ranks, stk.slots, n)
         ctx = _trace.Context(fallback=unsupported, dropout_key=key, stack=select)
         out = _trace.run(fn, params, args, kwargs, tagged, ctx)

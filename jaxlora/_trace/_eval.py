@@ -111,7 +111,8 @@ class Selection:
     """One example's adapter in a `LoraStack` (``jaxlora.apply(..., adapter_ids=)``, under ``vmap``).
 
     Each factor holds ``slots`` adapters side by side on its rank axis, ``rank[path]`` columns each;
-    ``index`` (traced) picks this example's, ``scale[path]`` (traced; 0 for id -1) is its scale.
+    ``index`` (traced) picks this example's, ``scale[path]`` (traced, from the stack's static scales;
+    0 for id -1, NaN for an id out of range) is its scale.
     ``examples`` is the number of examples mapped over, for the cost of each form.
     """
 

@@ -79,7 +79,7 @@ def module_problems(path: Any, m: Any, *, adapters: int | None = None) -> list[s
 
     Roles only from ``s``, ``i``, ``o``; ``a (*S, *I, r)`` and ``b (*S, r, *O)`` (a stack of ``adapters``:
     ``a (*S, *I, n, R)``, ``b (*S, n, R, *O)``) consistent with the roles and the rank; ``0 <= dropout < 1``;
-    a finite scale.
+    a finite scale (one adapter's; a stack's scales and ranks are checked by `_stack`).
     """
     where = f"module {path!r}"
     if not isinstance(m, dict):
@@ -99,7 +99,8 @@ def module_problems(path: Any, m: Any, *, adapters: int | None = None) -> list[s
         return [f"{where}: roles {roles!r} are not axes from {{s, i, o}} with an i and an o"]
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         problems.append(f"{where}: dropout {dropout!r} is not in [0, 1)")
-    if "scale" in m and (not isinstance(m["scale"], (int, float)) or not math.isfinite(m["scale"])):
+    single = adapters is None  # a stack's scales and ranks are lists, which `_stack` checks
+    if single and "scale" in m and (not isinstance(m["scale"], (int, float)) or not math.isfinite(m["scale"])):
         problems.append(f"{where}: scale {m['scale']!r} is not a finite number")
     for k in ("dtype", "b_dtype", "m_dtype"):
         if k in m and not _dtype_ok(m[k]):
@@ -112,7 +113,7 @@ def module_problems(path: Any, m: Any, *, adapters: int | None = None) -> list[s
         want = "a: *S, *I, r; b: *S, r, *O" if adapters is None else "a: *S, *I, n, R; b: *S, n, R, *O"
         return [*problems, f"{where}: a {a} and b {b} do not have the axes roles {roles!r} give ({want})"]
     r = a[-1]
-    if b[ns + n] != r or a[:ns] != b[:ns] or ("rank" in m and m["rank"] != r):
+    if b[ns + n] != r or a[:ns] != b[:ns] or (single and "rank" in m and m["rank"] != r):
         problems.append(f"{where}: a {a}, b {b} and rank {m.get('rank', r)} disagree on the rank or stacked axes")
     if adapters is not None and a[-2] != adapters or b[ns : ns + n] != a[-1 - n : -1]:
         problems.append(f"{where}: a {a} and b {b} do not hold {adapters} adapters")

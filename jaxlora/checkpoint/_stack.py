@@ -1,8 +1,10 @@
 """A `LoraStack` on disk (Orbax), and many PEFT adapter directories read into one stack.
 
-A stack checkpoint holds two Orbax items: ``lora_stack`` (every module's ``a``, ``b``, ``scale``
-and ``rank`` arrays, keyed ``m0``, ``m1``, ... as in `save`) and ``lora_stack_meta`` (JSON: format,
-version, the adapters' names, each module's path, roles, dropout and shapes, the base fingerprint).
+A stack checkpoint holds two Orbax items: ``lora_stack`` (every module's ``a`` and ``b`` arrays,
+keyed ``m0``, ``m1``, ... as in `save`) and ``lora_stack_meta`` (JSON: format, version, the adapters'
+names, whether scales are folded, each module's path, roles, dropout, shapes and its adapters'
+scales and ranks, the base fingerprint). Version 1 stored scales and ranks as float32 arrays in
+``lora_stack``; they are read, validated, into the static metadata.
 It is written with the protocol of `_commit` (beside, checksummed, renamed in) and verified on read.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .._stack import LoraStack, stack
@@ -24,9 +27,9 @@ from ._info import module_problems
 from ._peft import PARAMETER_ORDER, Names, load_peft
 
 FORMAT = "jaxlora.stack"
-VERSION = 1
+VERSION = 2  # 1: scale and rank were float32 arrays in ARRAYS
 ARRAYS, META = "lora_stack", "lora_stack_meta"
-FIELDS = ("a", "b", "scale", "rank")
+FIELDS = ("a", "b")
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -68,6 +71,7 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
         "version": VERSION,
         "jaxlora_version": __version__,
         "names": list(stk.names),
+        "folded": stk.folded,
         "modules": [
             {
                 "path": p,
@@ -77,6 +81,8 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
                 "b_shape": list(stk.b[p].shape),
                 "dtype": jnp.dtype(stk.a[p].dtype).name,
                 "b_dtype": jnp.dtype(stk.b[p].dtype).name,
+                "scale": list(stk.scale[p]),
+                "rank": list(stk.rank[p]),
             }
             for p in stk.paths
         ],  # fmt: skip
@@ -105,16 +111,17 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
     path, meta = read_stack_meta(directory)
     if params is not None and meta["base"] is not None:
         _fingerprint.check(meta["base"], params, source=f"The stack at {path}")
-    n = len(meta["names"])
-    target = {
-        f"m{i}": {
+    n, old = len(meta["names"]), meta["version"] < 2
+    target = {}
+    for i, m in enumerate(meta["modules"]):
+        target[f"m{i}"] = {
             "a": jax.ShapeDtypeStruct(tuple(m["a_shape"]), jnp.dtype(m["dtype"]), sharding=sharding),
             "b": jax.ShapeDtypeStruct(tuple(m["b_shape"]), jnp.dtype(m["b_dtype"]), sharding=sharding),
-            "scale": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding),
-            "rank": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding),
         }
-        for i, m in enumerate(meta["modules"])
-    }
+        if old:  # version 1: each module's scales and ranks as float32 arrays beside its factors
+            target[f"m{i}"].update(
+                scale=jax.ShapeDtypeStruct((n,), jnp.float32), rank=jax.ShapeDtypeStruct((n,), jnp.float32)
+            )
     try:
         out = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))
         out = out[ARRAYS]
@@ -125,11 +132,17 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
         ) from e
     mods = meta["modules"]
     fields = {k: {m["path"]: out[f"m{i}"][k] for i, m in enumerate(mods)} for k in FIELDS}
+    folded = meta.get("folded", False)
+    held = [out[f"m{i}"] if old else m for i, m in enumerate(mods)]
+    scale, rank = _scales_and_ranks(path, mods, held, n, folded)
     return LoraStack(
         **fields,
+        scale=scale,
+        rank=rank,
         names=tuple(meta["names"]),
         roles=tuple((m["path"], m["roles"]) for m in mods),
         dropout=tuple((m["path"], float(m["dropout"])) for m in mods),
+        folded=folded,
     )
 
 
@@ -195,6 +208,41 @@ def _check(path: Path, meta: Any) -> None:
         )
 
 
+def _scales_and_ranks(path: Path, mods: list[dict], held: list[Any], n: int, folded: Any) -> tuple[dict, dict]:
+    """Each module's scales and ranks (``held[i]``: its JSON entry, or its arrays in a version-1
+    checkpoint), validated: ``n`` finite scales and ``n`` whole ranks in ``[0, slot rank]``; in a
+    folded stack every scale 1.0 and every rank the slot rank."""
+    scale, rank, problems = {}, {}, []
+    if not isinstance(folded, bool):
+        problems.append(f"folded {folded!r}, expected true or false")
+    for m, h in zip(mods, held):
+        s, r, R = _numbers(h.get("scale"), n), _numbers(h.get("rank"), n), m["a_shape"][-1]
+        if s is None:
+            problems.append(f"{m['path']!r}: scale {h.get('scale')!r}, expected {n} finite numbers")
+        if r is None or not ((r == np.round(r)) & (r >= 0) & (r <= R)).all():
+            problems.append(f"{m['path']!r}: rank {h.get('rank')!r}, expected {n} whole numbers in [0, {R}]")
+        elif s is not None and folded is True and not ((s == 1.0).all() and (r == R).all()):
+            problems.append(f"{m['path']!r}: a folded stack has scale 1.0 and rank {R} in every slot")
+        elif s is not None:
+            scale[m["path"]], rank[m["path"]] = s.tolist(), [int(x) for x in r]
+    if problems:
+        raise ValueError(
+            f"The stack at {path} has invalid scales or ranks (a damaged checkpoint, or ranks an optimizer "
+            "changed before it was saved):\n  " + "\n  ".join(problems)
+        )
+    return scale, rank
+
+
+def _numbers(x: Any, n: int) -> np.ndarray | None:
+    """``x`` (a JSON list of numbers, or a version-1 array) as ``n`` finite float64 numbers, or None."""
+    if isinstance(x, list) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in x):
+        x = np.asarray(x, np.float64)
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.number):
+        return None
+    v = x.astype(np.float64)
+    return v if v.shape == (n,) and np.isfinite(v).all() else None
+
+
 def load_peft_stack(
     directories: Mapping[str, str | os.PathLike],
     *,
@@ -221,8 +269,8 @@ def load_peft_stack(
       >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
       >>> dirs = {f"r{r}": jaxlora.checkpoint.save_peft(tempfile.mkdtemp(), jaxlora.init(
       ...     jax.random.key(r), params, jaxlora.LoraConfig(rank=r)), params=params) for r in (1, 2)}
-      >>> jaxlora.checkpoint.load_peft_stack(dirs, params=params).rank["fc"].tolist()
-      [1.0, 2.0]
+      >>> jaxlora.checkpoint.load_peft_stack(dirs, params=params).rank["fc"]
+      (1, 2)
     """
     adapters = {
         name: load_peft(d, params=params, names=names, fn=fn, args=args, dtype=dtype, parameter_order=parameter_order)
