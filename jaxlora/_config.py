@@ -19,12 +19,22 @@ Init = Literal["kaiming", "gaussian"]
 ExpertRank = Literal["per_expert", "split"]
 
 
+# Leaf names of a module's only weight that keys keep (changing keys would orphan saved adapters) but
+# patterns may leave off, as keys leave off "kernel"/"weight": an Einsum's "w" (gemma, Tunix, Haiku).
+WEIGHT_LEAVES = ("w",)
+
+
 def matches(pattern: str, path: str) -> bool:
     """Whether ``pattern`` (a regex) matches ``path`` whole, or a whole trailing part of it.
 
-    ``"query"`` and ``".*/query"`` both match ``"encoder/layer_0/query"``; ``"uery"`` does not.
+    ``"query"`` and ``".*/query"`` both match ``"encoder/layer_0/query"``; ``"uery"`` does not. A path
+    ending in an Einsum's weight ``w`` matches with or without it: ``"q_proj"`` matches ``"attn/q_proj/w"``.
     """
-    return re.fullmatch(pattern, path) is not None or re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
+    head, _, leaf = path.rpartition("/")
+    return any(
+        re.fullmatch(pattern, p) is not None or re.fullmatch(rf"(?:.*/)?(?:{pattern})", p) is not None
+        for p in ((path, head) if head and leaf in WEIGHT_LEAVES else (path,))
+    )
 
 
 def _positive_finite(x: object) -> bool:

@@ -16,7 +16,7 @@ from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
 from ._saved import SavedModule
-from ._tree import Weight, inside, nearest, select, select_saved, weights
+from ._tree import Weight, inside, is_array, nearest, select, select_saved, weights
 
 Params = TypeVar("Params")
 Lora = dict[str, LoraFactors | SavedModule]  # SavedModule: a module of LoraConfig.modules_to_save
@@ -31,8 +31,19 @@ _NEEDS_TRACE = (
 def _probe(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], candidates: dict[str, Weight]) -> _trace.Context:
     ctx = _trace.Context(probing=True)
     tagged = {w.index: (path, None) for path, w in candidates.items()}
+    # array leaves go through eval_shape; the rest (an Equinox module's function fields) stay static, as in apply
+    leaves, treedef = jax.tree_util.tree_flatten((params, tuple(args)), is_leaf=_quant.is_quantized)
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or _quant.is_quantized(leaf)]
+
+    def probe(*values):
+        full = list(leaves)
+        for i, v in zip(dynamic, values):
+            full[i] = v
+        p, a = jax.tree_util.tree_unflatten(treedef, full)
+        return _trace.run(fn, p, a, {}, tagged, ctx)
+
     with recording_kinds(fn) as kinds:
-        jax.eval_shape(lambda p, a: _trace.run(fn, p, a, {}, tagged, ctx), params, tuple(args))
+        jax.eval_shape(probe, *(leaves[i] for i in dynamic))
     for path, kind in kinds.items():  # name the module kind where LoRA cannot adapt it
         if path in ctx.ops and not ctx.ops[path] & FACTORED:
             ctx.ops[path] = {f"({kind}) {use}" for use in ctx.ops[path]}
@@ -56,6 +67,33 @@ def _roles(path: str, w: Weight, ctx: _trace.Context | None) -> str:
             "LoraConfig.targets (or add it to exclude)."
         )
     return "".join(seen[k] for k in range(len(w.leaf.shape)))
+
+
+def linear_weights(ctx: _trace.Context, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """The weights a probe saw feed a matmul, as ``"all-linear"`` takes them: each mapped to ``""``, or to
+    why it is left out (as PEFT leaves out the output embedding and never adapts an embedding table):
+
+    * a lookup table (``gather``), also where it is tied and multiplies too (``Embed.attend``);
+    * the output head: a weight whose matmul alone gives one of ``fn``'s outputs (through no later
+      matmul and no other weight's output), with as many outputs as a lookup table has rows (the
+      vocabulary; a classifier head of an encoder stays in, as in PEFT).
+    """
+    tables = {p for p, ops in ctx.ops.items() if "gather" in ops}
+    size = lambda p, role: math.prod(  # noqa: E731
+        shapes[p][k] for k, r in ctx.usage.get(p, {}).items() if r == role and k < len(shapes[p])
+    )
+    vocab = {size(p, "i") for p in tables if p in shapes}
+    out = {}
+    for p, ops in ctx.ops.items():
+        if not ops & {"dot_general", "ragged_dot"} or p not in shapes:
+            continue
+        if p in tables:
+            out[p] = "a lookup table, tied as the output head" if "dot_general" in ops else "a lookup table"
+        elif p in ctx.outputs and size(p, "o") in vocab:
+            out[p] = "the output head (its matmul gives fn's output over the vocabulary)"
+        else:
+            out[p] = ""
+    return out
 
 
 def init(
@@ -113,7 +151,10 @@ def init(
             if not ctx.ops.get(p, set()) & FACTORED
         }
         candidates = {p: w for p, w in candidates.items() if p not in refused}
-    linear = None if ctx is None else {p for p, ops in ctx.ops.items() if ops & {"dot_general", "ragged_dot"}}
+    linear = None
+    if ctx is not None:
+        linear = {p for p, why in linear_weights(ctx, {p: tuple(w.leaf.shape) for p, w in candidates.items()}).items()
+                  if not why}  # fmt: skip
     chosen = select(candidates, config, linear, refused)
     layouts, problems = {}, []
     for path in chosen:

@@ -124,14 +124,19 @@ def _int8_encode(w: jax.Array) -> tuple:
     return codes, jnp.where(finite, scale, jnp.nan), None, None
 
 
-def encode(w: jax.Array, format: str = "nf4", *, block_size: int = 64, double_quant: bool = True) -> Quantized:
+def encode(
+    w: jax.Array, format: str = "nf4", *, block_size: int = 64, double_quant: bool = True, stacked: int | None = None
+) -> Quantized:
     """Quantize one weight (traceable: call it inside ``jax.jit``, ``lax.map`` or a layer loop).
 
     Checks no values: `quantize` validates. A block, double-quantization group or channel holding a
-    NaN or inf decodes to NaN. A stacked weight (``ndim >= 3``) is encoded one layer at a time
-    (``lax.map``), so only one layer's float32 temporaries exist at once.
+    NaN or inf decodes to NaN. A stacked weight is encoded one layer at a time (``lax.map``), so only
+    one layer's float32 temporaries exist at once. ``stacked`` (0 or 1) says whether axis 0 is a
+    stacked-layer axis; None: when ``w`` has three or more axes (`quantize` asks the trace when given ``fn``).
     """
-    k = _outer_count(w.shape)
+    k = _outer_count(w.shape) if stacked is None else stacked
+    if k not in (0, 1) or k > w.ndim - 1:
+        raise ValueError(f"stacked must be 0 or 1 (and less than w.ndim={w.ndim}), got {stacked!r}.")
     if format == "nf4":
         fn = lambda v: _nf4_encode(v, block_size, double_quant)  # noqa: E731
     else:
@@ -172,10 +177,21 @@ def quantize(
     targets: str | Sequence[str] = DEFAULT_TARGETS,
     exclude: str | Sequence[str] = DEFAULT_EXCLUDE,
     donate: bool = False,
+    fn: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
 ) -> Any:
     """``params`` with each targeted weight replaced by a `Quantized` one (the rest unchanged).
 
-    By default every floating leaf of two or more axes named ``kernel`` or ``weight`` is quantized;
+    Given ``fn`` (``fn(params, *args)``, such as ``model.apply``; traced abstractly, nothing computed),
+    the weights quantized by default are exactly those that feed a matmul in ``fn``, as
+    ``"all-linear"`` takes them: whatever their leaf names (an Einsum's ``w``, ``gating_einsum``),
+    leaving in full precision the lookup tables (a tied embedding too), the output head (a weight
+    whose matmul alone gives ``fn``'s output over the vocabulary, ``logits_dense`` as ``lm_head``),
+    norm scales (stacked ``(layers, d)`` ones too) and biases; the trace also tells whether a weight's
+    first axis is a stacked-layer axis (a scanned layer's ``(layers, in, out)``) or not (a
+    DenseGeneral's ``(in, heads, head_dim)``), which sets the blocks' layout.
+    Without ``fn``, every floating leaf of two or more axes named ``kernel`` or ``weight`` is quantized
+    and a weight of three or more axes counts as stacked;
     embedding tables and modules matching ``exclude`` (the output head ``lm_head``/``head``, as
     bitsandbytes leaves it) stay in full precision, as do biases and norm scales. ``targets`` and
     ``exclude`` are regexes over module paths, as in `LoraConfig`; a weight they name explicitly is
@@ -199,13 +215,16 @@ def quantize(
       double_quant: NF4's double quantization of the absmax values (4.127 instead of 4.5 bits).
       targets, exclude: regexes over module paths, as in `LoraConfig`.
       donate: delete each float weight (``jax.Array.delete``) once it is quantized.
+      fn, args: optional: a function ``fn(params, *args)`` that uses the weights (``args`` may be
+        ``jax.ShapeDtypeStruct``); see above. A restore target must be made with the same ``fn``.
 
     Returns:
       The same tree with `Quantized` leaves.
 
     Raises:
       ValueError: an unknown format, a block size that does not divide a weight, a weight holding a
-        NaN or inf, a tree already quantized, a target that is not floating or matches nothing.
+        NaN or inf, a tree already quantized, a target that is not floating or matches nothing, or a
+        default selection that quantizes nothing.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora
@@ -228,41 +247,44 @@ def quantize(
             "params once (jaxlora.dequantize(qparams) gives them back)."
         )
     explicit = targets != DEFAULT_TARGETS
-    chosen, problems = [], []
+    linear, roles = _traced(fn, params, args) if fn is not None else (None, {})
+    chosen, problems, stacked = [], [], {}
     for i, (path, _, leaf) in enumerate(leaves):
         if not hasattr(leaf, "shape") or not any(matches(p, path) for p in targets):
             continue
         if any(matches(p, path) for p in exclude):
             continue
         floating = jnp.issubdtype(leaf.dtype, jnp.floating)
-        name = path.rsplit("/", 1)[-1]
-        if not explicit and (len(leaf.shape) < 2 or not floating or not _is_matrix(leaves[i][1])):
+        if not explicit and linear is not None and linear.get(path, "-"):
+            continue  # traced: only the weights that feed a matmul ("all-linear"'s choice)
+        if not explicit and (len(leaf.shape) < 2 or not floating or linear is None and not _is_matrix(leaves[i][1])):
             continue
         if not floating:
             problems.append(f"{path!r}: dtype {leaf.dtype} is not floating; only float weights can be quantized.")
             continue
         if len(leaf.shape) < 2:
             continue  # biases and norm scales stay in full precision even when a pattern names them
-        k = _outer_count(leaf.shape)
+        k = stacked[i] = int(roles[path][0] == "s") if path in roles else _outer_count(leaf.shape)
         n = math.prod(leaf.shape[k:])
         if format == "nf4" and n % block_size:
             slice_ = "one layer of the stack" if k else "the whole weight"
             problems.append(
-                f"{path!r}: a slice must hold a multiple of block_size={block_size} elements ({n} elements a "
-                f"slice here: {slice_}, shape {tuple(leaf.shape)}); pick a block_size that divides {n} or "
-                f"exclude {name!r}."
+                f"{path!r}: {n} elements a slice ({slice_}, shape {tuple(leaf.shape)}) is not a multiple of "
+                f"block_size={block_size}; pick a block_size that divides {n}, or keep this weight in float "
+                f"with exclude={re.escape(path)!r}."
             )
             continue
         chosen.append(i)
     if explicit:
         unmatched = [p for p in targets if not any(matches(p, path) for path, _, _ in leaves)]
         problems += [f"target {p!r} matches no leaf of params." for p in unmatched]
+    elif not chosen and not problems:
+        problems.append(_nothing_chosen(leaves, linear, exclude))
     if not problems:
         problems = _non_finite([(leaves[i][0], leaves[i][2]) for i in chosen])
     if problems:
         raise ValueError("jaxlora.quantize:\n  " + "\n  ".join(problems))
     out = [leaf for _, _, leaf in leaves]
-    run = _encoder(format, block_size, double_quant)
     users: dict[Any, set[int]] = {}  # each buffer -> the leaves holding it (tied weights share one)
     for i, leaf in enumerate(out if donate else ()):
         for b in _buffers(leaf):
@@ -273,6 +295,7 @@ def quantize(
         w = out[i]
         finished.add(i)
         if id(w) not in done:
+            run = _encoder(format, block_size, double_quant, stacked[i])
             done[id(w)] = jax.eval_shape(run, w) if isinstance(w, jax.ShapeDtypeStruct) else run(jnp.asarray(w))
         out[i] = done[id(w)]
         if not donate:
@@ -318,11 +341,49 @@ def _is_matrix(keypath) -> bool:
 _ENCODERS: dict[tuple, Callable] = {}
 
 
-def _encoder(format: str, block_size: int, double_quant: bool) -> Callable:
-    key = (format, block_size, double_quant)
+def _encoder(format: str, block_size: int, double_quant: bool, stacked: int) -> Callable:
+    key = (format, block_size, double_quant, stacked)
     if key not in _ENCODERS:
-        _ENCODERS[key] = jax.jit(lambda w: encode(w, format, block_size=block_size, double_quant=double_quant))
+        _ENCODERS[key] = jax.jit(
+            lambda w: encode(w, format, block_size=block_size, double_quant=double_quant, stacked=stacked)
+        )
     return _ENCODERS[key]
+
+
+def _traced(fn: Callable[..., Any], params: Any, args: tuple[Any, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """What a probe of ``fn`` tells about each weight: `_core.linear_weights` (path -> why it is left
+    out, ``""`` if quantized) and the roles of the weights whose every axis it saw used."""
+    from ._core import _probe, linear_weights  # _core imports this module
+    from ._tree import weights
+
+    candidates = weights(params)
+    ctx = _probe(fn, params, args, candidates)
+    linear = linear_weights(ctx, {p: tuple(w.leaf.shape) for p, w in candidates.items()})
+    roles = {
+        p: "".join(ctx.usage[p][k] for k in range(len(w.leaf.shape)))
+        for p, w in candidates.items()
+        if len(ctx.usage.get(p, {})) == len(w.leaf.shape)
+    }
+    return linear, roles
+
+
+def _nothing_chosen(leaves: list, linear: dict[str, str] | None, exclude: tuple[str, ...]) -> str:
+    """The error line for a default selection that quantizes nothing."""
+    arrays = [(path, leaf) for path, _, leaf in leaves if hasattr(leaf, "shape") and len(leaf.shape) >= 2]
+    shown = [f"{path} {tuple(leaf.shape)}" for path, leaf in arrays[:6]] + (["..."] if len(arrays) > 6 else [])
+    if linear is None:
+        return (
+            f"the default selection (leaves of >= 2 axes named {_MATRIX_NAMES}, not matching exclude={exclude}) "
+            f"quantizes nothing in params, whose weights are {shown or 'none'}. Pass fn= (and args=) so the trace "
+            "finds the weights that feed a matmul, whatever their names: jaxlora.quantize(params, fmt, "
+            "fn=model.apply, args=(x,)); or name them: targets=[...]."
+        )
+    left = [f"{p} ({why})" for p, why in linear.items() if why]
+    return (
+        f"fn feeds no matmul with a weight of params that is not left out (left out: {left or 'none'}; "
+        f"exclude={exclude}); params' weights are {shown or 'none'}. Check that fn uses params, or name the "
+        "weights to quantize: targets=[...]."
+    )
 
 
 def dequantize(params: Any, dtype: Any = None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -127,6 +128,12 @@ def why_no_match(pattern: str, paths: Iterable[str]) -> str:
             f"module paths drop the leaf name {leaf[1]!r} ({hits[0] + SEPARATOR + leaf[1]!r} is keyed "
             f"{hits[0]!r}); write {leaf[0]!r}"
         )
+    if missed := near_misses(pattern, paths):
+        (path, module), *_ = missed.items()
+        return (
+            f"it matches the module {module!r} holding the weight {path!r}, but a pattern must match a weight's "
+            f"whole module path or a whole trailing part of it; write {f'(?:{pattern})(/.*)?'!r} or name the weights"
+        )
     try:
         folded = [p for p in paths if re.fullmatch(rf"(?:.*/)?(?:{pattern})", p, flags=re.IGNORECASE)]
     except re.error:
@@ -164,6 +171,8 @@ def select(
                 f"target {pattern!r} matches no adaptable weight; {nearest(pattern, candidates)}: "
                 f"{why_no_match(pattern, candidates)}."
             )
+        if hits and pattern != ALL_LINEAR:
+            _warn_near_misses(pattern, candidates, hits)
         chosen |= hits
     if problems:
         raise ValueError("LoraConfig.targets:\n  " + "\n  ".join(problems))
@@ -171,6 +180,39 @@ def select(
     if not chosen:
         raise ValueError(f"Every targeted module is excluded by LoraConfig.exclude={config.exclude}.")
     return [p for p in candidates if p in chosen]
+
+
+def near_misses(pattern: str, paths: Iterable[str]) -> dict[str, str]:
+    """The paths ``pattern`` misses although it matches a module they lie in: ``{path: that module}``.
+
+    Example:
+      >>> near_misses(".*/(q_proj|up_proj)", ["attn/q_proj/w_q", "mlp/up_proj"])
+      {'attn/q_proj/w_q': 'attn/q_proj'}
+    """
+    out = {}
+    for path in paths:
+        names = path.split(SEPARATOR)
+        if not matches(pattern, path):
+            module = next(
+                (m for k in range(len(names) - 1, 0, -1) if matches(pattern, m := SEPARATOR.join(names[:k]))), None
+            )
+            if module is not None:
+                out[path] = module
+    return out
+
+
+def _warn_near_misses(pattern: str, candidates: Iterable[str], hits: set[str]) -> None:
+    """Warn where a target matches some weights and misses others inside modules it matches."""
+    missed = near_misses(pattern, [p for p in candidates if p not in hits])
+    if missed:
+        shown = [f"{p!r} (in {m!r})" for p, m in list(missed.items())[:4]] + (["..."] if len(missed) > 4 else [])
+        warnings.warn(
+            f"LoraConfig.targets pattern {pattern!r} matches {len(hits)} weights but not {len(missed)} weights inside "
+            f"modules it matches: {', '.join(shown)}. A pattern must match a weight's whole module path or a "
+            f"whole trailing part of it; to adapt them too, write {f'(?:{pattern})(/.*)?'!r} or name them.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def module_leaves(params: Any) -> dict[str, dict[str, tuple[int, Any]]]:

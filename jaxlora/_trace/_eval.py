@@ -137,6 +137,13 @@ class Context:
     ops: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     experts: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # a ragged_dot's group axes of W
     sites: int = 0
+    # probing: which weights' matmul outputs flow (through float values) into each value, by id (the
+    # value is kept so its id stays unique); the weights whose output reaches another matmul; and the
+    # weights whose matmul alone produces an output of the function (an output layer: `heads`)
+    flow: dict[int, tuple[Any, frozenset[str]]] = dataclasses.field(default_factory=dict)
+    consumed: set[str] = dataclasses.field(default_factory=set)
+    outputs: set[str] = dataclasses.field(default_factory=set)
+    gathered: set[str] = dataclasses.field(default_factory=set)  # applying: weights looked up by a gather so far
 
     def record(self, t: Tagged, op: str, roles: dict[int, str]) -> None:
         self.ops.setdefault(t.view.path, set()).add(op)
@@ -195,6 +202,8 @@ def evaluate(
             outs = _rule(eqn, invals, ctx)
         else:
             outs = bind(eqn, invals)
+        if ctx.probing:
+            _flow(eqn, invals, outs, ctx)
         for var, val in zip(eqn.outvars, outs):
             env[var] = val
     outs = []
@@ -208,6 +217,39 @@ def evaluate(
         else:
             outs.append(untag(val, "returned by the function", ctx))
     return outs
+
+
+MATMULS = ("dot_general", "conv_general_dilated", "ragged_dot_general", "ragged_dot")
+
+
+def _flow(eqn, invals: Sequence[Any], outs: Sequence[Any], ctx: Context) -> None:
+    """Probing: carry the set of weights whose matmul output reaches each float value (`Context.flow`).
+
+    A matmul with a targeted weight starts a new set (that weight); one between activations (attention
+    scores) passes its inputs' sets on; both mark their inputs' sets as consumed by a matmul. Integer
+    values (an ``argmax``) carry nothing. Values made inside ``scan``, ``cond``, ``while`` and ``remat``
+    bodies are the bodies' own tracers, so their sets stop there (an output layer inside a loop is not
+    found); nested ``jit`` and custom-derivative calls are inlined and keep them.
+    """
+    came = frozenset().union(*(ctx.flow[id(v)][1] for v in invals if id(v) in ctx.flow))
+    if eqn.primitive.name in MATMULS:
+        ctx.consumed.update(came)
+        came = frozenset(v.view.path for v in invals if isinstance(v, Tagged)) or came
+    if not came:
+        return
+    for o in outs:
+        if not isinstance(o, (Tagged, Lazy)) and jnp.issubdtype(getattr(o, "dtype", jnp.int32), jnp.floating):
+            ctx.flow[id(o)] = (o, came)
+
+
+def output_layers(outs: Sequence[Any], ctx: Context) -> set[str]:
+    """The weights whose matmul alone (no other weight's, through no later matmul) gives one of ``outs``."""
+    found = set()
+    for o in outs:
+        only = ctx.flow.get(id(o), (None, frozenset()))[1]
+        if len(only) == 1 and not only & ctx.consumed:
+            found |= only
+    return found
 
 
 def forward(outs: Sequence[Any], forwards: dict[int, int], invals: Sequence[Any]) -> list[Any]:
@@ -359,6 +401,9 @@ def run(
             v = Tagged(v, None if f is None else f.a, None if f is None else f.b, view, f, None if f is None else f.m)
         values.append(v)
     outs = evaluate(traced.jaxpr, traced.consts, values, ctx)
+    if ctx.probing:
+        ctx.outputs = output_layers(outs, ctx)
+        ctx.flow.clear()
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
 

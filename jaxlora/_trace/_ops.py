@@ -64,8 +64,17 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
     swapped = False
     if contracted == [k for k in t.view.present if roles[k] == "i"]:
         first, second, first_axes, second_axes = t.a, t.b, t.axes("a"), t.axes("b")
-    elif contracted == [k for k in t.view.present if roles[k] == "o"]:  # e.g. a tied embedding's attend
+    elif contracted == [k for k in t.view.present if roles[k] == "o"] and t.view.path in ctx.gathered:
+        # a tied embedding's attend: the table was looked up (gather) earlier in fn, so "o" is its feature axis
         first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
+    elif contracted == [k for k in t.view.present if roles[k] == "o"]:
+        raise mismatch(
+            t,
+            "dot_general",
+            f"contracting axes {tuple(wc)}, its output axes, and fn looks it up nowhere before (not a tied "
+            "embedding's attend): its factors put A on W's output side. A 2-D weight stored (out, in) (Hugging "
+            "Face's FlaxConv1D kernel) laid out by init without fn gets Flax's (in, out)",
+        )
     else:
         raise mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
     if swapped and t.m is not None:
@@ -179,6 +188,7 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
     if ctx.probing:
         ctx.record(t, "gather", {v: ("i" if v in indexed else "o") for v in range(t.w.ndim)})
         return [base(indices, t.w)]
+    ctx.gathered.add(t.view.path)
     roles = [t.role(v) for v in range(t.w.ndim)]
     o_axis = t.w.ndim - 1
     simple = (

@@ -1,0 +1,169 @@
+"""The defaults on third-party naming (issue 27): tiny models written with the codebases' own names.
+
+* gemma-style (Linen): Einsum modules whose weight is ``w`` (``attn/q_einsum/w``), MLP matrices named
+  ``gating_einsum`` and ``linear``, RMSNorm ``scale``, an embedding table tied as the output head.
+* MaxText-style (plain JAX, scanned): ``decoder/layers/...`` stacked ``(layers, ...)`` kernels, stacked
+  norm scales ``(layers, d)``, an untied output head ``decoder/logits_dense`` (not named ``lm_head``).
+* Hugging Face's ``FlaxConv1D`` (GPT-2): a 2-D ``kernel`` stored ``(out, in)``.
+* Equinox-style: a pytree with a function field, ``weight`` leaves, stacked LayerNorm weights.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora import _tree
+from jaxlora._quant import encode
+
+V, D, H, K, F, L = 64, 32, 2, 16, 64, 3  # vocabulary, width, heads, head size, MLP width, layers
+TOKENS = jnp.arange(8).reshape(2, 4) % V
+
+
+def _rms(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (1 + scale).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+class Einsum(nn.Module):  # gemma's and Tunix's Einsum: one weight, named "w"
+    shape: tuple
+    eq: str
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.eq, x, self.param("w", nn.initializers.normal(0.2), self.shape))
+
+
+class GemmaBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = _rms(x, self.param("pre_attention_norm", nn.initializers.zeros, (D,)))
+        q = Einsum((H, D, K), "btd,hdk->bthk", name="q_einsum")(h)
+        k, v = Einsum((2, H, D, K), "btd,chdk->cbthk", name="kv_einsum")(h)
+        p = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k), axis=-1)
+        x = x + Einsum((H, K, D), "bthk,hkd->btd", name="attn_vec_einsum")(jnp.einsum("bhts,bshk->bthk", p, v))
+        h = _rms(x, self.param("pre_ffw_norm", nn.initializers.zeros, (D,)))
+        gate, up = jnp.einsum("btd,cdf->cbtf", h, self.param("gating_einsum", nn.initializers.normal(0.2), (2, D, F)))
+        return x + jax.nn.gelu(gate) * up @ self.param("linear", nn.initializers.normal(0.2), (F, D))
+
+
+class Gemma(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        table = self.param("input_embedding", nn.initializers.normal(1.0), (V, D))
+        x = jnp.take(table, tokens, axis=0)
+        for i in range(2):
+            x = GemmaBlock(name=f"layer_{i}")(x)
+        return _rms(x, self.param("final_norm", nn.initializers.zeros, (D,))) @ table.T  # tied head
+
+
+GEMMA = Gemma()
+GEMMA_PARAMS = GEMMA.init(jax.random.key(0), TOKENS)
+
+
+def maxtext_params(key=jax.random.key(1)):
+    n = lambda k, *s: jax.random.normal(k, s) / np.sqrt(s[-2])  # noqa: E731
+    ks = jax.random.split(key, 6)
+    layers = {
+        "pre_self_attention_layer_norm": {"scale": jnp.ones((L, D))},
+        "self_attention": {"query": {"kernel": n(ks[0], L, D, H, K)}, "out": {"kernel": n(ks[1], L, H, K, D)}},
+        "mlp": {"wi": {"kernel": n(ks[2], L, D, F)}, "wo": {"kernel": n(ks[3], L, F, D)}},
+    }
+    return {
+        "params": {
+            "token_embedder": {"embedding": n(ks[4], V, D)},
+            "decoder": {
+                "layers": layers,
+                "decoder_norm": {"scale": jnp.ones(D)},
+                "logits_dense": {"kernel": n(ks[5], D, V)},
+            },
+        }
+    }
+
+
+def maxtext(params, tokens):
+    p = params["params"]
+    x = jnp.take(p["token_embedder"]["embedding"], tokens, axis=0)
+
+    def layer(x, w):
+        h = _rms(x, w["pre_self_attention_layer_norm"]["scale"])
+        a = jnp.einsum("btd,dhk->bthk", h, w["self_attention"]["query"]["kernel"])
+        x = x + jnp.einsum("bthk,hkd->btd", jnp.tanh(a), w["self_attention"]["out"]["kernel"])
+        return x + jnp.tanh(x @ w["mlp"]["wi"]["kernel"]) @ w["mlp"]["wo"]["kernel"], None
+
+    x = jax.lax.scan(layer, x, p["decoder"]["layers"])[0]
+    return _rms(x, p["decoder"]["decoder_norm"]["scale"]) @ p["decoder"]["logits_dense"]["kernel"]
+
+
+MAXTEXT_PARAMS = maxtext_params()
+
+
+# --------------------------------------------------------------------------- quantize's default selection
+
+
+def _quantized(q):
+    return {p for p, w in _tree.weights(q).items() if isinstance(w.leaf, jaxlora.Quantized)}
+
+
+def test_quantize_traced_gemma_einsums_not_tied_table_or_norms():
+    q = jaxlora.quantize(GEMMA_PARAMS, "nf4", block_size=32, fn=GEMMA.apply, args=(TOKENS,))
+    want = {f"layer_{i}/{m}" for i in range(2) for m in ("q_einsum/w", "kv_einsum/w", "attn_vec_einsum/w")}
+    want |= {f"layer_{i}/{m}" for i in range(2) for m in ("gating_einsum", "linear")}
+    assert _quantized(q) == want  # the tied table (lookup and head) and the norms stay float
+    # a (d, heads, head_dim) Einsum is not a stack of d layers: its blocks run over the whole weight
+    assert q["params"]["layer_0"]["q_einsum"]["w"].outer == ()
+    got = jaxlora.apply(GEMMA.apply, q, {}, TOKENS)
+    np.testing.assert_allclose(got, GEMMA.apply(jaxlora.dequantize(q), TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_untraced_default_on_gemma_names_raises_with_the_fix():
+    with pytest.raises(ValueError, match=r"quantizes nothing in params.*Pass fn= \(and args=\)"):
+        jaxlora.quantize(GEMMA_PARAMS, "nf4")
+
+
+def test_quantize_traced_maxtext_stacked_kernels_not_head_norms_or_table():
+    q = jaxlora.quantize(MAXTEXT_PARAMS, "nf4", block_size=32, fn=maxtext, args=(TOKENS,))
+    layers = "decoder/layers"
+    want = {f"{layers}/self_attention/query", f"{layers}/self_attention/out", f"{layers}/mlp/wi", f"{layers}/mlp/wo"}
+    assert _quantized(q) == want  # not decoder/logits_dense, the embedding, the stacked (layers, d) norm scales
+    assert q["params"]["decoder"]["layers"]["mlp"]["wi"]["kernel"].outer == (L,)  # scanned: one layer a slice
+    got = jaxlora.apply(maxtext, q, {}, TOKENS)  # the stacked codes are sliced by the scan, layer by layer
+    np.testing.assert_allclose(got, maxtext(jaxlora.dequantize(q), TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_untraced_keeps_its_name_rule():  # the name-based default without fn is unchanged
+    q = jaxlora.quantize(MAXTEXT_PARAMS, "nf4", block_size=32)
+    assert "decoder/logits_dense" in _quantized(q)  # why fn is the better default: a head not named lm_head
+    assert q["params"]["decoder"]["layers"]["mlp"]["wi"]["kernel"].outer == (L,)
+
+
+def test_dense_general_bits_per_parameter():
+    """A DenseGeneral (128, 4, 32) kernel: 4.13 bits a parameter traced, not 20.5 as 128 stacked slices."""
+    model = nn.DenseGeneral((4, 32), use_bias=False)
+    x = jnp.ones((2, 128))
+    params = model.init(jax.random.key(0), x)
+    traced = jaxlora.quantize(params, "nf4", fn=model.apply, args=(x,))
+    assert round(jaxlora.bits_per_parameter(traced), 2) == 4.13
+    assert jaxlora.bits_per_parameter(jaxlora.quantize(params, "nf4")) > 20  # untraced: counted as stacked
+
+
+def test_quantize_block_size_error_names_the_leaf():
+    with pytest.raises(ValueError, match=r"'layer_0/q_einsum/w': 1024 elements a slice .*exclude='layer_0/q_einsum/w'"):
+        jaxlora.quantize(GEMMA_PARAMS, "nf4", block_size=48, fn=GEMMA.apply, args=(TOKENS,))
+    model = nn.DenseGeneral((4, 8), use_bias=False)  # (128, 4, 8): 32 elements a "layer" when counted as stacked
+    params = model.init(jax.random.key(0), jnp.ones((1, 128)))
+    with pytest.raises(ValueError, match=r"'Dense_0': 32 elements a slice \(one layer of the stack"):
+        jaxlora.quantize({"Dense_0": params["params"]}, "nf4")
+    jaxlora.quantize(params, "nf4", fn=model.apply, args=(jnp.ones((1, 128)),))  # traced: 4096 elements
+
+
+def test_quantize_traced_selects_nothing_raises():
+    params = {"table": jnp.ones((V, D))}
+    with pytest.raises(ValueError, match=r"fn feeds no matmul with a weight"):
+        jaxlora.quantize(params, "nf4", fn=lambda p, t: jnp.take(p["table"], t, axis=0), args=(TOKENS,))
+
+
+def test_encode_stacked_is_checked():
+    with pytest.raises(ValueError, match="stacked must be 0 or 1"):
+        encode(jnp.ones((4, 64)), "nf4", stacked=2)
