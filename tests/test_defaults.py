@@ -8,6 +8,8 @@
 * Equinox-style: a pytree with a function field, ``weight`` leaves, stacked LayerNorm weights.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,11 @@ TOKENS = jnp.arange(8).reshape(2, 4) % V
 
 
 def _rms(x, scale):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (1 + scale).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (
+        x
+        * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        * (1 + scale).reshape((1,) * (x.ndim - 1) + (-1,))
+    )
 
 
 class Einsum(nn.Module):  # gemma's and Tunix's Einsum: one weight, named "w"
@@ -62,7 +68,8 @@ GEMMA = Gemma()
 GEMMA_PARAMS = GEMMA.init(jax.random.key(0), TOKENS)
 
 
-def maxtext_params(key=jax.random.key(1)):
+def maxtext_params():
+    key = jax.random.key(1)
     n = lambda k, *s: jax.random.normal(k, s) / np.sqrt(s[-2])  # noqa: E731
     ks = jax.random.split(key, 6)
     layers = {
@@ -167,3 +174,147 @@ def test_quantize_traced_selects_nothing_raises():
 def test_encode_stacked_is_checked():
     with pytest.raises(ValueError, match="stacked must be 0 or 1"):
         encode(jnp.ones((4, 64)), "nf4", stacked=2)
+
+
+# --------------------------------------------------------------------------- "all-linear"
+
+
+def test_all_linear_leaves_out_tied_table_and_output_head():
+    config = jaxlora.LoraConfig(rank=2)  # targets="all-linear", the default
+    lora = jaxlora.init(jax.random.key(0), GEMMA_PARAMS, config, fn=GEMMA.apply, args=(TOKENS,))
+    assert "input_embedding" not in lora and len(lora) == 10  # the tied table is the head: left out, as PEFT
+    lora = jaxlora.init(jax.random.key(0), MAXTEXT_PARAMS, config, fn=maxtext, args=(TOKENS,))
+    assert sorted(lora) == sorted(f"decoder/layers/{m}" for m in ("self_attention/query", "self_attention/out",
+                                                                 "mlp/wi", "mlp/wo"))  # fmt: skip
+    # named, the head and the table are adapted (an explicit target wins)
+    lora = jaxlora.init(jax.random.key(0), MAXTEXT_PARAMS, dataclasses.replace(config, targets=["logits_dense"]),
+                        fn=maxtext, args=(TOKENS,))  # fmt: skip
+    assert list(lora) == ["decoder/logits_dense"]
+
+
+def test_all_linear_keeps_a_classifier_and_kv_cache_outputs():
+    """Only a head over the vocabulary is left out (PEFT's output embedding); a classifier stays, and a
+    projection whose output is also returned (a KV cache) but feeds attention is no head."""
+    params = {"embed": jnp.ones((V, D)), "k": jnp.ones((D, D)), "cls": jnp.ones((D, 3))}
+
+    def fn(p, t):
+        x = jnp.take(p["embed"], t, axis=0)
+        k = x @ p["k"]
+        h = jax.nn.softmax(x @ k.swapaxes(-1, -2)) @ x
+        return h.mean(1) @ p["cls"], k
+
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2), fn=fn, args=(TOKENS,))
+    assert sorted(lora) == ["cls", "k"]
+
+
+# --------------------------------------------------------------------------- module paths and patterns
+
+
+def test_regex_matches_einsum_modules_through_their_w_leaf():
+    regex = r".*/(q_einsum|kv_einsum|attn_vec_einsum|gating_einsum|linear)"
+    config = jaxlora.LoraConfig(rank=2, targets=regex)
+    lora = jaxlora.init(jax.random.key(0), GEMMA_PARAMS, config, fn=GEMMA.apply, args=(TOKENS,))
+    listed = jaxlora.LoraConfig(rank=2, targets=["q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear"])
+    assert sorted(lora) == sorted(jaxlora.init(jax.random.key(0), GEMMA_PARAMS, listed, fn=GEMMA.apply, args=(TOKENS,)))
+    assert len(lora) == 10 and "layer_0/q_einsum/w" in lora  # keys keep the leaf: saved adapters still fit
+    ranked = jaxlora.LoraConfig(rank=2, targets=regex, rank_pattern={"q_einsum": 4}, exclude=["layer_1/linear"])
+    lora = jaxlora.init(jax.random.key(0), GEMMA_PARAMS, ranked, fn=GEMMA.apply, args=(TOKENS,))
+    assert lora["layer_0/q_einsum/w"].a.shape[-1] == 4 and "layer_1/linear" not in lora
+
+
+PROJ = {"attn": {"q_proj": {"w_q": jnp.ones((D, D))}}, "mlp": {"up_proj": {"kernel": jnp.ones((D, F))}}}
+
+
+def test_regex_missing_weights_inside_matched_modules_warns():
+    config = jaxlora.LoraConfig(rank=2, targets=r".*(q_proj|up_proj)")
+    with pytest.warns(
+        UserWarning, match=r"not 1 weights inside modules it matches: 'attn/q_proj/w_q' \(in 'attn/q_proj'\)"
+    ):
+        lora = jaxlora.init(jax.random.key(0), PROJ, config)
+    assert list(lora) == ["mlp/up_proj"]
+
+
+def test_pattern_matching_only_a_module_says_so():
+    with pytest.raises(ValueError, match=r"matches the module 'attn/q_proj' holding the weight 'attn/q_proj/w_q'"):
+        jaxlora.init(jax.random.key(0), PROJ, jaxlora.LoraConfig(rank=2, targets=["q_proj"]))
+
+
+# --------------------------------------------------------------------------- (out, in) kernels
+
+
+class FlaxConv1D(nn.Module):  # Hugging Face's GPT-2 layer: kernel (features, in), used transposed
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.2), (self.features, x.shape[-1]))
+        return jax.lax.dot_general(x, kernel.T, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class GPT2Attn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return FlaxConv1D(D, name="c_proj")(jnp.tanh(FlaxConv1D(3 * D, name="c_attn")(x))[..., :D])
+
+
+def test_out_in_kernel_untraced_is_refused_at_apply_traced_is_right():
+    model, x = GPT2Attn(), jax.random.normal(jax.random.key(1), (2, 4, D))
+    params = model.init(jax.random.key(0), x)
+    config = jaxlora.LoraConfig(rank=2)
+    untraced = jaxlora.init(jax.random.key(0), params, config)
+    assert untraced["c_attn"].roles == "io"  # Flax's (in, out) guess: A would sit on the output side
+    with pytest.raises(jaxlora.UnsupportedError, match=r"'c_attn'.*its output axes, and fn looks it up nowhere"):
+        jaxlora.apply(model.apply, params, untraced, x)
+    lora = jaxlora.init(jax.random.key(0), params, config, fn=model.apply, args=(x,))
+    assert lora["c_attn"].roles == "oi" and lora["c_attn"].a.shape == (D, 2) and lora["c_attn"].b.shape == (2, 3 * D)
+    lora = {p: dataclasses.replace(f, b=jax.random.normal(jax.random.key(2), f.b.shape)) for p, f in lora.items()}
+    w, f = params["params"]["c_attn"]["kernel"], lora["c_attn"]
+    want = w + f.scale * (np.asarray(f.a) @ np.asarray(f.b)).T  # (out, in): ΔW transposed like W
+    np.testing.assert_allclose(jaxlora.merge(params, lora)["params"]["c_attn"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jaxlora.apply(model.apply, params, lora, x), model.apply(jaxlora.merge(params, lora), x), rtol=1e-4, atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- function fields (Equinox)
+
+
+def _eqx_style():
+    """An Equinox-style pytree: ``weight`` leaves (out, in), stacked LayerNorm weights, a function field."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    params = {
+        "embedding": {"weight": jax.random.normal(ks[0], (V, D))},
+        "layers": {"ln": {"weight": jnp.ones((L, D))}, "linear": {"weight": jax.random.normal(ks[1], (L, D, D)) / 6}},
+        "head": {"weight": jax.random.normal(ks[2], (3, D))},
+        "activation": jax.nn.gelu,  # eqx.nn.MLP's activation field: not an array
+    }
+
+    def fn(p, t):
+        x = p["embedding"]["weight"][t]
+        step = lambda x, w: (
+            p["activation"](jnp.einsum("oi,bti->bto", w["linear"]["weight"], x * w["ln"]["weight"][None, None])),
+            None,
+        )  # noqa: E731
+        x = jax.lax.scan(step, x, p["layers"])[0]
+        return jnp.einsum("oi,bi->bo", p["head"]["weight"], x.mean(1))
+
+    return params, fn
+
+
+def test_function_field_init_with_fn_and_quantize():
+    params, fn = _eqx_style()
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2), fn=fn, args=(TOKENS,))
+    assert sorted(lora) == ["head", "layers/linear"] and lora["layers/linear"].roles == "soi"
+    np.testing.assert_array_equal(jaxlora.apply(fn, params, lora, TOKENS), fn(params, TOKENS))
+    q = jaxlora.quantize(params, "nf4", block_size=32, fn=fn, args=(TOKENS,), exclude=())
+    assert _quantized(q) == {"layers/linear", "head"}  # not the table, not the stacked (layers, d) norm weights
+    assert "layers/ln" in _quantized(jaxlora.quantize(params, "nf4", block_size=32))  # the name rule would
+
+
+def test_equinox_mlp_function_field():
+    eqx = pytest.importorskip("equinox", reason="equinox is not installed")
+    mlp = eqx.nn.MLP(D, 3, 16, depth=2, activation=jax.nn.gelu, key=jax.random.key(0))
+    x = jnp.ones(D)
+    lora = jaxlora.init(jax.random.key(0), mlp, jaxlora.LoraConfig(rank=2), fn=lambda m, x: m(x), args=(x,))
+    assert sorted(lora) == ["layers/0", "layers/1", "layers/2"]
+    np.testing.assert_array_equal(jaxlora.apply(lambda m, x: m(x), mlp, lora, x), mlp(x))
