@@ -151,10 +151,7 @@ def init(
             if not ctx.ops.get(p, set()) & FACTORED
         }
         candidates = {p: w for p, w in candidates.items() if p not in refused}
-    linear = None
-    if ctx is not None:
-        linear = {p for p, why in linear_weights(ctx, {p: tuple(w.leaf.shape) for p, w in candidates.items()}).items()
-                  if not why}  # fmt: skip
+    linear = None if ctx is None else linear_weights(ctx, {p: tuple(w.leaf.shape) for p, w in candidates.items()})
     chosen = select(candidates, config, linear, refused)
     layouts, problems = {}, []
     for path in chosen:

@@ -269,9 +269,9 @@ def quantize(
         if format == "nf4" and n % block_size:
             slice_ = "one layer of the stack" if k else "the whole weight"
             problems.append(
-                f"{path!r}: {n} elements a slice ({slice_}, shape {tuple(leaf.shape)}) is not a multiple of "
-                f"block_size={block_size}; pick a block_size that divides {n}, or keep this weight in float "
-                f"with exclude={re.escape(path)!r}."
+                f"{path!r}: a slice must hold a multiple of block_size={block_size} elements ({n} elements a "
+                f"slice here: {slice_}, shape {tuple(leaf.shape)}); pick a block_size that divides {n}, or keep "
+                f"this weight in float with exclude={re.escape(path)!r}."
             )
             continue
         chosen.append(i)

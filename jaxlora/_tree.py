@@ -147,12 +147,16 @@ def why_no_match(pattern: str, paths: Iterable[str]) -> str:
 
 
 def select(
-    candidates: dict[str, Weight], config: LoraConfig, linear: set[str] | None, refused: dict[str, str] | None = None
+    candidates: dict[str, Weight],
+    config: LoraConfig,
+    linear: dict[str, str] | None,
+    refused: dict[str, str] | None = None,
 ) -> list[str]:
     """The module paths ``config`` targets, in params order.
 
-    ``linear`` is the set of paths known to feed a matmul (from a trace), or ``None``; ``refused``
-    maps weights that LoRA cannot adapt to the reason, for the error message.
+    ``linear`` maps the paths known to feed a matmul (from a trace) to ``""``, or to why ``"all-linear"``
+    leaves them out (a lookup table, the output head); ``None`` without a trace. ``refused`` maps
+    weights that LoRA cannot adapt to the reason, for the error message.
 
     Raises:
       ValueError: naming each target pattern that matched nothing, with the closest real paths.
@@ -160,7 +164,19 @@ def select(
     problems, chosen = [], set()
     for pattern in config.target_patterns:
         if pattern == ALL_LINEAR:
-            hits = {p for p, w in candidates.items() if (p in linear if linear is not None else w.name != "embedding")}
+            hits = {
+                p
+                for p, w in candidates.items()
+                if (linear.get(p) == "" if linear is not None else w.name != "embedding")
+            }
+            left = {p: why for p, why in (linear or {}).items() if why and p in candidates}
+            if not hits and left:
+                shown = "; ".join(f"{p!r} ({why})" for p, why in left.items())
+                problems.append(
+                    f"target 'all-linear' matches no weight: it leaves out {shown}, as PEFT does; name them to "
+                    "adapt them: targets=[...]."
+                )
+                continue
         else:
             hits = {p for p in candidates if matches(pattern, p)}
         refusals = [f"{p!r} {why}" for p, why in (refused or {}).items() if matches(pattern, p)]

@@ -156,11 +156,13 @@ def test_dense_general_bits_per_parameter():
 
 
 def test_quantize_block_size_error_names_the_leaf():
-    with pytest.raises(ValueError, match=r"'layer_0/q_einsum/w': 1024 elements a slice .*exclude='layer_0/q_einsum/w'"):
+    with pytest.raises(
+        ValueError, match=r"'layer_0/q_einsum/w': a slice .*\(1024 elements a slice here.*exclude='layer_0/q_einsum/w'"
+    ):
         jaxlora.quantize(GEMMA_PARAMS, "nf4", block_size=48, fn=GEMMA.apply, args=(TOKENS,))
     model = nn.DenseGeneral((4, 8), use_bias=False)  # (128, 4, 8): 32 elements a "layer" when counted as stacked
     params = model.init(jax.random.key(0), jnp.ones((1, 128)))
-    with pytest.raises(ValueError, match=r"'Dense_0': 32 elements a slice \(one layer of the stack"):
+    with pytest.raises(ValueError, match=r"'Dense_0': .*\(32 elements a slice here: one layer of the stack"):
         jaxlora.quantize({"Dense_0": params["params"]}, "nf4")
     jaxlora.quantize(params, "nf4", fn=model.apply, args=(jnp.ones((1, 128)),))  # traced: 4096 elements
 
@@ -318,3 +320,16 @@ def test_equinox_mlp_function_field():
     lora = jaxlora.init(jax.random.key(0), mlp, jaxlora.LoraConfig(rank=2), fn=lambda m, x: m(x), args=(x,))
     assert sorted(lora) == ["layers/0", "layers/1", "layers/2"]
     np.testing.assert_array_equal(jaxlora.apply(lambda m, x: m(x), mlp, lora, x), mlp(x))
+
+
+def test_all_linear_with_only_left_out_weights_says_why():
+    def tied(p, t):
+        table = p["table"]
+        return jnp.take(table, t, axis=0) @ table.T
+
+    with pytest.raises(
+        ValueError, match=r"'all-linear' matches no weight: it leaves out 'table' \(a lookup table, tied"
+    ):
+        jaxlora.init(
+            jax.random.key(0), {"table": jnp.ones((V, D))}, jaxlora.LoraConfig(rank=2), fn=tied, args=(TOKENS,)
+        )
