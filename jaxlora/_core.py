@@ -335,7 +335,8 @@ def apply(
     targets = _fit(params, lora)
     factors, saved = _split(lora)
     tagged = {targets[path].index: (path, f) for path, f in factors.items()}
-    ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key)
+    kernels = frozenset(p for p in factors if targets[p].name == "kernel")
+    ctx = _trace.Context(fallback=unsupported, dropout_key=dropout_key, kernels=kernels)
     return _trace.run(fn, _saved.substitute(params, saved), args, kwargs, tagged, ctx)
 
 

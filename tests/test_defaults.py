@@ -265,7 +265,9 @@ def test_out_in_kernel_untraced_is_refused_at_apply_traced_is_right():
     config = jaxlora.LoraConfig(rank=2)
     untraced = jaxlora.init(jax.random.key(0), params, config)
     assert untraced["c_attn"].roles == "io"  # Flax's (in, out) guess: A would sit on the output side
-    with pytest.raises(jaxlora.UnsupportedError, match=r"'c_attn'.*its output axes, and fn looks it up nowhere"):
+    with pytest.raises(
+        jaxlora.UnsupportedError, match=r"'c_attn'.*its output axes: a 'kernel' that fn looks up nowhere"
+    ):
         jaxlora.apply(model.apply, params, untraced, x)
     lora = jaxlora.init(jax.random.key(0), params, config, fn=model.apply, args=(x,))
     assert lora["c_attn"].roles == "oi" and lora["c_attn"].a.shape == (D, 2) and lora["c_attn"].b.shape == (2, 3 * D)
@@ -275,6 +277,20 @@ def test_out_in_kernel_untraced_is_refused_at_apply_traced_is_right():
     np.testing.assert_allclose(jaxlora.merge(params, lora)["params"]["c_attn"]["kernel"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         jaxlora.apply(model.apply, params, lora, x), model.apply(jaxlora.merge(params, lora), x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_tied_table_attend_alone_still_works():  # a chunked loss: the head applied in a function of its own
+    params = {"embed": {"embedding": jax.random.normal(jax.random.key(0), (V, D))}}
+    body = lambda p, t: jnp.take(p["embed"]["embedding"], t, axis=0)  # noqa: E731
+    head = lambda p, h: h @ p["embed"]["embedding"].T  # noqa: E731
+    lora = jaxlora.init(
+        jax.random.key(0), params, jaxlora.LoraConfig(rank=2, targets=["embed"]), fn=body, args=(TOKENS,)
+    )
+    lora = {p: dataclasses.replace(f, b=jnp.ones_like(f.b)) for p, f in lora.items()}
+    h = jnp.ones((2, 4, D))
+    np.testing.assert_allclose(
+        jaxlora.apply(head, params, lora, h), head(jaxlora.merge(params, lora), h), rtol=1e-5, atol=1e-4
     )
 
 

@@ -144,6 +144,9 @@ class Context:
     consumed: set[str] = dataclasses.field(default_factory=set)
     outputs: set[str] = dataclasses.field(default_factory=set)
     gathered: set[str] = dataclasses.field(default_factory=set)  # applying: weights looked up by a gather so far
+    # applying: weights stored as a leaf named "kernel", never a lookup table, whose factors' roles may be
+    # init's untraced (in, out) guess; contracted over their "output" axis they are refused, unless looked up
+    kernels: frozenset[str] = frozenset()
 
     def record(self, t: Tagged, op: str, roles: dict[int, str]) -> None:
         self.ops.setdefault(t.view.path, set()).add(op)

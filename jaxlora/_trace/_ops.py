@@ -64,17 +64,16 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
     swapped = False
     if contracted == [k for k in t.view.present if roles[k] == "i"]:
         first, second, first_axes, second_axes = t.a, t.b, t.axes("a"), t.axes("b")
-    elif contracted == [k for k in t.view.present if roles[k] == "o"] and t.view.path in ctx.gathered:
-        # a tied embedding's attend: the table was looked up (gather) earlier in fn, so "o" is its feature axis
-        first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
-    elif contracted == [k for k in t.view.present if roles[k] == "o"]:
+    elif contracted == [k for k in t.view.present if roles[k] == "o"] and t.view.path in ctx.kernels - ctx.gathered:
         raise mismatch(
             t,
             "dot_general",
-            f"contracting axes {tuple(wc)}, its output axes, and fn looks it up nowhere before (not a tied "
-            "embedding's attend): its factors put A on W's output side. A 2-D weight stored (out, in) (Hugging "
-            "Face's FlaxConv1D kernel) laid out by init without fn gets Flax's (in, out)",
+            f"contracting axes {tuple(wc)}, its output axes: a 'kernel' that fn looks up nowhere before is no tied "
+            "embedding's attend, so its factors put A on W's output side. A 2-D kernel stored (out, in) (Hugging "
+            "Face's FlaxConv1D) laid out by init without fn gets Flax's (in, out)",
         )
+    elif contracted == [k for k in t.view.present if roles[k] == "o"]:  # e.g. a tied embedding's attend
+        first, second, first_axes, second_axes, swapped = t.b, t.a, t.axes("b"), t.axes("a"), True
     else:
         raise mismatch(t, "dot_general", f"contracting axes {tuple(wc)}, which mix its input and output axes")
     if swapped and t.m is not None:
