@@ -90,7 +90,7 @@ def linear_weights(ctx: _trace.Context, shapes: Mapping[str, tuple[int, ...]]) -
         if p in tables:
             out[p] = "a lookup table, tied as the output head" if "dot_general" in ops else "a lookup table"
         elif p in ctx.outputs and size(p, "o") in vocab:
-            out[p] = "the output head (its matmul gives fn's output over the vocabulary)"
+            out[p] = "the output head: its matmul alone gives fn's output, over the vocabulary"
         else:
             out[p] = ""
     return out

@@ -349,3 +349,23 @@ def test_all_linear_with_only_left_out_weights_says_why():
         jaxlora.init(
             jax.random.key(0), {"table": jnp.ones((V, D))}, jaxlora.LoraConfig(rank=2), fn=tied, args=(TOKENS,)
         )
+
+
+def test_output_head_through_einsum_and_not_through_a_scan():
+    """A head written with ``jnp.einsum`` (a nested jit, inlined) is found; a projection whose output only
+    leaves through a scan (its use inside unknown here) is not taken for a head."""
+    ks = jax.random.split(jax.random.key(0), 3)
+    params = {"embed": jax.random.normal(ks[0], (V, D)), "proj": jax.random.normal(ks[1], (D, V)),
+              "stack": jax.random.normal(ks[2], (L, V, V)) / 8, "head": jnp.ones((D, V))}  # fmt: skip
+
+    def lm(p, t):
+        return jnp.einsum("btd,dv->btv", jnp.take(p["embed"], t, axis=0), p["head"])
+
+    def scanned(p, t):
+        x = jnp.take(p["embed"], t, axis=0) @ p["proj"]
+        return jax.lax.scan(lambda h, w: (h @ w, None), x, p["stack"])[0]
+
+    config = jaxlora.LoraConfig(rank=2)
+    with pytest.raises(ValueError, match=r"leaves out 'head' \(the output head: its matmul alone"):
+        jaxlora.init(jax.random.key(0), params, config, fn=lm, args=(TOKENS,))
+    assert sorted(jaxlora.init(jax.random.key(0), params, config, fn=scanned, args=(TOKENS,))) == ["proj", "stack"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Jaxpr, Literal
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from .._matmul import LoraFactors, delta, weight_norm
 from .._quant import is_quantized
@@ -235,14 +235,25 @@ def _flow(eqn, invals: Sequence[Any], outs: Sequence[Any], ctx: Context) -> None
     found); nested ``jit`` and custom-derivative calls are inlined and keep them.
     """
     came = frozenset().union(*(ctx.flow[id(v)][1] for v in invals if id(v) in ctx.flow))
-    if eqn.primitive.name in MATMULS:
+    if eqn.primitive.name in MATMULS or _has_body(eqn):  # a body's use is unknown here: count it as consumed
         ctx.consumed.update(came)
+    if eqn.primitive.name in MATMULS:
         came = frozenset(v.view.path for v in invals if isinstance(v, Tagged)) or came
     if not came:
         return
-    for o in outs:
-        if not isinstance(o, (Tagged, Lazy)) and jnp.issubdtype(getattr(o, "dtype", jnp.int32), jnp.floating):
+    for o in outs:  # an inlined call's outputs come with their sets from its body: keep those
+        floating = jnp.issubdtype(getattr(o, "dtype", jnp.int32), jnp.floating)
+        if not isinstance(o, (Tagged, Lazy)) and floating and id(o) not in ctx.flow:
             ctx.flow[id(o)] = (o, came)
+
+
+def _has_body(eqn) -> bool:
+    """Whether the equation holds a jaxpr (a call, ``scan``, ``cond``, ``while``, ``remat``, ``shard_map``)."""
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(x, (Jaxpr, ClosedJaxpr)):
+                return True
+    return False
 
 
 def output_layers(outs: Sequence[Any], ctx: Context) -> set[str]:
