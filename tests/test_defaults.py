@@ -352,14 +352,15 @@ def test_all_linear_with_only_left_out_weights_says_why():
 
 
 def test_output_head_through_einsum_and_not_through_a_scan():
-    """A head written with ``jnp.einsum`` (a nested jit, inlined) is found; a projection whose output only
+    """A head written with ``jnp.einsum`` (a nested jit, inlined) and followed by a jitted ``log_softmax``
+    is found; a projection whose output only
     leaves through a scan (its use inside unknown here) is not taken for a head."""
     ks = jax.random.split(jax.random.key(0), 3)
     params = {"embed": jax.random.normal(ks[0], (V, D)), "proj": jax.random.normal(ks[1], (D, V)),
               "stack": jax.random.normal(ks[2], (L, V, V)) / 8, "head": jnp.ones((D, V))}  # fmt: skip
 
     def lm(p, t):
-        return jnp.einsum("btd,dv->btv", jnp.take(p["embed"], t, axis=0), p["head"])
+        return jax.nn.log_softmax(jnp.einsum("btd,dv->btv", jnp.take(p["embed"], t, axis=0), p["head"]))
 
     def scanned(p, t):
         x = jnp.take(p["embed"], t, axis=0) @ p["proj"]

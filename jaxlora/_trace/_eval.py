@@ -223,6 +223,8 @@ def evaluate(
 
 
 MATMULS = ("dot_general", "conv_general_dilated", "ragged_dot_general", "ragged_dot")
+# calls whose body is the callee's own computation (the sets flow through them, as through an inlined call)
+CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 def _flow(eqn, invals: Sequence[Any], outs: Sequence[Any], ctx: Context) -> None:
@@ -231,11 +233,13 @@ def _flow(eqn, invals: Sequence[Any], outs: Sequence[Any], ctx: Context) -> None
     A matmul with a targeted weight starts a new set (that weight); one between activations (attention
     scores) passes its inputs' sets on; both mark their inputs' sets as consumed by a matmul. Integer
     values (an ``argmax``) carry nothing. Values made inside ``scan``, ``cond``, ``while`` and ``remat``
-    bodies are the bodies' own tracers, so their sets stop there (an output layer inside a loop is not
-    found); nested ``jit`` and custom-derivative calls are inlined and keep them.
+    bodies are the bodies' own tracers, so their sets stop there, and what enters such a body counts as
+    consumed (an output layer inside a loop is not found); calls (``jit``, ``jax.nn.softmax``,
+    custom derivatives) pass them on.
     """
     came = frozenset().union(*(ctx.flow[id(v)][1] for v in invals if id(v) in ctx.flow))
-    if eqn.primitive.name in MATMULS or _has_body(eqn):  # a body's use is unknown here: count it as consumed
+    loop = eqn.primitive.name not in CALLS and _has_body(eqn)  # scan, while, cond, remat, shard_map
+    if eqn.primitive.name in MATMULS or loop:  # what a loop body does with a value is unknown here: consumed
         ctx.consumed.update(came)
     if eqn.primitive.name in MATMULS:
         came = frozenset(v.view.path for v in invals if isinstance(v, Tagged)) or came
