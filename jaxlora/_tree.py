@@ -128,10 +128,10 @@ def why_no_match(pattern: str, paths: Iterable[str]) -> str:
             f"module paths drop the leaf name {leaf[1]!r} ({hits[0] + SEPARATOR + leaf[1]!r} is keyed "
             f"{hits[0]!r}); write {leaf[0]!r}"
         )
-    if missed := near_misses(pattern, paths):
-        (path, module), *_ = missed.items()
+    if missed := {p: why for p, why in near_misses(pattern, paths).items() if why.startswith("in ")}:
+        (path, why), *_ = missed.items()
         return (
-            f"it matches the module {module!r} holding the weight {path!r}, but a pattern must match a weight's "
+            f"it matches the module {why[3:]} holding the weight {path!r}, but a pattern must match a weight's "
             f"whole module path or a whole trailing part of it; write {f'(?:{pattern})(/.*)?'!r} or name the weights"
         )
     try:
@@ -199,21 +199,27 @@ def select(
 
 
 def near_misses(pattern: str, paths: Iterable[str]) -> dict[str, str]:
-    """The paths ``pattern`` misses although it matches a module they lie in: ``{path: that module}``.
+    """The paths ``pattern`` misses that the same names in list form would match: ``{path: why}``.
+
+    A path inside a module the pattern matches (``attn/q_proj/w_q`` under ``attn/q_proj``), and a
+    top-level path that a leading ``.*/`` or ``.+/`` shuts out (``q_proj`` for ``".*/(q_proj|v_proj)"``).
 
     Example:
-      >>> near_misses(".*/(q_proj|up_proj)", ["attn/q_proj/w_q", "mlp/up_proj"])
-      {'attn/q_proj/w_q': 'attn/q_proj'}
+      >>> near_misses(".*/(q_proj|up_proj)", ["attn/q_proj/w_q", "mlp/up_proj", "up_proj"])
+      {'attn/q_proj/w_q': "in 'attn/q_proj'", 'up_proj': 'at the top level'}
     """
     out = {}
     for path in paths:
         names = path.split(SEPARATOR)
-        if not matches(pattern, path):
-            module = next(
-                (m for k in range(len(names) - 1, 0, -1) if matches(pattern, m := SEPARATOR.join(names[:k]))), None
-            )
-            if module is not None:
-                out[path] = module
+        if matches(pattern, path):
+            continue
+        module = next(
+            (m for k in range(len(names) - 1, 0, -1) if matches(pattern, m := SEPARATOR.join(names[:k]))), None
+        )
+        if module is not None:
+            out[path] = f"in {module!r}"
+        elif any(pattern.startswith(pre) and matches(pattern[len(pre) :], path) for pre in (".*/", ".+/")):
+            out[path] = "at the top level"
     return out
 
 
@@ -221,11 +227,12 @@ def _warn_near_misses(pattern: str, candidates: Iterable[str], hits: set[str]) -
     """Warn where a target matches some weights and misses others inside modules it matches."""
     missed = near_misses(pattern, [p for p in candidates if p not in hits])
     if missed:
-        shown = [f"{p!r} (in {m!r})" for p, m in list(missed.items())[:4]] + (["..."] if len(missed) > 4 else [])
+        shown = [f"{p!r} ({why})" for p, why in list(missed.items())[:4]] + (["..."] if len(missed) > 4 else [])
         warnings.warn(
-            f"LoraConfig.targets pattern {pattern!r} matches {len(hits)} weights but not {len(missed)} weights inside "
-            f"modules it matches: {', '.join(shown)}. A pattern must match a weight's whole module path or a "
-            f"whole trailing part of it; to adapt them too, write {f'(?:{pattern})(/.*)?'!r} or name them.",
+            f"LoraConfig.targets pattern {pattern!r} matches {len(hits)} weights but not {len(missed)} weights that "
+            f"the same names in list form would: {', '.join(shown)}. A pattern must match a weight's whole module "
+            "path or a whole trailing part of it (a leading '.*/' needs a parent module); to adapt them too, "
+            "name them in a list of targets.",
             UserWarning,
             stacklevel=4,
         )

@@ -230,9 +230,14 @@ PROJ = {"attn": {"q_proj": {"w_q": jnp.ones((D, D))}}, "mlp": {"up_proj": {"kern
 def test_regex_missing_weights_inside_matched_modules_warns():
     config = jaxlora.LoraConfig(rank=2, targets=r".*(q_proj|up_proj)")
     with pytest.warns(
-        UserWarning, match=r"not 1 weights inside modules it matches: 'attn/q_proj/w_q' \(in 'attn/q_proj'\)"
+        UserWarning,
+        match=r"not 1 weights that the same names in list form would: 'attn/q_proj/w_q' \(in 'attn/q_proj'\)",
     ):
         lora = jaxlora.init(jax.random.key(0), PROJ, config)
+    assert list(lora) == ["mlp/up_proj"]
+    params = {"q_proj": {"kernel": jnp.ones((D, D))}, "mlp": {"up_proj": {"kernel": jnp.ones((D, F))}}}
+    with pytest.warns(UserWarning, match=r"'q_proj' \(at the top level\).*a leading '\.\*/' needs a parent"):
+        lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2, targets=r".*/(q_proj|up_proj)"))
     assert list(lora) == ["mlp/up_proj"]
 
 
