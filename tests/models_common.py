@@ -108,7 +108,7 @@ def check_nf4(case: Case, *, skip: str = "embed") -> None:
     """An NF4 base: the adapted weights (but embedding tables, paths matching ``skip``) quantized by name;
     ``apply`` on it equals ``apply`` on its dequantized weights."""
     targets = [re.escape(k) for k in case.lora if not re.search(skip, k)]
-    q = jaxlora.quantize(case.params, "nf4", targets=targets, block_size=16, double_quant=False)
+    q = jaxlora.quantize(case.params, "nf4", targets=targets, exclude=(), block_size=16, double_quant=False)
     assert len(quantized_leaves(q)) == len(targets), (quantized_leaves(q), targets)
     deq = jax.tree.map(
         lambda x: jaxlora.dequantize(x) if isinstance(x, jaxlora.Quantized) else x,
