@@ -31,9 +31,15 @@ import jaxlora
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     gm = pytest.importorskip("gemma.gm", reason="gemma not installed (the models extra, Python 3.12: .ci/run)")
-    from gemma.gm.nn import _config
+    try:  # the lazy import of the model code: kauldron, TensorFlow, grain
+        from gemma.gm.nn import _config
 
-    gm.nn.Gemma3_270M  # noqa: B018 (the lazy import of the model code: kauldron, TensorFlow)
+        gm.nn.Gemma3_270M  # noqa: B018
+    except (ImportError, AttributeError) as e:  # gemma 3.x's kauldron on jax >= 0.10: AttributeError
+        pytest.skip(
+            f"gemma is installed but its model code does not import: {e!r} (.ci/gemma-py312.txt)",
+            allow_module_level=True,
+        )
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
