@@ -8,7 +8,13 @@ their optimizer state:
 * ``jaxlora``: ``jaxlora.nnx.init`` on the model, ``jaxlora.apply`` of ``jaxlora.nnx.call(graphdef, rest)``
   over the frozen ``nnx.Param`` state;
 * ``qwix``: ``qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=..., rank, alpha))``, as Tunix's
-  trainers do, then ``nnx.split(model, nnx.LoRAParam, ...)``: the factors are the trained state.
+  trainers do, then ``nnx.split(model, nnx.LoRAParam, ...)``: the factors are the trained state;
+* ``qwix_nnx``: the same model trained as Tunix's ``PeftTrainer`` does: ``nnx.Optimizer(wrt=nnx.LoRAParam)``,
+  ``nnx.value_and_grad(argnums=nnx.DiffState(0, nnx.LoRAParam))``, ``nnx.jit`` through ``nnx.cached_partial``.
+
+With ``--remat`` (Tunix's ``RematConfig.DECODER``, ``nnx.remat`` per layer) the ``qwix`` mode fails: qwix writes
+its factors inside the ``nnx.remat`` trace of a model merged under ``jax.jit`` (flax's ``TraceContextError``);
+``qwix_nnx`` and ``jaxlora`` run (seen on the CPU, flax 0.12.8).
 
 qwix makes its factors in the weight's dtype (bfloat16 here), so jaxlora's are bfloat16 too (``--lora-dtype``).
 Each mode reports the loss of its first step (both start at ``B = 0``, so both are the base model's loss: a
@@ -28,7 +34,7 @@ import os
 import time
 import warnings
 
-MODES = ("jaxlora", "qwix")
+MODES = ("jaxlora", "qwix", "qwix_nnx")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = {  # name -> (ModelConfig classmethod or fields, batch, seq)
     "8b": ("llama3p1_8b", 2, 2048),
@@ -109,7 +115,7 @@ def _worker(a: argparse.Namespace) -> dict:
         def logits_of(train, frozen, inputs):
             return jaxlora.apply(fn, frozen, train, inputs, positions, None, mask)[0]
 
-    elif a.mode == "qwix":
+    elif a.mode in ("qwix", "qwix_nnx"):
         import qwix
 
         # qwix matches its own module paths ("layers/0/attn/q_proj") with re.fullmatch
@@ -128,31 +134,56 @@ def _worker(a: argparse.Namespace) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     opt = optax.adamw(1e-4)
-    opt_state = opt.init(train)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(train, opt_state, frozen, tokens):
-        loss, grads = jax.value_and_grad(loss_of)(train, frozen, tokens)
-        updates, opt_state = opt.update(grads, opt_state, train)
-        return optax.apply_updates(train, updates), opt_state, loss
-
+    compiled = None
     t0 = time.perf_counter()
-    compiled = step.lower(train, opt_state, frozen, tokens).compile()
-    state = list(compiled(train, opt_state, frozen, tokens))
-    first_loss = float(state[2])
+    if a.mode == "qwix_nnx":  # Tunix's PeftTrainer: nnx.Optimizer(wrt=LoRAParam), nnx.value_and_grad, nnx.jit
+        optimizer = nnx.Optimizer(adapted, opt, wrt=nnx.LoRAParam)
+
+        def nnx_loss(model, tokens):
+            logits = model(tokens[:, :-1], positions, None, mask)[0].astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        def train_step(model, optimizer, tokens):
+            loss, grads = nnx.value_and_grad(nnx_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, tokens)
+            optimizer.update(model, grads)
+            return loss
+
+        # as Tunix does with cache_nnx_graph: the graph traversal is cached, not redone each call
+        jitted = nnx.cached_partial(nnx.jit(train_step, donate_argnames=("optimizer",)), adapted, optimizer)
+        state = [None, None, jitted(tokens)]
+        first_loss = float(state[2])
+
+        def run():
+            state[2] = jitted(tokens)
+
+        trained = lambda: nnx.state(adapted, nnx.LoRAParam)  # noqa: E731
+    else:
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(train, opt_state, frozen, tokens):
+            loss, grads = jax.value_and_grad(loss_of)(train, frozen, tokens)
+            updates, opt_state = opt.update(grads, opt_state, train)
+            return optax.apply_updates(train, updates), opt_state, loss
+
+        opt_state = opt.init(train)
+        compiled = step.lower(train, opt_state, frozen, tokens).compile()
+        state = list(compiled(train, opt_state, frozen, tokens))
+        first_loss = float(state[2])
+
+        def run():
+            state[:] = compiled(state[0], state[1], frozen, tokens)
+
+        trained = lambda: state[0]  # noqa: E731
     compile_s = time.perf_counter() - t0
 
     def blocking():
-        state[:] = compiled(state[0], state[1], frozen, tokens)
+        run()
         jax.block_until_ready(state[2])
-
-    def run():
-        state[:] = compiled(state[0], state[1], frozen, tokens)
 
     step_ms = models.timeit(blocking, a.steps, a.warmup)
     piped = models.timeit_pipelined(run, lambda: jax.block_until_ready(state[2]), a.steps, a.window)
     median = models.median(step_ms)
-    leaves = jax.tree.leaves(state[0])
+    leaves = jax.tree.leaves(trained())
     d, nh, kh, f = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_dim
     expected = cfg.num_layers * a.rank * ((d + nh) * 2 + (d + kh) * 2 + (d + f) * 3)  # r·(in + out) per weight
     if sum(x.size for x in leaves) != expected:
@@ -174,7 +205,7 @@ def _worker(a: argparse.Namespace) -> dict:
         "pipelined_ms": models.median(piped),
         "tokens_per_s": batch * seq / (median / 1e3),
         "peak_bytes": models.peak_bytes(),
-        "memory_analysis": common.memory_analysis(compiled),
+        "memory_analysis": None if compiled is None else common.memory_analysis(compiled),
     }
 
 
@@ -223,10 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
     result["modes"] = common.run_workers("benchmarks.jax_peer", jobs, a.timeout, parallel=False)
     common.add_ratios(result["modes"], "jaxlora")
-    mine, peer = result["modes"].get("jaxlora", {}), result["modes"].get("qwix", {})
-    if "median_ms" in mine and "median_ms" in peer:
-        result["speedup_over_qwix"] = peer["median_ms"] / mine["median_ms"]
-        print(f"jaxlora step is {result['speedup_over_qwix']:.2f}x faster than Tunix + qwix")
+    mine = result["modes"].get("jaxlora", {})
+    for name in ("qwix", "qwix_nnx"):  # how many times faster jaxlora's step is than the peer's
+        peer = result["modes"].get(name, {})
+        if "median_ms" in mine and "median_ms" in peer:
+            result[f"speedup_over_{name}"] = peer["median_ms"] / mine["median_ms"]
+            print(f"jaxlora step is {result[f'speedup_over_{name}']:.2f}x faster than {name}")
     for m, r in result["modes"].items():
         if "median_ms" in r:
             print(f"  {m}: {r['median_ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tokens/s, peak "
