@@ -1,19 +1,21 @@
 """Train in JAX, serve in PyTorch: a Tunix Qwen3 fine-tuned with jaxlora, loaded by transformers + PEFT.
 
-Runs on two CPU cores in about ten seconds (needs google-tunix, torch, transformers and peft):
+Runs on two CPU cores in about half a minute (needs google-tunix, torch, transformers and peft):
 
-    python examples/jax_to_pytorch.py
+    python examples/jax_to_pytorch.py                  # or --arch llama3, --tied
 
-1. A tiny random Qwen3 from Tunix (``tunix.models.qwen3``, NNX) stands in for a pretrained one.
+1. A tiny random Qwen3 (or Llama3) from Tunix (``tunix.models``, NNX) stands in for a pretrained one.
 2. Fine-tune it with jaxlora (rank 4 on the attention and MLP projections and the output head) for a
    few Adam steps on a next-token loss; the model itself is never changed.
 3. Export the adapter with `jaxlora.checkpoint.save_peft`, naming the modules as Hugging Face does
    through the shipped map ``jaxlora.checkpoint.TUNIX_NAMES`` (``layers/0/attn/q_proj`` ->
    ``model.layers.0.self_attn.q_proj``).
-4. Build transformers' ``Qwen3ForCausalLM`` with the same config, copy the base weights over
-   (`hf_state_dict`: the base is the user's to convert, the adapter is jaxlora's), load the adapter
-   with ``peft.PeftModel.from_pretrained`` and check that the logits agree in float32 and that
+4. Build transformers' ``Qwen3ForCausalLM`` (``LlamaForCausalLM``) with the same config, copy the base
+   weights over (`hf_state_dict`: the base is the user's to convert, the adapter is jaxlora's), load the
+   adapter with ``peft.PeftModel.from_pretrained`` and check that the logits agree in float32 and that
    ``generate`` picks the same greedy tokens as the JAX model.
+5. And back: PEFT's own ``save_pretrained`` files (no jaxlora metadata) load with
+   `jaxlora.checkpoint.load_peft` and the same map to the factors that were trained.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tunix.models.llama3 import model as llama3
 from tunix.models.qwen3 import model as qwen3
 
 import jaxlora
@@ -37,28 +40,27 @@ import jaxlora
 TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|lm_head)(/w)?"
 
 
-def tiny_config(tied: bool = False) -> qwen3.ModelConfig:
-    """A Qwen3 small enough for a CPU test: 2 layers, grouped-query attention (4 query, 2 kv heads)."""
-    return qwen3.ModelConfig(
-        num_layers=2,
-        vocab_size=96,
-        embed_dim=32,
-        hidden_dim=64,
-        num_heads=4,
-        head_dim=16,
-        num_kv_heads=2,
-        rope_theta=1_000_000,  # Tunix's apply_rope uses 1e6 whatever the config says: keep them equal
-        norm_eps=1e-6,
-        use_tied_embedding=tied,
-    )
+def tiny_config(arch: str = "qwen3", tied: bool = False) -> qwen3.ModelConfig | llama3.ModelConfig:
+    """A Qwen3 or Llama3 small enough for a CPU test: 2 layers, grouped-query attention (4 query, 2 kv heads)."""
+    shapes = dict(num_layers=2, vocab_size=96, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=16, num_kv_heads=2)
+    # Tunix 0.1.7's apply_rope is called without the config's rope_theta, so it uses its default 1e6 for both
+    # models (Llama3's config says 5e5): keep 1e6 here and in the transformers config
+    if arch == "qwen3":
+        return qwen3.ModelConfig(**shapes, rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=tied)
+    return llama3.ModelConfig(**shapes, rope_theta=1_000_000, norm_eps=1e-5, weight_tying=tied)
 
 
-def random_model(config: qwen3.ModelConfig, seed: int = 0) -> qwen3.Qwen3:
-    """A Qwen3 with every parameter random (Tunix initialises the MLP to zeros and the norms to ones)."""
+def _tied(config) -> bool:
+    return config.use_tied_embedding if isinstance(config, qwen3.ModelConfig) else config.weight_tying
+
+
+def random_model(config: qwen3.ModelConfig | llama3.ModelConfig, seed: int = 0) -> nnx.Module:
+    """The Tunix model with every parameter random (Tunix initialises the MLP to zeros and the norms to ones)."""
 
     @nnx.jit  # one compiled init instead of many small eager ops
     def build():
-        model = qwen3.Qwen3(config, rngs=nnx.Rngs(seed))
+        cls = qwen3.Qwen3 if isinstance(config, qwen3.ModelConfig) else llama3.Llama3
+        model = cls(config, rngs=nnx.Rngs(seed))
         leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
         # norms 1 + N(0, 0.1²), the embedding N(0, 1), matrices N(0, 1/d) with d their first axis (Tunix's
@@ -76,11 +78,11 @@ def random_model(config: qwen3.ModelConfig, seed: int = 0) -> qwen3.Qwen3:
     return build()
 
 
-def hf_config(config: qwen3.ModelConfig):
-    """transformers' ``Qwen3Config`` for a Tunix ``ModelConfig``."""
-    from transformers import Qwen3Config
+def hf_config(config: qwen3.ModelConfig | llama3.ModelConfig):
+    """transformers' ``Qwen3Config`` or ``LlamaConfig`` for a Tunix ``ModelConfig``."""
+    from transformers import LlamaConfig, Qwen3Config
 
-    return Qwen3Config(
+    fields = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.embed_dim,
         intermediate_size=config.hidden_dim,
@@ -90,16 +92,18 @@ def hf_config(config: qwen3.ModelConfig):
         head_dim=config.head_dim,
         rms_norm_eps=config.norm_eps,
         rope_theta=1_000_000,
-        tie_word_embeddings=config.use_tied_embedding,
+        tie_word_embeddings=_tied(config),
         max_position_embeddings=256,
         attention_bias=False,
         hidden_act="silu",
-        use_sliding_window=False,
     )
+    if isinstance(config, qwen3.ModelConfig):
+        return Qwen3Config(**fields, use_sliding_window=False)
+    return LlamaConfig(**fields, mlp_bias=False)
 
 
-def hf_state_dict(model: qwen3.Qwen3) -> dict[str, np.ndarray]:
-    """The base weights under transformers' Qwen3 names, in torch's ``(out, in)`` layout.
+def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The base weights of a Tunix Qwen3 or Llama3 under transformers' names, in torch's ``(out, in)`` layout.
 
     Tunix's Einsum weights flatten to the torch ``Linear``: q/k/v ``(embed, heads, head_dim)`` ->
     ``(heads·head_dim, embed)``, o ``(heads, head_dim, embed)`` -> ``(embed, heads·head_dim)``; the same
@@ -110,14 +114,15 @@ def hf_state_dict(model: qwen3.Qwen3) -> dict[str, np.ndarray]:
         "model.embed_tokens.weight": model.embedder.input_embedding[...],
         "model.norm.weight": model.final_norm.w[...],
     }
-    if not c.use_tied_embedding:
+    if not _tied(c):
         out["lm_head.weight"] = model.lm_head.w[...].T
     for i, layer in enumerate(model.layers):
         p, attn, mlp = f"model.layers.{i}.", layer.attn, layer.mlp
         out[p + "input_layernorm.weight"] = layer.input_layernorm.w[...]
         out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.w[...]
-        out[p + "self_attn.q_norm.weight"] = attn.q_norm.w[...]
-        out[p + "self_attn.k_norm.weight"] = attn.k_norm.w[...]
+        if isinstance(c, qwen3.ModelConfig):  # Qwen3 normalises each head's queries and keys
+            out[p + "self_attn.q_norm.weight"] = attn.q_norm.w[...]
+            out[p + "self_attn.k_norm.weight"] = attn.k_norm.w[...]
         for name in ("q_proj", "k_proj", "v_proj"):
             w = getattr(attn, name).w[...]
             out[p + f"self_attn.{name}.weight"] = w.reshape(w.shape[0], -1).T
@@ -127,7 +132,7 @@ def hf_state_dict(model: qwen3.Qwen3) -> dict[str, np.ndarray]:
     return {k: np.array(v, np.float32) for k, v in out.items()}
 
 
-def forward(model: qwen3.Qwen3, lora, tokens: jax.Array) -> jax.Array:
+def forward(model: nnx.Module, lora, tokens: jax.Array) -> jax.Array:
     """Logits ``(batch, seq, vocab)`` of the adapted model on a whole sequence, causal mask, no cache."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -136,7 +141,7 @@ def forward(model: qwen3.Qwen3, lora, tokens: jax.Array) -> jax.Array:
     return logits
 
 
-def finetune(model: qwen3.Qwen3, data: jax.Array, *, steps: int, rank: int):
+def finetune(model: nnx.Module, data: jax.Array, *, steps: int, rank: int):
     """A few Adam steps of next-token cross-entropy on ``data``, training the LoRA factors only."""
     config = jaxlora.LoraConfig(rank=rank, alpha=2 * rank, targets=TARGETS)
     lora = jaxlora.nnx.init(jax.random.key(1), model, config, args=(data, *_example_args(data)))
@@ -165,7 +170,7 @@ def _example_args(tokens):
     return jnp.broadcast_to(jnp.arange(t), (b, t)), None, jnp.ones((b, t, t), bool)
 
 
-def greedy(model: qwen3.Qwen3, lora, prompt: jax.Array, new_tokens: int) -> np.ndarray:
+def greedy(model: nnx.Module, lora, prompt: jax.Array, new_tokens: int) -> np.ndarray:
     """Greedy decoding in JAX: one compiled forward over a fixed-length buffer (the causal mask hides the
     positions not yet written), reading the logits at the last written position."""
     b, t = prompt.shape
@@ -179,24 +184,24 @@ def greedy(model: qwen3.Qwen3, lora, prompt: jax.Array, new_tokens: int) -> np.n
 _forward = nnx.jit(forward)
 
 
-def main(steps: int = 5, rank: int = 4, new_tokens: int = 8, tied: bool = False) -> dict:
+def main(steps: int = 5, rank: int = 4, new_tokens: int = 8, tied: bool = False, arch: str = "qwen3") -> dict:
     import peft
     import torch
-    from transformers import Qwen3ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
     start = time.perf_counter()
-    config = tiny_config(tied)
+    config = tiny_config(arch, tied)
     model = random_model(config)
     data = jax.random.randint(jax.random.key(2), (8, 12), 0, config.vocab_size)
     lora, lora_config, losses = finetune(model, data, steps=steps, rank=rank)
 
     # Hugging Face's model with the same base weights, then the adapter through PEFT's own loader
     torch.manual_seed(0)
-    hf = Qwen3ForCausalLM(hf_config(config)).float().eval()
+    hf = (Qwen3ForCausalLM if arch == "qwen3" else LlamaForCausalLM)(hf_config(config)).float().eval()
     hf.config._attn_implementation = "eager"
     state = {k: torch.from_numpy(v) for k, v in hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied_head = ["lm_head.weight"] if config.use_tied_embedding else []
+    tied_head = ["lm_head.weight"] if _tied(config) else []
     assert missing == tied_head and not unexpected, (missing, unexpected)  # every base weight was copied
     with tempfile.TemporaryDirectory() as tmp:
         out = jaxlora.checkpoint.save_peft(
@@ -268,10 +273,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--arch", default="qwen3", choices=["qwen3", "llama3"])
     parser.add_argument("--tied", action="store_true", help="tie the output head to the embedding (Qwen3-0.6B)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON (the rest goes to stderr)")
     args = parser.parse_args()
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = main(args.steps, args.rank, args.new_tokens, args.tied)
+        result = main(args.steps, args.rank, args.new_tokens, args.tied, args.arch)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -59,13 +59,15 @@ def _example():
 @pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # tunix 0.1.7 on jax 0.10+: shard_map, thread_resources
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers 5 warns PEFT
-def test_tunix_qwen3_round_trip_to_transformers_and_peft():
-    """Fine-tuned in JAX, the adapter loaded by PEFT on transformers' Qwen3 gives the same logits (float32, to a
-    millionth of their scale) and the same greedy tokens; PEFT's own re-saved files load back to the same factors."""
+@pytest.mark.parametrize("arch, tied", [("qwen3", False), ("llama3", True)])
+def test_tunix_round_trip_to_transformers_and_peft(arch, tied):
+    """Fine-tuned in JAX, the adapter loaded by PEFT on transformers' twin gives the same logits (float32, to a
+    hundred-thousandth of their scale) and the same greedy tokens; PEFT's own re-saved files load back to the
+    same factors."""
     with jax.numpy_rank_promotion("allow"):  # Tunix's RMSNorm broadcasts (d,) against (batch, seq, d)
-        result = _example().main(steps=3, new_tokens=6)
+        result = _example().main(steps=3, new_tokens=6, tied=tied, arch=arch)
     assert result["losses"][-1] < result["losses"][0]
-    assert result["target_modules"] == 15  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
+    assert result["target_modules"] == 14 + (not tied)  # 2 layers x (q, k, v, o, gate, up, down), lm_head if untied
     tol = 1e-5 * result["logits_scale"]
     assert result["base_max_abs"] < tol  # the base conversion (hf_state_dict) is right ...
     assert result["adapted_max_abs"] < tol  # ... and so is the adapter,
