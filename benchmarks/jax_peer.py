@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--window", type=int, default=4, help="steps dispatched back to back for pipelined_ms")
-    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--timeout", type=float, default=900, help="seconds for one mode")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all modes (later ones are skipped)")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -252,7 +253,13 @@ def main(argv: list[str] | None = None) -> dict:
         "modes": {},
     }
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
-    result["modes"] = common.run_workers("benchmarks.jax_peer", jobs, a.timeout, parallel=False)
+
+    def partial(modes):  # what is measured so far is written after each mode, in case a later one hangs
+        common.write({**result, "modes": modes}, a.out, quiet=True)
+
+    result["modes"] = common.run_workers(
+        "benchmarks.jax_peer", jobs, a.timeout, parallel=False, budget=a.budget, on_result=partial
+    )
     common.add_ratios(result["modes"], "jaxlora")
     mine = result["modes"].get("jaxlora", {})
     for name in ("qwix", "qwix_nnx"):  # how many times faster jaxlora's step is than the peer's
