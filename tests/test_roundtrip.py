@@ -2,6 +2,7 @@
 tokens under transformers + PEFT (examples/jax_to_pytorch.py)."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 import warnings
@@ -39,6 +40,19 @@ def test_tunix_names_refuse_the_embedding(tmp_path):
     lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
     with pytest.raises(ValueError, match=r"'embedder/input_embedding': no pattern of the name mapping matches it"):
         jaxlora.checkpoint.save_peft(tmp_path, lora, params=params, names=TUNIX_NAMES)
+
+
+def test_cli_converts_with_the_shipped_map(tmp_path):
+    """``--names jaxlora.checkpoint:TUNIX_NAMES`` (MODULE:ATTR) writes transformers' module names."""
+    from jaxlora.__main__ import main
+
+    params = {"layers": {"0": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 6))}}}}, "lm_head": {"w": jnp.ones((6, 8))}}
+    lora = jaxlora.init(jax.random.key(0), params, jaxlora.LoraConfig(rank=2))
+    jaxlora.checkpoint.save(tmp_path / "adapter", lora, params=params)
+    args = ["convert", str(tmp_path / "adapter"), str(tmp_path / "peft"), "--names", "jaxlora.checkpoint:TUNIX_NAMES"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["lm_head", "model.layers.0.mlp.up_proj"]
 
 
 def _example():
