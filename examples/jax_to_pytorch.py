@@ -1,6 +1,6 @@
 """Train in JAX, serve in PyTorch: a Tunix Qwen3 fine-tuned with jaxlora, loaded by transformers + PEFT.
 
-Runs on two CPU cores in about half a minute (needs google-tunix, torch, transformers and peft):
+Runs on two CPU cores in under a minute (needs google-tunix, torch, transformers and peft):
 
     python examples/jax_to_pytorch.py                  # or --arch llama3, --tied
 
@@ -202,7 +202,8 @@ def main(steps: int = 5, rank: int = 4, new_tokens: int = 8, tied: bool = False,
     state = {k: torch.from_numpy(v) for k, v in hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied_head = ["lm_head.weight"] if _tied(config) else []
-    assert missing == tied_head and not unexpected, (missing, unexpected)  # every base weight was copied
+    if missing != tied_head or unexpected:  # every base weight must be copied, and nothing else
+        raise RuntimeError(f"hf_state_dict does not fit the model: missing {missing}, unexpected {unexpected}")
     with tempfile.TemporaryDirectory() as tmp:
         out = jaxlora.checkpoint.save_peft(
             tmp, lora, params=nnx.state(model, nnx.Param), config=lora_config, names=jaxlora.checkpoint.TUNIX_NAMES
