@@ -5,6 +5,7 @@ from ._fingerprint import check as check_base
 from ._fingerprint import fingerprint as fingerprint
 from ._merged import merge_safetensors as merge_safetensors
 from ._merged import save_merged as save_merged
+from ._names import TUNIX_NAMES as TUNIX_NAMES
 from ._orbax import AdapterInfo as AdapterInfo
 from ._orbax import info as info
 from ._orbax import restore as restore
@@ -21,6 +22,7 @@ from ._stack import save_stack as save_stack
 __all__ = [
     "AdapterInfo",
     "CorruptCheckpointError",
+    "TUNIX_NAMES",
     "check_base",
     "fingerprint",
     "info",
