@@ -162,6 +162,7 @@ def lora_op(
     magnitude: Array | None = None,
     norm_op: Callable[[Array, Array, Array, Array | None], Array] | None = None,
     to_out: Callable[[Array, int], Array] | None = None,
+    path: str | None = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -174,8 +175,8 @@ def lora_op(
     For floating ``x`` the derivative is a custom VJP (`factored`): it saves only the LoRA input
     and the rank-``r`` product ``x·a`` (in the activations' dtype), and its backward pass computes
     the activation gradient and the two small factor gradients, never a ``W``-shaped gradient.
-    ``x·a`` and the op's value (before DoRA's scaling) are named ``"lora_xa"`` and ``"lora_out"``
-    for `jax.checkpoint` policies (`jaxlora.remat_policy`).
+    ``x·a`` and the op's value (before DoRA's scaling) are named ``"lora_xa"`` and ``"lora_out/<path>"``
+    (``"lora_out"`` without a ``path``, the module path) for `jax.checkpoint` policies (`jaxlora.remat_policy`).
 
     ``delta_op(first, second)``, when given, is ``ΔW`` (unscaled) in the layout ``base`` reads ``W``
     in. Where one pass over ``W`` costs less than the LoRA term's passes over the activations (many
@@ -199,7 +200,7 @@ def lora_op(
     z, delta_op = _lora_op(
         x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key
     )
-    z = checkpoint_name(z, _remat.OUT)
+    z = checkpoint_name(z, _remat.OUT if path is None else f"{_remat.OUT}/{path}")
     if magnitude is None:
         return z
     merged = None

@@ -25,6 +25,7 @@ POLICIES = {
     "minimal": jaxlora.remat_policy("minimal"),
     "outputs": jaxlora.remat_policy("outputs"),
     "outputs+names": jaxlora.remat_policy("outputs", names=("h",)),
+    "outputs of q": jaxlora.remat_policy("outputs", targets=("q",)),
 }
 
 
@@ -94,7 +95,7 @@ def _saved(f, *args) -> collections.Counter:
         shape, what = line.split(" ", 1)
         if "from a constant" in what or "from the argument l[" in what:
             continue  # W (a buffer the caller holds) and the factors themselves
-        name = re.search(r"named '(\w+)'", what)
+        name = re.search(r"named '([^']+)'", what)
         kinds[name.group(1) if name else "argument x" if "from the argument x" in what else what] += 1
         assert name is None or name.group(1) != "lora_xa" or shape.endswith(f",{R}]"), line  # rank-r
     return kinds
@@ -107,8 +108,9 @@ def _saved(f, *args) -> collections.Counter:
         ("nothing", {"argument x": 1}),
         ("minimal", {"argument x": 1, "lora_xa": 3}),
         # q and k feed silu(q)·k, so the backward needs their outputs; o's output it does not
-        ("outputs", {"argument x": 1, "lora_xa": 3, "lora_out": 2}),
-        ("outputs+names", {"argument x": 1, "lora_xa": 3, "lora_out": 2, "h": 1}),
+        ("outputs", {"argument x": 1, "lora_xa": 3, "lora_out/q": 1, "lora_out/k": 1}),
+        ("outputs+names", {"argument x": 1, "lora_xa": 3, "lora_out/q": 1, "lora_out/k": 1, "h": 1}),
+        ("outputs of q", {"argument x": 1, "lora_xa": 3, "lora_out/q": 1}),
         # x·A of each op, and the two summands x·W and (x·A)·B of q and k, where "outputs" keeps their sum
         ("dots", {"argument x": 1}),
     ],
@@ -172,19 +174,23 @@ def test_policies_reach_linen_remat():
 
     assert_trees_close(grads(jaxlora.remat_policy("outputs")), grads(None), rtol=1e-5, atol=1e-6)
     saved = _saved(lambda l, x: jaxlora.apply(Model(jaxlora.remat_policy()).apply, params, l, x).sum(), lora, x)
-    assert saved == {"argument x": 1, "lora_xa": 2, "lora_out": 1}
+    assert saved == {"argument x": 1, "lora_xa": 2, "lora_out/block/up": 1}
 
 
 def test_remat_policy_errors():
     with pytest.raises(ValueError, match=r"keep='everything' is not a level; expected one of \['minimal', 'outputs'\]"):
         jaxlora.remat_policy("everything")
-    with pytest.raises(TypeError, match=r"names must be a sequence of checkpoint_name strings, got 'h'"):
+    with pytest.raises(TypeError, match=r"names must be a sequence of strings, got 'h'; e.g. names=\(.gate., .up.\)"):
         jaxlora.remat_policy(names="h")
-    with pytest.raises(TypeError, match=r"names must be a sequence of checkpoint_name strings, got \(1,\)"):
+    with pytest.raises(TypeError, match=r"names must be a sequence of strings, got \(1,\)"):
         jaxlora.remat_policy(names=(1,))
+    with pytest.raises(TypeError, match=r"targets must be a sequence of strings, got 'gate'"):
+        jaxlora.remat_policy(targets="gate")
+    with pytest.raises(ValueError, match=r"targets=\('gate',\) selects outputs to save; pass keep=\"outputs\""):
+        jaxlora.remat_policy("minimal", targets=("gate",))
 
 
-def test_remat_policy_is_save_only_these_names():
+def test_remat_policy_saves_only_its_names():
     policy = jaxlora.remat_policy("minimal", names=("h",))
     x = jnp.ones((3, D))
 
