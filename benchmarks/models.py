@@ -124,20 +124,23 @@ def configure(
     )
 
 
-POLICIES = ("block", "none", "dots", "minimal", "outputs")
+POLICIES = ("block", "none", "dots", "minimal", "outputs", "mlp")
 
 
 def remat_policy(name: str):
     """The ``jax.checkpoint`` policy of ``ModelConfig.remat_policy``: ``"block"`` recomputes the whole
     block (no policy), ``"none"`` has no remat at all, ``"dots"`` is JAX's
     ``dots_with_no_batch_dims_saveable``, ``"minimal"`` and ``"outputs"`` are `jaxlora.remat_policy`'s
-    levels (without LoRA, as in full fine-tuning, they name nothing: whole-block remat)."""
+    levels, ``"mlp"`` is ``"outputs"`` of gate and up only (without LoRA, as in full fine-tuning,
+    they name nothing: whole-block remat)."""
     import jaxlora
 
     if name not in POLICIES:
         raise ValueError(f"remat policy {name!r}: expected one of {POLICIES}")
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "mlp":
+        return jaxlora.remat_policy("outputs", targets=("gate", "up"))
     return jaxlora.remat_policy(name) if name in ("minimal", "outputs") else None
 
 

@@ -23,7 +23,8 @@ Modes:
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
 ``--scan``, ``--policy`` for what each rematerialized block keeps: ``block`` (nothing: the whole block
 is recomputed), ``none`` (no remat), ``dots`` (``dots_with_no_batch_dims_saveable``), ``minimal`` or
-``outputs`` (`jaxlora.remat_policy`)); it prints a table with each mode's MFU and writes JSON with ``--out``.
+``outputs`` (`jaxlora.remat_policy`), ``mlp`` (``outputs`` of gate and up)); it prints a table with
+each mode's MFU and writes JSON with ``--out``.
 Model FLOPs: ``6·N·tokens`` for full fine-tuning, ``4·N·tokens`` plus the LoRA products
 (``6·tokens·r·(in + out)`` per adapted matrix) for LoRA, both plus causal attention; recomputation
 is not counted. Each mode records its compiled step's
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--scan", action="store_true")
     p.add_argument("--policy", default="block", help="what each rematerialized block keeps: block (nothing), none "
-                   "(no remat), dots, minimal, outputs (see above)")  # fmt: skip
+                   "(no remat), dots, minimal, outputs, mlp (see above)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--window", type=int, default=4, help="steps dispatched back to back for pipelined_ms")
     p.add_argument("--warmup", type=int, default=3)
