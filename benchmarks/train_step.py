@@ -214,7 +214,7 @@ def _add_mfu(result: dict, cfg, rank: int, targets: tuple[str, ...]) -> None:
     from . import common
 
     for mode, r in result["modes"].items():
-        flops = model_flops(cfg, mode, rank, targets)
+        flops = model_flops(cfg, mode.split("@")[0], rank, targets)
         if flops is None or "median_ms" not in r:
             continue
         r["model_tflops"] = flops / 1e12
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--scan", action="store_true")
     p.add_argument("--policy", default="block", help="what each rematerialized block keeps: block (nothing), none "
-                   "(no remat), dots, minimal, outputs, mlp (see above)")  # fmt: skip
+                   "(no remat), dots, minimal, outputs, mlp (see above); a comma-separated list runs each jaxlora "
+                   "mode under each, labelled mode@policy")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--window", type=int, default=4, help="steps dispatched back to back for pipelined_ms")
     p.add_argument("--warmup", type=int, default=3)
@@ -255,11 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # this process only reads the device name
     from . import common, models
 
-    cfg = models.configure(a.config, a.remat, a.scan, a.override, a.policy)
+    policies = a.policy.split(",")
+    for policy in policies:
+        models.remat_policy(policy)  # a bad name fails here, before any worker starts
+    cfg = models.configure(a.config, a.remat, a.scan, a.override, policies[0])
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     flags += ["--targets", a.targets, "--lora-dtype", a.lora_dtype]
     flags += ["--window", str(a.window), "--override", a.override]
-    flags += (["--remat"] if a.remat else []) + (["--scan"] if a.scan else []) + ["--policy", a.policy]
+    flags += (["--remat"] if a.remat else []) + (["--scan"] if a.scan else [])
     result = {
         **common.environment(),
         "benchmark": "train_step",
@@ -277,7 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "modes": {},
     }
-    jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    from . import torch_peer
+
+    # several policies: each jaxlora mode once per policy, as "mode@policy" (the torch peers once)
+    label = lambda mode, p: mode if len(policies) == 1 or mode in torch_peer.TORCH_MODES else f"{mode}@{p}"  # noqa: E731
+    jobs = {label(mode, p): ["--mode", mode, *flags, "--policy", p] for mode in a.modes.split(",") for p in policies}
+    full, lora = label("full", policies[0]), label("lora", policies[0])
     if a.profile:
         jobs = {m: [*j, "--profile", f"{a.profile}_{m}", "--hlo", f"{a.profile}_{m}.hlo.txt"] for m, j in jobs.items()}
     envs = {}
@@ -289,18 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
     result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel, envs=envs)
     targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
     _add_mfu(result, cfg, a.rank, targets)
-    common.add_ratios(result["modes"], "full")
-    lora = result["modes"].get("lora", {})
+    common.add_ratios(result["modes"], full)
     for peer in ("peft", "peft_compiled"):  # how many times faster jaxlora's LoRA step is than PEFT's
-        if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in lora:
-            result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / lora["median_ms"]
-    common.add_ratios(result["modes"], "lora", VARIANTS)  # DoRA against plain LoRA, measured in this run
-    if "mfu" in result["modes"].get("full", {}):
-        result["mfu_full"] = result["modes"]["full"]["mfu"]
+        if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in result["modes"].get(lora, {}):
+            result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / result["modes"][lora]["median_ms"]
+    common.add_ratios(result["modes"], lora, [label(v, policies[0]) for v in VARIANTS])  # DoRA against LoRA
+    if "mfu" in result["modes"].get(full, {}):
+        result["mfu_full"] = result["modes"][full]["mfu"]
     remat = f" remat ({a.policy})" if cfg.remat else ""
     print(f"\n{result['device']}  config {a.config}{remat}{' scan' if cfg.scan else ''}  "
           f"batch {cfg.batch}x{cfg.seq}  rank {a.rank}  {cfg.params() / 1e6:.0f}M params")  # fmt: skip
-    common.print_steps(result["modes"])
+    common.print_steps(result["modes"], full)
     for peer in ("peft", "peft_compiled"):
         if f"speedup_over_{peer}" in result:
             print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
@@ -308,10 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
             for m, r in result["modes"].items() if "compile_s" in r]  # fmt: skip
     print("compile s, start to first step done (ratio to full): " + ", ".join(said))
     for mode in VARIANTS:
-        r = result["modes"].get(mode, {})
-        if "ratio_to_lora" in r:
-            print(f"{mode}/lora: step {r['ratio_to_lora']:.3f}x, pipelined {r['pipelined_ratio_to_lora']:.3f}x, "
-                  f"peak memory {common.rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
+        r = result["modes"].get(label(mode, policies[0]), {})
+        if f"ratio_to_{lora}" in r:
+            print(f"{mode}/lora: step {r[f'ratio_to_{lora}']:.3f}x, pipelined {r[f'pipelined_ratio_to_{lora}']:.3f}x, "
+                  f"peak memory {common.rounded(r.get(f'memory_ratio_to_{lora}'))}x")  # fmt: skip
     said = [f"{m} {r['achieved_tflops_per_s']:.1f}" + (f" ({100 * r['mfu']:.1f}%)" if "mfu" in r else "")
             for m, r in result["modes"].items() if "achieved_tflops_per_s" in r]  # fmt: skip
     print("model TFLOP/s (MFU of 989 TFLOP/s bf16): " + ", ".join(said))

@@ -326,3 +326,16 @@ def test_torch_peer_checkpointing_and_bf16_adapters():
     assert out["gradient_checkpointing"] and out["trainable_dtype"] == "bfloat16" and out["median_ms"] > 0
     out = train_step._worker(_args("peft", override='{"dtype": "bfloat16"}'))  # PEFT's default: float32 adapters
     assert not out["gradient_checkpointing"] and out["trainable_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_driver_runs_lora_under_each_policy(tmp_path, capsys):
+    """``--policy block,outputs``: each policy's LoRA step in its own process, labelled lora@policy, with its MFU."""
+    out = tmp_path / "r.json"
+    train_step.main(["--config", "tiny_scan", "--modes", "lora", "--policy", "block,outputs", "--steps", "2",
+                     "--warmup", "1", "--rank", "4", "--window", "2", "--out", str(out)])  # fmt: skip
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"lora@block", "lora@outputs"}, modes
+    assert modes["lora@outputs"]["loss"] == pytest.approx(modes["lora@block"]["loss"], rel=1e-5)
+    assert all(r["model_tflops"] > 0 for r in modes.values())
+    assert "model TFLOP/s (MFU of 989 TFLOP/s bf16): lora@block" in capsys.readouterr().out
