@@ -280,8 +280,10 @@ def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
 
 def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused=False, need_t=True):
     """The op's value and (if needed or used) the rank product ``t = first_op(xl, f)``."""
+    # t is named for jax.checkpoint policies (`_remat`) where it is made, so that a recomputed
+    # output reuses a saved t rather than making it again
     if fused:  # x·W + t·s in one kernel (xl is x)
-        t = first_op(x, f)
+        t = checkpoint_name(first_op(x, f), _remat.XA)
         y = _fused.matmul(x.reshape(-1, w.shape[0]), w, t.reshape(-1, t.shape[-1]), s)
         return y.reshape(*x.shape[:-1], w.shape[1]), t
     wm = w if delta_op is None else _merged(w, f, s, delta_op)
@@ -291,11 +293,11 @@ def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, 
         yt = base(x, jnp.concatenate([wm, f.astype(wm.dtype)], axis=1))
         # t is kept for the backward pass: the barrier makes it its own small array, so the residual
         # does not hold the whole [y | t] output alive until then.
-        y, t = yt[..., :out], lax.optimization_barrier(yt[..., out:])
+        y, t = yt[..., :out], checkpoint_name(lax.optimization_barrier(yt[..., out:]), _remat.XA)
     else:
         y = base(x, wm)
         if need_t or delta_op is None:
-            t = first_op(xl, f)
+            t = checkpoint_name(first_op(xl, f), _remat.XA)
     if delta_op is None:
         y = y + second_op(t, s).astype(y.dtype)
     return y, t
@@ -368,8 +370,6 @@ def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, del
     need = _Need(nx, nxl, nw, nfirst, nsecond, by_fused, by_merged, nfirst or dxl or by_fused)
     if t is None:  # not needed: only its shape
         t = jax.eval_shape(first_op, xl, f)
-    else:
-        t = checkpoint_name(t, _remat.XA) if nsecond else t
     res = (
         _keep(x, nw),
         _keep(xl, nfirst),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close
+from helpers import assert_trees_close, jaxpr_parts
 from jax import checkpoint_policies as cp
 from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
@@ -125,6 +125,19 @@ def test_saved_residuals_are_the_named_values(policy, want, merged, monkeypatch)
         assert sum(dots.values()) == 3 + (2 if merged else 4), saved
         saved = collections.Counter({k: v for k, v in saved.items() if k not in dots})
     assert saved == want
+
+
+def test_a_saved_xa_is_not_made_again():
+    """The forward uses the named ``x·A`` itself: where "minimal" saves it, recomputing q's and k's outputs
+    (which silu(q)·k needs) reuses it; whole-block remat makes all three ``x·A`` again."""
+    params, lora, x = _setup(dora=False, layers=())
+
+    def shrinks(policy):  # products with a (D, R) factor: x·A, and dt·Aᵀ for dx
+        block = jax.checkpoint(lambda p, x: _layer(x, p), policy=POLICIES[policy])
+        eqns, _ = jaxpr_parts(jax.make_jaxpr(jax.grad(lambda l, x: jaxlora.apply(block, params, l, x).sum()))(lora, x))
+        return sum(e.primitive.name == "dot_general" and e.invars[1].aval.shape == (D, R) for e in eqns)
+
+    assert shrinks("minimal") == shrinks("outputs") == shrinks("nothing") - 3
 
 
 @pytest.mark.parametrize("dropout", [False, True])
