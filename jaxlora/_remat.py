@@ -16,6 +16,7 @@ model (``checkpoint_name(h, "h")``) and pass ``names=("h",)`` to save it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -27,8 +28,12 @@ XA = "lora_xa"
 OUT = "lora_out"
 LEVELS = ("minimal", "outputs")
 
-# checkpoint_name's primitive, as a jaxpr shows it (the policies below read its `name` parameter)
-_NAME = jax.make_jaxpr(lambda x: checkpoint_name(x, XA))(0.0).eqns[0].primitive
+
+@functools.cache
+def _name_primitive():
+    """checkpoint_name's primitive, as a jaxpr shows it (a policy reads its ``name`` parameter); found
+    on first use, not at import."""
+    return jax.make_jaxpr(lambda x: checkpoint_name(x, XA))(0.0).eqns[0].primitive
 
 
 def remat_policy(
@@ -79,9 +84,10 @@ def remat_policy(
         raise ValueError(f'remat_policy: targets={targets!r} selects outputs to save; pass keep="outputs" with it.')
     fixed = {XA, *names}
     outputs = keep == "outputs"
+    name_p = _name_primitive()
 
     def policy(prim, *_, **params) -> bool:
-        if prim is not _NAME:
+        if prim is not name_p:
             return False
         name = params["name"]
         if name in fixed:
