@@ -32,6 +32,8 @@ class ModelConfig:
     remat: bool = False
     scan: bool = False
     dtype: str = "bfloat16"
+    # with remat, what each block keeps for the backward pass (`remat_policy`)
+    remat_policy: str = "block"
 
     @property
     def kv_heads(self) -> int:
@@ -108,12 +110,42 @@ CONFIGS = {
 }
 
 
-def configure(name: str, remat: bool = False, scan: bool = False, override: str = "{}") -> ModelConfig:
-    """``CONFIGS[name]`` with remat/scan switched on by flag (never off: llama8b has both) and JSON overrides."""
+def configure(
+    name: str, remat: bool = False, scan: bool = False, override: str = "{}", policy: str = "block"
+) -> ModelConfig:
+    """``CONFIGS[name]`` with remat/scan switched on by flag (never off: llama8b has both; ``policy="none"``
+    takes remat away), the remat policy, and JSON overrides."""
     import json
 
     c = CONFIGS[name]
-    return dataclasses.replace(c, remat=remat or c.remat, scan=scan or c.scan, **json.loads(override))
+    remat_policy(policy)  # a bad name fails here, in the driver
+    return dataclasses.replace(
+        c, remat=remat or c.remat, scan=scan or c.scan, remat_policy=policy, **json.loads(override)
+    )
+
+
+POLICIES = ("block", "none", "dots", "minimal", "outputs", "mlp")
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``ModelConfig.remat_policy``: ``"block"`` recomputes the whole
+    block (no policy), ``"none"`` has no remat at all, ``"dots"`` is JAX's
+    ``dots_with_no_batch_dims_saveable``, ``"minimal"`` and ``"outputs"`` are `jaxlora.remat_policy`'s
+    levels, ``"mlp"`` is ``"outputs"`` of gate and up only (without LoRA, as in full fine-tuning,
+    they name nothing: whole-block remat)."""
+    import jaxlora
+
+    if name not in POLICIES:
+        raise ValueError(f"remat policy {name!r}: expected one of {POLICIES}")
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "mlp":
+        return jaxlora.remat_policy("outputs", targets=("gate", "up"))
+    return jaxlora.remat_policy(name) if name in ("minimal", "outputs") else None
+
+
+def _remat(c: ModelConfig) -> bool:
+    return c.remat and c.remat_policy != "none"
 
 
 def attention(q, k, v):
@@ -172,7 +204,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens):
         c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = nn.Embed(c.vocab, c.d_model, dtype=dt, param_dtype=dt, name="embed")(tokens)
-        block = nn.remat(Block, prevent_cse=not c.scan) if c.remat else Block
+        block = nn.remat(Block, prevent_cse=not c.scan, policy=remat_policy(c.remat_policy)) if _remat(c) else Block
         if c.scan:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.n_layers)
             x, _ = stack(c, name="layers")(x, None)
@@ -243,12 +275,12 @@ class NnxDecoder(nnx.Module):
         self.layers = nnx.List([NnxBlock(c, rank, rngs) for _ in range(c.n_layers)])
         self.ln_f = nnx.Param(jnp.ones((c.d_model,), dt))
         self.lm_head = nnx.Linear(c.d_model, c.vocab, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.remat = c.remat
+        self.remat, self.policy = _remat(c), c.remat_policy
 
     def __call__(self, tokens):
         x = self.embed(tokens)
         for layer in self.layers:
-            x = nnx.remat(lambda m, x: m(x))(layer, x) if self.remat else layer(x)
+            x = nnx.remat(lambda m, x: m(x), policy=remat_policy(self.policy))(layer, x) if self.remat else layer(x)
         return self.lm_head(_norm(x, self.ln_f[...]))
 
 

@@ -5,7 +5,10 @@ without bias, causal SDPA with grouped-query heads, an untied LM head, next-toke
 the softmax in float32), bfloat16 weights on a GPU, fused AdamW. ``train_step`` runs these as its
 modes ``torch_full``, ``torch_full_compiled``, ``peft`` and ``peft_compiled``, each in its own
 process like every other mode, so one results file holds jaxlora and its PyTorch peer side by side.
-PEFT keeps its defaults (``autocast_adapter_dtype=True``: float32 adapters over the bf16 base).
+A ``_ckpt`` suffix (``peft_ckpt``, ``peft_compiled_ckpt``, ``torch_full_ckpt``, ...) adds gradient
+checkpointing of every block (``torch.utils.checkpoint``, non-reentrant), as ``--remat`` does for all.
+PEFT's adapters follow ``--lora-dtype``: float32 is PEFT's default (``autocast_adapter_dtype=True``:
+float32 adapters over the bf16 base), bfloat16 keeps them in the base's dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-TORCH_MODES = ("torch_full", "torch_full_compiled", "peft", "peft_compiled")
+_BASE_MODES = ("torch_full", "torch_full_compiled", "peft", "peft_compiled")
+TORCH_MODES = _BASE_MODES + tuple(f"{m}_ckpt" for m in _BASE_MODES)
 
 
 def _model(cfg, device, dtype):
@@ -77,13 +81,17 @@ def measure(a: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = getattr(torch, cfg.dtype)
+    mode, checkpointing = a.mode.removesuffix("_ckpt"), a.remat or a.mode.endswith("_ckpt")
+    if a.lora_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--lora-dtype {a.lora_dtype!r}: the PEFT peer takes float32 or bfloat16")
     t0 = time.perf_counter()
     model = _model(cfg, device, dtype)
-    if a.mode.startswith("peft"):
+    if mode.startswith("peft"):
         import peft
 
         targets = a.targets.split(",") if a.targets else list(models.targets(cfg))
-        model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=targets))
+        config = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=targets)
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=a.lora_dtype == "float32")
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, fused=gpu)
     tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device)
@@ -92,12 +100,12 @@ def measure(a: argparse.Namespace) -> dict:
         logits = model(tokens)[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
 
-    if a.mode.endswith("compiled"):
+    if mode.endswith("compiled"):
         loss_of = torch.compile(loss_of)
-    if a.remat:  # the Linen model's nn.remat: recompute each block in the backward pass
+    if checkpointing:  # the Linen model's nn.remat: recompute each block in the backward pass
         import torch.utils.checkpoint as ckpt
 
-        for layer in (model.base_model.model if a.mode.startswith("peft") else model).layers:
+        for layer in (model.base_model.model if mode.startswith("peft") else model).layers:
             forward = layer.forward
             layer.forward = lambda x, f=forward: ckpt.checkpoint(f, x, use_reentrant=False)
     state = {}
@@ -135,8 +143,10 @@ def measure(a: argparse.Namespace) -> dict:
         "compile_s": round(compile_s, 1),
         "torch": torch.__version__,
         "trainable_params": sum(p.numel() for p in trained),
+        "trainable_dtype": str(trained[0].dtype).removeprefix("torch."),
+        "gradient_checkpointing": checkpointing,
     }
-    if a.mode.startswith("peft"):
+    if mode.startswith("peft"):
         import peft
 
         out["peft"] = peft.__version__

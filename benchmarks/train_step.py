@@ -13,13 +13,21 @@ Modes:
   lora_fused    jaxlora with every Dense layer on the fused Pallas GEMM (`jaxlora._fused`; a GPU).
   torch_full, torch_full_compiled, peft, peft_compiled
                 the PyTorch peer (`benchmarks.torch_peer`): the same decoder in torch, full fine-tuning
-                or PEFT LoRA, eager or under ``torch.compile``.
+                or PEFT LoRA, eager or under ``torch.compile``; ``..._ckpt`` (``peft_ckpt``,
+                ``peft_compiled_ckpt``, ...) with gradient checkpointing of every block. PEFT's adapters
+                follow ``--lora-dtype``: float32 (PEFT's default) or bfloat16.
   dora    as lora, with DoRA (``LoraConfig(dora=True)``: a trainable magnitude per output feature).
 
 ``--modes lora,dora`` prints the DoRA/LoRA step-time ratio measured in the same run.
 
 Run ``python -m benchmarks.train_step --config A`` (configs in benchmarks/models.py; ``--remat``,
-``--scan``); it prints a table and writes JSON with ``--out``. Each mode records its compiled step's
+``--scan``, ``--policy`` for what each rematerialized block keeps: ``block`` (nothing: the whole block
+is recomputed), ``none`` (no remat), ``dots`` (``dots_with_no_batch_dims_saveable``), ``minimal`` or
+``outputs`` (`jaxlora.remat_policy`), ``mlp`` (``outputs`` of gate and up)); it prints a table with
+each mode's MFU and writes JSON with ``--out``.
+Model FLOPs: ``6·N·tokens`` for full fine-tuning, ``4·N·tokens`` plus the LoRA products
+(``6·tokens·r·(in + out)`` per adapted matrix) for LoRA, both plus causal attention; recomputation
+is not counted. Each mode records its compiled step's
 ``memory_analysis``; ``--buffers DIR`` has XLA dump each mode's buffer assignment in ``DIR/<mode>``
 for ``python -m benchmarks.buffers DIR/full DIR/lora``.
 """
@@ -79,7 +87,7 @@ def _measure(a: argparse.Namespace) -> dict:
 
     from . import common, models
 
-    cfg = models.configure(a.config, a.remat, a.scan, a.override)
+    cfg = models.configure(a.config, a.remat, a.scan, a.override, a.policy)
     tokens = models.tokens_for(cfg)
     rest = params = fwd = None
     targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
@@ -182,10 +190,37 @@ def _measure(a: argparse.Namespace) -> dict:
                                "once, as JAX starts its backend: run the driver, which sets --xla_dump_to per mode, "
                                f"or start Python with XLA_FLAGS=--xla_dump_to={a.buffers}")  # fmt: skip
     out["tokens_per_s"] = cfg.batch * cfg.seq / (out["median_ms"] / 1e3)
-    if a.mode == "full":
-        out["model_tflops"] = cfg.train_flops() / 1e12
-        out["achieved_tflops_per_s"] = cfg.train_flops() / (out["median_ms"] / 1e3) / 1e12
     return out
+
+
+def model_flops(cfg, mode: str, rank: int, targets: tuple[str, ...]) -> float | None:
+    """Model FLOPs of one step of ``mode``: full fine-tuning ``6·N·tokens``; LoRA ``4·N·tokens`` (forward
+    and input gradient) plus the LoRA products, ``6·tokens·r·(in + out)`` per adapted matrix
+    (``x·A``, ``t·B``, ``g·Bᵀ``, ``dt·Aᵀ``, ``dA``, ``dB``); both plus causal attention
+    (`ModelConfig.train_flops`). None for the forward-only ``frozen`` mode."""
+    if mode == "frozen":
+        return None
+    if mode == "full" or mode.startswith("torch_full"):
+        return cfg.train_flops()
+    d, kv, ff, tokens = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.ff, cfg.batch * cfg.seq
+    shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, ff), "up": (d, ff), "down": (ff, d)}
+    lora = sum(6.0 * tokens * rank * sum(shapes[t]) for t in targets) * cfg.n_layers
+    return cfg.train_flops() - 2.0 * cfg.matmul_params() * tokens + lora
+
+
+def _add_mfu(result: dict, cfg, rank: int, targets: tuple[str, ...]) -> None:
+    """Each timed mode's model TFLOPs, achieved TFLOP/s and (on a GPU) MFU against a 989 TFLOP/s bf16 peak
+    (H100 and H200 SXM share it)."""
+    from . import common
+
+    for mode, r in result["modes"].items():
+        flops = model_flops(cfg, mode.split("@")[0], rank, targets)
+        if flops is None or "median_ms" not in r:
+            continue
+        r["model_tflops"] = flops / 1e12
+        r["achieved_tflops_per_s"] = flops / (r["median_ms"] / 1e3) / 1e12
+        if result["backend"] == "gpu":
+            r["mfu"] = r["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-dtype", default="float32", help="dtype of A and B")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--scan", action="store_true")
+    p.add_argument("--policy", default="block", help="what each rematerialized block keeps: block (nothing), none "
+                   "(no remat), dots, minimal, outputs, mlp (see above); a comma-separated list runs each jaxlora "
+                   "mode under each, labelled mode@policy")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--window", type=int, default=4, help="steps dispatched back to back for pipelined_ms")
     p.add_argument("--warmup", type=int, default=3)
@@ -218,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # this process only reads the device name
     from . import common, models
 
-    cfg = models.configure(a.config, a.remat, a.scan, a.override)
+    policies = a.policy.split(",")
+    for policy in policies:
+        models.remat_policy(policy)  # a bad name fails here, before any worker starts
+    cfg = models.configure(a.config, a.remat, a.scan, a.override, policies[0])
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     flags += ["--targets", a.targets, "--lora-dtype", a.lora_dtype]
     flags += ["--window", str(a.window), "--override", a.override]
@@ -236,9 +277,16 @@ def main(argv: list[str] | None = None) -> dict:
             "targets": a.targets.split(",") if a.targets else list(models.targets(cfg)),
         },
         "optimizer": "optax.adamw(1e-4, mu_dtype=float32)",
+        "remat_policy": a.policy if cfg.remat else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "modes": {},
     }
-    jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
+    from . import torch_peer
+
+    # several policies: each jaxlora mode once per policy, as "mode@policy" (the torch peers once)
+    label = lambda mode, p: mode if len(policies) == 1 or mode in torch_peer.TORCH_MODES else f"{mode}@{p}"  # noqa: E731
+    jobs = {label(mode, p): ["--mode", mode, *flags, "--policy", p] for mode in a.modes.split(",") for p in policies}
+    full, lora = label("full", policies[0]), label("lora", policies[0])
     if a.profile:
         jobs = {m: [*j, "--profile", f"{a.profile}_{m}", "--hlo", f"{a.profile}_{m}.hlo.txt"] for m, j in jobs.items()}
     envs = {}
@@ -248,18 +296,19 @@ def main(argv: list[str] | None = None) -> dict:
         flags_now = os.environ.get("XLA_FLAGS", "")
         envs = {m: {"XLA_FLAGS": f"{flags_now} --xla_dump_to={d}".strip()} for m, d in dirs.items()}
     result["modes"] = common.run_workers("benchmarks.train_step", jobs, a.timeout, a.parallel, envs=envs)
-    full = result["modes"].get("full", {})
-    common.add_ratios(result["modes"], "full")
-    lora = result["modes"].get("lora", {})
+    targets = tuple(a.targets.split(",")) if a.targets else models.targets(cfg)
+    _add_mfu(result, cfg, a.rank, targets)
+    common.add_ratios(result["modes"], full)
     for peer in ("peft", "peft_compiled"):  # how many times faster jaxlora's LoRA step is than PEFT's
-        if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in lora:
-            result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / lora["median_ms"]
-    common.add_ratios(result["modes"], "lora", VARIANTS)  # DoRA against plain LoRA, measured in this run
-    if "achieved_tflops_per_s" in full and result["backend"] == "gpu":
-        result["mfu_full"] = full["achieved_tflops_per_s"] * 1e12 / common.H100_BF16_FLOPS
-    print(f"\n{result['device']}  config {a.config}{' remat' if a.remat else ''}{' scan' if a.scan else ''}  "
+        if "median_ms" in result["modes"].get(peer, {}) and "median_ms" in result["modes"].get(lora, {}):
+            result[f"speedup_over_{peer}"] = result["modes"][peer]["median_ms"] / result["modes"][lora]["median_ms"]
+    common.add_ratios(result["modes"], lora, [label(v, policies[0]) for v in VARIANTS])  # DoRA against LoRA
+    if "mfu" in result["modes"].get(full, {}):
+        result["mfu_full"] = result["modes"][full]["mfu"]
+    remat = f" remat ({a.policy})" if cfg.remat else ""
+    print(f"\n{result['device']}  config {a.config}{remat}{' scan' if cfg.scan else ''}  "
           f"batch {cfg.batch}x{cfg.seq}  rank {a.rank}  {cfg.params() / 1e6:.0f}M params")  # fmt: skip
-    common.print_steps(result["modes"])
+    common.print_steps(result["modes"], full)
     for peer in ("peft", "peft_compiled"):
         if f"speedup_over_{peer}" in result:
             print(f"jaxlora LoRA step is {result[f'speedup_over_{peer}']:.2f}x faster than {peer}")
@@ -267,12 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
             for m, r in result["modes"].items() if "compile_s" in r]  # fmt: skip
     print("compile s, start to first step done (ratio to full): " + ", ".join(said))
     for mode in VARIANTS:
-        r = result["modes"].get(mode, {})
-        if "ratio_to_lora" in r:
-            print(f"{mode}/lora: step {r['ratio_to_lora']:.3f}x, pipelined {r['pipelined_ratio_to_lora']:.3f}x, "
-                  f"peak memory {common.rounded(r.get('memory_ratio_to_lora'))}x")  # fmt: skip
-    if "mfu_full" in result:
-        print(f"full fine-tuning MFU: {100 * result['mfu_full']:.1f}% of 989 TFLOP/s")
+        r = result["modes"].get(label(mode, policies[0]), {})
+        if f"ratio_to_{lora}" in r:
+            print(f"{mode}/lora: step {r[f'ratio_to_{lora}']:.3f}x, pipelined {r[f'pipelined_ratio_to_{lora}']:.3f}x, "
+                  f"peak memory {common.rounded(r.get(f'memory_ratio_to_{lora}'))}x")  # fmt: skip
+    said = [f"{m} {r['achieved_tflops_per_s']:.1f}" + (f" ({100 * r['mfu']:.1f}%)" if "mfu" in r else "")
+            for m, r in result["modes"].items() if "achieved_tflops_per_s" in r]  # fmt: skip
+    print("model TFLOP/s (MFU of 989 TFLOP/s bf16): " + ", ".join(said))
     common.write(result, a.out)
     return result
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._quant import quantize as quantize
     from ._quant import quantize_file as quantize_file
     from ._quant import quantized_shardings as quantized_shardings
+    from ._remat import remat_policy as remat_policy
     from ._saved import SavedModule as SavedModule
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
@@ -68,6 +69,7 @@ _EXPORTS = {
     "quantize": ("._quant", "quantize"),
     "quantize_file": ("._quant", "quantize_file"),
     "quantized_shardings": ("._quant", "quantized_shardings"),
+    "remat_policy": ("._remat", "remat_policy"),
     "SavedModule": ("._saved", "SavedModule"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),

@@ -28,9 +28,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
-from . import _fused
+from . import _fused, _remat
 
 Array = jax.Array
 
@@ -161,6 +162,7 @@ def lora_op(
     magnitude: Array | None = None,
     norm_op: Callable[[Array, Array, Array, Array | None], Array] | None = None,
     to_out: Callable[[Array, int], Array] | None = None,
+    path: str | None = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -173,6 +175,8 @@ def lora_op(
     For floating ``x`` the derivative is a custom VJP (`factored`): it saves only the LoRA input
     and the rank-``r`` product ``x·a`` (in the activations' dtype), and its backward pass computes
     the activation gradient and the two small factor gradients, never a ``W``-shaped gradient.
+    ``x·a`` and the op's value (before DoRA's scaling) are named ``"lora_xa"`` and ``"lora_out/<path>"``
+    (``"lora_out"`` without a ``path``, the module path) for `jax.checkpoint` policies (`jaxlora.remat_policy`).
 
     ``delta_op(first, second)``, when given, is ``ΔW`` (unscaled) in the layout ``base`` reads ``W``
     in. Where one pass over ``W`` costs less than the LoRA term's passes over the activations (many
@@ -196,6 +200,7 @@ def lora_op(
     z, delta_op = _lora_op(
         x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key
     )
+    z = checkpoint_name(z, _remat.OUT if path is None else f"{_remat.OUT}/{path}")
     if magnitude is None:
         return z
     merged = None
@@ -275,8 +280,10 @@ def _merged(w: Array, f: Array, s: Array, delta_op: Callable) -> Array:
 
 def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused=False, need_t=True):
     """The op's value and (if needed or used) the rank product ``t = first_op(xl, f)``."""
+    # t is named for jax.checkpoint policies (`_remat`) where it is made, so that a recomputed
+    # output reuses a saved t rather than making it again
     if fused:  # x·W + t·s in one kernel (xl is x)
-        t = first_op(x, f)
+        t = checkpoint_name(first_op(x, f), _remat.XA)
         y = _fused.matmul(x.reshape(-1, w.shape[0]), w, t.reshape(-1, t.shape[-1]), s)
         return y.reshape(*x.shape[:-1], w.shape[1]), t
     wm = w if delta_op is None else _merged(w, f, s, delta_op)
@@ -286,11 +293,11 @@ def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, 
         yt = base(x, jnp.concatenate([wm, f.astype(wm.dtype)], axis=1))
         # t is kept for the backward pass: the barrier makes it its own small array, so the residual
         # does not hold the whole [y | t] output alive until then.
-        y, t = yt[..., :out], lax.optimization_barrier(yt[..., out:])
+        y, t = yt[..., :out], checkpoint_name(lax.optimization_barrier(yt[..., out:]), _remat.XA)
     else:
         y = base(x, wm)
         if need_t or delta_op is None:
-            t = first_op(xl, f)
+            t = checkpoint_name(first_op(xl, f), _remat.XA)
     if delta_op is None:
         y = y + second_op(t, s).astype(y.dtype)
     return y, t
@@ -302,8 +309,10 @@ def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op
 
     ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). With ``delta_op`` (then ``xl`` is
     ``x``) the value is ``base(x, W + ΔW)``; with ``fused`` (a Dense layer, ``xl`` is ``x``) the forward
-    and the input gradient are `jaxlora._fused.matmul`. Residuals: ``x``, ``xl``, the rank-``r`` product, ``W`` (a
-    buffer the caller holds anyway) and the two factors cast to ``x``'s dtype.
+    and the input gradient are `jaxlora._fused.matmul`. Residuals, each only where a requested
+    cotangent needs it (`_factored_fwd`): ``xl`` for ``dA``, the rank-``r`` product ``t = xl·a``
+    (named ``"lora_xa"``) for ``dB``, ``W`` (a buffer the caller holds anyway) for ``dx``, the two
+    factors cast to ``x``'s dtype (factor-sized), and ``x`` only for ``dW``.
     """
     f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side: at B = 0 this is base(x, W) + an exact zero
     return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, fused, need_t=False)[0]
@@ -314,31 +323,80 @@ def _cast(first: Array, second: Array, scale: float, dtype) -> tuple[Array, Arra
     return (first * jnp.asarray(scale, first.dtype)).astype(dtype), second.astype(dtype)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Like:
+    """A residual the backward pass needs only the shape and dtype of: static, so no bytes are kept."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+
+
+def _keep(v: Array, needed: bool) -> Array | _Like:
+    return v if needed else _Like(tuple(v.shape), jnp.dtype(v.dtype))
+
+
+def _array(v: Array | _Like) -> Array:
+    """``v``, or zeros in its place (for ``jax.vjp`` of an op linear in ``v``, whose value is then unused)."""
+    return jnp.zeros(v.shape, v.dtype) if isinstance(v, _Like) else v
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Need:
+    """Which cotangents were asked for (the primals' ``perturbed`` flags), and the backward's paths."""
+
+    x: bool
+    xl: bool
+    w: bool
+    first: bool
+    second: bool
+    fused: bool  # dx (with the LoRA term) by the fused kernel
+    merged: bool  # dx on W + ΔW or [W ; b] (with the LoRA term when delta_op is given)
+    dt: bool  # the rank product's cotangent
+
+
 def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, fused):
     # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
-    # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x).
-    need = tuple(p.perturbed for p in (x, xl, w, first, second))
+    # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x),
+    # and the residuals hold only what those need: the rest is a `_Like` (shape and dtype, no bytes).
+    nx, nxl, nw, nfirst, nsecond = (p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
     f, s = _cast(first, second, scale, xl.dtype)
-    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused)
-    keep = lambda i, v: (v,) if need[i] else ()  # noqa: E731 (the residuals' structure carries the flags)
-    return out, (x, xl, w, f, s, t, keep(3, first), keep(4, second), keep(2, True), keep(0, True), keep(1, True))
+    out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused, need_t=nsecond)
+    by_fused = fused and (nx or nxl)
+    by_merged = not by_fused and (nx or (nxl and delta_op is not None))
+    dxl = nxl and not by_fused and delta_op is None  # dt·fᵀ
+    need = _Need(nx, nxl, nw, nfirst, nsecond, by_fused, by_merged, nfirst or dxl or by_fused)
+    if t is None:  # not needed: only its shape
+        t = jax.eval_shape(first_op, xl, f)
+    res = (
+        _keep(x, nw),
+        _keep(xl, nfirst),
+        _keep(w, by_fused or by_merged),
+        _keep(f, by_fused or dxl or (by_merged and delta_op is not None)),
+        _keep(s, need.dt or (by_merged and (delta_op is not None or side_by_side))),
+        _keep(t, nsecond),
+        _Like(first.shape, first.dtype),
+        _Like(second.shape, second.dtype),
+        need,
+    )
+    return out, res
 
 
 def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fused, res, g):
-    x, xl, w, f, s, t, first, second, need_w, need_x, need_xl = res
+    x, xl, w, f, s, t, first, second, need = res
     if isinstance(g, SymbolicZero):
         return None, None, None, None, None
     # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
-    dx = dxl = dt = None
+    dx = dxl = dt = ds = dw = df = None
     g = g.astype(t.dtype)
-    if fused and (need_x or need_xl):  # g·Wᵀ + dt·fᵀ in one kernel: dx holds the LoRA term (xl is x)
-        dt = jax.vjp(lambda t: second_op(t, s), t)[1](g)[0]
+    if need.fused:  # g·Wᵀ + dt·fᵀ in one kernel: dx holds the LoRA term (xl is x)
+        dt = jax.vjp(lambda t: second_op(t, s), _array(t))[1](g)[0]
         k, n = w.shape
         dx = _fused.matmul(g.reshape(-1, n), w, dt.reshape(-1, dt.shape[-1]), f.T, transpose_w=True)
         dx = dx.reshape(*x.shape[:-1], k).astype(x.dtype)
-        need_xl = False
-    elif need_x or (need_xl and delta_op is not None):
+    elif need.merged:
         # W + ΔW is made again only once g exists: the barrier stops XLA from keeping the forward's
         # copy alive, or preparing every layer's up front.
         wm = w
@@ -351,18 +409,20 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fuse
             dz = jax.vjp(lambda z: base(z, jnp.concatenate([wm, s.astype(wm.dtype)], axis=0)), z)[1](g)[0]
             dx, dt = dz[..., :k], dz[..., k:]
         else:
-            dx = jax.vjp(lambda x: base(x, wm), x)[1](g)[0]
+            dx = jax.vjp(lambda x: base(x, wm), _array(x))[1](g)[0]
         dx = dx.astype(x.dtype)
-    if dt is None:
-        dt = jax.vjp(lambda t: second_op(t, s), t)[1](g)[0]
-    ds = jax.vjp(lambda s: second_op(t, s), s)[1](g)[0]
-    dw = jax.vjp(lambda w: base(x, w), w)[1](g)[0].astype(w.dtype) if need_w else None
-    if delta_op is None and need_xl:  # (with delta_op or fused, xl is x and dx has the LoRA term already)
-        dxl = jax.vjp(lambda xl: first_op(xl, f), xl)[1](dt)[0].astype(xl.dtype)
-    df = jax.vjp(lambda f: first_op(xl, f), f)[1](dt)[0] if first else None
-    dfirst = (df.astype(first[0].dtype) * jnp.asarray(scale, first[0].dtype)) if first else None
-    dsecond = ds.astype(second[0].dtype) if second else None
-    return dx, dxl, dw, dfirst, dsecond
+    if dt is None and need.dt:
+        dt = jax.vjp(lambda t: second_op(t, s), _array(t))[1](g)[0]
+    if need.second:
+        ds = jax.vjp(lambda s: second_op(t, s), _array(s))[1](g)[0].astype(second.dtype)
+    if need.w:
+        dw = jax.vjp(lambda w: base(x, w), _array(w))[1](g)[0].astype(w.dtype)
+    if need.xl and not need.fused and delta_op is None:  # (else xl is x and dx has the LoRA term already)
+        dxl = jax.vjp(lambda xl: first_op(xl, f), _array(xl))[1](dt)[0].astype(xl.dtype)
+    if need.first:
+        df = jax.vjp(lambda f: first_op(xl, f), _array(f))[1](dt)[0]
+        df = df.astype(first.dtype) * jnp.asarray(scale, first.dtype)
+    return dx, dxl, dw, df, ds
 
 
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)

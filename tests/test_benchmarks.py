@@ -12,7 +12,8 @@ from benchmarks import inference, train_step
 
 def _args(mode, **kw):
     base = dict(config="tiny", mode=mode, rank=4, remat=False, scan=False, steps=2, warmup=1, window=2,
-                override="{}", hlo=None, profile=None, targets="", lora_dtype="float32", buffers=None)  # fmt: skip
+                override="{}", hlo=None, profile=None, targets="", lora_dtype="float32", buffers=None,
+                policy="block")  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -282,3 +283,59 @@ def test_the_decode_model_decodes_what_a_prefill_computes(cache_form):
     np.testing.assert_allclose(cache, want_cache, rtol=2e-5, atol=2e-5)
     chunk, _ = step.apply(params, tokens[:, 5:], prefilled, 5)
     np.testing.assert_allclose(chunk, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_train_step_remat_policies_train_alike():
+    """``--policy``: a policy, and no remat, train as whole-block remat does (tiny_scan: scan + remat)."""
+    policies = ("block", "none", "outputs")
+    losses = {p: train_step._worker(_args("lora", config="tiny_scan", policy=p))["loss"] for p in policies}
+    assert all(v == pytest.approx(losses["block"], rel=1e-5) for v in losses.values()), losses
+
+
+def test_train_step_rejects_an_unknown_policy():
+    from benchmarks import models
+
+    with pytest.raises(ValueError, match=r"remat policy 'all': expected one of \('block', 'none'"):
+        models.configure("tiny_scan", policy="all")
+
+
+def test_model_flops_count_the_lora_products():
+    """Full fine-tuning 6·N·tokens, LoRA 4·N·tokens plus 6·tokens·r·(in + out) per adapted matrix, both plus
+    attention; MFU against 989 TFLOP/s where the backend is a GPU."""
+    from benchmarks import models
+
+    cfg = models.configure("tiny")  # d 64, ff 256, 2 layers, 2 x 32 tokens
+    tokens, attention = 64, 6.0 * 2 * 32 * 64 * 64
+    assert train_step.model_flops(cfg, "torch_full_ckpt", 4, ()) == 6.0 * cfg.matmul_params() * tokens + attention
+    assert train_step.model_flops(cfg, "lora", 4, ()) == 4.0 * cfg.matmul_params() * tokens + attention
+    up = train_step.model_flops(cfg, "peft", 4, ("up",)) - train_step.model_flops(cfg, "peft", 4, ())
+    assert up == 2 * 6.0 * tokens * 4 * (64 + 256)  # two layers
+    assert train_step.model_flops(cfg, "frozen", 4, ()) is None
+    result = {"backend": "gpu", "modes": {"lora": {"median_ms": 1.0}, "frozen": {"median_ms": 1.0}, "x": {}}}
+    train_step._add_mfu(result, cfg, 4, ("up",))
+    lora = result["modes"]["lora"]
+    assert lora["achieved_tflops_per_s"] == pytest.approx(lora["model_tflops"] * 1e3)
+    assert lora["mfu"] == pytest.approx(lora["achieved_tflops_per_s"] * 1e12 / 989e12)
+    assert "mfu" not in result["modes"]["frozen"] and "mfu" not in result["modes"]["x"]
+
+
+def test_torch_peer_checkpointing_and_bf16_adapters():
+    pytest.importorskip("peft", reason="the PyTorch peer needs torch and peft (the peft extra)")
+    out = train_step._worker(_args("peft_ckpt", lora_dtype="bfloat16", override='{"dtype": "bfloat16"}'))
+    assert out["gradient_checkpointing"] and out["trainable_dtype"] == "bfloat16" and out["median_ms"] > 0
+    out = train_step._worker(_args("peft", override='{"dtype": "bfloat16"}'))  # PEFT's default: float32 adapters
+    assert not out["gradient_checkpointing"] and out["trainable_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_driver_runs_lora_under_each_policy(tmp_path, capsys):
+    """``--policy block,outputs``: each policy's LoRA step in its own process, labelled lora@policy, with its MFU."""
+    out = tmp_path / "r.json"
+    train_step.main(["--config", "tiny_scan", "--modes", "lora", "--policy", "block,outputs", "--steps", "2",
+                     "--warmup", "1", "--rank", "4", "--window", "2", "--out", str(out)])  # fmt: skip
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"lora@block", "lora@outputs"}, modes
+    assert modes["lora@outputs"]["loss"] == pytest.approx(modes["lora@block"]["loss"], rel=1e-5)
+    assert all(r["model_tflops"] > 0 for r in modes.values())
+    assert "model TFLOP/s (MFU of 989 TFLOP/s bf16): lora@block" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction, so at B = 0
         # the op would no longer be the base op on the untouched W
         delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
-        dropout_key=ctx.next_key(), **_dora(t, out_axes),
+        dropout_key=ctx.next_key(), path=t.view.path, **_dora(t, out_axes),
     )]  # fmt: skip
 
 
@@ -170,7 +170,7 @@ def _conv(eqn, invals, ctx: Context) -> list[Any]:
         base=base,
         first_op=first_op,
         second_op=second_op,
-        delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(), path=t.view.path,
         **_dora(t, {t.view.origin[out_axis]: feature}),
     )]  # fmt: skip
 
@@ -206,7 +206,7 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
         indices, t.w, t.a, t.b, t.factors.scale,
         base=base,
         first_op=first_op,
-        second_op=second_op,
+        second_op=second_op, path=t.view.path,
         **_dora(t, {t.view.origin[o_axis]: out_axis}),
     )]  # fmt: skip
 
