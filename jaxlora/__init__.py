@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._quant import quantize_file as quantize_file
     from ._quant import quantized_shardings as quantized_shardings
     from ._saved import SavedModule as SavedModule
+    from ._serving import AdapterCache as AdapterCache
+    from ._serving import serving_compiler_options as serving_compiler_options
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
     from ._stack import LoraStack as LoraStack
@@ -69,6 +71,8 @@ _EXPORTS = {
     "quantize_file": ("._quant", "quantize_file"),
     "quantized_shardings": ("._quant", "quantized_shardings"),
     "SavedModule": ("._saved", "SavedModule"),
+    "AdapterCache": ("._serving", "AdapterCache"),
+    "serving_compiler_options": ("._serving", "serving_compiler_options"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),
     "LoraStack": ("._stack", "LoraStack"),
