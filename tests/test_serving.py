@@ -1,5 +1,6 @@
 """`AdapterCache` (an LRU of device slots fed from host memory or disk) and `serving_compiler_options`."""
 
+import argparse
 import dataclasses
 import time
 
@@ -208,3 +209,17 @@ def test_serving_compiler_options_name_an_option_this_xla_accepts():
     np.testing.assert_allclose(step(jnp.eye(3), jnp.ones((2, 3))), np.ones((2, 3)))
     with pytest.raises(Exception, match="No such compile option"):
         jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_triton_gemmm": False})(1.0)
+
+
+@pytest.mark.parametrize("mode", ["swap", "base_b1"])
+def test_the_benchmark_measures_swaps_and_merged_decode_at_batch_1(mode):
+    from benchmarks import multi_adapter
+
+    a = argparse.Namespace(config="tiny", mode=mode, rank=4, lora_dtype="float32", decode_batch=4, prefill_batch=2,
+                           cache=16, steps=2, warmup=1, override="{}", gemm="flags")  # fmt: skip
+    out = multi_adapter._worker(a)
+    assert out["median_ms"] > 0 and out["compiler_options"] == {}
+    if mode == "swap":  # tiny: 2 layers of q, k, v, o, up, down (d 64, ff 256), rank 4, float32
+        assert out["adapter_bytes"] == 4 * 4 * 2 * (4 * (64 + 64) + 2 * (64 + 256)) and out["disk_median_ms"] > 0
+    else:
+        assert out["batch"] == 1 and out["kv_bytes"] == 2 * 2 * 1 * 4 * 16 * 16 * 4 and out["copy_gb_per_s"] > 0
