@@ -263,6 +263,12 @@ def _measure_swap(a: argparse.Namespace) -> dict:
 
     ms = [miss(n) for n in names[slots:]]
     out.update(median_ms=models.median(ms), step_ms=[round(x, 3) for x in ms])
+    prep = []
+    for _ in range(3):  # the host's share of a miss: padding to the slot rank
+        t = time.perf_counter()
+        cache._padded(names[0])
+        prep.append((time.perf_counter() - t) * 1e3)
+    out["host_prep_ms"] = models.median(prep)
     out["host_gb_per_s"] = out["adapter_bytes"] / (out["median_ms"] / 1e3) / 1e9
     with tempfile.TemporaryDirectory() as d:
         disk = [str(jaxlora.checkpoint.save(f"{d}/a{i}", host)) for i in range(2)]
