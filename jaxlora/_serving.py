@@ -132,6 +132,10 @@ class AdapterCache:
         added later.
       dtype: the stack's dtype (default: the adapters' common dtype).
 
+    Attributes:
+      max_loras: the number of slots.
+      loads: how many adapters have been written into slots so far (misses).
+
     Raises:
       ValueError: for ``max_loras < 1``, no adapters, adapters that do not fit one stack (other
         weight layouts for a module, a rank above ``rank``, DoRA, saved modules), or unreadable
@@ -154,11 +158,11 @@ class AdapterCache:
     def __init__(
         self, adapters: Mapping[str, Source], *, max_loras: int, rank: int | None = None, dtype: Any = None
     ) -> None:
+        if not isinstance(adapters, Mapping):
+            raise TypeError(f"adapters must be a dict {{name: lora or directory}}, got {type(adapters).__name__}")
         problems = [] if isinstance(max_loras, int) and max_loras >= 1 else [f"max_loras={max_loras!r}: at least 1"]
         if not adapters:
             problems.append("no adapters given: pass {name: lora or checkpoint directory, ...}")
-        if not isinstance(adapters, Mapping):
-            raise TypeError(f"adapters must be a dict {{name: lora or directory}}, got {type(adapters).__name__}")
         if any(not (_is_path(s) or isinstance(s, Mapping)) for s in adapters.values()):
             bad = {n: type(s).__name__ for n, s in adapters.items() if not (_is_path(s) or isinstance(s, Mapping))}
             raise TypeError(

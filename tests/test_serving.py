@@ -155,6 +155,8 @@ def test_errors():
         jaxlora.AdapterCache(adapters, max_loras=0)
     with pytest.raises(ValueError, match="no adapters given"):
         jaxlora.AdapterCache({}, max_loras=2)
+    with pytest.raises(TypeError, match=r"adapters must be a dict \{name: lora or directory\}, got list"):
+        jaxlora.AdapterCache([adapters["a0"]], max_loras=2)
     with pytest.raises(TypeError, match=r"adapters \{'x': 'int'\}"):
         jaxlora.AdapterCache({"x": 3}, max_loras=2)
     with pytest.raises(ValueError, match=r"rank 3 > rank=2; pass a larger rank="):
