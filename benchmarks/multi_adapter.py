@@ -5,6 +5,7 @@ bf16 weights, LoRA rank 16 on every projection (stacks in bf16). Modes, each in 
 
   base            decode steps of the plain model; the same compiled step on merged weights
                   (``merged``: a single adapter merged); a copy of W (the bandwidth yardstick).
+  base_b1         ``base`` at batch 1.
   unmerged        decode with one adapter, ``jaxlora.apply`` (factored).
   mixed8          decode, ``adapter_ids`` naming 8 distinct adapters out of 64 resident.
   mixed64         decode, 64 distinct adapters out of 64 resident.
@@ -13,9 +14,18 @@ bf16 weights, LoRA rank 16 on every projection (stacks in bf16). Modes, each in 
   prefill_mixed8  the same prefill, 8 distinct adapters.
   train_one       a training step (adamw) of one adapter on a ``prefill_batch x cache`` batch.
   train_stack8    a training step of 8 adapters at once on the same batch (each example its own).
+  swap            `jaxlora.AdapterCache` (64 slots): the time to load one adapter on a miss, from host
+                  memory (NumPy) and from a `jaxlora.checkpoint.save` directory.
 
-The decode floor of ``mixed64`` is the bytes of W, the KV cache and 64 adapters' factors, each read
-once, over the copy bandwidth measured in ``base``.
+Each decode figure is printed beside its bytes floor: the weights a step reads (all but the embedding
+table, of which it gathers a row per token), the KV cache, and the adapters' factors in use, each read
+once, over the copy bandwidth measured in ``base`` (``base_b1`` for itself); for the LoRA term, its
+time over merged against the factors in use read once.
+
+``--gemm`` picks the matmul emitter for skinny products: ``options`` (default) compiles each step with
+``compiler_options=jaxlora.serving_compiler_options()`` (on GPUs, Triton GEMM off for that program);
+``flags`` sets ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` in each worker; ``xla`` keeps XLA's
+defaults. Each mode's JSON records its ``xla_flags`` and ``compiler_options``.
 
 Run ``python -m benchmarks.multi_adapter --config llama8b --out benchmarks/results/multi_adapter_h200.json``:
 every mode in one call of under ten minutes (``--timeout`` seconds a mode, ``--budget`` for all; a mode
@@ -33,8 +43,11 @@ import os
 import sys
 import time
 
-MODES = ("base", "unmerged", "mixed8", "mixed64", "mixed64_of1024", "prefill_merged", "prefill_mixed8",
-         "train_one", "train_stack8")  # fmt: skip
+MODES = ("base", "base_b1", "unmerged", "mixed8", "mixed64", "mixed64_of1024", "prefill_merged", "prefill_mixed8",
+         "train_one", "train_stack8", "swap")  # fmt: skip
+DECODE = ("base", "base_b1", "unmerged", "mixed8", "mixed64", "mixed64_of1024")
+GEMMS = ("options", "flags", "xla")
+NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
 RESIDENT = {"mixed8": 64, "mixed64": 64, "mixed64_of1024": 1024, "prefill_mixed8": 8, "train_stack8": 8}
 DISTINCT = {"mixed8": 8, "mixed64": 64, "mixed64_of1024": 64, "prefill_mixed8": 8, "train_stack8": 8}
 
@@ -193,7 +206,79 @@ def _worker(a: argparse.Namespace) -> dict:
 
     with common.switches_restored():
         _matmul._STACK_FORM = getattr(a, "stack_form", None)
-        return _measure(a)
+        out = _measure_swap(a) if a.mode == "swap" else _measure(a)
+    out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    out["compiler_options"] = _compiler_options(a)
+    return out
+
+
+def _compiler_options(a: argparse.Namespace) -> dict:
+    import jaxlora
+
+    return jaxlora.serving_compiler_options() if getattr(a, "gemm", "options") == "options" else {}
+
+
+def _measure_swap(a: argparse.Namespace) -> dict:
+    """`jaxlora.AdapterCache` on the model's layout (``RESIDENT["mixed64"]`` slots): ms per miss."""
+    import dataclasses
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    import jaxlora
+
+    from . import models
+
+    cfg = models.configure(a.config, override=a.override)
+    model = _model(cfg, a.cache)
+    tokens = np.zeros((1, 1), np.int32)
+    params = jax.jit(lambda k: model.init(k, tokens, empty_cache(cfg, 1, a.cache), 0))(jax.random.key(0))
+    config = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg), dtype=a.lora_dtype)
+    args = (tokens, empty_cache(cfg, 1, a.cache, abstract=True), 0)
+    shapes = jaxlora.init(jax.random.key(1), params, config, fn=model.apply, args=args)
+    del params
+    rng, dt = np.random.default_rng(0), np.dtype(jax.numpy.dtype(a.lora_dtype))
+    host = {p: dataclasses.replace(f, a=(rng.standard_normal(f.a.shape, np.float32) / 64).astype(dt),
+                                   b=(rng.standard_normal(f.b.shape, np.float32) / 64).astype(dt))
+            for p, f in shapes.items()}  # fmt: skip
+    slots = RESIDENT["mixed64"]
+    names = [f"h{i}" for i in range(slots + 1 + a.steps)]  # one host tree under many names: every load a miss
+    t0 = time.perf_counter()
+    cache = jaxlora.AdapterCache({n: host for n in names}, max_loras=slots)
+    out: dict = {"mode": "swap", "slots": slots, "setup_s": round(time.perf_counter() - t0, 2)}
+    out["adapter_bytes"] = sum(x.nbytes for x in jax.tree.leaves(host))
+    out["stack_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.stack))
+    t0 = time.perf_counter()
+    for n in names[:slots]:  # fill every slot (the first load compiles the slot writer)
+        cache.ids([n])
+    jax.block_until_ready(cache.stack)
+    out["fill_s"] = round(time.perf_counter() - t0, 2)
+
+    def miss(name):
+        t = time.perf_counter()
+        cache.ids([name])
+        jax.block_until_ready(cache.stack)
+        return (time.perf_counter() - t) * 1e3
+
+    ms = [miss(n) for n in names[slots:]]
+    out.update(median_ms=models.median(ms), step_ms=[round(x, 3) for x in ms])
+    prep = []
+    for _ in range(3):  # the host's share of a miss: padding to the slot rank
+        t = time.perf_counter()
+        cache._padded(names[0])
+        prep.append((time.perf_counter() - t) * 1e3)
+    out["host_prep_ms"] = models.median(prep)
+    out["host_gb_per_s"] = out["adapter_bytes"] / (out["median_ms"] / 1e3) / 1e9
+    with tempfile.TemporaryDirectory() as d:
+        disk = [str(jaxlora.checkpoint.save(f"{d}/a{i}", host)) for i in range(2)]
+        for i in range(max(2, a.steps // 2)):  # a new name each time: every load a miss
+            cache.add(f"disk{i}", disk[i % 2])
+        ms = [miss(f"disk{i}") for i in range(max(2, a.steps // 2))]
+    out["disk_median_ms"] = models.median(ms)
+    out["disk_step_ms"] = [round(x, 3) for x in ms]
+    out["peak_bytes"] = models.peak_bytes()
+    return out
 
 
 def _program(a: argparse.Namespace) -> tuple:
@@ -215,7 +300,7 @@ def _program(a: argparse.Namespace) -> tuple:
 
     cfg = models.configure(a.config, override=a.override)
     decode = not a.mode.startswith(("prefill", "train"))
-    batch = a.decode_batch if decode else a.prefill_batch
+    batch = 1 if a.mode == "base_b1" else a.decode_batch if decode else a.prefill_batch
     max_len = a.cache
     info: dict = {"mode": a.mode, "batch": batch, "tokens_per_step": batch * (1 if decode else max_len)}
     targets = models.targets(cfg)
@@ -256,20 +341,22 @@ def _program(a: argparse.Namespace) -> tuple:
     lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
     cache = empty_cache(cfg, batch, max_len)
     pos = jnp.int32(max_len - 1 if decode else 0)  # decode: attend over the whole cache
-    if a.mode in ("base", "prefill_merged"):
+    info["lora_bytes_used"] = 0  # the factors a step reads (once, at best)
+    if a.mode in ("base", "base_b1", "prefill_merged"):
         fwd = lambda p, x, c, pos: model.apply(p, x, c, pos)  # noqa: E731
         extra = jax.jit(jaxlora.merge)(params, lora)
-        if a.mode == "base":  # the same compiled step on the base weights, timed after the merged ones
+        if a.mode != "prefill_merged":  # the same compiled step on the base weights, timed after the merged ones
             info["base_params"] = params
     elif a.mode == "unmerged":
         fwd = lambda e, x, c, pos: jaxlora.apply(model.apply, e[0], e[1], x, c, pos)  # noqa: E731
         extra = (params, lora)
+        info["lora_bytes_used"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora))
     else:
         n, k = RESIDENT[a.mode], DISTINCT[a.mode]
         stk = _stack_like(lora, n, 1, jnp.dtype(a.lora_dtype))
         ids = (jnp.arange(batch, dtype=jnp.int32) % k) * (n // k)  # k distinct slots, spread over the stack
         info["factor_bytes_resident"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((stk.a, stk.b)))
-        info["factor_bytes_used"] = info["factor_bytes_resident"] * k // n
+        info["factor_bytes_used"] = info["lora_bytes_used"] = info["factor_bytes_resident"] * k // n
 
         def fwd(extra, x, c, pos):
             p, s, i = extra
@@ -278,6 +365,7 @@ def _program(a: argparse.Namespace) -> tuple:
 
         extra = (params, stk, ids)
     info["weight_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    info["embed_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["params"]["embed"]))
     info["kv_bytes"] = sum(c.size * c.dtype.itemsize for c in cache)
     carry = lambda args, out: (args[0], args[1], out[1], args[3])  # noqa: E731
     return fwd, (extra, tokens, cache, pos), (2,), carry, info
@@ -293,7 +381,7 @@ def _measure(a: argparse.Namespace) -> dict:
     fn, args, donate, carry, out = _program(a)
     base_params = out.pop("base_params", None)
     t1 = time.perf_counter()
-    step = jax.jit(fn, donate_argnums=donate)
+    step = jax.jit(fn, donate_argnums=donate, compiler_options=_compiler_options(a) or None)
     lowered = step.lower(*args)
     t2 = time.perf_counter()
     compiled = lowered.compile()
@@ -354,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--override", default="{}")
     p.add_argument("--cache-form", default="xs", choices=CACHE_FORMS, help="how the scanned layers reach the cache")
     p.add_argument("--stack-form", default=None, choices=("gather", "onehot"), help="force a mixed batch's form")
+    p.add_argument("--gemm", default="options", choices=GEMMS, help="skinny products: how Triton GEMM is turned off")
     p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO at PREFIX_<mode>")
     p.add_argument("--timeout", type=float, default=150, help="seconds one mode (its own process) may take")
     p.add_argument("--budget", type=float, default=540, help="seconds all modes together may take")
@@ -369,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     flags = ["--config", a.config, "--rank", str(a.rank), "--lora-dtype", a.lora_dtype, "--steps", str(a.steps),
              "--warmup", str(a.warmup), "--override", a.override, "--decode-batch", str(a.decode_batch),
              "--prefill-batch", str(a.prefill_batch), "--cache", str(a.cache),
-             "--cache-form", a.cache_form]  # fmt: skip
+             "--cache-form", a.cache_form, "--gemm", a.gemm]  # fmt: skip
     if a.stack_form:
         flags += ["--stack-form", a.stack_form]
     jobs = {mode: ["--mode", mode, *flags] for mode in a.modes.split(",")}
@@ -379,26 +468,36 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**common.environment(), "benchmark": "multi_adapter", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "lora": {"rank": a.rank, "dtype": a.lora_dtype},
               "decode_batch": a.decode_batch, "prefill_batch": a.prefill_batch, "cache": a.cache,
-              "cache_form": a.cache_form, "stack_form": a.stack_form or "by cost",
+              "cache_form": a.cache_form, "stack_form": a.stack_form or "by cost", "gemm": a.gemm,
               "timeout_s": a.timeout, "budget_s": a.budget, "modes": {}}  # fmt: skip
     partial = lambda so_far: common.write({**result, "modes": so_far, "partial": True}, a.out, quiet=True)  # noqa: E731
+    envs = None
+    if a.gemm == "flags":
+        flags_env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {NO_TRITON_GEMM}".strip()}
+        envs = {mode: flags_env for mode in jobs}
     m = common.run_workers("benchmarks.multi_adapter", jobs, a.timeout, parallel=False, budget=a.budget,
-                           on_result=partial)  # fmt: skip
+                           on_result=partial, envs=envs)  # fmt: skip
     result["modes"] = m
     ok = lambda k: "pipelined_ms" in m.get(k, {})  # noqa: E731
     ratios = {}
+    for k in DECODE:  # each decode figure's bytes floor: what a step must read, read once
+        ref = "base_b1" if k == "base_b1" else "base"
+        if ok(k) and ok(ref):
+            r, bw = m[k], m[ref]["copy_gb_per_s"] * 1e9
+            floor = r["weight_bytes"] - r["embed_bytes"] + r["kv_bytes"] + r["lora_bytes_used"]
+            r["floor_ms"] = floor / bw * 1e3
+            r["over_floor"] = r["pipelined_ms"] / r["floor_ms"]
+            ratios[f"{k}_over_floor"] = r["over_floor"]  # <= 1.2 for base (merged) and base_b1
+            if r["lora_bytes_used"]:  # the LoRA term: its time over merged against its factors read once
+                r["lora_ms"] = r["pipelined_ms"] - m["base"]["pipelined_ms"]
+                r["lora_floor_ms"] = r["lora_bytes_used"] / bw * 1e3
+                ratios[f"{k}_lora_over_floor"] = r["lora_ms"] / r["lora_floor_ms"]  # <= 1.5 for mixed64
     if ok("base"):
         b = m["base"]
         ratios["merged_tokens_per_s"] = b["tokens_per_s"]
         for k in ("unmerged", "mixed8", "mixed64", "mixed64_of1024"):
             if ok(k):
                 ratios[f"{k}_over_merged"] = m[k]["tokens_per_s"] / b["tokens_per_s"]  # >= 0.90 for mixed8
-        for k in ("mixed64", "mixed64_of1024"):
-            if ok(k):
-                floor_bytes = b["weight_bytes"] + b["kv_bytes"] + m[k]["factor_bytes_used"]
-                floor_ms = floor_bytes / (b["copy_gb_per_s"] * 1e9) * 1e3
-                ratios[f"{k}_floor_ms"] = floor_ms
-                ratios[f"{k}_over_floor"] = m[k]["pipelined_ms"] / floor_ms  # <= 1.15
     if ok("mixed64") and ok("mixed64_of1024"):
         ratios["of1024_over_of64_time"] = m["mixed64_of1024"]["pipelined_ms"] / m["mixed64"]["pipelined_ms"]  # <= 1.05
         ratios["of1024_minus_of64_peak_bytes"] = (m["mixed64_of1024"]["peak_bytes"] or 0) - (
@@ -413,13 +512,21 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["train_stack8_over_one"] = m["train_stack8"]["pipelined_ms"] / m["train_one"]["pipelined_ms"]  # <= 1.15
     result["ratios"] = ratios
     print(f"\n{result['device']}  {a.config}  decode batch {a.decode_batch}, cache {a.cache}, rank {a.rank}")
-    print(f"{'mode':<16} {'ms':>9} {'tokens/s':>11} {'peak':>10} {'compile s':>9} {'first step s':>12}")
+    print(f"gemm: {a.gemm} (XLA_FLAGS {m.get('base', {}).get('xla_flags')!r}, "
+          f"compiler_options {m.get('base', {}).get('compiler_options')})")  # fmt: skip
+    print(f"{'mode':<16} {'ms':>9} {'floor ms':>9} {'x floor':>8} {'LoRA ms':>8} {'its floor':>9} {'tokens/s':>11} "
+          f"{'peak':>10} {'compile s':>9}")  # fmt: skip
     for mode, r in m.items():
         if "error" in r:
             print(f"{mode:<16} failed: {r['error'][:200]} {r.get('stderr_tail', '')[-200:]}")
+        elif mode == "swap":
+            print(f"{mode:<16} {r['median_ms']:>9.3f} ms a miss from host memory ({r['adapter_bytes'] / 1e6:,.1f} MB, "
+                  f"{r['host_gb_per_s']:.2f} GB/s), {r['disk_median_ms']:.3f} ms from disk")  # fmt: skip
         else:
-            print(f"{mode:<16} {r['pipelined_ms']:>9.3f} {r['tokens_per_s']:>11,.0f} {common.gb(r['peak_bytes']):>10} "
-                  f"{r['compile_s']:>9} {r['first_step_s']:>12}")  # fmt: skip
+            f = lambda k, w=9, r=r: f"{r[k]:>{w}.3f}" if k in r else " " * (w - 1) + "-"  # noqa: E731
+            print(f"{mode:<16} {r['pipelined_ms']:>9.3f} {f('floor_ms')} {f('over_floor', 8)} {f('lora_ms', 8)} "
+                  f"{f('lora_floor_ms')} {r['tokens_per_s']:>11,.0f} {common.gb(r['peak_bytes']):>10} "
+                  f"{r['compile_s']:>9}")  # fmt: skip
     for k, v in ratios.items():
         print(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")
     common.write(result, a.out)

@@ -1,16 +1,20 @@
 """Serve many LoRA adapters from one base model: a batch of requests, each naming its own adapter.
 
 A small Llama-style decoder (Flax Linen) with a KV cache; a jitted prefill and a jitted greedy
-decode loop (``lax.scan``) over a mixed batch, where request ``i`` uses adapter ``ids[i]`` of a
-`jaxlora.LoraStack` (or -1: the base alone). Every request's tokens are checked against generating
-with its adapter alone, merged into the weights; then one adapter is hot-swapped with
-``jaxlora.stack_set`` and the same compiled functions serve the new one.
+decode loop (``lax.scan``) over a mixed batch, where each request names its adapter (or none: the
+base alone). The server knows more adapters than it has device slots: a `jaxlora.AdapterCache` of
+``max_loras`` slots loads each batch's adapters from host memory on demand, evicting the least
+recently used, and the same compiled functions serve whatever is loaded (no recompiles). The steps
+compile with `jaxlora.serving_compiler_options` (on GPUs: cuBLAS for the decode step's skinny
+products). Every request's tokens are checked against generating with its adapter alone, merged
+into the weights.
 
 Run: ``python examples/serve.py`` (CPU, about a minute).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import flax.linen as nn
@@ -71,13 +75,14 @@ def generator(forward):
 
     ``extra`` is what changes between calls without recompiling (the stack and the ids, or params).
     """
+    jit = functools.partial(jax.jit, compiler_options=jaxlora.serving_compiler_options())
 
-    @jax.jit
+    @jit
     def prefill(extra, prompts):
         logits, cache = forward(extra, prompts, empty_cache(prompts.shape[0]), 0)
         return jnp.argmax(logits[:, -1], -1), cache
 
-    @jax.jit
+    @jit
     def decode(extra, first, cache, start, steps_template):
         def step(carry, _):
             token, cache, pos = carry
@@ -109,16 +114,15 @@ def make_adapters(params, tokens, cache, names, ranks):
     return out
 
 
-def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24) -> dict:
+def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24, max_loras: int = 3) -> dict:
     model = Decoder()
     prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, VOCAB)
     params = model.init(jax.random.key(0), prompts, empty_cache(batch), 0)
-    names = ("sql", "chat", "math", "code")
-    adapters = make_adapters(params, prompts, empty_cache(batch), names, ranks=(4, 8, 2, 6))
-    # slots of rank 8: room for any adapter up to rank 8; scales folded into b, so that writing an adapter
-    # of any rank and alpha into a slot changes nothing the compiled functions see
-    stk = jaxlora.stack(adapters, rank=8, fold_scales=True)
-    ids = jnp.array([(i % (len(names) + 1)) - 1 for i in range(batch)], jnp.int32)  # -1: the base alone
+    names = ("sql", "chat", "math", "code", "legal", "bio")
+    adapters = make_adapters(params, prompts, empty_cache(batch), names, ranks=(4, 8, 2, 6, 3, 8))
+    # more adapters than device slots: each batch's adapters are loaded on demand from host memory (NumPy
+    # trees here; checkpoint directories work alike), slots of rank 8 with every scale folded into b
+    cache = jaxlora.AdapterCache(jax.device_get(adapters), max_loras=max_loras)
 
     def mixed(extra, tokens, cache, pos):  # params come in as an argument: closed over, jit would embed them
         params, stk, ids = extra
@@ -127,42 +131,49 @@ def main(batch: int = 8, prompt_len: int = 8, new_tokens: int = 24) -> dict:
     serve = generator(mixed)
     alone = generator(lambda p, tokens, cache, pos: model.apply(p, tokens, cache, pos))
 
+    def requests(first):  # max_loras distinct adapters (and the base) over the batch, starting at names[first]
+        pick = [names[(first + k) % len(names)] for k in range(max_loras)] + [None]
+        return [pick[i % len(pick)] for i in range(batch)]
+
+    def check(wanted, out):
+        bad = []
+        for row, name in enumerate(wanted):
+            p = params if name is None else jaxlora.merge(params, adapters[name])
+            if not np.array_equal(np.asarray(out[row]), np.asarray(alone(p, prompts[row : row + 1], new_tokens)[0])):
+                bad.append(row)
+        return bad
+
+    wanted = requests(0)
+    ids = cache.ids(wanted)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
+    out = jax.block_until_ready(serve((params, cache.stack, ids), prompts, new_tokens))
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reps = 3
     for _ in range(reps):
-        out = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
+        out = jax.block_until_ready(serve((params, cache.stack, ids), prompts, new_tokens))
     tokens_per_s = reps * batch * new_tokens / (time.perf_counter() - t0)
-
-    def check(stk, out):
-        merged = {n: jaxlora.merge(params, lora) for n, lora in zip(stk.names, jaxlora.unstack(stk).values())}
-        bad = []
-        for row, i in enumerate(ids.tolist()):
-            p = params if i < 0 else merged[stk.names[i]]
-            ref = alone(p, prompts[row : row + 1], new_tokens)[0]
-            if not np.array_equal(np.asarray(out[row]), np.asarray(ref)):
-                bad.append(row)
-        return bad
-
-    bad = check(stk, out)
+    bad = check(wanted, out)
     differ = len({tuple(np.asarray(out[r]).tolist()) for r in range(batch)})
-    # Hot swap: a new "chat" adapter (another rank and alpha), written into its slot in place.
-    new_chat = make_adapters(params, prompts, empty_cache(batch), ("new",), ranks=(3,))["new"]
-    put = jax.jit(jaxlora.stack_set, static_argnums=1, donate_argnums=0)
-    stk = put(stk, "chat", new_chat)
-    n0 = _COMPILES["n"]
-    swapped = jax.block_until_ready(serve((params, stk, ids), prompts, new_tokens))
-    recompiles = _COMPILES["n"] - n0
-    bad_after_swap = check(stk, swapped)
+    # Adapters come and go: the next batches name others, loaded into the least recently used slots.
+    recompiles, bad_after_swap, loads, swap_s = 0, [], cache.loads, 0.0
+    for first in range(1, len(names), 2):
+        wanted, n0 = requests(first), _COMPILES["n"]
+        t0 = time.perf_counter()
+        ids = cache.ids(wanted)
+        swap_s += time.perf_counter() - t0
+        out = jax.block_until_ready(serve((params, cache.stack, ids), prompts, new_tokens))
+        recompiles += _COMPILES["n"] - n0
+        bad_after_swap += check(wanted, out)
+    loaded = cache.loads - loads
     result = dict(batch=batch, new_tokens=new_tokens, tokens_per_s=tokens_per_s, compile_s=compile_s,
                   mismatched_requests=bad, mismatched_after_swap=bad_after_swap, distinct_outputs=differ,
-                  recompiles_after_swap=recompiles)  # fmt: skip
-    print(f"{batch} requests, adapters {[stk.names[i] if i >= 0 else 'base' for i in ids.tolist()]}")
+                  recompiles_after_swap=recompiles, adapters_loaded=loaded)  # fmt: skip
+    print(f"{batch} requests, adapters {[n or 'base' for n in requests(0)]}, {max_loras} device slots")
     print(f"greedy decode of {new_tokens} tokens: {tokens_per_s:,.0f} tokens/s (compiled in {compile_s:.1f} s)")
-    print(f"each request equals its adapter alone (merged): {not bad}; after hot-swapping 'chat': {not bad_after_swap}")
-    print(f"recompiles after the swap: {recompiles}; distinct outputs: {differ} of {batch}")
+    print(f"each request equals its adapter alone (merged): {not bad}; after the cache loaded {loaded} more "
+          f"adapters ({1e3 * swap_s / max(loaded, 1):.1f} ms each): {not bad_after_swap}")  # fmt: skip
+    print(f"recompiles as adapters came and went: {recompiles}; distinct outputs: {differ} of {batch}")
     return result
 
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._quant import quantized_shardings as quantized_shardings
     from ._remat import remat_policy as remat_policy
     from ._saved import SavedModule as SavedModule
+    from ._serving import AdapterCache as AdapterCache
+    from ._serving import serving_compiler_options as serving_compiler_options
     from ._sharding import init_sharded as init_sharded
     from ._sharding import shardings as shardings
     from ._stack import LoraStack as LoraStack
@@ -71,6 +73,8 @@ _EXPORTS = {
     "quantized_shardings": ("._quant", "quantized_shardings"),
     "remat_policy": ("._remat", "remat_policy"),
     "SavedModule": ("._saved", "SavedModule"),
+    "AdapterCache": ("._serving", "AdapterCache"),
+    "serving_compiler_options": ("._serving", "serving_compiler_options"),
     "init_sharded": ("._sharding", "init_sharded"),
     "shardings": ("._sharding", "shardings"),
     "LoraStack": ("._stack", "LoraStack"),
