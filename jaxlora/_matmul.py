@@ -398,6 +398,8 @@ def stack_form(
       'gather'
     """
     if _STACK_FORM is not None:
+        if _STACK_FORM not in STACK_FORMS:
+            raise ValueError(f"_STACK_FORM must be None or one of {STACK_FORMS}, got {_STACK_FORM!r}.")
         return _STACK_FORM if {"onehot": onehot, "sgmv": sgmv}.get(_STACK_FORM, True) else "gather"
     if jax.default_backend() == "cpu":  # measured: the gather wins at every shape tried (docs/design.md)
         return "gather"
@@ -411,8 +413,10 @@ def stack_form(
     return min(costs, key=costs.__getitem__)
 
 
-# Whether the cost rule may choose SGMV off the CPU (see docs/design.md for the measurements).
+# Whether the cost rule may choose SGMV off the CPU (see docs/design.md for the measurements), and the
+# grouped product SGMV uses (None: lax.ragged_dot; benchmarks/sgmv_probe.py swaps in others).
 _SGMV_BY_COST = False
+_RAGGED_DOT: Callable[..., Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,8 +543,9 @@ def _sgmv_rows(x: Array, ids: Array, scale: Array, a: Array, b: Array, precision
         used = jnp.zeros(groups, ids.dtype).at[group].set(sorted_ids)
         a, b = a[used], b[used]
     rows = x.reshape(-1, k)[order]
-    t = lax.ragged_dot(rows, a, sizes, precision=precision) * scale[order][:, None].astype(x.dtype)
-    y = lax.ragged_dot(t, b, sizes, precision=precision)
+    ragged_dot = _RAGGED_DOT or lax.ragged_dot
+    t = ragged_dot(rows, a, sizes, precision=precision) * scale[order][:, None].astype(x.dtype)
+    y = ragged_dot(t, b, sizes, precision=precision)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     return y[back].reshape(*shape, b.shape[-1])
 

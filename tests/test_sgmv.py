@@ -256,3 +256,30 @@ def test_stack_form_by_cost_and_forced(monkeypatch):
     assert _matmul.stack_form(8, 1024, big, 2, 8, sgmv=False) == "gather"  # forced, where the op has it
     monkeypatch.setattr(_matmul, "_STACK_FORM", "onehot")
     assert _matmul.stack_form(8, 1024, big, 2, 8) == "onehot"
+    monkeypatch.setattr(_matmul, "_STACK_FORM", "bgmv")
+    with pytest.raises(
+        ValueError, match=r"_STACK_FORM must be None or one of \('gather', 'onehot', 'sgmv'\), got 'bgmv'"
+    ):
+        _matmul.stack_form(8, 1024, big, 2, 8)
+
+
+def test_sgmv_gradient_through_scan_and_remat_is_each_adapters_own(monkeypatch):
+    from test_stack import _scanned
+
+    monkeypatch.setattr(_matmul, "_STACK_FORM", "sgmv")
+    model, tokens, params, adapters = _scanned()
+    stk = jaxlora.stack(adapters)
+    ids = jnp.array([2, 0, 0, 1])
+    target = jax.random.normal(jax.random.key(3), (4, 3, 10))
+    loss = lambda s: jnp.sum((jaxlora.apply(model.apply, params, s, tokens, adapter_ids=ids) - target) ** 2)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(stk)
+    assert (12, 8) in _ragged_lhs(jaxpr)  # the scanned, rematerialized Dense: 4 examples x 3 tokens at once
+    grads = jaxlora.unstack(jax.jit(jax.grad(loss))(stk))
+    for j, name in enumerate(stk.names):
+        rows = np.flatnonzero(np.asarray(ids) == j)
+        alone = jax.grad(
+            lambda f, r=rows: jnp.sum((jaxlora.apply(model.apply, params, f, tokens[r]) - target[r]) ** 2)
+        )(adapters[name])
+        for path in alone:
+            np.testing.assert_allclose(grads[name][path].a, alone[path].a, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(grads[name][path].b, alone[path].b, rtol=1e-4, atol=1e-4)
