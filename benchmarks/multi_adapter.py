@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--override", default="{}")
     p.add_argument("--cache-form", default="xs", choices=CACHE_FORMS, help="how the scanned layers reach the cache")
-    p.add_argument("--stack-form", default=None, choices=("gather", "onehot"), help="force a mixed batch's form")
+    p.add_argument("--stack-form", default=None, choices=("gather", "onehot", "sgmv"), help="force the form")
     p.add_argument("--gemm", default="options", choices=GEMMS, help="skinny products: how Triton GEMM is turned off")
     p.add_argument("--profile", default=None, help="per mode: a trace of 3 steps and the HLO at PREFIX_<mode>")
     p.add_argument("--timeout", type=float, default=150, help="seconds one mode (its own process) may take")

@@ -293,7 +293,9 @@ def apply(
         factor; ``"merge"`` computes that one use with the merged weight ``W + ΔW`` instead.
       adapter_ids: with a `LoraStack` as ``lora``: one int per example, an index into ``stack.names``
         (-1: the base alone). ``fn`` is mapped over the examples (``jax.vmap``) and sees each as a batch
-        of one; each example's rows use their own adapter at every targeted op. An id outside
+        of one; each example's rows use their own adapter at every targeted op. Or one int per token,
+        with the token axes' shape (``(batch, seq)``), followed to the rows of each targeted Dense-like
+        product (docs/design.md says what is followed and what is refused). An id outside
         ``[-1, n)`` raises a ValueError when the ids are concrete (eagerly, or numpy ids under
         ``jit``); traced ids cannot be checked, so such an example's scale is NaN: its output row
         (and the gradient it sends) is NaN, never the base model's output in silence.

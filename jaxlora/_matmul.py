@@ -21,9 +21,11 @@ so a Flax Dense kernel ``(in, out)`` gets ``a: (in, r)`` and ``b: (r, out)``, an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -428,37 +430,68 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fuse
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
 
 
-# The stack form the benchmarks and tests may force: None chooses by cost, "gather" or "onehot" forces one.
+# The stack form the benchmarks and tests may force: None chooses by cost; "gather", "onehot" or
+# "sgmv" forces one wherever the op has it (elsewhere the gather form runs).
 _STACK_FORM: str | None = None
+STACK_FORMS = ("gather", "onehot", "sgmv")
 
 
-def onehot_is_cheaper(examples: int, tokens: int, factors: int, itemsize: int, slots: int) -> bool:
-    """Whether one op over every slot (`stacked_op`'s one-hot form) costs less than gathering factors.
+def stack_form(
+    examples: int, tokens: int, factors: int, itemsize: int, slots: int, *, onehot: bool = True, sgmv: bool = True
+) -> str:
+    """The form of `stacked_op` that moves the fewest bytes: ``"gather"``, ``"onehot"`` or ``"sgmv"``.
 
     ``factors`` is the element count of both factors of all ``slots`` adapters, ``tokens`` the rows
-    of the rank product per example. Per example, the gather form copies its adapter's factors (read,
-    write, read again: ``3·factors/slots`` elements) and does ``tokens·factors/slots`` multiply-adds;
-    the one-hot form reads every slot's factors once for the whole batch and does ``tokens·factors``
-    multiply-adds per example. Multiply-adds are weighed against bytes by the accelerator's arithmetic
-    intensity (about 200 flops a byte on a GPU or TPU): the one-hot form wins for decode-sized batches
-    over a small stack, the gather for prefill and training batches and for large stacks. On a CPU,
-    bound by arithmetic, the gather measured faster everywhere, so it is always chosen there.
+    of the rank product per example; ``onehot`` and ``sgmv`` say whether the op has those forms.
+    Per example, the gather form copies its adapter's factors (read, write, read again:
+    ``3·factors/slots`` elements) and does ``tokens·factors/slots`` multiply-adds; the one-hot form
+    reads every slot's factors once for the whole batch and does ``tokens·factors`` multiply-adds per
+    example; the SGMV form reads each adapter in use once (at most ``min(slots, examples)``) and does
+    the gather's multiply-adds, plus a sort of the rows. Multiply-adds are weighed against bytes by the
+    accelerator's arithmetic intensity (about 200 flops a byte on a GPU or TPU). On a CPU, bound by
+    arithmetic, the gather measured fastest at every shape tried (``ragged_dot`` there multiplies every
+    row by every group's factors), so it is always chosen there; SGMV only where `_SGMV_BY_COST` says
+    it was measured to win (docs/design.md).
 
     Example:
-      >>> onehot_is_cheaper(64, 1, 8 * 16 * 8192, 2, 8) == (jax.default_backend() != "cpu")  # decode
-      True
-      >>> onehot_is_cheaper(8, 1024, 8 * 16 * 8192, 2, 8)  # prefill
-      False
+      >>> stack_form(8, 1024, 8 * 16 * 8192, 2, 8)  # prefill
+      'gather'
     """
     if _STACK_FORM is not None:
-        return _STACK_FORM == "onehot"
+        if _STACK_FORM not in STACK_FORMS:
+            raise ValueError(f"_STACK_FORM must be None or one of {STACK_FORMS}, got {_STACK_FORM!r}.")
+        return _STACK_FORM if {"onehot": onehot, "sgmv": sgmv}.get(_STACK_FORM, True) else "gather"
     if jax.default_backend() == "cpu":  # measured: the gather wins at every shape tried (docs/design.md)
-        return False
+        return "gather"
     flops_per_byte = 200.0
     macs = examples * tokens * factors
-    gather = 3 * examples * factors * itemsize / slots + 2 * macs / slots / flops_per_byte
-    onehot = factors * itemsize + 2 * macs / flops_per_byte
-    return onehot < gather
+    costs = {"gather": 3 * examples * factors * itemsize / slots + 2 * macs / slots / flops_per_byte}
+    if onehot:
+        costs["onehot"] = factors * itemsize + 2 * macs / flops_per_byte
+    if sgmv and _SGMV_BY_COST:
+        costs["sgmv"] = min(slots, examples) * factors * itemsize / slots + 2 * macs / slots / flops_per_byte
+    return min(costs, key=costs.__getitem__)
+
+
+# Whether the cost rule may choose SGMV off the CPU (see docs/design.md for the measurements), and the
+# grouped product SGMV uses (None: lax.ragged_dot; benchmarks/sgmv_probe.py swaps in others).
+_SGMV_BY_COST = False
+_RAGGED_DOT: Callable[..., Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A ``dot_general`` without batch axes read as rows, for the row-wise forms of `stacked_op`.
+
+    ``to_rows(x)`` is ``(*F, K)``: ``x``'s free axes ``F`` then its contracted ones flattened;
+    ``groups(first, second, slots)`` the factors as ``(slots, K, R)`` and ``(slots, R, N)``;
+    ``from_rows(y)`` lays ``(*F, N)`` out as the op's output; ``precision`` is the op's.
+    """
+
+    to_rows: Callable[[Array], Array]
+    groups: Callable[[Array, Array, int], tuple[Array, Array]]
+    from_rows: Callable[[Array], Array]
+    precision: Any = None
 
 
 def stacked_op(
@@ -477,6 +510,7 @@ def stacked_op(
     first_axis: int,
     second_axis: int,
     t_axis: int | None,
+    rows: Rows | None = None,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
 ) -> Array:
@@ -484,34 +518,170 @@ def stacked_op(
 
     ``first`` and ``second`` hold ``slots`` adapters side by side on their rank axes (``first_axis``,
     ``second_axis``), each ``R`` columns; ``index`` (traced, per example) picks one and ``scale`` is
-    its scale. Two forms, chosen from static shapes (`onehot_is_cheaper`):
+    its scale. With ids per token, ``index`` and ``scale`` have one entry per row of the op (shaped
+    to broadcast against ``rows.to_rows(x)``'s leading axes; ``rows`` is then given). Three forms,
+    chosen from static shapes (`stack_form`):
 
-    * **gather** (BGMV / per-example grouped products): this example's ``R`` columns are sliced out
-      (under ``vmap``: a gather of per-example factors, whose transpose sends each example's gradient
-      to its own adapter) and the op is `lora_op`'s factored form, never the transient ``W + ΔW``;
+    * **gather** (BGMV): this example's ``R`` columns are sliced out (under ``vmap``: a gather of
+      per-example factors, whose transpose sends each example's gradient to its own adapter) and the
+      op is `lora_op`'s factored form, never the transient ``W + ΔW`` (per token: each row's factors);
     * **one-hot** (``t_axis``, the rank axis of ``first_op``'s output, given): ``first_op`` runs on every
       slot at once (factors shared by the whole batch, read once), the product is masked to this
-      example's slot and scaled, and ``second_op`` lifts it back.
+      example's slot and scaled, and ``second_op`` lifts it back;
+    * **sgmv** (``rows`` given): the rows of the whole batch (`jax.custom_batching.custom_vmap` sees
+      the batch under the ``vmap``) sorted by adapter, the shrink and the expand each one
+      ``lax.ragged_dot`` over the groups, the rows put back in order (`sgmv`).
 
     ``index`` must be in range: ``jaxlora.apply`` clips each id into ``[0, slots)`` and gives id -1
-    scale 0 and an id outside ``[-1, slots)`` scale NaN (both forms then return NaN).
+    scale 0 and an id outside ``[-1, slots)`` scale NaN (every form then returns NaN).
     """
     rank = first.shape[first_axis] // slots
     floating = jnp.issubdtype(x.dtype, jnp.floating)
-    if t_axis is not None and floating:
+    form = "gather"
+    if floating:
         tokens = jax.eval_shape(first_op, x, first).size // first.shape[first_axis]
-        if onehot_is_cheaper(examples, tokens, first.size + second.size, first.dtype.itemsize, slots):
-            xl = _dropout(x, dropout_rate, dropout_key)
-            y = base(x, w)
-            t = first_op(xl, first.astype(x.dtype))
-            gate = jnp.where(jnp.arange(first.shape[first_axis]) // rank == index, scale, 0.0)
-            t = t * jnp.expand_dims(gate.astype(t.dtype), [d for d in range(t.ndim) if d != t_axis % t.ndim])
-            return y + second_op(t, second.astype(x.dtype)).astype(y.dtype)
-    f = lax.dynamic_slice_in_dim(first, index * rank, rank, first_axis)
-    f = (f * scale.astype(f.dtype)).astype(f.dtype)
-    s = lax.dynamic_slice_in_dim(second, index * rank, rank, second_axis)
-    return lora_op(x, w, f, s, 1.0, base=base, first_op=first_op, second_op=second_op,
-                   dropout_rate=dropout_rate, dropout_key=dropout_key)  # fmt: skip
+        size = first.size + second.size
+        form = stack_form(examples, tokens, size, first.dtype.itemsize, slots, onehot=t_axis is not None,
+                          sgmv=rows is not None)  # fmt: skip
+    if index.ndim and form == "gather":  # ids per token: each row's own factors
+        form = "rows"
+    if form == "gather":
+        f = lax.dynamic_slice_in_dim(first, index * rank, rank, first_axis)
+        f = (f * scale.astype(f.dtype)).astype(f.dtype)
+        s = lax.dynamic_slice_in_dim(second, index * rank, rank, second_axis)
+        return lora_op(x, w, f, s, 1.0, base=base, first_op=first_op, second_op=second_op,
+                       dropout_rate=dropout_rate, dropout_key=dropout_key)  # fmt: skip
+    xl = _dropout(x, dropout_rate, dropout_key)
+    y = base(x, w)
+    if form == "onehot":
+        t = first_op(xl, first.astype(x.dtype))
+        column = jnp.arange(first.shape[first_axis]) // rank
+        if index.ndim:  # per token: t is (*rows, slots·R) (a dot_general)
+            gate = jnp.where(column.reshape((1,) * index.ndim + (-1,)) == index[..., None], scale[..., None], 0.0)
+        else:
+            gate = jnp.where(column == index, scale, 0.0)
+            gate = jnp.expand_dims(gate, [d for d in range(t.ndim) if d != t_axis % t.ndim])
+        t = t * gate.astype(t.dtype)
+        return y + second_op(t, second.astype(x.dtype)).astype(y.dtype)
+    assert rows is not None  # (stack_form offers "sgmv" only with rows; _ops refuses ids per token without)
+    a, b = rows.groups(first.astype(x.dtype), second.astype(x.dtype), slots)
+    xr = rows.to_rows(xl)
+    lead = (1,) * (xr.ndim - 1 - index.ndim)  # one id per example: the same for all its rows
+    index, scale = index.reshape(index.shape + lead), scale.reshape(scale.shape + lead)
+    term = sgmv if form == "sgmv" else _bgmv
+    return y + rows.from_rows(term(xr, index, scale, a, b, rows.precision)).astype(y.dtype)
+
+
+def _bgmv(x: Array, ids: Array, scale: Array, a: Array, b: Array, precision=None) -> Array:
+    """Each row ``x[..., :]`` times its own adapter's factors (``ids`` broadcast to the rows)."""
+    shape = x.shape[:-1]
+    ids, scale = jnp.broadcast_to(ids, shape), jnp.broadcast_to(scale, shape)
+    t = jnp.einsum("...k,...kr->...r", x, a[ids], precision=precision) * scale[..., None].astype(x.dtype)
+    return jnp.einsum("...r,...rn->...n", t, b[ids], precision=precision)
+
+
+def _sgmv_rows(x: Array, ids: Array, scale: Array, a: Array, b: Array, precision=None) -> Array:
+    """``scale · (x·a[id])·b[id]`` row by row, the rows grouped by id: two ``ragged_dot``s.
+
+    ``x``: ``(*F, K)``; ``ids`` (in ``[0, slots)``) and ``scale``: broadcast to ``F``; ``a``:
+    ``(slots, K, R)``; ``b``: ``(slots, R, N)``. Returns ``(*F, N)``. There are at most ``ids.size``
+    distinct ids: when that is fewer than ``slots``, the groups are the ids in use (their factors
+    gathered once each), else every slot is a group (most of them empty).
+    """
+    shape, k = x.shape[:-1], x.shape[-1]
+    groups = min(a.shape[0], ids.size)
+    ids = jnp.broadcast_to(ids, shape).reshape(-1)
+    scale = jnp.broadcast_to(scale, shape).reshape(-1)
+    order = jnp.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    if groups == a.shape[0]:
+        sizes = jnp.zeros(groups, jnp.int32).at[sorted_ids].add(1)
+    else:  # the groups in use, numbered in sorted order; the rest empty (slot 0's factors, unread rows)
+        new = jnp.concatenate([jnp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]])
+        group = jnp.cumsum(new) - 1
+        sizes = jnp.zeros(groups, jnp.int32).at[group].add(1)
+        used = jnp.zeros(groups, ids.dtype).at[group].set(sorted_ids)
+        a, b = a[used], b[used]
+    rows = x.reshape(-1, k)[order]
+    ragged_dot = _RAGGED_DOT or lax.ragged_dot
+    t = ragged_dot(rows, a, sizes, precision=precision) * scale[order][:, None].astype(x.dtype)
+    y = ragged_dot(t, b, sizes, precision=precision)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    return y[back].reshape(*shape, b.shape[-1])
+
+
+def _batched(in_batched: Any, axis_size: int, x: Array, ids: Array, scale: Array) -> tuple[Array, Array, Array]:
+    """``x``, ``ids``, ``scale`` with the mapped axis in front (``x`` broadcast when not mapped)."""
+    xb, ib, sb = in_batched[:3]
+    x = x if xb else jnp.broadcast_to(x, (axis_size, *x.shape))
+    return x, ids if ib else ids[None], scale if sb else scale[None]
+
+
+@functools.cache
+def _sgmv_fn(precision: Any) -> Callable[..., Array]:
+    """`sgmv` for one ``precision``: a ``custom_vjp`` around two ``custom_vmap``s (forward, backward)."""
+
+    @jax.custom_batching.custom_vmap
+    def forward(x, ids, scale, a, b):
+        return _sgmv_rows(x, ids, scale, a, b, precision)
+
+    @forward.def_vmap
+    def _(axis_size, in_batched, x, ids, scale, a, b):
+        if in_batched[3] or in_batched[4]:  # factors that differ along this map: no grouping across it
+            axes = [0 if m else None for m in in_batched]
+            return jax.vmap(partial(_sgmv_rows, precision=precision), in_axes=axes)(x, ids, scale, a, b), True
+        return _sgmv_rows(*_batched(in_batched, axis_size, x, ids, scale), a, b, precision), True
+
+    def vjp(x, ids, scale, a, b, g):
+        return jax.vjp(lambda x, a, b: _sgmv_rows(x, ids, scale, a, b, precision), x, a, b)[1](g)
+
+    @jax.custom_batching.custom_vmap
+    def backward(x, ids, scale, a, b, g):
+        return vjp(x, ids, scale, a, b, g)
+
+    @backward.def_vmap
+    def _(axis_size, in_batched, x, ids, scale, a, b, g):
+        if in_batched[3] or in_batched[4]:
+            axes = [0 if m else None for m in in_batched]
+            return jax.vmap(vjp, in_axes=axes)(x, ids, scale, a, b, g), (True, True, True)
+        x, ids, scale = _batched(in_batched, axis_size, x, ids, scale)
+        g = g if in_batched[5] else jnp.broadcast_to(g, (axis_size, *g.shape))
+        return vjp(x, ids, scale, a, b, g), (True, False, False)  # each slot's gradient: summed over the map
+
+    @jax.custom_vjp
+    def term(x, ids, scale, a, b):
+        return forward(x, ids, scale, a, b)
+
+    def fwd(x, ids, scale, a, b):
+        return forward(x, ids, scale, a, b), (x, ids, scale, a, b)
+
+    def bwd(res, g):
+        dx, da, db = backward(*res, g)
+        return dx, None, None, da, db
+
+    term.defvjp(fwd, bwd)
+    return term
+
+
+def sgmv(x: Array, ids: Array, scale: Array, a: Array, b: Array, precision: Any = None) -> Array:
+    """The LoRA term of a mixed batch, rows grouped by adapter: ``scale · (x·a[id])·b[id]`` per row.
+
+    ``x``: ``(*F, K)``; ``ids`` (each in ``[0, slots)``) and ``scale`` broadcast to ``F``; ``a``:
+    ``(slots, K, R)``; ``b``: ``(slots, R, N)``; returns ``(*F, N)``. Under ``jax.vmap`` (as in
+    ``jaxlora.apply(..., adapter_ids=)``, which maps the model over the examples) the rows of every
+    example are grouped together (`jax.custom_batching.custom_vmap`), so each adapter in use is read
+    once for the whole batch: the rows sorted by id (a stable argsort), the shrink and the expand each
+    one ``lax.ragged_dot`` over the groups, the rows put back in order. The gradient (a ``custom_vjp``
+    whose backward pass is grouped the same way) sends each row's to its own adapter.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a, b = jnp.ones((2, 3, 1)), jnp.stack([jnp.ones((1, 2)), 2 * jnp.ones((1, 2))])
+      >>> sgmv(jnp.ones((2, 3)), jnp.array([1, 0]), jnp.array([1.0, 0.5]), a, b)
+      Array([[6. , 6. ],
+             [1.5, 1.5]], dtype=float32)
+    """
+    return _sgmv_fn(precision)(x, ids, scale, a, b)
 
 
 def _dropout(x: Array, rate: float, key: Array | None) -> Array:

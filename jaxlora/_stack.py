@@ -477,16 +477,16 @@ def _ids(adapter_ids: Any, stk: LoraStack) -> jax.Array:
         dtype = adapter_ids.dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"adapter_ids must be integers (an index into stack.names, -1 for none), got dtype {dtype}.")
-    if np.ndim(adapter_ids) != 1:
+    if np.ndim(adapter_ids) < 1:
         raise ValueError(
-            f"adapter_ids must be 1-D, one id per example, got shape {np.shape(adapter_ids)}; "
-            "for a batch of shape (batch, seq) pass one id per row."
+            f"adapter_ids must be one id per example (shape (batch,)) or per token (the token axes' shape, "
+            f"such as (batch, seq)), got shape {np.shape(adapter_ids)}."
         )
     if jnp.dtype(dtype).itemsize < 4:  # int8 ids cannot be compared with 1,024 slots; int32 holds them all
         adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
     known = _concrete(adapter_ids)  # eager, or numpy under jit; traced ids give NaN rows (apply_stack)
     if known is not None:
-        bad = sorted({int(i) for i in known if not -1 <= i < stk.slots})
+        bad = sorted({int(i) for i in known.ravel() if not -1 <= i < stk.slots})
         if bad:
             raise ValueError(
                 f"adapter_ids {bad} are out of range for a stack of {stk.slots} adapters: each id must be in "
@@ -554,7 +554,8 @@ def apply_stack(
 
     def one(args, kwargs, i, key):
         slot = jnp.clip(i, 0, stk.slots - 1)  # in range, so that an unknown id's NaN scale reaches its output
-        hot = jnp.arange(stk.slots) == i  # no gather: a sharded id needs no collective (id -1 hits nothing)
+        hot = jnp.arange(stk.slots).reshape((1,) * i.ndim + (-1,)) == i[..., None]  # no gather: a sharded id
+        # needs no collective (id -1 hits nothing); per token, one row of `hot` per token
         known = (i < stk.slots) & ((i >= -1) if signed else True)  # an unknown id (traced, not caught by _ids): NaN
         by_values: dict[tuple, jax.Array] = {}  # modules whose adapters have the same scales share one
         for values in stk.scale.values():
@@ -562,7 +563,7 @@ def apply_stack(
                 if len(set(values)) == 1:  # a folded stack, or one alpha/rank for all: no constant
                     s = jnp.where(i >= 0, values[0], 0.0)
                 else:  # the scales are static: one (n,) constant of the program
-                    s = jnp.sum(jnp.where(hot, np.asarray(values, np.float32), 0.0))
+                    s = jnp.sum(jnp.where(hot, np.asarray(values, np.float32), 0.0), axis=-1)
                 by_values[values] = jnp.where(known, s, jnp.nan)
         scale = {p: by_values[stk.scale[p]] for p in stk.paths}
         select = _trace.Selection(slot, scale, ranks, stk.slots, n)

@@ -6,6 +6,7 @@ Each rule reads the op's dimension numbers, checks them against the weight's rol
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._matmul import lora_op, stacked_op
+from .._matmul import Rows, lora_op, stacked_op
 from ._eval import Context, Tagged, UnsupportedError, bind, mismatch, register, untag, view_delta_op, view_norm_op
 
 
@@ -117,7 +118,30 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         lax.dot_general(u, s, second_dims, precision=precision, out_sharding=second_out), perm
     )
     if ctx.stack is not None:  # the rank product's last axis is the rank
-        return [_stacked(t, x, first, second, ctx, base, first_op, second_op, first_axes, second_axes, -1)]
+        rows = None
+        if not xb and out is None:  # rows: x's free axes; the factors as (slots, K, R) and (slots, R, N)
+            x_free = [d for d in range(x.ndim) if d not in xc]
+            first_k, first_r, second_r = (
+                [first_axes.index(origin[v]) for v in wc],
+                first_axes.index("r"),
+                second_axes.index("r"),
+            )
+
+            def groups(f, s, slots):
+                a = jnp.transpose(f, [*first_k, first_r])
+                a = jnp.moveaxis(a.reshape(-1, slots, a.shape[-1] // slots), 1, 0)
+                s = jnp.moveaxis(s, second_r, 0)
+                return a, s.reshape(slots, s.shape[0] // slots, -1)
+
+            rest = [d for k, d in enumerate(second.shape) if k != second_r]
+            rows = Rows(
+                to_rows=lambda x: jnp.transpose(x, [*x_free, *xc]).reshape(*[x.shape[d] for d in x_free], -1),
+                groups=groups,
+                from_rows=lambda y: jnp.transpose(y.reshape(*y.shape[:-1], *rest), perm),
+                precision=precision,
+            )
+        free = tuple(x.shape[d] for d in range(x.ndim) if d not in xc and d not in xb)
+        return [_stacked(t, x, first, second, ctx, base, first_op, second_op, first_axes, second_axes, -1, rows, free)]
     return [lora_op(
         x, t.w, first, second, t.factors.scale,
         base=base,
@@ -164,7 +188,7 @@ def _conv(eqn, invals, ctx: Context) -> list[Any]:
     first_op = lambda x, a: bind(eqn, [x, a], a_params)[0]  # noqa: E731
     second_op = lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((feature,), (0,)), ((), ()))), -1, feature)  # noqa: E731
     if ctx.stack is not None:
-        return [_stacked(t, x, t.a, t.b, ctx, base, first_op, second_op, a_axes, t.axes("b"), feature)]
+        return [_stacked(t, x, t.a, t.b, ctx, base, first_op, second_op, a_axes, t.axes("b"), feature, None, None)]
     return [lora_op(
         x, t.w, t.a, t.b, t.factors.scale,
         base=base,
@@ -201,7 +225,9 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
     second_op = lambda u, b: jnp.moveaxis(lax.dot_general(u, b, (((out_axis,), (0,)), ((), ()))), -1, out_axis)  # noqa: E731
     if ctx.stack is not None:  # a lookup of one slot's rows: the gather form
         a_params["slice_sizes"] = tuple(sizes[:-1]) + (ctx.stack.rank[t.view.path],)
-        return [_stacked(t, indices, t.a, t.b, ctx, base, first_op, second_op, t.axes("a"), t.axes("b"), None)]
+        return [
+            _stacked(t, indices, t.a, t.b, ctx, base, first_op, second_op, t.axes("a"), t.axes("b"), None, None, None)
+        ]
     return [lora_op(
         indices, t.w, t.a, t.b, t.factors.scale,
         base=base,
@@ -211,11 +237,51 @@ def _gather(eqn, invals, ctx: Context) -> list[Any]:
     )]  # fmt: skip
 
 
-def _stacked(t: Tagged, x, first, second, ctx: Context, base, first_op, second_op, first_axes, second_axes, t_axis):
-    """The op for one example of a stack (``adapter_ids``): `_matmul.stacked_op`, never ``W + ΔW``."""
+def _stacked(
+    t: Tagged,
+    x,
+    first,
+    second,
+    ctx: Context,
+    base,
+    first_op,
+    second_op,
+    first_axes,
+    second_axes,
+    t_axis,
+    rows: Rows | None,
+    free: tuple[int, ...] | None,
+):
+    """The op for one example of a stack (``adapter_ids``): `_matmul.stacked_op`, never ``W + ΔW``.
+
+    With ids per token (``sel.index`` has the example's token shape), ``free`` (the op's free axes of
+    ``x``, in order) must start with those token axes, after the example's own axis of size 1 or
+    without it (a model that flattened its rows): that is how the rows are followed.
+    """
     sel, path = ctx.stack, t.view.path
+    index, scale = sel.index, sel.scale[path]
+    if index.ndim:
+        tokens = index.shape
+        at = next((k for k in (1, 0) if free is not None and free[k : k + len(tokens)] == tokens and all(
+            d == 1 for d in free[:k])), None)  # fmt: skip
+        flat = free is not None and len(tokens) > 1 and free[:1] == (math.prod(tokens),)
+        if rows is None or (at is None and not flat):
+            why = ("an op other than a dot_general without batch axes (a Dense-like product)" if rows is None
+                   else f"an input whose free axes {free} do not start with the token axes {tokens}")  # fmt: skip
+            raise UnsupportedError(
+                f"adapter_ids per token ({tokens} per example) cannot be followed to LoRA weight {path!r}: it "
+                f"reaches {why}. jaxlora follows each token's id to the rows of a targeted matmul whose input "
+                "keeps the token axes in front (batch, seq, ..., features). Fix: pass one id per example "
+                "(adapter_ids of shape (batch,)), or leave this module out of the adapters' targets."
+            )
+        if flat:
+            index, scale = index.reshape(-1), scale.reshape(-1)
+            at = 0
+        pad = lambda v: v.reshape((1,) * at + v.shape + (1,) * (len(free) - at - v.ndim))  # noqa: E731
+        index, scale = pad(index), pad(scale)
     return stacked_op(
-        x, t.w, first, second, sel.index, sel.scale[path], sel.slots, sel.examples,
+        x, t.w, first, second, index, scale, sel.slots, sel.examples,
         base=base, first_op=first_op, second_op=second_op, first_axis=first_axes.index("r"),
-        second_axis=second_axes.index("r"), t_axis=t_axis, dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(),
+        second_axis=second_axes.index("r"), t_axis=t_axis, rows=rows, dropout_rate=t.factors.dropout,
+        dropout_key=ctx.next_key(),
     )  # fmt: skip
