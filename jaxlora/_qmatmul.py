@@ -48,8 +48,10 @@ Array = jax.Array
 _MODE: str | None = None
 MODES = ("kernel", "interpret", "xla")
 MAX_ROWS = 64  # beyond this many rows XLA's dequantize-then-matmul is used (the weight read amortises)
+GEMV = True  # one row: broadcast products and sums instead of a 16-row tensor-core tile
 LOOKUP = "gather"  # how a tile finds NF4's 16 values: "gather" (a table load) or "select" (15 selects)
 WARPS, STAGES = 4, 3
+TILE, TILE_T = (64, 128), (64, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
 PROGRAMS = 512  # split the contraction until the grid has about this many programs
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -61,9 +63,9 @@ def reference(x: Array, q: Quantized, out_dtype: Any = None) -> Array:
 
 
 def _tiles(q: Quantized, transpose: bool) -> tuple[int, int]:
-    """(rows, columns) of ``W`` a step of the kernel dequantizes."""
-    bn = max(128, q.block_size) if q.format == "nf4" else 128
-    return (64, bn) if not transpose else (64, bn)
+    """(rows, columns) of ``W`` a step of the kernel dequantizes (`TILE`; at least one NF4 block wide)."""
+    bk, bn = TILE_T if transpose else TILE
+    return (bk, max(bn, q.block_size)) if q.format == "nf4" else (bk, bn)
 
 
 def covers(q: Quantized, rows: int, dtype: Any) -> str | None:
@@ -76,12 +78,12 @@ def covers(q: Quantized, rows: int, dtype: Any) -> str | None:
     if rows > MAX_ROWS:
         return f"{rows} rows (> MAX_ROWS={MAX_ROWS}: XLA's dequantize-then-matmul amortises the read)"
     k, n = q.inner
-    bk, bn = _tiles(q, False)
+    bk, bn = (max(a, b) for a, b in zip(_tiles(q, False), _tiles(q, True)))
     if q.format == "nf4":
         bs = q.block_size
         if bs & (bs - 1) or n % bs:
             return f"NF4 block_size {bs} is not a power of 2 dividing the {n} columns"
-    if k % bk or n % bn or k % 128:
+    if k % bk or n % bn:
         return f"W {q.inner} is not a multiple of the ({bk}, {bn}) tiles"
     return None
 
@@ -140,7 +142,7 @@ def matmul(
         )
     k, n = q.inner
     bk, bn = _tiles(q, transpose)
-    bm = _rows_block(m)
+    bm = 1 if m == 1 and GEMV else _rows_block(m)
     mp = -(-m // bm) * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     out_n = k if transpose else n
@@ -183,7 +185,7 @@ def matmul(
     kernel = functools.partial(
         _kernel, fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps, tile=(bk, bn),
         transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size, dtype=jnp.dtype(x.dtype), top=top,
-        lookup=lookup,
+        lookup=lookup, gemv=m == 1 and GEMV, interpret=interpret,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, out_n) if one else (s, mp, out_n), out_dtype if one else f32)
@@ -207,7 +209,7 @@ def matmul(
     return y[:m] if mp != m else y
 
 
-def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup):
+def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, interpret):
     from jax.experimental import pallas as pl
 
     x_ref, o_ref = refs[0], refs[-1]
@@ -217,22 +219,16 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
     # the program's region of W starts at (row0, col0)
     row0, col0 = (j * bk, t * part) if transpose else (t * part, j * bn)
 
-    def weight(r, c):
-        """W[r : r + bk, c : c + bn] of the region (local offsets), in the activations' dtype."""
+    def weights(r, c):
+        """W[r : r + bk, c : c + bn] of the region (local offsets) in the activations' dtype, as its
+        even and odd columns (NF4 packs a column pair a byte; int8 gives the whole tile as ``even``)."""
         if fmt == "int8":
             codes_ref, scale_ref = refs[1:3]
             v = codes_ref[pl.ds(r, bk), pl.ds(c, bn)].astype(f32) * scale_ref[:, pl.ds(c, bn)]
-            return jnp.clip(v, -top, top).astype(dtype)
+            return jnp.clip(v, -top, top).astype(dtype), None
         codes_ref, absmax_ref = refs[1:3]
         consts_ref = refs[-2]
         codes = codes_ref[pl.ds(r, bk), pl.ds(c // 2, bn // 2)].astype(jnp.int32)
-        idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(bk, bn)
-        if lookup == "gather":
-            vals = consts_ref[idx]
-        else:
-            vals = jnp.zeros((bk, bn), f32)
-            for code, value in enumerate(NF4.tolist()):
-                vals = jnp.where(idx == code, value, vals)
         amax = absmax_ref[pl.ds(r, bk), pl.ds(c // bs, bn // bs)]
         if double:
             ss_ref = refs[3]
@@ -241,18 +237,52 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
             step = ss_ref[(rows * nbr + blocks) // DQ_GROUP]
             mean = consts_ref[pl.ds(16, 1)].reshape(1, 1)
             amax = amax.astype(f32) * step + mean
-        amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, bs)).reshape(bk, bn)
-        return jnp.clip(vals * amax, -top, top).astype(dtype)
+        half = bs // 2  # a block's columns of one parity
+        amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, half)).reshape(bk, bn // 2)
+
+        def value(idx):
+            if lookup == "gather":
+                vals = consts_ref[idx]
+            else:
+                vals = jnp.zeros(idx.shape, f32)
+                for code, v in enumerate(NF4.tolist()):
+                    vals = jnp.where(idx == code, v, vals)
+            return jnp.clip(vals * amax, -top, top).astype(dtype)
+
+        return value(codes >> 4), value(codes & 15)
+
+    def mul(a, w, contract_w):  # a (rows, c) against w, contracting w's axis contract_w
+        if gemv:  # one row: a broadcast product and a sum, no tensor-core tile
+            a = a.astype(f32).reshape(-1, 1) if contract_w == 0 else a.astype(f32).reshape(1, -1)
+            w32 = w.astype(f32)
+            if interpret and dtype != f32:  # XLA would fold the casts f32 -> dtype -> f32 away: round explicitly
+                info = jnp.finfo(dtype)
+                w32 = lax.reduce_precision(w32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+            return jnp.sum(a * w32, axis=contract_w).reshape(1, -1)
+        return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=f32)
 
     def body(i, acc):
+        even_acc, odd_acc = acc
         if transpose:  # g (bm, bn) · W[:, cols]ᵀ -> (bm, bk)
-            g = x_ref[:, pl.ds(i * bn, bn)]
-            return acc + lax.dot_general(g, weight(0, i * bn), (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            even, odd = weights(0, i * bn)
+            if odd is None:
+                return even_acc + mul(x_ref[:, pl.ds(i * bn, bn)], even, 1), odd_acc
+            g_even = x_ref[:, pl.ds(i * bn, bn // 2, stride=2)]
+            g_odd = x_ref[:, pl.ds(i * bn + 1, bn // 2, stride=2)]
+            return even_acc + mul(g_even, even, 1) + mul(g_odd, odd, 1), odd_acc
         xs = x_ref[:, pl.ds(i * bk, bk)]
-        return acc + jnp.dot(xs, weight(i * bk, 0), preferred_element_type=f32)
+        even, odd = weights(i * bk, 0)
+        if odd is None:
+            return even_acc + mul(xs, even, 0), odd_acc
+        return even_acc + mul(xs, even, 0), odd_acc + mul(xs, odd, 0)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, f32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    m = o_ref.shape[0]
+    split = fmt == "nf4" and not transpose  # NF4's forward: even and odd output columns apart
+    width = o_ref.shape[1] // 2 if split else o_ref.shape[1]
+    zero = jnp.zeros((m, width), f32)
+    even_acc, odd_acc = lax.fori_loop(0, steps, body, (zero, zero if split else jnp.zeros((1, 1), f32)))
+    out = jnp.stack([even_acc, odd_acc], axis=-1).reshape(m, 2 * width) if split else even_acc
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _compiler_params(warps: int, stages: int):
