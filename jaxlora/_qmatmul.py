@@ -252,13 +252,13 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
         return value(codes >> 4), value(codes & 15)
 
     def mul(a, w, contract_w):  # a (rows, c) against w, contracting w's axis contract_w
-        if gemv:  # one row: a broadcast product and a sum, no tensor-core tile
+        if gemv:  # one row: broadcast products, summed over the contraction once after the loop
             a = a.astype(f32).reshape(-1, 1) if contract_w == 0 else a.astype(f32).reshape(1, -1)
             w32 = w.astype(f32)
             if interpret and dtype != f32:  # XLA would fold the casts f32 -> dtype -> f32 away: round explicitly
                 info = jnp.finfo(dtype)
                 w32 = lax.reduce_precision(w32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-            return jnp.sum(a * w32, axis=contract_w).reshape(1, -1)
+            return a * w32
         return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=f32)
 
     def body(i, acc):
@@ -269,7 +269,7 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
                 return even_acc + mul(x_ref[:, pl.ds(i * bn, bn)], even, 1), odd_acc
             g_even = x_ref[:, pl.ds(i * bn, bn // 2, stride=2)]
             g_odd = x_ref[:, pl.ds(i * bn + 1, bn // 2, stride=2)]
-            return even_acc + mul(g_even, even, 1) + mul(g_odd, odd, 1), odd_acc
+            return even_acc + mul(g_even, even, 1), odd_acc + mul(g_odd, odd, 1)
         xs = x_ref[:, pl.ds(i * bk, bk)]
         even, odd = weights(i * bk, 0)
         if odd is None:
@@ -277,11 +277,22 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
         return even_acc + mul(xs, even, 0), odd_acc + mul(xs, odd, 0)
 
     m = o_ref.shape[0]
-    split = fmt == "nf4" and not transpose  # NF4's forward: even and odd output columns apart
-    width = o_ref.shape[1] // 2 if split else o_ref.shape[1]
-    zero = jnp.zeros((m, width), f32)
-    even_acc, odd_acc = lax.fori_loop(0, steps, body, (zero, zero if split else jnp.zeros((1, 1), f32)))
-    out = jnp.stack([even_acc, odd_acc], axis=-1).reshape(m, 2 * width) if split else even_acc
+    width = bn // 2 if fmt == "nf4" else bn  # the columns of W a step gives each accumulator
+    pair = fmt == "nf4"
+    if gemv:
+        shape = (bk, width)
+    else:
+        shape = (m, bk) if transpose else (m, width)
+    zero = jnp.zeros(shape, f32)
+    even_acc, odd_acc = lax.fori_loop(0, steps, body, (zero, zero if pair else jnp.zeros((1, 1), f32)))
+    if transpose:
+        out = even_acc + odd_acc if pair else even_acc
+        out = jnp.sum(out, axis=1).reshape(1, bk) if gemv else out
+    else:
+        if gemv:
+            even_acc = jnp.sum(even_acc, axis=0).reshape(1, width)
+            odd_acc = jnp.sum(odd_acc, axis=0).reshape(1, width) if pair else odd_acc
+        out = jnp.stack([even_acc, odd_acc], axis=-1).reshape(m, 2 * width) if pair else even_acc
     o_ref[...] = out.astype(o_ref.dtype)
 
 
