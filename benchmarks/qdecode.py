@@ -50,9 +50,9 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / bench(jax.jit(lambda x: x + 1), x) / 1e6
 
 
-def _set(bk: int, bn: int, warps: int, stages: int, programs: int) -> None:
+def _set(bk: int, bn: int, warps: int, stages: int, programs: int, gemv: int = 1) -> None:
     _qmatmul.TILE = _qmatmul.TILE_T = (bk, bn)
-    _qmatmul.WARPS, _qmatmul.STAGES, _qmatmul.PROGRAMS = warps, stages, programs
+    _qmatmul.WARPS, _qmatmul.STAGES, _qmatmul.PROGRAMS, _qmatmul.GEMV = warps, stages, programs, bool(gemv)
 
 
 def sweep(settings: list[str], quant: dict, layer, bw: float) -> dict:
@@ -86,7 +86,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 64])
     p.add_argument("--modes", nargs="+", default=None)
     p.add_argument("--programs", type=int, nargs="*", default=[], help="also time nf4_kernel with these PROGRAMS")
-    p.add_argument("--sweep", nargs="*", default=[], help="kernel settings bk,bn,warps,stages,programs to try first")
+    p.add_argument(
+        "--sweep", nargs="*", default=[], help="kernel settings bk,bn,warps,stages,programs[,gemv] to try first"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     L, D, F = (int(v) for v in args.shape.split(","))
@@ -141,7 +143,7 @@ def main() -> None:
         "shape": [L, D, F],
         "copy_GBps": round(bw, 1),
         "qmatmul": {"LOOKUP": _qmatmul.LOOKUP, "PROGRAMS": _qmatmul.PROGRAMS, "WARPS": _qmatmul.WARPS,
-                    "STAGES": _qmatmul.STAGES},
+                    "STAGES": _qmatmul.STAGES, "TILE": _qmatmul.TILE, "GEMV": _qmatmul.GEMV},
         "sweep": tuned,
         "results": [],
     }  # fmt: skip
