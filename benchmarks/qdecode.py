@@ -44,9 +44,9 @@ def bench(f, *args, n: int = 20) -> float:
     return 1e3 * float(np.median(times))
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a device copy of 2 GiB read + 2 GiB written."""
-    x = jnp.ones((1 << 29,), jnp.float32)
+def copy_bandwidth(mib: int = 2048) -> float:
+    """GB/s of a device copy of ``mib`` MiB read and as many written."""
+    x = jnp.ones((mib << 18,), jnp.float32)
     return 2 * x.nbytes / bench(jax.jit(lambda x: x + 1), x) / 1e6
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument(
         "--sweep", nargs="*", default=[], help="kernel settings bk,bn,warps,stages,programs[,gemv] to try first"
     )
+    p.add_argument("--copy-mib", type=int, default=2048, help="MiB copied to measure the bandwidth")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     L, D, F = (int(v) for v in args.shape.split(","))
@@ -134,7 +135,7 @@ def main() -> None:
     modes["nf4_dx_kernel"] = (layer("nf4", "kernel", transpose=True), q, q.nbytes, "nf4_dx_xla", True)
     wanted = args.modes or list(modes)
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(args.copy_mib)
     tuned = sweep(args.sweep, quant, layer, bw) if args.sweep else None
     res = {
         "device": jax.devices()[0].device_kind,

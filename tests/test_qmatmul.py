@@ -198,3 +198,19 @@ for fmt in ("nf4", "int8"):
 """
     )
     assert "nf4 ok" in out and "int8 ok" in out
+
+
+@pytest.mark.slow
+def test_qdecode_benchmark_runs_and_checks_the_kernel_against_xla(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from benchmarks import qdecode
+
+    out = tmp_path / "q.json"
+    argv = ["qdecode", "--shape", "1,128,256", "--batches", "1", "--modes", "bf16", "nf4_xla", "nf4_kernel"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--copy-mib", "8", "--out", str(out)])
+    qdecode.main()
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["nf4_kernel"]["against"] == "nf4_xla" and rows["nf4_kernel"]["rel_err"] < 2e-2
+    assert {"floor_ms", "x_floor", "TBps", "vs_bf16"} <= set(rows["nf4_kernel"])  # each figure beside its floor
