@@ -47,11 +47,13 @@ Array = jax.Array
 # "interpret" (the kernel in Pallas's interpreter) or "xla" force one where the kernel covers the shapes.
 _MODE: str | None = None
 MODES = ("kernel", "interpret", "xla")
-MAX_ROWS = 64  # beyond this many rows XLA's dequantize-then-matmul is used (the weight read amortises)
+# beyond this many rows XLA's dequantize-then-matmul is used: on the H200 the kernel won at 1, 8 and 16
+# rows, and at 64 (tiles of 128) it lost (benchmarks/results/qdecode_h200.json)
+MAX_ROWS = 16
 GEMV = True  # one row: broadcast products and sums instead of a 16-row tensor-core tile
 LOOKUP = "gather"  # how a tile finds NF4's 16 values: "gather" (a table load) or "select" (15 selects)
 WARPS, STAGES = 4, 3
-TILE, TILE_T = (64, 128), (64, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
+TILE, TILE_T = (128, 128), (128, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
 PROGRAMS = 512  # split the contraction until the grid has about this many programs
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -149,6 +151,10 @@ def matmul(
     out_tile = bk if transpose else bn
     reduce, chunk = (n, bn) if transpose else (k, bk)
     s = splits or _splits((mp // bm) * (out_n // out_tile), reduce, chunk)
+    if reduce % (s * chunk):
+        raise ValueError(
+            f"splits={s} does not divide the contraction of {reduce} into steps of {chunk}; use a divisor."
+        )
     part = reduce // s  # the contraction's share of one program
     steps = part // chunk
     # W's region a program reads: forward (part rows, bn columns) at (split, j); transposed (bk, part) at (j, split)

@@ -65,23 +65,25 @@ def test_split_contraction_equals_one_program():
     q = _quantized("nf4", 64, True, jnp.float32, shape=(256, 128))
     x = jax.random.normal(jax.random.key(1), (2, 256))
     one = _qmatmul.matmul(x, q, splits=1, interpret=True)
-    four = _qmatmul.matmul(x, q, splits=4, interpret=True)
-    _check(four, x, q)
-    np.testing.assert_allclose(four, one, rtol=1e-6, atol=1e-6 * float(jnp.abs(one).max()))
+    two = _qmatmul.matmul(x, q, splits=2, interpret=True)
+    _check(two, x, q)
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6 * float(jnp.abs(one).max()))
+    with pytest.raises(ValueError, match="splits=4 does not divide the contraction of 256"):
+        _qmatmul.matmul(x, q, splits=4, interpret=True)
 
 
 def test_select_lookup_equals_the_table_load():
-    q = _quantized("nf4", 64, False, jnp.bfloat16, shape=(64, 128))
-    x = jax.random.normal(jax.random.key(1), (1, 64), jnp.bfloat16)
+    q = _quantized("nf4", 64, False, jnp.bfloat16, shape=(128, 128))
+    x = jax.random.normal(jax.random.key(1), (1, 128), jnp.bfloat16)
     y = _qmatmul.matmul(x, q, lookup="select", interpret=True)
     np.testing.assert_array_equal(y, _qmatmul.matmul(x, q, lookup="gather", interpret=True))
 
 
 def test_non_finite_group_decodes_to_nan_as_the_reference_does():
-    w = jnp.ones((64, 128)).at[0, 0].set(jnp.inf)
+    w = jnp.ones((128, 128)).at[0, 0].set(jnp.inf)
     q = jax.jit(lambda w: jaxlora.quantize({"w": w}, "nf4", targets="w")["w"])(w)  # under jit: no check
-    y = _qmatmul.matmul(jnp.ones((1, 64)), q, interpret=True)
-    np.testing.assert_array_equal(np.isnan(y), np.isnan(_qmatmul.reference(jnp.ones((1, 64)), q)))
+    y = _qmatmul.matmul(jnp.ones((1, 128)), q, interpret=True)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(_qmatmul.reference(jnp.ones((1, 128)), q)))
     assert bool(jnp.all(jnp.isnan(y)))  # one group of 256 blocks holds every block here
 
 
@@ -92,7 +94,7 @@ def test_non_finite_group_decodes_to_nan_as_the_reference_does():
         (lambda: _quantized("nf4", 16, True, jnp.float32, shape=(96, 128)), 1, "not a multiple of the"),
         (lambda: _quantized("nf4", 48, True, jnp.float32, shape=(128, 384)), 1, "not a power of 2"),
         (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(2, 64, 128)), 1, "is not 2-D"),
-        (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(64, 128)), 65, "rows"),
+        (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(128, 128)), _qmatmul.MAX_ROWS + 1, "rows"),
     ],
 )
 def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
@@ -109,7 +111,7 @@ def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
 
 
 def test_mode_is_xla_off_gpu_and_follows_the_switch(monkeypatch):
-    q = _quantized("nf4", 64, True, jnp.float32, shape=(64, 128))
+    q = _quantized("nf4", 64, True, jnp.float32, shape=(128, 128))
     assert _qmatmul.mode(q, 1, jnp.float32) == ("kernel" if jax.default_backend() == "gpu" else "xla")
     assert _qmatmul.mode(q, 1, jnp.float64) == "xla"  # an uncovered dtype
     for forced in _qmatmul.MODES:
@@ -134,8 +136,9 @@ def test_dot_gradients_for_x_and_for_the_float_leaves(interpret):
 class _Block(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-        h = nn.Dense(128, name="up", dtype=jnp.bfloat16)(x)  # (64, 128): the kernel's
-        return x + nn.Dense(64, name="down", dtype=jnp.bfloat16)(nn.gelu(h)), None  # (128, 64): falls back
+        h = nn.Dense(256, name="up", dtype=jnp.bfloat16)(x)  # (128, 256): the kernel's
+        h = nn.Dense(64, name="mid", dtype=jnp.bfloat16)(nn.gelu(h))  # (256, 64): falls back (64 columns)
+        return x + nn.Dense(128, name="down", dtype=jnp.bfloat16)(h), None  # (64, 128): falls back (64 rows)
 
 
 class _ScanRemat(nn.Module):
@@ -147,9 +150,9 @@ class _ScanRemat(nn.Module):
 
 @pytest.mark.parametrize("fmt", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_apply_uses_the_kernel_with_lora_riding_along(monkeypatch, fmt):
-    model, x = _ScanRemat(), jax.random.normal(jax.random.key(3), (2, 4, 64))
+    model, x = _ScanRemat(), jax.random.normal(jax.random.key(3), (2, 4, 128))
     q = jaxlora.quantize(model.init(jax.random.key(0), x), fmt)  # float32 params, cast to bf16 by Dense
-    config = jaxlora.LoraConfig(rank=4, targets=("up", "down"))
+    config = jaxlora.LoraConfig(rank=4, targets=("up", "down"))  # "mid" quantized, no adapter
     lora = jaxlora.init(jax.random.key(1), q, config, fn=model.apply, args=(x,))
     lora = jax.tree_util.tree_map(lambda v: v + 0.05, lora)
     results = {}
