@@ -10,7 +10,7 @@ transposes) with its LoRA factors beside it. One module per kind of rule:
   the base op and the factor ops;
 - `_ragged`: expert weights through ``ragged_dot_general`` (mixture-of-experts layers);
 - `_quantized`: a quantized weight (`jaxlora.Quantized`) kept packed through calls and scans and
-  dequantized at its first real use;
+  dequantized at its first real use; `_qdot`: its matmul by the fused kernel instead, where chosen;
 - `_control`: calls and control flow (``jit``, custom derivatives, ``remat``, ``scan``, ``cond``,
   ``while``, ``shard_map``).
 
@@ -18,7 +18,7 @@ The same evaluator *probes* a function: with no factors, it records how each wei
 (contracted, produced, stacked), which is how `jaxlora.init` learns a weight's layout.
 """
 
-from . import _control, _ops, _quantized, _ragged, _views  # noqa: F401  (each registers its rules)
+from . import _control, _ops, _qdot, _quantized, _ragged, _views  # noqa: F401  (each registers its rules)
 from ._control import scan_counts as scan_counts
 from ._eval import FALLBACKS as FALLBACKS
 from ._eval import Context as Context

@@ -81,6 +81,8 @@ class Tagged:
 
 
 KEEPS_LAZY: set[str] = set()  # primitives whose rules carry Lazy values inside (filled by _control)
+# rules that may use a lazy weight as it is (a quantized matmul, `_qdot`); None from one: realize it
+LAZY_RULES: dict[str, Callable[[Any, list[Any], Any], list[Any] | None]] = {}
 
 
 def is_lazy(v: Any) -> bool:
@@ -377,6 +379,10 @@ def untag_all(eqn, invals: list[Any], ctx: Context) -> list[Any]:
 
 def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
     if eqn.primitive.name not in KEEPS_LAZY and any(is_lazy(v) for v in invals):
+        rule = LAZY_RULES.get(eqn.primitive.name)
+        outs = None if rule is None else rule(eqn, invals, ctx)
+        if outs is not None:
+            return outs
         invals = [realize(v, eqn) for v in invals]  # a quantized weight's first real use: dequantize here
         if not any(isinstance(v, Tagged) for v in invals):
             return bind(eqn, invals)

@@ -42,17 +42,20 @@ class Lazy:
 
 @jax.tree_util.register_pytree_node_class
 class Packed(Lazy):
-    """A quantized weight in the evaluator: its `Quantized` node, dequantized on `realize`."""
+    """A quantized weight in the evaluator: its `Quantized` node, dequantized on `realize`.
 
-    def __init__(self, q: Quantized):
-        self.q = q
+    ``cast`` is the floating dtype the model cast it to (``_qdot`` keeps a cast weight packed), or None.
+    """
+
+    def __init__(self, q: Quantized, cast: Any = None):
+        self.q, self.cast = q, cast
 
     def tree_flatten(self):
-        return (self.q,), None
+        return (self.q,), self.cast
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(*children, aux)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,15 +63,15 @@ class Packed(Lazy):
 
     @property
     def dtype(self) -> Any:
-        return self.q.dtype
+        return self.q.dtype if self.cast is None else self.cast
 
     @property
     def ndim(self) -> int:
         return self.q.ndim
 
     def realize(self, eqn=None) -> jax.Array:
-        dtype = None
-        if eqn is not None and eqn.primitive.name == "convert_element_type":
+        dtype = self.cast  # the model's own cast first (a later cast then applies as written)
+        if dtype is None and eqn is not None and eqn.primitive.name == "convert_element_type":
             dtype = eqn.params["new_dtype"]  # dequantize straight to the dtype the model casts to
         return dequantize_weight(self.q, dtype)
 

@@ -1,0 +1,219 @@
+"""The fused dequantize-and-multiply kernel (`jaxlora._qmatmul`) in Pallas's interpreter, against exact products."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import run_with_devices
+
+import jaxlora
+from jaxlora import _qmatmul
+from jaxlora._quant import dequantize_weight
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setattr(_qmatmul, "_MODE", "interpret")
+
+
+def _quantized(fmt, block, double_quant, dtype, shape=(128, 384), seed=0):
+    w = (jax.random.normal(jax.random.key(seed), shape) * 0.05).astype(dtype)
+    kw = {} if fmt == "int8" else dict(block_size=block, double_quant=double_quant)
+    return jaxlora.quantize({"w": w}, fmt, targets="w", **kw)["w"]
+
+
+def _check(y, x, q, transpose=False):
+    """``y`` against the float64 product of ``x`` and the dequantized ``W`` (the values XLA's path multiplies).
+
+    Both sides multiply the same ``W`` (the kernel dequantizes each tile to `dequantize_weight`'s values),
+    so they differ only by float32 accumulation (``K·eps32`` of ``|x|·|W|``) and by the output's one
+    rounding to its dtype (half an ulp: ``2**-9`` relative in bfloat16; the bound allows ``2**-8``).
+    """
+    w = np.asarray(dequantize_weight(q, x.dtype), np.float64)
+    w = w.T if transpose else w
+    x64 = np.asarray(x, np.float64)
+    exact, scale = x64 @ w, np.abs(x64) @ np.abs(w)
+    out_eps = 0.0 if y.dtype == jnp.float32 else 2.0**-8
+    bound = out_eps * np.abs(exact) + 4 * w.shape[0] * 2.0**-24 * scale + 1e-30
+    err = np.abs(np.asarray(y, np.float64) - exact)
+    assert y.dtype == x.dtype and y.shape == exact.shape
+    assert np.all(err <= bound), f"max error {err.max():.3g}, at most {(err / bound).max():.3g} of the bound"
+
+
+LAYOUTS = [  # format, NF4 block size, double quantization, dtype
+    ("nf4", 64, True, jnp.bfloat16),  # bitsandbytes' default; its 3 absmax groups change mid-row
+    ("nf4", 64, False, jnp.float32),
+    ("nf4", 32, True, jnp.float32),
+    ("nf4", 128, False, jnp.bfloat16),
+    ("int8", None, None, jnp.bfloat16),
+    ("int8", None, None, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("fmt,block,double_quant,dtype", LAYOUTS)
+def test_kernel_equals_the_exact_product_forward_and_transposed(fmt, block, double_quant, dtype):
+    q = _quantized(fmt, block, double_quant, dtype)
+    for rows in (1, 24):  # one row: the broadcast-and-sum path; 24 rows: tensor-core tiles of 32 rows
+        x = jax.random.normal(jax.random.key(rows), (rows, 128), dtype)
+        _check(_qmatmul.matmul(x, q, interpret=True), x, q)
+    g = jax.random.normal(jax.random.key(7), (1 if dtype == jnp.bfloat16 else 3, 384), dtype)  # both paths
+    _check(_qmatmul.matmul(g, q, transpose=True, interpret=True), g, q, transpose=True)
+
+
+def test_split_contraction_equals_one_program():
+    q = _quantized("nf4", 64, True, jnp.float32, shape=(256, 128))
+    x = jax.random.normal(jax.random.key(1), (2, 256))
+    one = _qmatmul.matmul(x, q, splits=1, interpret=True)
+    two = _qmatmul.matmul(x, q, splits=2, interpret=True)
+    _check(two, x, q)
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6 * float(jnp.abs(one).max()))
+    with pytest.raises(ValueError, match="splits=4 does not divide the contraction of 256"):
+        _qmatmul.matmul(x, q, splits=4, interpret=True)
+
+
+def test_select_lookup_equals_the_table_load():
+    q = _quantized("nf4", 64, False, jnp.bfloat16, shape=(128, 128))
+    x = jax.random.normal(jax.random.key(1), (1, 128), jnp.bfloat16)
+    y = _qmatmul.matmul(x, q, lookup="select", interpret=True)
+    np.testing.assert_array_equal(y, _qmatmul.matmul(x, q, lookup="gather", interpret=True))
+
+
+def test_non_finite_group_decodes_to_nan_as_the_reference_does():
+    w = jnp.ones((128, 128)).at[0, 0].set(jnp.inf)
+    q = jax.jit(lambda w: jaxlora.quantize({"w": w}, "nf4", targets="w")["w"])(w)  # under jit: no check
+    y = _qmatmul.matmul(jnp.ones((1, 128)), q, interpret=True)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(_qmatmul.reference(jnp.ones((1, 128)), q)))
+    assert bool(jnp.all(jnp.isnan(y)))  # one group of 256 blocks holds every block here
+
+
+@pytest.mark.parametrize(
+    "make,rows,why",
+    [
+        (lambda: _quantized("int8", None, None, jnp.float32, shape=(128, 200)), 1, "not a multiple of the"),
+        (lambda: _quantized("nf4", 16, True, jnp.float32, shape=(96, 128)), 1, "not a multiple of the"),
+        (lambda: _quantized("nf4", 48, True, jnp.float32, shape=(128, 384)), 1, "not a power of 2"),
+        (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(2, 64, 128)), 1, "is not 2-D"),
+        (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(128, 128)), _qmatmul.MAX_ROWS + 1, "rows"),
+    ],
+)
+def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
+    q = make()
+    assert why in _qmatmul.covers(q, rows, jnp.float32)
+    assert _qmatmul.mode(q, rows, jnp.float32) == "xla"  # even with the kernel forced
+    if q.outer:
+        return
+    x = jnp.ones((rows, q.shape[0]))
+    np.testing.assert_array_equal(_qmatmul.dot(x, q), _qmatmul.reference(x, q))
+    if rows <= _qmatmul.MAX_ROWS:  # (matmul itself takes many rows: the benchmarks time it there)
+        with pytest.raises(ValueError, match="does not cover x .* falls back"):
+            _qmatmul.matmul(x, q, interpret=True)
+
+
+def test_mode_is_xla_off_gpu_and_follows_the_switch(monkeypatch):
+    q = _quantized("nf4", 64, True, jnp.float32, shape=(128, 128))
+    assert _qmatmul.mode(q, 1, jnp.float32) == ("kernel" if jax.default_backend() == "gpu" else "xla")
+    assert _qmatmul.mode(q, 1, jnp.float64) == "xla"  # an uncovered dtype
+    for forced in _qmatmul.MODES:
+        monkeypatch.setattr(_qmatmul, "_MODE", forced)
+        assert _qmatmul.mode(q, 1, jnp.float32) == forced
+
+
+def test_dot_gradients_for_x_and_for_the_float_leaves(interpret):
+    q = _quantized("nf4", 64, True, jnp.float32, shape=(128, 128))
+    x = jax.random.normal(jax.random.key(1), (3, 128))
+    c = jax.random.normal(jax.random.key(2), (3, 128))
+    loss = lambda f: lambda x, q: jnp.sum(f(x, q) * c)  # noqa: E731
+    dx = jax.jit(jax.grad(loss(_qmatmul.dot)))(x, q)
+    _check(dx, c, q, transpose=True)  # dx = c·Wᵀ, by the transposed kernel
+    # the quantized leaves are frozen in jaxlora; differentiated anyway, their float leaves get XLA's gradient
+    got = jax.grad(loss(_qmatmul.dot), argnums=1, allow_int=True)(x, q)
+    want = jax.grad(loss(_qmatmul.reference), argnums=1, allow_int=True)(x, q)
+    for name in ("scale_scale", "scale_mean"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(256, name="up", dtype=jnp.bfloat16)(x)  # (128, 256): the kernel's
+        h = nn.Dense(64, name="mid", dtype=jnp.bfloat16)(nn.gelu(h))  # (256, 64): falls back (64 columns)
+        return x + nn.Dense(128, name="down", dtype=jnp.bfloat16)(h), None  # (64, 128): falls back (64 rows)
+
+
+class _ScanRemat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
+def test_apply_uses_the_kernel_with_lora_riding_along(monkeypatch, fmt):
+    model, x = _ScanRemat(), jax.random.normal(jax.random.key(3), (2, 4, 128))
+    q = jaxlora.quantize(model.init(jax.random.key(0), x), fmt)  # float32 params, cast to bf16 by Dense
+    config = jaxlora.LoraConfig(rank=4, targets=("up", "down"))  # "mid" quantized, no adapter
+    lora = jaxlora.init(jax.random.key(1), q, config, fn=model.apply, args=(x,))
+    lora = jax.tree_util.tree_map(lambda v: v + 0.05, lora)
+    results = {}
+    for forced in ("interpret", "xla"):
+        monkeypatch.setattr(_qmatmul, "_MODE", forced)  # read when traced: a new function for each (jit caches)
+        loss = lambda lora: jnp.sum(jaxlora.apply(model.apply, q, lora, x).astype(jnp.float32) ** 2)  # noqa: E731
+        calls = str(jax.make_jaxpr(jax.grad(loss))(lora)).count("pallas_call")
+        assert calls >= 2 if forced == "interpret" else calls == 0  # "up": x·W and g·Wᵀ ("down" falls back)
+        results[forced] = jax.jit(jax.value_and_grad(loss))(lora)
+    (got, g), (want, g_want) = results["interpret"], results["xla"]
+    # the same bf16 W and factors; the kernel and XLA differ by f32 summation order and bf16 roundings
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    for path in lora:
+        for name in ("a", "b"):
+            a, b = getattr(g[path], name), getattr(g_want[path], name)
+            np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.slow
+def test_sharded_result_equals_single_device():
+    out = run_with_devices(
+        """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jaxlora
+from jaxlora import _qmatmul
+_qmatmul._MODE = "interpret"
+w = {"kernel": jax.random.normal(jax.random.key(0), (128, 256)) * 0.05}
+fn = lambda p, x: x @ p["kernel"]
+x = jax.random.normal(jax.random.key(1), (8, 128))
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+for fmt in ("nf4", "int8"):
+    q = jaxlora.quantize(w, fmt)
+    lora = jaxlora.init(jax.random.key(2), q, jaxlora.LoraConfig(rank=2, targets="kernel"), fn=fn, args=(x,))
+    lora = jax.tree_util.tree_map(lambda v: v + 0.1, lora)
+    f = jax.jit(lambda q, lora, x: jaxlora.apply(fn, q, lora, x))
+    assert "pallas_call" in str(jax.make_jaxpr(f)(q, lora, x))
+    one = f(q, lora, x)
+    q8 = jax.device_put(q, jaxlora.quantized_shardings(q, {"kernel": NamedSharding(mesh, P(None, "model"))}))
+    x8 = jax.device_put(x, NamedSharding(mesh, P("data")))
+    np.testing.assert_allclose(f(q8, lora, x8), one, rtol=1e-6, atol=1e-6)  # the kernel on sharded arrays
+    with jax.set_mesh(mesh):  # a mesh in context: XLA's dequantize-then-matmul, per shard by the partitioner
+        assert "pallas_call" not in str(jax.make_jaxpr(f)(q8, lora, x8))
+        np.testing.assert_allclose(f(q8, lora, x8), one, rtol=1e-5, atol=1e-5)
+    print(fmt, "ok")
+"""
+    )
+    assert "nf4 ok" in out and "int8 ok" in out
+
+
+@pytest.mark.slow
+def test_qdecode_benchmark_runs_and_checks_the_kernel_against_xla(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from benchmarks import qdecode
+
+    out = tmp_path / "q.json"
+    argv = ["qdecode", "--shape", "1,128,256", "--batches", "1", "--modes", "bf16", "nf4_xla", "nf4_kernel"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--copy-mib", "8", "--out", str(out)])
+    qdecode.main()
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["nf4_kernel"]["against"] == "nf4_xla" and rows["nf4_kernel"]["rel_err"] < 2e-2
+    assert {"floor_ms", "x_floor", "TBps", "vs_bf16"} <= set(rows["nf4_kernel"])  # each figure beside its floor
