@@ -129,7 +129,6 @@ def test_equals_gm_nn_lora(case):
             np.testing.assert_allclose(getattr(f, ab), gflat[where[key][ab]], rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.xfail(strict=True, reason="pitfall: quantize's name-based default selects nothing on gemma (#27)")
 def test_quantize_default_is_not_silent(case):
     """gemma's matrices are `w`, `gating_einsum`, `linear`: a name-based default that selects none must raise."""
     try:
@@ -139,7 +138,6 @@ def test_quantize_default_is_not_silent(case):
     assert quantized_leaves(q), "quantize returned the model with no weight quantized, silently"
 
 
-@pytest.mark.xfail(strict=True, reason="pitfall: module paths keep Einsum's leaf `w` (issue #27)")
 def test_regex_of_einsum_names_adapts_attention(case):
     """The natural regex over gemma's layer names adapts the attention Einsums (paths `attn/q_einsum/w`)."""
     config = jaxlora.LoraConfig(rank=2, targets=r".*/(q_einsum|kv_einsum|attn_vec_einsum|gating_einsum|linear)")
