@@ -263,6 +263,7 @@ def test_stack_form_by_cost_and_forced(monkeypatch):
         _matmul.stack_form(8, 1024, big, 2, 8)
 
 
+@pytest.mark.slow
 def test_sgmv_gradient_through_scan_and_remat_is_each_adapters_own(monkeypatch):
     from test_stack import _scanned
 

@@ -117,7 +117,9 @@ def test_nnx_sharding_metadata():
             self.up = nnx.Linear(8, 16, kernel_init=nnx.with_partitioning(init, names_in), rngs=rngs)
             self.down = nnx.Linear(16, 8, kernel_init=nnx.with_partitioning(init, names_out), rngs=rngs)
 
-    with jax.set_mesh(mesh):  # mesh axis names: the variables are created sharded
+    # mesh axis names: the variables are created sharded (eager sharding named, as an imported library may
+    # have turned Flax's default off for the process)
+    with jax.set_mesh(mesh), nnx.use_eager_sharding(True):
         mesh_named = nnx.state(Mlp(nnx.Rngs(0), ("fsdp", "tensor"), ("tensor", "fsdp")), nnx.Param)
     with nnx.use_eager_sharding(False):  # logical names: only annotated
         logical = nnx.state(Mlp(nnx.Rngs(0), ("embed", "mlp"), ("mlp", "embed")), nnx.Param)
