@@ -23,6 +23,10 @@ check that they run the same model), compile time, step time (median of ``--step
 the device's peak memory and the compiled step's memory analysis.
 
     python -m benchmarks.jax_peer --out benchmarks/results/jax_peer_h200.json      # on the GPU
+
+On the H200 each 8B mode takes over 100 s to make its model, set up and compile (both modes ran out of a
+100 s ``--timeout`` on 2026-12-03, ``jax_peer_h200_timeout.json``): give it 300 s. Each worker prints its
+progress (model made, LoRA set up, first step compiled) to stderr, kept in the JSON if it times out.
     python -m benchmarks.jax_peer --config tiny                                      # a CPU smoke run
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 
@@ -97,7 +102,14 @@ def _worker(a: argparse.Namespace) -> dict:
     dtype = jnp.dtype(a.dtype)
     cfg = _model_config(a.config, a.remat)
     batch, seq = a.batch or CONFIGS[a.config][1], a.seq or CONFIGS[a.config][2]
+    t_start = time.perf_counter()
+
+    def progress(what: str) -> None:  # to stderr as it goes: a mode past its time shows where it was
+        print(f"[{a.mode}] {what}: {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
+
     model = _random_model(cfg, dtype)
+    jax.block_until_ready(nnx.state(model))
+    progress("random model made")
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))
@@ -133,6 +145,7 @@ def _worker(a: argparse.Namespace) -> dict:
         logits = logits_of(train, frozen, tokens[:, :-1]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
+    progress("LoRA set up")
     opt = optax.adamw(1e-4)
     compiled = None
     t0 = time.perf_counter()
@@ -175,6 +188,7 @@ def _worker(a: argparse.Namespace) -> dict:
 
         trained = lambda: state[0]  # noqa: E731
     compile_s = time.perf_counter() - t0
+    progress(f"compiled and ran the first step ({compile_s:.1f} s)")
 
     def blocking():
         run()
