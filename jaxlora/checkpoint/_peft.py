@@ -804,6 +804,12 @@ def load_peft(
             problems.append(
                 f"{name!r} -> {p!r}: lora_A {A.shape} and lora_B {B.shape} need ({need_a}, {math.prod(i_shape)}) "
                 f"and ({math.prod(o_shape)}, {need_b}) for weight {shape}"
+                + (
+                    "; they fit it stored (out, in) (Hugging Face's FlaxConv1D): pass fn= and args= so that the "
+                    "trace reads its layout"
+                    if fn is None and role == "io" and (A.shape[1], B.shape[0]) == (o_shape + i_shape)
+                    else ""
+                )
             )
             continue
         if expert:
