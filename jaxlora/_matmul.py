@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec
 
 from . import _fused, _remat
 
@@ -328,19 +329,28 @@ def _cast(first: Array, second: Array, scale: float, dtype) -> tuple[Array, Arra
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class _Like:
-    """A residual the backward pass needs only the shape and dtype of: static, so no bytes are kept."""
+    """A residual the backward pass needs only the type of: static, so no bytes are kept.
+
+    ``spec`` is the sharding its type carries on a mesh of explicit axes (else None), so that a
+    cotangent computed from its stand-in has the primal's type, as a custom VJP must return.
+    """
 
     shape: tuple[int, ...]
     dtype: jnp.dtype
+    spec: PartitionSpec | None = None
 
 
 def _keep(v: Array, needed: bool) -> Array | _Like:
-    return v if needed else _Like(tuple(v.shape), jnp.dtype(v.dtype))
+    if needed:
+        return v
+    spec = getattr(getattr(jax.typeof(v), "sharding", None), "spec", None)
+    spec = spec if spec is not None and any(p is not None for p in spec) else None
+    return _Like(tuple(v.shape), jnp.dtype(v.dtype), spec)
 
 
 def _array(v: Array | _Like) -> Array:
     """``v``, or zeros in its place (for ``jax.vjp`` of an op linear in ``v``, whose value is then unused)."""
-    return jnp.zeros(v.shape, v.dtype) if isinstance(v, _Like) else v
+    return jnp.zeros(v.shape, v.dtype, out_sharding=v.spec) if isinstance(v, _Like) else v
 
 
 @jax.tree_util.register_static

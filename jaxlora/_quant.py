@@ -40,7 +40,8 @@ NF4 = np.array(
 _NF4_MIDPOINTS = (NF4[1:] + NF4[:-1]) / 2
 
 DEFAULT_TARGETS = (".*",)  # every floating leaf of >= 2 axes named kernel or weight...
-DEFAULT_EXCLUDE = ("lm_head", "head")  # ...but the output head (bitsandbytes keeps lm_head in full precision)
+DEFAULT_EXCLUDE = ("lm_head", "head", "logits_dense")  # ...but the output head (bitsandbytes keeps lm_head in
+# full precision; MaxText names it decoder/logits_dense)
 _MATRIX_NAMES = ("kernel", "weight")  # embedding tables (nn.Embed's "embedding") stay in full precision
 
 
@@ -192,7 +193,7 @@ def quantize(
     DenseGeneral's ``(in, heads, head_dim)``), which sets the blocks' layout.
     Without ``fn``, every floating leaf of two or more axes named ``kernel`` or ``weight`` is quantized
     and a weight of three or more axes counts as stacked;
-    embedding tables and modules matching ``exclude`` (the output head ``lm_head``/``head``, as
+    embedding tables and modules matching ``exclude`` (the output head ``lm_head``/``head``/``logits_dense``, as
     bitsandbytes leaves it) stay in full precision, as do biases and norm scales. ``targets`` and
     ``exclude`` are regexes over module paths, as in `LoraConfig`; a weight they name explicitly is
     quantized whatever its leaf name. Each weight is encoded on its device by a jitted function

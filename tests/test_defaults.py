@@ -139,9 +139,11 @@ def test_quantize_traced_maxtext_stacked_kernels_not_head_norms_or_table():
     np.testing.assert_allclose(got, maxtext(jaxlora.dequantize(q), TOKENS), rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_untraced_keeps_its_name_rule():  # the name-based default without fn is unchanged
+def test_quantize_untraced_keeps_its_name_rule():  # without fn: names, MaxText's head among the excluded ones
     q = jaxlora.quantize(MAXTEXT_PARAMS, "nf4", block_size=32)
-    assert "decoder/logits_dense" in _quantized(q)  # why fn is the better default: a head not named lm_head
+    assert "decoder/logits_dense" not in _quantized(q) and "decoder/layers/mlp/wi" in _quantized(q)
+    q = jaxlora.quantize(MAXTEXT_PARAMS, "nf4", block_size=32, exclude=())  # a head by any other name: fn knows
+    assert "decoder/logits_dense" in _quantized(q)
     assert q["params"]["decoder"]["layers"]["mlp"]["wi"]["kernel"].outer == (L,)
 
 
