@@ -124,15 +124,18 @@ def test_inference_modes_run(mode):
 
 
 @pytest.mark.slow
-def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path):
+def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path, capsys):
+    """One driver run: the JSON, each mode's ratio to full fine-tuning, and the DoRA/LoRA ratio it prints."""
     path = tmp_path / "r.json"
-    train_step.main(["--config", "tiny", "--modes", "full,lora_plain", "--steps", "2", "--warmup", "1",
+    train_step.main(["--config", "tiny", "--modes", "full,lora,dora", "--steps", "2", "--warmup", "1",
                      "--rank", "4", "--out", str(path)])  # fmt: skip
     result = json.loads(path.read_text())
     assert result["device"] and result["versions"]["jax"] and result["config"]["d_model"] == 64
-    assert set(result["modes"]) == {"full", "lora_plain"}
+    assert set(result["modes"]) == {"full", "lora", "dora"}
     assert result["modes"]["full"]["ratio_to_full"] == 1.0
-    assert "median_ms" in result["modes"]["lora_plain"], result["modes"]["lora_plain"]
+    assert "median_ms" in result["modes"]["lora"], result["modes"]["lora"]
+    assert result["modes"]["dora"]["ratio_to_lora"] > 0
+    assert "dora/lora: step" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -146,16 +149,6 @@ def test_moe_modes_run(mode):
     assert out["mode"] == mode and out["median_ms"] > 0 and out["loss"] == pytest.approx(out["loss"])
     if mode == "lora_experts":
         assert out["trainable"] > 0
-
-
-@pytest.mark.slow
-def test_driver_prints_the_dora_to_lora_ratio(tmp_path, capsys):
-    path = tmp_path / "r.json"
-    train_step.main(["--config", "tiny", "--modes", "lora,dora", "--steps", "2", "--warmup", "1",
-                     "--rank", "4", "--out", str(path)])  # fmt: skip
-    result = json.loads(path.read_text())
-    assert result["modes"]["dora"]["ratio_to_lora"] > 0
-    assert "dora/lora: step" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["train_nf4", "decode_nf4", "decode_bf16"])
@@ -288,14 +281,6 @@ def test_the_decode_model_decodes_what_a_prefill_computes(cache_form):
     np.testing.assert_allclose(chunk, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.slow
-def test_train_step_remat_policies_train_alike():
-    """``--policy``: a policy, and no remat, train as whole-block remat does (tiny_scan: scan + remat)."""
-    policies = ("block", "none", "outputs")
-    losses = {p: train_step._worker(_args("lora", config="tiny_scan", policy=p))["loss"] for p in policies}
-    assert all(v == pytest.approx(losses["block"], rel=1e-5) for v in losses.values()), losses
-
-
 def test_train_step_rejects_an_unknown_policy():
     from benchmarks import models
 
@@ -333,12 +318,14 @@ def test_torch_peer_checkpointing_and_bf16_adapters():
 
 @pytest.mark.slow
 def test_driver_runs_lora_under_each_policy(tmp_path, capsys):
-    """``--policy block,outputs``: each policy's LoRA step in its own process, labelled lora@policy, with its MFU."""
+    """``--policy block,none,outputs``: each policy's LoRA step in its own process, labelled lora@policy, with
+    its MFU; a policy, and no remat, train as whole-block remat does (tiny_scan: scan + remat)."""
     out = tmp_path / "r.json"
-    train_step.main(["--config", "tiny_scan", "--modes", "lora", "--policy", "block,outputs", "--steps", "2",
+    train_step.main(["--config", "tiny_scan", "--modes", "lora", "--policy", "block,none,outputs", "--steps", "2",
                      "--warmup", "1", "--rank", "4", "--window", "2", "--out", str(out)])  # fmt: skip
     modes = json.loads(out.read_text())["modes"]
-    assert set(modes) == {"lora@block", "lora@outputs"}, modes
-    assert modes["lora@outputs"]["loss"] == pytest.approx(modes["lora@block"]["loss"], rel=1e-5)
+    assert set(modes) == {"lora@block", "lora@none", "lora@outputs"}, modes
+    for p in ("none", "outputs"):
+        assert modes[f"lora@{p}"]["loss"] == pytest.approx(modes["lora@block"]["loss"], rel=1e-5)
     assert all(r["model_tflops"] > 0 for r in modes.values())
     assert "model TFLOP/s (MFU of 989 TFLOP/s bf16): lora@block" in capsys.readouterr().out
