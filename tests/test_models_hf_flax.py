@@ -6,8 +6,10 @@ transformers 5 removed Flax; 4.57 still ships it and runs on jax 0.12. .ci/run i
 module skips. GPT-2's ``FlaxConv1D`` stores its ``kernel`` ``(out, in)``: the trace lays the factors out.
 """
 
+import inspect
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -42,6 +44,17 @@ EXPECTED = {  # "all-linear": every projection; not Llama's lm_head, nor the emb
     + ["cls/predictions/transform/dense"],
     "gpt2": [f"transformer/h/0/{m}" for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")],
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flax_own_param():
+    """Flax's own ``nn.Module.param`` for this module's tests: importing ``gemma`` (another test module, maybe in
+    this process) replaces it process-wide with a wrapper that passes ``dtype=None`` on to every init function
+    as an extra argument, which Llama's RMSNorm init (two arguments) refuses when Flax checks a param's shape."""
+    patched = nn.Module.param
+    nn.Module.param = inspect.unwrap(patched)
+    yield
+    nn.Module.param = patched
 
 
 def _model(name: str):
