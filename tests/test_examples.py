@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.examples  # CI runs these slow ones on Python 3.11 (.ci/run)
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
