@@ -460,8 +460,8 @@ def stack_form(
     the gather's multiply-adds, plus a sort of the rows. Multiply-adds are weighed against bytes by the
     accelerator's arithmetic intensity (about 200 flops a byte on a GPU or TPU). On a CPU, bound by
     arithmetic, the gather measured fastest at every shape tried (``ragged_dot`` there multiplies every
-    row by every group's factors), so it is always chosen there; SGMV only where `_SGMV_BY_COST` says
-    it was measured to win (docs/design.md).
+    row by every group's factors), so it is always chosen there. SGMV lost to both on the H200 too
+    (8B decode), so the rule weighs it only where `_SGMV_BY_COST` is set (off; docs/design.md).
 
     Example:
       >>> stack_form(8, 1024, 8 * 16 * 8192, 2, 8)  # prefill
@@ -483,7 +483,7 @@ def stack_form(
     return min(costs, key=costs.__getitem__)
 
 
-# Whether the cost rule may choose SGMV off the CPU (see docs/design.md for the measurements), and the
+# Whether the cost rule may choose SGMV off the CPU (off: it lost on the H200; docs/design.md), and the
 # grouped product SGMV uses (None: lax.ragged_dot; benchmarks/sgmv_probe.py swaps in others).
 _SGMV_BY_COST = False
 _RAGGED_DOT: Callable[..., Array] | None = None
