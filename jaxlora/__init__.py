@@ -25,12 +25,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._optim import loraplus as loraplus
     from ._optim import loraplus_labels as loraplus_labels
     from ._optim import mask as mask
-    from ._quant import Quantized as Quantized
     from ._quant import bits_per_parameter as bits_per_parameter
     from ._quant import dequantize as dequantize
     from ._quant import quantize as quantize
     from ._quant import quantize_file as quantize_file
     from ._quant import quantized_shardings as quantized_shardings
+    from ._quantized import Quantized as Quantized
     from ._remat import remat_policy as remat_policy
     from ._saved import SavedModule as SavedModule
     from ._serving import AdapterCache as AdapterCache
@@ -65,7 +65,7 @@ _EXPORTS = {
     "loraplus": ("._optim", "loraplus"),
     "loraplus_labels": ("._optim", "loraplus_labels"),
     "mask": ("._optim", "mask"),
-    "Quantized": ("._quant", "Quantized"),
+    "Quantized": ("._quantized", "Quantized"),
     "bits_per_parameter": ("._quant", "bits_per_parameter"),
     "dequantize": ("._quant", "dequantize"),
     "quantize": ("._quant", "quantize"),

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _quant, _saved, _stack, _trace
+from . import _quantized, _saved, _stack, _trace
 from ._config import LoraConfig
 from ._linen import recording_kinds
 from ._matmul import LoraFactors, delta, expand_magnitude, factor_shapes, magnitude_shape, weight_norm
@@ -32,8 +32,8 @@ def _probe(fn: Callable[..., Any], params: Any, args: tuple[Any, ...], candidate
     ctx = _trace.Context(probing=True)
     tagged = {w.index: (path, None) for path, w in candidates.items()}
     # array leaves go through eval_shape; the rest (an Equinox module's function fields) stay static, as in apply
-    leaves, treedef = jax.tree_util.tree_flatten((params, tuple(args)), is_leaf=_quant.is_quantized)
-    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or _quant.is_quantized(leaf)]
+    leaves, treedef = jax.tree_util.tree_flatten((params, tuple(args)), is_leaf=_quantized.is_quantized)
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or _quantized.is_quantized(leaf)]
 
     def probe(*values):
         full = list(leaves)
@@ -133,7 +133,7 @@ def init(
       ((4, 2), (2, 6))
     """
     saved = select_saved(params, config.modules_to_save) if config.modules_to_save else {}
-    packed = [p for p, w in weights(params).items() if inside(p, saved) and _quant.is_quantized(w.leaf)]
+    packed = [p for p, w in weights(params).items() if inside(p, saved) and _quantized.is_quantized(w.leaf)]
     if packed:
         raise ValueError(
             f"jaxlora.init: modules_to_save train {sorted(saved)} in full, but their weights {packed} are quantized "
@@ -367,7 +367,7 @@ def _warn_dropout_off(lora: Any) -> None:
 
 def _float32(w: Any) -> jax.Array:
     """``W`` in float32: a quantized weight (`jaxlora.quantize`) dequantized."""
-    return _quant.dequantize_weight(w, jnp.float32) if _quant.is_quantized(w) else w.astype(jnp.float32)
+    return _quantized.dequantize_weight(w, jnp.float32) if _quantized.is_quantized(w) else w.astype(jnp.float32)
 
 
 def merged_weight(w: Any, f: LoraFactors, dtype: Any = None) -> tuple[jax.Array, jax.Array | None]:
@@ -394,7 +394,7 @@ def _shift(
             "{p: f for p, f in lora.items() if isinstance(f, jaxlora.LoraFactors)}."
         )
     params = _saved.substitute(params, saved, cast=True)
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quant.is_quantized)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_quantized.is_quantized)
     missing = [p for p, f in lora.items() if f.m is not None and (norms is None or p not in norms)]
     if sign < 0 and missing:
         raise ValueError(
@@ -423,7 +423,7 @@ def _shift(
             g = f.m.astype(jnp.float32) / jnp.asarray(norms[path], jnp.float32)
             leaves[i] = (w32 / expand_magnitude(g, f.roles) - d).astype(dtype or w.dtype)
     if dtype is not None:  # a float model: every other quantized weight dequantized too
-        leaves = [_quant.dequantize_weight(x, dtype) if _quant.is_quantized(x) else x for x in leaves]
+        leaves = [_quantized.dequantize_weight(x, dtype) if _quantized.is_quantized(x) else x for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, leaves), found
 
 
@@ -477,22 +477,22 @@ def merge(
     targets = _fit(params, lora)
     factors, saved = _split(lora)
     leaves, treedef = jax.tree_util.tree_flatten(
-        _saved.substitute(params, saved, cast=True), is_leaf=_quant.is_quantized
+        _saved.substitute(params, saved, cast=True), is_leaf=_quantized.is_quantized
     )
-    not_quantized = [p for p in factors if not _quant.is_quantized(leaves[targets[p].index])]
+    not_quantized = [p for p in factors if not _quantized.is_quantized(leaves[targets[p].index])]
     if not_quantized:
         raise ValueError(
             f"merge(..., quantize=True) re-quantizes quantized weights, but {not_quantized} are not quantized; "
             "pass the params from jaxlora.quantize (or merge without quantize=True)."
         )
-    merged = jax.tree_util.tree_leaves(_shift(params, lora, 1.0, None, jnp.float32)[0], is_leaf=_quant.is_quantized)
+    merged = jax.tree_util.tree_leaves(_shift(params, lora, 1.0, None, jnp.float32)[0], is_leaf=_quantized.is_quantized)
     report = {}
     for path, f in factors.items():
         i = targets[path].index
         q = leaves[i]
         w = merged[i]
-        back = _quant.encode(w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant)
-        err = jnp.linalg.norm(_quant.dequantize_weight(back, jnp.float32) - w)
+        back = _quantized.encode(w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant)
+        err = jnp.linalg.norm(_quantized.dequantize_weight(back, jnp.float32) - w)
         report[path] = {
             "error": err / jnp.linalg.norm(w),
             "of_delta": err / jnp.linalg.norm(delta(f, jnp.float32)),
@@ -587,7 +587,7 @@ def summary(params: Any, lora: Mapping[str, LoraFactors]) -> Summary:
         else ModuleSummary(path, (), 0, f.size)  # a saved module: rank 0, trained in full
         for path, f in lora.items()
     )
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=_quant.is_quantized)
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_quantized.is_quantized)
     base = sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
     trainable = sum(m.trainable for m in modules)
-    return Summary(modules, trainable, base + trainable, _quant.nbytes(params))
+    return Summary(modules, trainable, base + trainable, _quantized.nbytes(params))

@@ -114,7 +114,7 @@ def init_from_weights(
         raise ValueError(f'method must be "pissa" or "olora", got {method!r}.')
     if niter is not None and (method != "pissa" or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter (a randomized SVD's power iterations) is a non-negative int for PiSSA; got {niter!r}.")
-    from ._quant import is_quantized
+    from ._quantized import is_quantized
 
     lora0 = init(key, params, config, fn=fn, args=args)
     found = weights(params)

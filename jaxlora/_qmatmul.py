@@ -2,7 +2,7 @@
 
 `matmul` reads ``W``'s packed codes and scales tile by tile (NF4: 4-bit codes, a block absmax, the
 double-quantized absmax's int8 codes, group steps and mean; int8: codes and per-channel scales),
-dequantizes each tile in registers to exactly the values `jaxlora._quant.dequantize_weight` gives,
+dequantizes each tile in registers to exactly the values `jaxlora._quantized.dequantize_weight` gives,
 and multiplies it on the tensor cores, accumulating in float32; no float copy of ``W`` is written.
 ``transpose=True`` computes ``g·Wᵀ`` from the same tiles: the activation gradient. The contraction
 is split over a grid axis when the output alone gives too few programs (decode: one row), and XLA
@@ -38,8 +38,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ._quant import DQ_GROUP, NF4, dequantize_weight
-from ._quantized import Quantized
+from ._quantized import DQ_GROUP, NF4, Quantized, dequantize_weight
 
 Array = jax.Array
 

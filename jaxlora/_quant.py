@@ -1,13 +1,10 @@
-"""Quantized frozen bases (QLoRA): the NF4 and int8 codecs and `quantize` (the node: `_quantized`).
+"""`quantize`: which weights of a tree become `Quantized` (NF4 or int8), and the tree-wide helpers.
 
-Each codec is written for the full float range: blocks holding values near float32's maximum code
-and decode without overflow, magnitudes below float32's smallest normal (``2**-126``) code as zero,
-and a decoded weight is clipped to its dtype's range. `quantize` refuses non-finite weights; `encode`,
-which runs under a trace, cannot raise on values: it makes the block (NF4), the group of 256 blocks
-(NF4 with double quantization) or the channel (int8) holding a NaN or inf decode to NaN.
-
-`dequantize` gives ``codes``·``scale`` in ``W``'s dtype; inside `jaxlora.apply` each use of a quantized
-weight is dequantized where it is used (``jaxlora/_trace/_quantized.py``).
+The format, its codecs (`encode`, `dequantize_weight`) and the node live in `_quantized`, the lower
+room that `_core`, `_tree` and the trace use; this module adds the selection, which may trace ``fn``
+(`_core`) to find the weights that feed a matmul. `quantize` refuses non-finite weights; inside
+`jaxlora.apply` each use of a quantized weight is dequantized where it is used
+(``jaxlora/_trace/_quantized.py``).
 """
 
 from __future__ import annotations
@@ -22,146 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import matches
+from ._core import _probe, linear_weights
+from ._quantized import DQ_GROUP as DQ_GROUP
+from ._quantized import FORMATS as FORMATS
+from ._quantized import NF4 as NF4
 from ._quantized import Quantized as Quantized
+from ._quantized import _outer_count
+from ._quantized import dequantize_weight as dequantize_weight
+from ._quantized import encode as encode
 from ._quantized import is_quantized as is_quantized
-from ._tree import _names, module_path
-
-FORMATS = ("nf4", "int8")
-DQ_GROUP = 256  # absmax values per double-quantization group (bitsandbytes' nested blocksize)
-
-# bitsandbytes' NF4 code values (functional.py, get_4bit_type("nf4")): normal quantiles scaled to [-1, 1].
-NF4 = np.array(
-    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-     0.7229568362236023, 1.0],
-    dtype=np.float32,
-)  # fmt: skip
-_NF4_MIDPOINTS = (NF4[1:] + NF4[:-1]) / 2
+from ._quantized import nbytes as nbytes
+from ._tree import _names, module_path, weights
 
 DEFAULT_TARGETS = (".*",)  # every floating leaf of >= 2 axes named kernel or weight...
 DEFAULT_EXCLUDE = ("lm_head", "head", "logits_dense")  # ...but the output head (bitsandbytes keeps lm_head in
 # full precision; MaxText names it decoder/logits_dense)
 _MATRIX_NAMES = ("kernel", "weight")  # embedding tables (nn.Embed's "embedding") stay in full precision
-
-
-def _outer_count(shape: Sequence[int]) -> int:
-    return 1 if len(shape) >= 3 else 0
-
-
-_TINY = float(np.finfo(np.float32).tiny)  # smaller magnitudes code as 0 (CPUs flush them to 0 anyway)
-_INT8_TOP = np.float32(np.finfo(np.float32).max / 127)  # the largest int8 scale whose code 127 stays finite
-with np.errstate(over="ignore"):
-    while not np.isfinite(_INT8_TOP * np.float32(127)):
-        _INT8_TOP = np.nextafter(_INT8_TOP, np.float32(0))
-
-
-def _finite_part(x: jax.Array, axes, keepdims: bool) -> tuple[jax.Array, jax.Array]:
-    """``x`` with non-finite and subnormal values zeroed, and whether each slice over ``axes`` was finite."""
-    ok = jnp.isfinite(x)
-    return jnp.where(ok & (jnp.abs(x) >= _TINY), x, 0.0), jnp.all(ok, axis=axes, keepdims=keepdims)
-
-
-def _pow2(k: jax.Array) -> jax.Array:
-    """``2.0**k`` in float32, exactly, for integers ``k`` in [-126, 127]."""
-    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
-
-
-def _divide(x: jax.Array, v: jax.Array) -> jax.Array:
-    """``x / v`` for ``v`` anywhere in float32's normal range (``x`` where ``v`` is 0).
-
-    Computed as ``x · 2**-e / m`` (``v = m · 2**e``, exact steps) because XLA rewrites a division by
-    a broadcast value into a product with its reciprocal, which underflows to 0 for ``v > 2**126``.
-    """
-    m, e = jnp.frexp(v)
-    half = e // 2
-    return x * _pow2(-half) * _pow2(half - e) / jnp.where(m > 0, m, 1)
-
-
-def _nested(absmax: jax.Array, finite: jax.Array) -> tuple:
-    """Double quantization of a slice's block absmax values: int8 codes of ``absmax - mean`` per group
-    of `DQ_GROUP`, rounded *up*, so the recovered absmax ``code·step + mean`` (computed as
-    `dequantize_weight` does) is never below the true one and exceeds it by less than one ``step``.
-    (Only near float32's maximum, where that would overflow, is it rounded down instead.)
-
-    Returns the int8 codes, the group steps (NaN for a group holding a non-finite block), the mean and
-    the recovered absmax of each block.
-    """
-    nb = absmax.shape[-1]
-    pad = -(-nb // DQ_GROUP) * DQ_GROUP - nb
-    top = jnp.max(absmax)
-    mean = (jnp.mean(_divide(absmax, top)) * top).reshape(1, 1)  # scaled first: a sum near float32's max overflows
-    padded = jnp.pad(absmax, (0, pad), constant_values=mean[0, 0]).reshape(-1, DQ_GROUP)
-    centred = padded - mean
-    step = jnp.max(jnp.abs(centred), axis=-1, keepdims=True) / 127
-    step = jnp.where(step >= _TINY, step, 0.0)  # a subnormal step: every absmax of the group is the mean
-    q = jnp.where(step > 0, jnp.clip(jnp.ceil(_divide(centred, step)), -127, 127), 0.0)
-    recover = lambda q: q * step + mean  # noqa: E731  (dequantize_weight's arithmetic)
-    q = q + ((recover(q) < padded) & (q < 127))  # float rounding left it below: one step up
-    q = q - (~jnp.isfinite(recover(q)) & (q > -127))  # above float32's max: one step down (codes clamp)
-    bad = ~jnp.all(jnp.pad(finite, (0, pad), constant_values=True).reshape(-1, DQ_GROUP), axis=-1)
-    rec = recover(q).reshape(-1)[:nb]
-    return q.astype(jnp.int8).reshape(-1), jnp.where(bad, jnp.nan, step[:, 0]), mean.reshape(1), rec
-
-
-def _nf4_encode(w: jax.Array, block: int, double_quant: bool) -> tuple:
-    x, finite = _finite_part(w.astype(jnp.float32).reshape(-1, block), -1, False)
-    absmax = jnp.max(jnp.abs(x), axis=-1)
-    if double_quant:
-        scale, step, mean, absmax = _nested(absmax, finite)
-    else:
-        scale, step, mean = jnp.where(finite, absmax, jnp.nan), None, None
-    normed = _divide(x, absmax[:, None])  # coded against the absmax that decoding uses
-    idx = jnp.sum(normed[..., None] > jnp.asarray(_NF4_MIDPOINTS)[None, None], axis=-1).astype(jnp.uint8).reshape(-1)
-    return (idx[0::2] << 4) | idx[1::2], scale, step, mean
-
-
-def _int8_encode(w: jax.Array) -> tuple:
-    axes = tuple(range(w.ndim - 1))
-    x, finite = _finite_part(w.astype(jnp.float32), axes, True)
-    scale = jnp.minimum(jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127, _INT8_TOP)
-    scale = jnp.where(scale >= _TINY, scale, 0.0)  # a channel whose values are all below 127·2**-126 codes as 0
-    codes = jnp.clip(jnp.round(_divide(x, scale)), -127, 127).astype(jnp.int8)
-    return codes, jnp.where(finite, scale, jnp.nan), None, None
-
-
-def encode(
-    w: jax.Array, format: str = "nf4", *, block_size: int = 64, double_quant: bool = True, stacked: int | None = None
-) -> Quantized:
-    """Quantize one weight (traceable: call it inside ``jax.jit``, ``lax.map`` or a layer loop).
-
-    Checks no values: `quantize` validates. A block, double-quantization group or channel holding a
-    NaN or inf decodes to NaN. A stacked weight is encoded one layer at a time (``lax.map``), so only
-    one layer's float32 temporaries exist at once. ``stacked`` (0 or 1) says whether axis 0 is a
-    stacked-layer axis; None: when ``w`` has three or more axes (`quantize` asks the trace when given ``fn``).
-    """
-    k = _outer_count(w.shape) if stacked is None else stacked
-    if k not in (0, 1) or k > w.ndim - 1:
-        raise ValueError(f"stacked must be 0 or 1 (and less than w.ndim={w.ndim}), got {stacked!r}.")
-    if format == "nf4":
-        fn = lambda v: _nf4_encode(v, block_size, double_quant)  # noqa: E731
-    else:
-        fn = _int8_encode
-    leaves = jax.lax.map(fn, w) if k else fn(w)
-    return Quantized(*leaves, format=format, inner=w.shape[k:], dtype=w.dtype, block_size=block_size)
-
-
-def dequantize_weight(q: Quantized, dtype: Any = None) -> jax.Array:
-    """The float weight of ``q`` in ``dtype`` (default: its own), computed in float32."""
-    dtype = jnp.dtype(dtype or q.dtype)
-    outer = q.outer
-    top = float(jnp.finfo(q.dtype).max)  # a recovered absmax may exceed the largest value of W's dtype
-    if q.format == "int8":
-        return jnp.clip(q.codes.astype(jnp.float32) * q.scale, -top, top).astype(dtype)
-    hi, lo = q.codes >> 4, q.codes & 15
-    idx = jnp.stack([hi, lo], axis=-1).reshape(*outer, -1, q.block_size)
-    absmax = q.scale
-    if q.double_quant:
-        groups = q.scale_scale.shape[-1]
-        absmax = q.scale.reshape(*outer, groups, DQ_GROUP).astype(jnp.float32) * q.scale_scale[..., None]
-        absmax = absmax.reshape(*outer, -1)[..., : idx.shape[-2]] + q.scale_mean
-    values = jnp.clip(jnp.asarray(NF4)[idx.astype(jnp.int32)] * absmax[..., None], -top, top)
-    return values.reshape(q.shape).astype(dtype)
 
 
 def _leaves_with_paths(params: Any):
@@ -354,9 +227,6 @@ def _encoder(format: str, block_size: int, double_quant: bool, stacked: int) -> 
 def _traced(fn: Callable[..., Any], params: Any, args: tuple[Any, ...]) -> tuple[dict[str, str], dict[str, str]]:
     """What a probe of ``fn`` tells about each weight: `_core.linear_weights` (path -> why it is left
     out, ``""`` if quantized) and the roles of the weights whose every axis it saw used."""
-    from ._core import _probe, linear_weights  # _core imports this module
-    from ._tree import weights
-
     candidates = weights(params)
     ctx = _probe(fn, params, args, candidates)
     linear = linear_weights(ctx, {p: tuple(w.leaf.shape) for p, w in candidates.items()})
@@ -448,17 +318,6 @@ def bits_per_parameter(params: Any) -> float:
     qs = [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized) if is_quantized(x)]
     size = sum(q.size for q in qs)
     return 8 * sum(q.nbytes for q in qs) / size if size else float("nan")
-
-
-def nbytes(params: Any) -> int:
-    """Bytes of ``params`` as stored: quantized leaves by their codes and scales, the rest as they are."""
-    total = 0
-    for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized):
-        if is_quantized(x):
-            total += x.nbytes
-        elif hasattr(x, "shape") and hasattr(x, "dtype"):
-            total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-    return total
 
 
 def _devices(mesh, entry) -> int | None:

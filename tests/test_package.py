@@ -29,3 +29,46 @@ def test_api_reference_documents_every_public_name():
     expected |= {f"jaxlora._nnx.{n}" for n in jaxlora.nnx.__all__}
     expected |= {f"jaxlora.checkpoint.{n}" for n in jaxlora.checkpoint.__all__}
     assert expected - documented == set(), "public names missing from docs/api.md"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """jaxlora's modules -> the jaxlora modules each imports (at the top or inside a function)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(jaxlora.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        package = path.name == "__init__.py"
+        name = ".".join(parts[:-1] if package else parts)
+        here = name.split(".") if package else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+        graph[name] = deps
+    return {k: {d for d in v if d in graph and d != k and not k.startswith(d + ".")} for k, v in graph.items()}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Each room is a lower one its users import without being called back (the package's own
+    lazy ``__init__`` and a subpackage's ``__init__`` above its modules aside)."""
+    graph = _module_imports()
+    cycles = []
+
+    def visit(module, path):
+        for dep in sorted(graph[module]):
+            if dep in path:
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]))
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert cycles == []
+    assert "jaxlora._quantized" in graph["jaxlora._quant"]  # the walk sees imports (a test that can fail)

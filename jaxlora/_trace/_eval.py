@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from .._matmul import LoraFactors, delta, weight_norm
-from .._quant import is_quantized
+from .._quantized import is_quantized
 from .._tree import is_array
 from ._quantized import Lazy, Packed
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from .._quant import Quantized, dequantize_weight
+from .._quantized import Quantized, dequantize_weight
 
 
 class Lazy:

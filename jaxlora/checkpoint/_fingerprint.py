@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from .._matmul import LoraFactors
-from .._quant import is_quantized
+from .._quantized import is_quantized
 from .._tree import nearest, weights
 
 Fingerprint = dict[str, dict[str, Any]]

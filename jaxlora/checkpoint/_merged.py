@@ -214,7 +214,7 @@ def save_merged(
       ['fc/bias', 'fc/kernel']
     """
     from .._core import _fit, _split, merged_weight
-    from .._quant import dequantize_weight, is_quantized
+    from .._quantized import dequantize_weight, is_quantized
     from .._saved import substitute
 
     path = Path(path)
