@@ -227,6 +227,17 @@ class AdapterCache:
             raise ValueError(f"adapter {name!r} is already registered; register a new version under a new name")
         if not (_is_path(source) or isinstance(source, Mapping)):
             raise TypeError(f"adapter {name!r}: expected a LoRA tree or a checkpoint directory, got {type(source)}")
+        problems = self._misfits(name, source)
+        if problems:
+            raise ValueError(
+                f"jaxlora.AdapterCache.add cannot take adapter {name!r}:\n  " + "\n  ".join(problems) + "\nFix: make "
+                "the cache with this adapter among `adapters` (or pass a larger rank=) so that its stack has room."
+            )
+        self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+
+    def _misfits(self, name: str, source: Source) -> list[str]:
+        """Why adapter ``name`` cannot be written into a slot (a module the stack lacks, another weight
+        layout, a rank above ``R``, DoRA, saved modules); empty if it fits."""
         lay, ranks, _, problems = _describe(name, source)
         for p, want in lay.items():
             if p not in self._layout:
@@ -235,12 +246,7 @@ class AdapterCache:
                 problems.append(f"{p!r}: made for another weight: {want} against the stack's {self._layout[p]}")
             elif ranks[p] > self._rank:
                 problems.append(f"{p!r}: rank {ranks[p]} > the slot rank {self._rank}")
-        if problems:
-            raise ValueError(
-                f"jaxlora.AdapterCache.add cannot take adapter {name!r}:\n  " + "\n  ".join(problems) + "\nFix: make "
-                "the cache with this adapter among `adapters` (or pass a larger rank=) so that its stack has room."
-            )
-        self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+        return problems
 
     def ids(self, names: Sequence[str | None]) -> np.ndarray:
         """The ``adapter_ids`` (int32, one per name; -1 for ``None``) of a batch, loading what is missing.
@@ -269,8 +275,12 @@ class AdapterCache:
         for n in wanted:
             if n not in self._resident:
                 a, b, scale = self._padded(n)  # before any eviction: a failed read leaves the cache as it was
-                slot = self._free.pop(0) if self._free else self._resident.popitem(last=False)[1]
+                slot = self._free[0] if self._free else next(iter(self._resident.values()))
                 self._stack = _write(self._stack, np.int32(slot), a, b, scale)
+                if self._free:  # the slot changes hands only once it is written
+                    self._free.pop(0)
+                else:
+                    self._resident.popitem(last=False)
                 self._resident[n] = slot
                 self.loads += 1
         return np.array([-1 if n is None else self._resident[n] for n in names], np.int32)
@@ -283,7 +293,14 @@ class AdapterCache:
         if _is_path(source):
             from . import checkpoint
 
-            source = jax.device_get(checkpoint.restore(source))
+            path, source = source, jax.device_get(checkpoint.restore(source))
+            problems = self._misfits(name, source)  # the directory may have changed since it was registered
+            if problems:
+                raise ValueError(
+                    f"jaxlora.AdapterCache: adapter {name!r} at {path} no longer fits the stack (it changed on disk "
+                    "after it was registered):\n  " + "\n  ".join(problems) + "\nFix: save a new version to a new "
+                    "directory and register it under a new name (AdapterCache.add)."
+                )
         a, b, scale = {}, {}, {}
         zero = next((np.asarray(f.a).dtype for f in source.values()), self._dtype)  # one dtype: one program
         for p, (roles, i_shape, o_shape) in self._layout.items():

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import shutil
 import time
 
 import jax
@@ -200,6 +201,28 @@ def test_a_failed_read_leaves_the_cache_as_it_was(tmp_path):
     assert cache.resident == {"a1": 0} and cache.loads == 1
     x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
     _check_batch(cache, adapters, ["a1"], x, jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i)))
+
+
+def test_a_directory_that_changed_on_disk_is_refused_at_load_and_the_cache_stays_as_it_was(tmp_path):
+    adapters = _adapters(3)  # a1 adapts w alone at rank 2; a0 adapts w and v at rank 1; a2 v at rank 3
+    dora = jaxlora.init(jax.random.key(0), PARAMS, jaxlora.LoraConfig(rank=1, targets="w", dora=True))
+    rank3 = jaxlora.init(jax.random.key(0), PARAMS, jaxlora.LoraConfig(rank=3, targets="w"))
+    x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
+    serve = jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i))
+    for k, (other, problem) in enumerate([
+        (adapters["a0"], r"'v': the cache's stack has no such module"),  # served without v, before
+        (rank3, r"'w': rank 3 > the slot rank 2"),  # a slot lost to a failed write, before
+        (dora, r"DoRA modules \['w'\] cannot be stacked"),  # served without its magnitude, before
+    ]):  # fmt: skip
+        path = jaxlora.checkpoint.save(tmp_path / f"d{k}", adapters["a1"])
+        cache = jaxlora.AdapterCache({"d": path, "a1": adapters["a1"]}, max_loras=1)
+        cache.ids(["a1"])
+        shutil.rmtree(path)
+        jaxlora.checkpoint.save(path, other)  # another adapter under the registered directory
+        with pytest.raises(ValueError, match=rf"(?s)adapter 'd' at .*d{k} no longer fits.*{problem}.*Fix: save"):
+            cache.ids(["d"])
+        assert cache.resident == {"a1": 0} and cache.loads == 1
+        _check_batch(cache, adapters, ["a1"], x, serve)
 
 
 def test_serving_compiler_options_name_an_option_this_xla_accepts():
