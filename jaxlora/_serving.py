@@ -68,6 +68,13 @@ def _write(stk: LoraStack, slot: jax.Array, a: dict, b: dict, scale: dict) -> Lo
     return LoraStack(new_a, new_b, stk.scale, stk.rank, stk.names, stk.roles, stk.dropout, folded=True)
 
 
+def _host(lora: Mapping[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """``lora`` on the host, owned by the cache: a NumPy array the caller can still write (``np.array``,
+    ``torch.Tensor.numpy()``'s shared memory) is copied, so later writes never reach the adapter."""
+    own = lambda x: x.copy() if isinstance(x, np.ndarray) and x.flags.writeable else x  # noqa: E731
+    return jax.tree.map(own, jax.device_get(dict(lora)))
+
+
 def _is_path(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
 
@@ -189,7 +196,7 @@ class AdapterCache:
         self._dtype = jnp.dtype(dtype or jnp.result_type(*dtypes))
         self._sources: dict[str, Source] = {}
         for name, source in adapters.items():
-            self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+            self._sources[name] = source if _is_path(source) else _host(source)
         self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
         self._free = list(range(max_loras))
         self.max_loras = max_loras
@@ -233,7 +240,7 @@ class AdapterCache:
                 f"jaxlora.AdapterCache.add cannot take adapter {name!r}:\n  " + "\n  ".join(problems) + "\nFix: make "
                 "the cache with this adapter among `adapters` (or pass a larger rank=) so that its stack has room."
             )
-        self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+        self._sources[name] = source if _is_path(source) else _host(source)
 
     def _misfits(self, name: str, source: Source) -> list[str]:
         """Why adapter ``name`` cannot be written into a slot (a module the stack lacks, another weight

@@ -225,6 +225,21 @@ def test_a_directory_that_changed_on_disk_is_refused_at_load_and_the_cache_stays
         _check_batch(cache, adapters, ["a1"], x, serve)
 
 
+def test_numpy_arrays_the_caller_writes_after_registering_never_reach_the_adapter():
+    adapters = _adapters(2)
+    mine = {n: {p: dataclasses.replace(f, a=np.array(f.a), b=np.array(f.b)) for p, f in lora.items()}
+            for n, lora in adapters.items()}  # fmt: skip
+    cache = jaxlora.AdapterCache({"a0": mine["a0"]}, max_loras=1, rank=2)
+    cache.add("a1", mine["a1"])
+    for lora in mine.values():  # the caller reuses its buffers (the next round of training, a torch tensor's memory)
+        for f in lora.values():
+            f.a[...], f.b[...] = 5.0, -5.0
+    x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
+    serve = jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i))
+    for names in (["a0"], ["a1"], ["a0"]):  # loaded, evicted and loaded again: the registered values each time
+        _check_batch(cache, adapters, names, x, serve)
+
+
 def test_serving_compiler_options_name_an_option_this_xla_accepts():
     assert jaxlora.serving_compiler_options("cpu") == {} and jaxlora.serving_compiler_options("tpu") == {}
     options = jaxlora.serving_compiler_options("gpu")
