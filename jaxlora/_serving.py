@@ -57,7 +57,7 @@ def _write(stk: LoraStack, slot: jax.Array, a: dict, b: dict, scale: dict) -> Lo
     """``stk`` with slot ``slot`` (traced: one program for every slot) holding ``a`` and ``scale·b``, in place.
 
     ``a``, ``b``: one slot's factors (rank ``R``) in the adapter's dtype; the scale is folded and the
-    dtype cast here, on the device, as `jaxlora.stack_set` does it (``b·scale`` from float32, rounded once).
+    dtype cast here, on the device, as `jaxlora.stack_set` does it (``b·scale`` from at least float32, rounded once).
     """
     roles, new_a, new_b = dict(stk.roles), {}, {}
     for p, x in stk.a.items():
@@ -317,7 +317,8 @@ class AdapterCache:
                 b[p] = np.zeros((*i_shape[:ns], self._rank, *o_shape), zero)
                 scale[p] = np.float32(0.0)
                 continue
-            a[p], b[p], scale[p] = np.asarray(f.a), np.asarray(f.b), np.float32(f.scale)
+            a[p], b[p] = np.asarray(f.a), np.asarray(f.b)
+            scale[p] = np.asarray(f.scale, jnp.promote_types(b[p].dtype, jnp.float32))  # float64 b: no rounding
             if f.rank < self._rank:  # zero-padded to the slot rank, in the adapter's dtype (a copy, no rounding)
                 pa = np.zeros((*i_shape, self._rank), a[p].dtype)
                 pa[..., : f.rank] = a[p]

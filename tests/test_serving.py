@@ -114,6 +114,17 @@ def test_a_written_slot_equals_stack_set_on_a_folded_stack_bit_for_bit():
             np.testing.assert_array_equal(np.asarray(cache.stack.b[p]), np.asarray(want.b[p]))
 
 
+def test_a_float64_slot_equals_stack_set_bit_for_bit():
+    rng = np.random.default_rng(0)
+    lora = {"w": jaxlora.LoraFactors(a=rng.normal(size=(4, 3)), b=rng.normal(size=(3, 6)), scale=7.3 / 3, roles="io")}
+    with jax.enable_x64(True):  # the scale was rounded to float32 before it multiplied a float64 b
+        cache = jaxlora.AdapterCache({"x": lora}, max_loras=1)
+        cache.ids(["x"])
+        want = jaxlora.stack({"x": lora}, fold_scales=True)
+        assert cache.stack.b["w"].dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(cache.stack.b["w"]), np.asarray(want.b["w"]))
+
+
 def test_adapters_from_checkpoint_directories_load_on_demand(tmp_path):
     adapters = _adapters(3)
     paths = {n: jaxlora.checkpoint.save(tmp_path / n, lora) for n, lora in adapters.items()}
