@@ -259,7 +259,10 @@ class AdapterCache:
         """The ``adapter_ids`` (int32, one per name; -1 for ``None``) of a batch, loading what is missing.
 
         Each adapter not resident is written into a free slot or into the least recently used one
-        that this batch does not name; the batch's adapters become the most recently used.
+        that this batch does not name; the batch's adapters become the most recently used. The ids
+        hold until the next call: a later batch may evict an adapter this one names, and its old ids
+        would then pick another adapter's slot. Call ``ids`` once a step with every row that step serves
+        (a hit is a dict lookup), never reuse the ids of an earlier call.
 
         Raises:
           ValueError: for a name never registered, or more distinct names than ``max_loras``.
