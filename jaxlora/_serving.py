@@ -144,9 +144,9 @@ class AdapterCache:
       loads: how many adapters have been written into slots so far (misses).
 
     Raises:
-      ValueError: for ``max_loras < 1``, no adapters, adapters that do not fit one stack (other
-        weight layouts for a module, a rank above ``rank``, DoRA, saved modules), or unreadable
-        directories; every problem named at once.
+      ValueError: for ``max_loras`` or ``rank`` not an int of at least 1, no adapters, adapters
+        that do not fit one stack (other weight layouts for a module, a rank above ``rank``, DoRA,
+        saved modules), or unreadable directories; every problem named at once.
       TypeError: for a source that is neither a LoRA tree nor a directory.
 
     Example:
@@ -167,7 +167,10 @@ class AdapterCache:
     ) -> None:
         if not isinstance(adapters, Mapping):
             raise TypeError(f"adapters must be a dict {{name: lora or directory}}, got {type(adapters).__name__}")
-        problems = [] if isinstance(max_loras, int) and max_loras >= 1 else [f"max_loras={max_loras!r}: at least 1"]
+        whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        problems = [] if whole(max_loras) else [f"max_loras={max_loras!r}: expected an int, at least 1"]
+        if rank is not None and not whole(rank):
+            problems.append(f"rank={rank!r}: expected an int, at least 1 (the slot rank)")
         if not adapters:
             problems.append("no adapters given: pass {name: lora or checkpoint directory, ...}")
         if any(not (_is_path(s) or isinstance(s, Mapping)) for s in adapters.values()):
@@ -186,9 +189,9 @@ class AdapterCache:
                     problems.append(f"{p!r}: adapter {name!r} was made for another weight: {want} against {layout[p]}")
                 ranks[p] = max(ranks.get(p, 0), rk[p])
             dtypes += dt
-        R = rank if rank is not None else max(ranks.values(), default=0)
+        R = int(rank) if rank is not None and whole(rank) else max(ranks.values(), default=0)
         big = sorted(p for p, r in ranks.items() if r > R)
-        if big:
+        if big and (rank is None or whole(rank)):
             problems.append(f"modules {big} have rank {max(ranks[p] for p in big)} > rank={R}; pass a larger rank=")
         if problems:
             raise ValueError("jaxlora.AdapterCache:\n  " + "\n  ".join(problems))
@@ -198,6 +201,7 @@ class AdapterCache:
         for name, source in adapters.items():
             self._sources[name] = source if _is_path(source) else _host(source)
         self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
+        max_loras = int(max_loras)
         self._free = list(range(max_loras))
         self.max_loras = max_loras
         self.loads = 0

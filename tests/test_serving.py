@@ -163,8 +163,12 @@ def test_swap_cost_is_measured(capsys):
 
 def test_errors():
     adapters = _adapters(3)
-    with pytest.raises(ValueError, match=r"max_loras=0: at least 1"):
+    with pytest.raises(ValueError, match=r"max_loras=0: expected an int, at least 1"):
         jaxlora.AdapterCache(adapters, max_loras=0)
+    with pytest.raises(ValueError, match=r"max_loras=True: expected an int.*\n  rank=2.5: expected an int"):
+        jaxlora.AdapterCache(adapters, max_loras=True, rank=2.5)
+    cache = jaxlora.AdapterCache(adapters, max_loras=np.int64(2), rank=np.int32(3))  # NumPy ints are ints
+    assert cache.max_loras == 2 and type(cache.max_loras) is int and cache.stack.slot_rank("w") == 3
     with pytest.raises(ValueError, match="no adapters given"):
         jaxlora.AdapterCache({}, max_loras=2)
     with pytest.raises(TypeError, match=r"adapters must be a dict \{name: lora or directory\}, got list"):
