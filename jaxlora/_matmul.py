@@ -599,6 +599,8 @@ def _sgmv_rows(x: Array, ids: Array, scale: Array, a: Array, b: Array, precision
     gathered once each), else every slot is a group (most of them empty).
     """
     shape, k = x.shape[:-1], x.shape[-1]
+    if x.size == 0 or ids.size == 0:  # an empty batch: no rows to group
+        return jnp.zeros((*shape, b.shape[-1]), x.dtype)
     groups = min(a.shape[0], ids.size)
     ids = jnp.broadcast_to(ids, shape).reshape(-1)
     scale = jnp.broadcast_to(scale, shape).reshape(-1)

@@ -57,7 +57,7 @@ def _write(stk: LoraStack, slot: jax.Array, a: dict, b: dict, scale: dict) -> Lo
     """``stk`` with slot ``slot`` (traced: one program for every slot) holding ``a`` and ``scale·b``, in place.
 
     ``a``, ``b``: one slot's factors (rank ``R``) in the adapter's dtype; the scale is folded and the
-    dtype cast here, on the device, as `jaxlora.stack_set` does it (``b·scale`` from float32, rounded once).
+    dtype cast here, on the device, as `jaxlora.stack_set` does it (``b·scale`` from at least float32, rounded once).
     """
     roles, new_a, new_b = dict(stk.roles), {}, {}
     for p, x in stk.a.items():
@@ -66,6 +66,13 @@ def _write(stk: LoraStack, slot: jax.Array, a: dict, b: dict, scale: dict) -> Lo
         fb = (b[p].astype(jnp.promote_types(b[p].dtype, jnp.float32)) * scale[p]).astype(x.dtype)
         new_b[p] = jax.lax.dynamic_update_index_in_dim(x, fb, slot, roles[p].count("s"))
     return LoraStack(new_a, new_b, stk.scale, stk.rank, stk.names, stk.roles, stk.dropout, folded=True)
+
+
+def _host(lora: Mapping[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """``lora`` on the host, owned by the cache: a NumPy array the caller can still write (``np.array``,
+    ``torch.Tensor.numpy()``'s shared memory) is copied, so later writes never reach the adapter."""
+    own = lambda x: x.copy() if isinstance(x, np.ndarray) and x.flags.writeable else x  # noqa: E731
+    return jax.tree.map(own, jax.device_get(dict(lora)))
 
 
 def _is_path(source: Any) -> bool:
@@ -137,9 +144,9 @@ class AdapterCache:
       loads: how many adapters have been written into slots so far (misses).
 
     Raises:
-      ValueError: for ``max_loras < 1``, no adapters, adapters that do not fit one stack (other
-        weight layouts for a module, a rank above ``rank``, DoRA, saved modules), or unreadable
-        directories; every problem named at once.
+      ValueError: for ``max_loras`` or ``rank`` not an int of at least 1, no adapters, adapters
+        that do not fit one stack (other weight layouts for a module, a rank above ``rank``, DoRA,
+        saved modules), or unreadable directories; every problem named at once.
       TypeError: for a source that is neither a LoRA tree nor a directory.
 
     Example:
@@ -160,7 +167,10 @@ class AdapterCache:
     ) -> None:
         if not isinstance(adapters, Mapping):
             raise TypeError(f"adapters must be a dict {{name: lora or directory}}, got {type(adapters).__name__}")
-        problems = [] if isinstance(max_loras, int) and max_loras >= 1 else [f"max_loras={max_loras!r}: at least 1"]
+        whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        problems = [] if whole(max_loras) else [f"max_loras={max_loras!r}: expected an int, at least 1"]
+        if rank is not None and not whole(rank):
+            problems.append(f"rank={rank!r}: expected an int, at least 1 (the slot rank)")
         if not adapters:
             problems.append("no adapters given: pass {name: lora or checkpoint directory, ...}")
         if any(not (_is_path(s) or isinstance(s, Mapping)) for s in adapters.values()):
@@ -179,9 +189,9 @@ class AdapterCache:
                     problems.append(f"{p!r}: adapter {name!r} was made for another weight: {want} against {layout[p]}")
                 ranks[p] = max(ranks.get(p, 0), rk[p])
             dtypes += dt
-        R = rank if rank is not None else max(ranks.values(), default=0)
+        R = int(rank) if rank is not None and whole(rank) else max(ranks.values(), default=0)
         big = sorted(p for p, r in ranks.items() if r > R)
-        if big:
+        if big and (rank is None or whole(rank)):
             problems.append(f"modules {big} have rank {max(ranks[p] for p in big)} > rank={R}; pass a larger rank=")
         if problems:
             raise ValueError("jaxlora.AdapterCache:\n  " + "\n  ".join(problems))
@@ -189,8 +199,9 @@ class AdapterCache:
         self._dtype = jnp.dtype(dtype or jnp.result_type(*dtypes))
         self._sources: dict[str, Source] = {}
         for name, source in adapters.items():
-            self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+            self._sources[name] = source if _is_path(source) else _host(source)
         self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
+        max_loras = int(max_loras)
         self._free = list(range(max_loras))
         self.max_loras = max_loras
         self.loads = 0
@@ -227,6 +238,17 @@ class AdapterCache:
             raise ValueError(f"adapter {name!r} is already registered; register a new version under a new name")
         if not (_is_path(source) or isinstance(source, Mapping)):
             raise TypeError(f"adapter {name!r}: expected a LoRA tree or a checkpoint directory, got {type(source)}")
+        problems = self._misfits(name, source)
+        if problems:
+            raise ValueError(
+                f"jaxlora.AdapterCache.add cannot take adapter {name!r}:\n  " + "\n  ".join(problems) + "\nFix: make "
+                "the cache with this adapter among `adapters` (or pass a larger rank=) so that its stack has room."
+            )
+        self._sources[name] = source if _is_path(source) else _host(source)
+
+    def _misfits(self, name: str, source: Source) -> list[str]:
+        """Why adapter ``name`` cannot be written into a slot (a module the stack lacks, another weight
+        layout, a rank above ``R``, DoRA, saved modules); empty if it fits."""
         lay, ranks, _, problems = _describe(name, source)
         for p, want in lay.items():
             if p not in self._layout:
@@ -235,18 +257,16 @@ class AdapterCache:
                 problems.append(f"{p!r}: made for another weight: {want} against the stack's {self._layout[p]}")
             elif ranks[p] > self._rank:
                 problems.append(f"{p!r}: rank {ranks[p]} > the slot rank {self._rank}")
-        if problems:
-            raise ValueError(
-                f"jaxlora.AdapterCache.add cannot take adapter {name!r}:\n  " + "\n  ".join(problems) + "\nFix: make "
-                "the cache with this adapter among `adapters` (or pass a larger rank=) so that its stack has room."
-            )
-        self._sources[name] = source if _is_path(source) else jax.device_get(dict(source))
+        return problems
 
     def ids(self, names: Sequence[str | None]) -> np.ndarray:
         """The ``adapter_ids`` (int32, one per name; -1 for ``None``) of a batch, loading what is missing.
 
         Each adapter not resident is written into a free slot or into the least recently used one
-        that this batch does not name; the batch's adapters become the most recently used.
+        that this batch does not name; the batch's adapters become the most recently used. The ids
+        hold until the next call: a later batch may evict an adapter this one names, and its old ids
+        would then pick another adapter's slot. Call ``ids`` once a step with every row that step serves
+        (a hit is a dict lookup), never reuse the ids of an earlier call.
 
         Raises:
           ValueError: for a name never registered, or more distinct names than ``max_loras``.
@@ -269,8 +289,12 @@ class AdapterCache:
         for n in wanted:
             if n not in self._resident:
                 a, b, scale = self._padded(n)  # before any eviction: a failed read leaves the cache as it was
-                slot = self._free.pop(0) if self._free else self._resident.popitem(last=False)[1]
+                slot = self._free[0] if self._free else next(iter(self._resident.values()))
                 self._stack = _write(self._stack, np.int32(slot), a, b, scale)
+                if self._free:  # the slot changes hands only once it is written
+                    self._free.pop(0)
+                else:
+                    self._resident.popitem(last=False)
                 self._resident[n] = slot
                 self.loads += 1
         return np.array([-1 if n is None else self._resident[n] for n in names], np.int32)
@@ -283,7 +307,14 @@ class AdapterCache:
         if _is_path(source):
             from . import checkpoint
 
-            source = jax.device_get(checkpoint.restore(source))
+            path, source = source, jax.device_get(checkpoint.restore(source))
+            problems = self._misfits(name, source)  # the directory may have changed since it was registered
+            if problems:
+                raise ValueError(
+                    f"jaxlora.AdapterCache: adapter {name!r} at {path} no longer fits the stack (it changed on disk "
+                    "after it was registered):\n  " + "\n  ".join(problems) + "\nFix: save a new version to a new "
+                    "directory and register it under a new name (AdapterCache.add)."
+                )
         a, b, scale = {}, {}, {}
         zero = next((np.asarray(f.a).dtype for f in source.values()), self._dtype)  # one dtype: one program
         for p, (roles, i_shape, o_shape) in self._layout.items():
@@ -293,7 +324,8 @@ class AdapterCache:
                 b[p] = np.zeros((*i_shape[:ns], self._rank, *o_shape), zero)
                 scale[p] = np.float32(0.0)
                 continue
-            a[p], b[p], scale[p] = np.asarray(f.a), np.asarray(f.b), np.float32(f.scale)
+            a[p], b[p] = np.asarray(f.a), np.asarray(f.b)
+            scale[p] = np.asarray(f.scale, jnp.promote_types(b[p].dtype, jnp.float32))  # float64 b: no rounding
             if f.rank < self._rank:  # zero-padded to the slot rank, in the adapter's dtype (a copy, no rounding)
                 pa = np.zeros((*i_shape, self._rank), a[p].dtype)
                 pa[..., : f.rank] = a[p]

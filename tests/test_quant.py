@@ -217,6 +217,29 @@ def test_apply_equals_apply_on_dequantized(kind, fmt):
     np.testing.assert_allclose(base, model.apply(jaxlora.dequantize(q), x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "dtype, casts",
+    [(jnp.float32, (jnp.bfloat16, jnp.float32)), (jnp.bfloat16, (jnp.float32,)), (jnp.float32, (jnp.float16,))],
+)
+def test_casts_of_a_quantized_weight_round_as_the_model_writes_them(dtype, casts):
+    w = (jax.random.normal(jax.random.key(0), (64, 32)) * 3).astype(dtype)
+    x = jax.random.normal(jax.random.key(1), (4, 64))
+
+    def fn(p, x):
+        k = p["dense"]["kernel"]
+        for c in casts:  # bfloat16 then float32 again: the rounding to bfloat16 was skipped
+            k = k.astype(c)
+        return x.astype(k.dtype) @ k
+
+    q = jaxlora.quantize({"dense": {"kernel": w}}, "nf4")
+    deq = jaxlora.dequantize(q)
+    lora = jaxlora.init(jax.random.key(2), q, jaxlora.LoraConfig(rank=2), fn=fn, args=(x,))
+    lora = jax.tree_util.tree_map(lambda v: v + 0.3, lora)
+    for adapter in ({}, lora):  # the untargeted weight and the targeted one
+        want = jaxlora.apply(fn, deq, adapter, x)
+        np.testing.assert_array_equal(jax.jit(lambda q, a: jaxlora.apply(fn, q, a, x))(q, adapter), want)
+
+
 class _Block(nn.Module):
     @nn.compact
     def __call__(self, x, _):

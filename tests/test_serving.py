@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import shutil
 import time
 
 import jax
@@ -113,6 +114,17 @@ def test_a_written_slot_equals_stack_set_on_a_folded_stack_bit_for_bit():
             np.testing.assert_array_equal(np.asarray(cache.stack.b[p]), np.asarray(want.b[p]))
 
 
+def test_a_float64_slot_equals_stack_set_bit_for_bit():
+    rng = np.random.default_rng(0)
+    lora = {"w": jaxlora.LoraFactors(a=rng.normal(size=(4, 3)), b=rng.normal(size=(3, 6)), scale=7.3 / 3, roles="io")}
+    with jax.enable_x64(True):  # the scale was rounded to float32 before it multiplied a float64 b
+        cache = jaxlora.AdapterCache({"x": lora}, max_loras=1)
+        cache.ids(["x"])
+        want = jaxlora.stack({"x": lora}, fold_scales=True)
+        assert cache.stack.b["w"].dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(cache.stack.b["w"]), np.asarray(want.b["w"]))
+
+
 def test_adapters_from_checkpoint_directories_load_on_demand(tmp_path):
     adapters = _adapters(3)
     paths = {n: jaxlora.checkpoint.save(tmp_path / n, lora) for n, lora in adapters.items()}
@@ -151,8 +163,12 @@ def test_swap_cost_is_measured(capsys):
 
 def test_errors():
     adapters = _adapters(3)
-    with pytest.raises(ValueError, match=r"max_loras=0: at least 1"):
+    with pytest.raises(ValueError, match=r"max_loras=0: expected an int, at least 1"):
         jaxlora.AdapterCache(adapters, max_loras=0)
+    with pytest.raises(ValueError, match=r"max_loras=True: expected an int.*\n  rank=2.5: expected an int"):
+        jaxlora.AdapterCache(adapters, max_loras=True, rank=2.5)
+    cache = jaxlora.AdapterCache(adapters, max_loras=np.int64(2), rank=np.int32(3))  # NumPy ints are ints
+    assert cache.max_loras == 2 and type(cache.max_loras) is int and cache.stack.slot_rank("w") == 3
     with pytest.raises(ValueError, match="no adapters given"):
         jaxlora.AdapterCache({}, max_loras=2)
     with pytest.raises(TypeError, match=r"adapters must be a dict \{name: lora or directory\}, got list"):
@@ -200,6 +216,43 @@ def test_a_failed_read_leaves_the_cache_as_it_was(tmp_path):
     assert cache.resident == {"a1": 0} and cache.loads == 1
     x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
     _check_batch(cache, adapters, ["a1"], x, jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i)))
+
+
+def test_a_directory_that_changed_on_disk_is_refused_at_load_and_the_cache_stays_as_it_was(tmp_path):
+    adapters = _adapters(3)  # a1 adapts w alone at rank 2; a0 adapts w and v at rank 1; a2 v at rank 3
+    dora = jaxlora.init(jax.random.key(0), PARAMS, jaxlora.LoraConfig(rank=1, targets="w", dora=True))
+    rank3 = jaxlora.init(jax.random.key(0), PARAMS, jaxlora.LoraConfig(rank=3, targets="w"))
+    x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
+    serve = jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i))
+    for k, (other, problem) in enumerate([
+        (adapters["a0"], r"'v': the cache's stack has no such module"),  # served without v, before
+        (rank3, r"'w': rank 3 > the slot rank 2"),  # a slot lost to a failed write, before
+        (dora, r"DoRA modules \['w'\] cannot be stacked"),  # served without its magnitude, before
+    ]):  # fmt: skip
+        path = jaxlora.checkpoint.save(tmp_path / f"d{k}", adapters["a1"])
+        cache = jaxlora.AdapterCache({"d": path, "a1": adapters["a1"]}, max_loras=1)
+        cache.ids(["a1"])
+        shutil.rmtree(path)
+        jaxlora.checkpoint.save(path, other)  # another adapter under the registered directory
+        with pytest.raises(ValueError, match=rf"(?s)adapter 'd' at .*d{k} no longer fits.*{problem}.*Fix: save"):
+            cache.ids(["d"])
+        assert cache.resident == {"a1": 0} and cache.loads == 1
+        _check_batch(cache, adapters, ["a1"], x, serve)
+
+
+def test_numpy_arrays_the_caller_writes_after_registering_never_reach_the_adapter():
+    adapters = _adapters(2)
+    mine = {n: {p: dataclasses.replace(f, a=np.array(f.a), b=np.array(f.b)) for p, f in lora.items()}
+            for n, lora in adapters.items()}  # fmt: skip
+    cache = jaxlora.AdapterCache({"a0": mine["a0"]}, max_loras=1, rank=2)
+    cache.add("a1", mine["a1"])
+    for lora in mine.values():  # the caller reuses its buffers (the next round of training, a torch tensor's memory)
+        for f in lora.values():
+            f.a[...], f.b[...] = 5.0, -5.0
+    x = np.asarray(jax.random.normal(jax.random.key(7), (1, 4)))
+    serve = jax.jit(lambda p, s, x, i: jaxlora.apply(fn, p, s, x, adapter_ids=i))
+    for names in (["a0"], ["a1"], ["a0"]):  # loaded, evicted and loaded again: the registered values each time
+        _check_batch(cache, adapters, names, x, serve)
 
 
 def test_serving_compiler_options_name_an_option_this_xla_accepts():

@@ -243,6 +243,19 @@ def test_sgmv_decode_reads_each_adapter_in_use_once_for_the_whole_batch(monkeypa
     assert copies == []
 
 
+def test_a_batch_without_rows_gives_empty_outputs_and_zero_gradients(form):
+    params, fn, adapters = _attention()
+    stk = jaxlora.stack(adapters)
+    for ids, x in (  # no examples; examples of no tokens (ids per token)
+        (jnp.zeros((0,), jnp.int32), jnp.ones((0, 5, 6))),
+        (jnp.zeros((2, 0), jnp.int32), jnp.ones((2, 0, 6))),
+    ):
+        out = jax.jit(lambda s, x, i: jaxlora.apply(fn, params, s, x, adapter_ids=i))(stk, x, ids)
+        assert out.shape == x.shape
+        grads = jax.grad(lambda s, x=x, i=ids: jnp.sum(jaxlora.apply(fn, params, s, x, adapter_ids=i)))(stk)
+        assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
+
+
 def test_stack_form_by_cost_and_forced(monkeypatch):
     big = 8 * 16 * 8192
     assert _matmul.stack_form(64, 1, big, 2, 8) == "gather"  # the CPU: measured, the gather everywhere

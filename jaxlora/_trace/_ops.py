@@ -135,7 +135,9 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
 
             rest = [d for k, d in enumerate(second.shape) if k != second_r]
             rows = Rows(
-                to_rows=lambda x: jnp.transpose(x, [*x_free, *xc]).reshape(*[x.shape[d] for d in x_free], -1),
+                to_rows=lambda x: jnp.transpose(x, [*x_free, *xc]).reshape(  # no -1: a batch may have no rows
+                    *[x.shape[d] for d in x_free], math.prod(x.shape[d] for d in xc)
+                ),
                 groups=groups,
                 from_rows=lambda y: jnp.transpose(y.reshape(*y.shape[:-1], *rest), perm),
                 precision=precision,

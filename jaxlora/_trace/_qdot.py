@@ -25,7 +25,7 @@ from jax import lax
 from .. import _qmatmul
 from .._matmul import _cast, _on_mesh
 from ._eval import LAZY_RULES, Context, Tagged
-from ._quantized import Packed
+from ._quantized import Packed, folds
 
 
 def _packed(v: Any) -> Packed | None:
@@ -36,8 +36,8 @@ def _packed(v: Any) -> Packed | None:
 def _convert(eqn, invals: list[Any], ctx: Context) -> list[Any] | None:
     (v,) = invals
     w, new = _packed(v), jnp.dtype(eqn.params["new_dtype"])
-    if ctx.probing or w is None or not jnp.issubdtype(new, jnp.floating):
-        return None
+    if ctx.probing or w is None or not jnp.issubdtype(new, jnp.floating) or not folds(w.dtype, new):
+        return None  # (a cast that does not fold: the weight is dequantized to its dtype, then cast)
     cast = Packed(w.q, new)
     return [v.replace(w=cast) if isinstance(v, Tagged) else cast]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from .._quantized import Quantized, dequantize_weight
 
@@ -38,6 +39,13 @@ class Lazy:
     def scannable(self) -> bool:
         """Whether ``lax.scan`` may slice it along axis 0 as a pytree."""
         return False
+
+
+def folds(dtype: Any, new: Any) -> bool:
+    """Whether a weight of ``dtype`` cast to ``new`` may be dequantized straight to ``new``: the
+    dequantization computes in float32, so from a narrower ``dtype`` (bfloat16 to float32, or
+    float16 to bfloat16) the rounding to ``dtype`` that the model asks for would be skipped."""
+    return jnp.dtype(new) == jnp.dtype(dtype) or jnp.finfo(dtype).bits >= 32
 
 
 @jax.tree_util.register_pytree_node_class
@@ -72,7 +80,8 @@ class Packed(Lazy):
     def realize(self, eqn=None) -> jax.Array:
         dtype = self.cast  # the model's own cast first (a later cast then applies as written)
         if dtype is None and eqn is not None and eqn.primitive.name == "convert_element_type":
-            dtype = eqn.params["new_dtype"]  # dequantize straight to the dtype the model casts to
+            if folds(self.q.dtype, eqn.params["new_dtype"]):
+                dtype = eqn.params["new_dtype"]  # dequantize straight to the dtype the model casts to
         return dequantize_weight(self.q, dtype)
 
     def scannable(self) -> bool:
