@@ -68,7 +68,8 @@ def delta_reference(a, b, roles, scale):
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 600) -> str:
     """Run ``code`` in a fresh Python with ``n`` simulated CPU devices; returns its stdout."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")  # conftest's flags too
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)

@@ -77,22 +77,30 @@ def test_buffers_parses_a_dump_without_a_peak_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_driver_dumps_each_modes_buffers_and_buffers_compares_them(tmp_path, capsys):
-    """--buffers: each worker's XLA writes its programs' buffer assignment; benchmarks.buffers finds the
-    step in each, agrees with its memory_analysis, and finds the LoRA factors (rank 4) that full lacks."""
+def test_driver_runs_each_mode_in_its_own_process_writes_json_and_dumps_buffers(tmp_path, capsys):
+    """One driver run (full, lora, dora): the JSON, each mode's ratio to full fine-tuning, the DoRA/LoRA
+    ratio it prints; with --buffers each worker's XLA writes its programs' buffer assignment, and
+    benchmarks.buffers finds the step in each, agrees with its memory_analysis, and finds the LoRA factors
+    (rank 4) that full lacks."""
     from benchmarks import buffers
 
     path, dumps = tmp_path / "r.json", tmp_path / "buf"
-    train_step.main(["--config", "tiny", "--modes", "full,lora", "--steps", "2", "--warmup", "1", "--rank", "4",
+    train_step.main(["--config", "tiny", "--modes", "full,lora,dora", "--steps", "2", "--warmup", "1", "--rank", "4",
                      "--buffers", str(dumps), "--out", str(path)])  # fmt: skip
-    modes = json.loads(path.read_text())["modes"]
+    result = json.loads(path.read_text())
+    assert result["device"] and result["versions"]["jax"] and result["config"]["d_model"] == 64
+    modes = result["modes"]
+    assert set(modes) == {"full", "lora", "dora"}
+    assert modes["full"]["ratio_to_full"] == 1.0
+    assert "median_ms" in modes["lora"], modes["lora"]
+    assert modes["dora"]["ratio_to_lora"] > 0
     assert modes["full"]["compile_ratio_to_full"] == 1.0
     assert modes["lora"]["compile_ratio_to_full"] == pytest.approx(
         modes["lora"]["compile_s"] / modes["full"]["compile_s"]
     )
-    assert (
-        f"lora {modes['lora']['compile_s']} ({modes['lora']['compile_ratio_to_full']:.3f})" in capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "dora/lora: step" in printed
+    assert f"lora {modes['lora']['compile_s']} ({modes['lora']['compile_ratio_to_full']:.3f})" in printed
     got = buffers.main([modes["full"]["buffers"], modes["lora"]["buffers"], "--json", str(tmp_path / "b.json")])
     assert got == json.loads((tmp_path / "b.json").read_text())
     for mode in ("full", "lora"):
@@ -121,21 +129,6 @@ def test_inference_modes_run(mode):
     assert out["median_ms"] > 0
     if mode == "copy":
         assert out["weight_bytes"] > 0
-
-
-@pytest.mark.slow
-def test_driver_runs_each_mode_in_its_own_process_and_writes_json(tmp_path, capsys):
-    """One driver run: the JSON, each mode's ratio to full fine-tuning, and the DoRA/LoRA ratio it prints."""
-    path = tmp_path / "r.json"
-    train_step.main(["--config", "tiny", "--modes", "full,lora,dora", "--steps", "2", "--warmup", "1",
-                     "--rank", "4", "--out", str(path)])  # fmt: skip
-    result = json.loads(path.read_text())
-    assert result["device"] and result["versions"]["jax"] and result["config"]["d_model"] == 64
-    assert set(result["modes"]) == {"full", "lora", "dora"}
-    assert result["modes"]["full"]["ratio_to_full"] == 1.0
-    assert "median_ms" in result["modes"]["lora"], result["modes"]["lora"]
-    assert result["modes"]["dora"]["ratio_to_lora"] > 0
-    assert "dora/lora: step" in capsys.readouterr().out
 
 
 @pytest.mark.slow

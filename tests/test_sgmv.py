@@ -282,6 +282,9 @@ def test_sgmv_gradient_through_scan_and_remat_is_each_adapters_own(monkeypatch):
 
     monkeypatch.setattr(_matmul, "_STACK_FORM", "sgmv")
     model, tokens, params, adapters = _scanned()
+    # factors of a third-ish size: with N(0, 1) ones the gradients reach 1e5, where float32 rounding
+    # alone (each program's own order of sums) exceeds the 1e-4 tolerance on the smallest entries
+    adapters = jax.tree.map(lambda t: 0.3 * t, adapters)
     stk = jaxlora.stack(adapters)
     ids = jnp.array([2, 0, 0, 1])
     target = jax.random.normal(jax.random.key(3), (4, 3, 10))

@@ -395,7 +395,7 @@ def _two_processes(code: str, *args: str) -> list[str]:
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip(),
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
     )
     flags = ["--multihost", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
