@@ -50,10 +50,16 @@ MODES = ("kernel", "interpret", "xla")
 # rows, and at 64 (tiles of 128) it lost (benchmarks/results/qdecode_h200.json)
 MAX_ROWS = 16
 GEMV = True  # one row: broadcast products and sums instead of a 16-row tensor-core tile
-LOOKUP = "gather"  # how a tile finds NF4's 16 values: "gather" (a table load) or "select" (15 selects)
+# how a tile finds NF4's 16 values: "gather" (a table load), "select" (15 compares and selects) or
+# "tree" (a binary tree of 8 + 4 + 2 + 1 selects on the code's bits)
+LOOKUP = "gather"
+LOOKUPS = ("gather", "select", "tree")
+REDUCE = "after"  # the one-row path sums its products over the contraction "after" the loop or each "step"
+WORDS = False  # load the codes as uint32 words (8 NF4 or 4 int8 columns a word), unpacked by shifts
+HINTS = False  # tell Triton each step's offsets are multiples of the tile (`pl.multiple_of`)
 WARPS, STAGES = 4, 3
 TILE, TILE_T = (128, 128), (128, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
-PROGRAMS = 512  # split the contraction until the grid has about this many programs
+PROGRAMS = 512  # split the contraction until the grid has about this many programs (steps == 1 at most)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -109,6 +115,64 @@ def _splits(programs: int, reduce: int, chunk: int) -> int:
     return s
 
 
+_SWITCHES = ("TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS")
+_DEFAULTS = {name: globals()[name] for name in _SWITCHES}
+_FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches take their defaults)
+    "reduce": ("REDUCE", "step"),
+    "words": ("WORDS", True),
+    "hints": ("HINTS", True),
+    **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
+}
+
+
+def switches() -> dict[str, Any]:
+    """The kernel's switches as they are now (what a benchmark records beside its figures)."""
+    return {name: globals()[name] for name in _SWITCHES}
+
+
+def configure(setting: str) -> dict[str, Any]:
+    """Set every switch from a benchmark setting ``"bk,bn,warps,stages,programs[,gemv[,flags]]"``.
+
+    ``TILE`` and ``TILE_T`` become ``(bk, bn)``; ``gemv`` is 1 or 0 (default 1); ``flags`` joins with
+    ``+`` any of ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints`` (`HINTS`) and one of
+    `LOOKUPS` (default ``gather``), or is ``loop`` for none. Switches a setting does not name go back
+    to their defaults, so settings never leak into each other. Returns `switches`. The empty string
+    restores the defaults.
+
+    >>> configure("128,128,4,3,4096,1,reduce+words+tree")["LOOKUP"]
+    'tree'
+    >>> configure("")["REDUCE"]
+    'after'
+    """
+    fields = [f.strip() for f in setting.split(",")] if setting.strip() else []
+    problems = []
+    if fields and not 5 <= len(fields) <= 7:
+        problems.append(f"{len(fields)} fields (expected 5 to 7)")
+    nums = []
+    for f in fields[:6]:
+        try:
+            nums.append(int(f))
+        except ValueError:
+            problems.append(f"{f!r} is not an integer")
+    flags = [f for f in fields[6].split("+") if f not in ("", "loop")] if len(fields) == 7 else []
+    problems += [f"unknown flag {f!r} (expected loop or any of {', '.join(_FLAGS)})" for f in flags if f not in _FLAGS]
+    if sum(f in LOOKUPS for f in flags) > 1:
+        problems.append(f"more than one lookup among {flags}")
+    if problems:
+        raise ValueError(
+            f"jaxlora._qmatmul.configure({setting!r}): " + "; ".join(problems)
+            + ". Write bk,bn,warps,stages,programs[,gemv[,flags]], e.g. '128,128,4,3,4096,1,reduce+words'."
+        )  # fmt: skip
+    values = dict(_DEFAULTS)
+    if nums:
+        bk, bn, warps, stages, programs, *gemv = nums
+        values.update(TILE=(bk, bn), TILE_T=(bk, bn), WARPS=warps, STAGES=stages, PROGRAMS=programs)
+        values["GEMV"] = bool(gemv[0]) if gemv else True
+    values.update(_FLAGS[f] for f in flags)
+    globals().update(values)
+    return switches()
+
+
 def matmul(
     x: Array,
     q: Quantized,
@@ -125,13 +189,16 @@ def matmul(
     products accumulate in float32, the result is ``out_dtype`` (default ``x``'s). ``lookup`` picks
     how NF4 codes become values (`LOOKUP`), ``splits`` how many programs share the contraction
     (default: enough for about `PROGRAMS`), ``interpret`` runs Pallas's interpreter (default: unless
-    on a GPU). Raises ValueError for shapes `covers` refuses.
+    on a GPU). `REDUCE`, `WORDS` and `HINTS` are read when traced. Raises ValueError for shapes
+    `covers` refuses.
     """
     from jax.experimental import pallas as pl
 
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     lookup = lookup or LOOKUP
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup={lookup!r}: expected one of {LOOKUPS}.")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m = x.shape[0]
     why = covers(q, min(m, MAX_ROWS), x.dtype)
@@ -159,19 +226,24 @@ def matmul(
     # W's region a program reads: forward (part rows, bn columns) at (split, j); transposed (bk, part) at (j, split)
     region = (bk, part) if transpose else (part, bn)
     at = (lambda i, j, t: (j, t)) if transpose else (lambda i, j, t: (t, j))
+    # the codes' phases: columns of W that one loaded element holds (a byte: 2 NF4 or 1 int8; a word: 8 or 4)
+    words = WORDS and (q.format == "int8" or q.block_size % 8 == 0)
+    phases = (8 if words else 2) if q.format == "nf4" else (4 if words else 1)
 
     operands, specs = [xp], [pl.BlockSpec((bm, part), lambda i, j, t: (i, t))]
     f32 = jnp.float32
+    per = 1 if q.format == "int8" else 2  # W's columns a stored byte holds
+    codes = q.codes.reshape(k, n // per)
+    if words:  # little-endian: byte b of a word is its bits 8b..8b+7 (XLA's bitcast on every backend)
+        codes = lax.bitcast_convert_type(codes.reshape(k, n // per // 4, 4), jnp.uint32)
+    operands += [codes]
+    specs += [pl.BlockSpec((region[0], region[1] // phases), at)]
     if q.format == "int8":
-        operands += [q.codes, q.scale.reshape(1, n)]
-        specs += [
-            pl.BlockSpec(region, at),
-            pl.BlockSpec((1, region[1]), lambda i, j, t: (0, at(i, j, t)[1])),
-        ]
+        # one row of scales per phase: scale[p, w] is column phases·w + p's
+        operands += [q.scale.reshape(n // phases, phases).T]
+        specs += [pl.BlockSpec((phases, region[1] // phases), lambda i, j, t: (0, at(i, j, t)[1]))]
     else:
         bs, nbr = q.block_size, n // q.block_size
-        operands += [q.codes.reshape(k, n // 2)]
-        specs += [pl.BlockSpec((region[0], region[1] // 2), at)]
         absmax = q.scale[: k * nbr].reshape(k, nbr)
         operands += [absmax]
         specs += [pl.BlockSpec((region[0], region[1] // bs), at)]
@@ -190,7 +262,8 @@ def matmul(
     kernel = functools.partial(
         _kernel, fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps, tile=(bk, bn),
         transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size, dtype=jnp.dtype(x.dtype), top=top,
-        lookup=lookup, gemv=m == 1 and GEMV, interpret=interpret,
+        lookup=lookup, gemv=m == 1 and GEMV, phases=phases, words=words, reduce_step=REDUCE == "step",
+        hints=HINTS, interpret=interpret,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, out_n) if one else (s, mp, out_n), out_dtype if one else f32)
@@ -214,11 +287,24 @@ def matmul(
     return y[:m] if mp != m else y
 
 
-def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, interpret):
+def _nf4_tree(idx: Array) -> Array:
+    """NF4's value of each 4-bit code by a binary tree of selects on its bits (8 + 4 + 2 + 1)."""
+    vals: list[Any] = [float(v) for v in NF4]
+    for bit in range(4):
+        on = (idx & (1 << bit)) != 0
+        vals = [jnp.where(on, hi, lo) for lo, hi in zip(vals[::2], vals[1::2])]
+    return jnp.broadcast_to(vals[0], idx.shape).astype(jnp.float32)
+
+
+def _kernel(
+    *refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
+    reduce_step, hints, interpret,
+):  # fmt: skip
     from jax.experimental import pallas as pl
 
     x_ref, o_ref = refs[0], refs[-1]
     bk, bn = tile
+    width = bn // phases  # the columns of W a step gives each phase
     f32 = jnp.float32
     j, t = pl.program_id(1), pl.program_id(2)
     # the program's region of W starts at (row0, col0)
@@ -226,14 +312,20 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
 
     def weights(r, c):
         """W[r : r + bk, c : c + bn] of the region (local offsets) in the activations' dtype, as its
-        even and odd columns (NF4 packs a column pair a byte; int8 gives the whole tile as ``even``)."""
+        `phases` tiles of (bk, width): tile p holds the columns c + phases·w + p."""
+        codes = refs[1][pl.ds(r, bk), pl.ds(c // phases, width)]  # an element holds `phases` columns
         if fmt == "int8":
-            codes_ref, scale_ref = refs[1:3]
-            v = codes_ref[pl.ds(r, bk), pl.ds(c, bn)].astype(f32) * scale_ref[:, pl.ds(c, bn)]
-            return jnp.clip(v, -top, top).astype(dtype), None
-        codes_ref, absmax_ref = refs[1:3]
-        consts_ref = refs[-2]
-        codes = codes_ref[pl.ds(r, bk), pl.ds(c // 2, bn // 2)].astype(jnp.int32)
+            scale_ref = refs[2]
+            if words:  # byte p of each word, sign-extended
+                cols = [(codes >> (8 * p)).astype(jnp.int32) & 255 for p in range(4)]
+                cols = [v - ((v & 128) << 1) for v in cols]
+            else:
+                cols = [codes]
+            return [
+                jnp.clip(v.astype(f32) * scale_ref[pl.ds(p, 1), pl.ds(c // phases, width)], -top, top).astype(dtype)
+                for p, v in enumerate(cols)
+            ]
+        absmax_ref, consts_ref = refs[2], refs[-2]
         amax = absmax_ref[pl.ds(r, bk), pl.ds(c // bs, bn // bs)]
         if double:
             ss_ref = refs[3]
@@ -242,62 +334,66 @@ def _kernel(*refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, to
             step = ss_ref[(rows * nbr + blocks) // DQ_GROUP]
             mean = consts_ref[pl.ds(16, 1)].reshape(1, 1)
             amax = amax.astype(f32) * step + mean
-        half = bs // 2  # a block's columns of one parity
-        amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, half)).reshape(bk, bn // 2)
+        amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, bs // phases)).reshape(bk, width)
 
         def value(idx):
             if lookup == "gather":
                 vals = consts_ref[idx]
+            elif lookup == "tree":
+                vals = _nf4_tree(idx)
             else:
                 vals = jnp.zeros(idx.shape, f32)
                 for code, v in enumerate(NF4.tolist()):
                     vals = jnp.where(idx == code, v, vals)
             return jnp.clip(vals * amax, -top, top).astype(dtype)
 
-        return value(codes >> 4), value(codes & 15)
+        if not words:
+            codes = codes.astype(jnp.int32)
+            return [value(codes >> 4), value(codes & 15)]
+        # column 8w + p sits in byte p // 2 of word w, the even column in the byte's high nibble
+        return [value(((codes >> (8 * (p // 2) + 4 * (1 - p % 2))) & 15).astype(jnp.int32)) for p in range(8)]
 
     def mul(a, w, contract_w):  # a (rows, c) against w, contracting w's axis contract_w
-        if gemv:  # one row: broadcast products, summed over the contraction once after the loop
+        if gemv:  # one row: broadcast products, summed over the contraction each step or once after the loop
             a = a.astype(f32).reshape(-1, 1) if contract_w == 0 else a.astype(f32).reshape(1, -1)
             w32 = w.astype(f32)
             if interpret and dtype != f32:  # XLA would fold the casts f32 -> dtype -> f32 away: round explicitly
                 info = jnp.finfo(dtype)
                 w32 = lax.reduce_precision(w32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-            return a * w32
+            if not reduce_step:
+                return a * w32
+            return jnp.sum(a * w32, axis=0, keepdims=True) if contract_w == 0 else jnp.sum(a * w32, axis=1)[None]
         return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=f32)
 
-    def body(i, acc):
-        even_acc, odd_acc = acc
-        if transpose:  # g (bm, bn) · W[:, cols]ᵀ -> (bm, bk)
-            even, odd = weights(0, i * bn)
-            if odd is None:
-                return even_acc + mul(x_ref[:, pl.ds(i * bn, bn)], even, 1), odd_acc
-            g_even = x_ref[:, pl.ds(i * bn, bn // 2, stride=2)]
-            g_odd = x_ref[:, pl.ds(i * bn + 1, bn // 2, stride=2)]
-            return even_acc + mul(g_even, even, 1), odd_acc + mul(g_odd, odd, 1)
-        xs = x_ref[:, pl.ds(i * bk, bk)]
-        even, odd = weights(i * bk, 0)
-        if odd is None:
-            return even_acc + mul(xs, even, 0), odd_acc
-        return even_acc + mul(xs, even, 0), odd_acc + mul(xs, odd, 0)
+    def offset(i, size):
+        return pl.multiple_of(i * size, size) if hints and not isinstance(i, int) else i * size
+
+    def body(i, accs):
+        if transpose:  # g (bm, bn) · W[:, cols]ᵀ -> (bm, bk), the phases summed into one accumulator
+            c = offset(i, bn)
+            acc = accs[0]
+            for p, w in enumerate(weights(0, c)):
+                g = x_ref[:, pl.ds(c + p, width, stride=phases)] if phases > 1 else x_ref[:, pl.ds(c, bn)]
+                acc = acc + mul(g, w, 1)
+            return (acc,)
+        r = offset(i, bk)
+        xs = x_ref[:, pl.ds(r, bk)]
+        return tuple(acc + mul(xs, w, 0) for acc, w in zip(accs, weights(r, 0)))
 
     m = o_ref.shape[0]
-    width = bn // 2 if fmt == "nf4" else bn  # the columns of W a step gives each accumulator
-    pair = fmt == "nf4"
-    if gemv:
+    if gemv and not reduce_step:
         shape = (bk, width)
     else:
         shape = (m, bk) if transpose else (m, width)
-    zero = jnp.zeros(shape, f32)
-    even_acc, odd_acc = lax.fori_loop(0, steps, body, (zero, zero if pair else jnp.zeros((1, 1), f32)))
+    accs = tuple(jnp.zeros(shape, f32) for _ in range(1 if transpose else phases))
+    accs = body(0, accs) if steps == 1 else lax.fori_loop(0, steps, body, accs)
     if transpose:
-        out = even_acc + odd_acc if pair else even_acc
-        out = jnp.sum(out, axis=1).reshape(1, bk) if gemv else out
+        out = accs[0]
+        out = jnp.sum(out, axis=1).reshape(1, bk) if gemv and not reduce_step else out
     else:
-        if gemv:
-            even_acc = jnp.sum(even_acc, axis=0).reshape(1, width)
-            odd_acc = jnp.sum(odd_acc, axis=0).reshape(1, width) if pair else odd_acc
-        out = jnp.stack([even_acc, odd_acc], axis=-1).reshape(m, 2 * width) if pair else even_acc
+        if gemv and not reduce_step:
+            accs = tuple(jnp.sum(acc, axis=0).reshape(1, width) for acc in accs)
+        out = jnp.stack(accs, axis=-1).reshape(m, bn) if phases > 1 else accs[0]
     o_ref[...] = out.astype(o_ref.dtype)
 
 

@@ -61,6 +61,60 @@ def test_kernel_equals_the_exact_product_forward_and_transposed(fmt, block, doub
     _check(_qmatmul.matmul(g, q, transpose=True, interpret=True), g, q, transpose=True)
 
 
+VARIANTS = [  # benchmark settings (`_qmatmul.configure`): each variant of the kernel the sweep times
+    "128,128,4,3,4096,1,reduce",  # the contraction split to one step a program, summed each step
+    "128,128,4,3,512,1,words",  # uint32 words of codes: 8 NF4 (4 int8) column phases
+    "64,128,4,3,2,1,reduce+words+tree+hints",  # 2 programs: a loop of 4 steps
+    "64,128,4,3,512,0,words+select",  # tensor-core tiles on the phases
+]
+
+
+@pytest.fixture
+def variant(request):
+    yield _qmatmul.configure(request.param)
+    _qmatmul.configure("")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("fmt,block,double_quant,dtype", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[4]])
+def test_variants_equal_the_exact_product_forward_and_transposed(variant, fmt, block, double_quant, dtype):
+    q = _quantized(fmt, block, double_quant, dtype, shape=(256, 256), seed=3)
+    rows = 1 if variant["GEMV"] else 3
+    x = jax.random.normal(jax.random.key(rows), (rows, 256), dtype)
+    _check(_qmatmul.matmul(x, q, interpret=True), x, q)
+    _check(_qmatmul.matmul(x, q, transpose=True, interpret=True), x, q, transpose=True)
+
+
+def test_configure_sets_every_switch_and_words_load_uint32():
+    q = _quantized("int8", None, None, jnp.float32, shape=(512, 128))
+    x = jnp.ones((1, 512))
+    try:
+        assert _qmatmul.configure("128,128,2,1,4096,1,words+reduce") == {
+            **_qmatmul._DEFAULTS, "WARPS": 2, "STAGES": 1, "PROGRAMS": 4096, "WORDS": True, "REDUCE": "step"
+        }  # fmt: skip
+        jaxpr = str(jax.make_jaxpr(lambda x, q: _qmatmul.matmul(x, q, interpret=True))(x, q))
+        assert "grid=(1, 1, 4)" in jaxpr and "uint32" in jaxpr  # one step a program: K split 4 ways
+        assert _qmatmul.configure("64,128,4,3,512")["WORDS"] is False  # unnamed switches reset
+    finally:
+        _qmatmul.configure("")
+    assert _qmatmul.switches() == _qmatmul._DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "setting,match",
+    [
+        ("128,128,4", "3 fields"),
+        ("128,x,4,3,512", "'x' is not an integer"),
+        ("128,128,4,3,512,1,fast", "unknown flag 'fast'"),
+        ("128,128,4,3,512,1,tree+select", "more than one lookup"),
+    ],
+)
+def test_configure_rejects_bad_settings(setting, match):
+    with pytest.raises(ValueError, match=match):
+        _qmatmul.configure(setting)
+    assert _qmatmul.switches() == _qmatmul._DEFAULTS  # nothing set
+
+
 def test_split_contraction_equals_one_program():
     q = _quantized("nf4", 64, True, jnp.float32, shape=(256, 128))
     x = jax.random.normal(jax.random.key(1), (2, 256))
@@ -72,11 +126,14 @@ def test_split_contraction_equals_one_program():
         _qmatmul.matmul(x, q, splits=4, interpret=True)
 
 
-def test_select_lookup_equals_the_table_load():
+@pytest.mark.parametrize("lookup", ["select", "tree"])
+def test_select_lookups_equal_the_table_load(lookup):
     q = _quantized("nf4", 64, False, jnp.bfloat16, shape=(128, 128))
     x = jax.random.normal(jax.random.key(1), (1, 128), jnp.bfloat16)
-    y = _qmatmul.matmul(x, q, lookup="select", interpret=True)
+    y = _qmatmul.matmul(x, q, lookup=lookup, interpret=True)
     np.testing.assert_array_equal(y, _qmatmul.matmul(x, q, lookup="gather", interpret=True))
+    with pytest.raises(ValueError, match="lookup='table': expected one of"):
+        _qmatmul.matmul(x, q, lookup="table", interpret=True)
 
 
 def test_non_finite_group_decodes_to_nan_as_the_reference_does():
