@@ -13,9 +13,17 @@ per layer in a ``lax.scan`` (as ``benchmarks/nf4_fusion_probe.py``), for each ba
 
 Each figure is printed with its bytes floor (the stored bytes at the copy bandwidth measured in the
 same run), effective TB/s (stored bytes / time) and its error against the XLA form on the same
-quantized weight (``rel_err``, max |Δ| / max |y|). Usage::
+quantized weight (``rel_err``, max |Δ| / max |y|).
+
+``--sweep`` / ``--sweep-preset h200`` first time the kernel's settings (``"bk,bn,warps,stages,programs,
+gemv,flags"``, `jaxlora._qmatmul.configure`: the variants ``reduce``, ``words``, ``tree``/``select``,
+``hints``) on NF4 and int8 at each of ``--sweep-batches``, each with its error against XLA's product;
+it chooses the correct one fastest for NF4 at the first batch (the main table then runs with it),
+reports the fastest for each format and batch, and prints ``{"chosen": setting}`` (also the JSON's
+``sweep.chosen``, for ``benchmarks.qlora --qmatmul``). Usage::
 
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false PYTHONPATH=. python -m benchmarks.qdecode --out r.json
+    python -m benchmarks.qdecode --shape 2,256,256 --batches 1 --sweep 128,128,4,3,4096,1,reduce --copy-mib 8
 """
 
 from __future__ import annotations
@@ -50,34 +58,79 @@ def copy_bandwidth(mib: int = 2048) -> float:
     return 2 * x.nbytes / bench(jax.jit(lambda x: x + 1), x) / 1e6
 
 
-def _set(bk: int, bn: int, warps: int, stages: int, programs: int, gemv: int = 1) -> None:
-    _qmatmul.TILE = _qmatmul.TILE_T = (bk, bn)
-    _qmatmul.WARPS, _qmatmul.STAGES, _qmatmul.PROGRAMS, _qmatmul.GEMV = warps, stages, programs, bool(gemv)
+# `--sweep-preset h200`: settings "bk,bn,warps,stages,programs,gemv,flags" (`jaxlora._qmatmul.configure`)
+PRESETS = {
+    "h200": [
+        "128,128,4,3,512,1,loop", "64,128,4,3,512,1,loop",  # today's default and the last sweep's runner-up
+        # A, split: the contraction split until each program takes one step (no loop)
+        "128,128,4,3,4096,1,loop", "64,128,4,3,4096,1,loop", "32,128,4,1,4096,1,loop", "128,128,4,3,2048,1,loop",
+        "128,256,8,3,4096,1,loop",
+        # B, reduce: the one-row path sums each step into a (1, width) accumulator
+        "128,128,4,3,512,1,reduce", "64,128,4,3,512,1,reduce", "64,256,4,3,512,1,reduce", "32,256,4,3,1024,1,reduce",
+        "128,128,4,3,4096,1,reduce", "64,128,2,3,1024,1,reduce", "32,128,1,4,512,1,reduce",
+        "256,128,8,3,1024,1,reduce",
+        # C, words: uint32 loads of the codes, unpacked by shifts (8 NF4 / 4 int8 column phases)
+        "128,128,4,3,512,1,words", "64,128,4,3,512,1,words", "128,128,4,3,4096,1,words", "64,256,4,3,1024,1,words",
+        "128,128,4,3,512,1,reduce+words", "64,256,4,3,512,1,reduce+words", "32,256,4,2,1024,1,reduce+words",
+        "128,256,8,3,2048,1,reduce+words", "64,128,4,3,4096,1,reduce+words", "64,256,4,4,512,1,reduce+words+hints",
+        "128,128,4,3,512,1,words+hints",
+        # NF4's lookup as a tree of selects on the code's bits
+        "128,128,4,3,512,1,tree", "64,128,4,3,512,1,reduce+tree", "64,256,4,3,512,1,reduce+words+tree",
+        "128,128,4,3,4096,1,words+tree",
+        # warps and stages around reduce+words
+        "64,128,8,3,512,1,reduce+words", "64,128,2,2,512,1,reduce+words", "64,128,1,1,512,1,reduce+words",
+        "128,128,8,4,1024,1,words",
+        # tensor-core tiles for one row too; small and large tiles
+        "64,128,4,3,512,0,loop", "64,128,4,3,512,0,words", "32,64,4,3,1024,1,loop", "256,256,8,3,512,1,reduce+words",
+    ]
+}  # fmt: skip
+WRONG = 2e-2  # a row whose error against XLA's product exceeds this (bf16 outputs: ~4e-3) is never chosen
 
 
-def sweep(settings: list[str], quant: dict, layer, bw: float) -> dict:
-    """Time NF4 and int8 at batch 1 and 16 under each setting; keep the one fastest for NF4 at batch 1."""
-    rows, best = [], None
+def sweep(settings: list[str], quant: dict, layer, batches: list[int], budget: float) -> dict:
+    """Time NF4 and int8 at each of ``batches`` under each setting, with each product's error against
+    XLA's (``rel_err``: max |Δ| / max |y|); choose the correct setting fastest for NF4 at the first batch,
+    report the fastest for each format and batch, and leave the choice set. Settings past ``budget``
+    seconds are recorded as skipped."""
+    refs = {}
+    for fmt in ("nf4", "int8"):
+        for B in batches:
+            x = jax.random.normal(jax.random.key(1), (B, quant[fmt].shape[1]), jnp.bfloat16)
+            refs[fmt, B] = x, np.asarray(jax.jit(layer(fmt, "xla"))(x, quant[fmt]).astype(jnp.float32))
+    rows, start = [], time.perf_counter()
     for setting in settings:
-        cfg = tuple(int(v) for v in setting.split(","))
-        _set(*cfg)
         row = {"setting": setting}
-        for fmt in ("nf4", "int8"):
-            for B in (1, 16):
-                x = jax.random.normal(jax.random.key(1), (B, quant[fmt].shape[1]), jnp.bfloat16)
-                try:
-                    g = jax.jit(layer(fmt, "kernel")).lower(x, quant[fmt]).compile()
-                    row[f"{fmt}_b{B}_ms"] = round(bench(g, x, quant[fmt], n=10), 3)
-                except Exception as e:  # noqa: BLE001  (a setting that does not compile is recorded)
-                    row[f"{fmt}_b{B}_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
-        print(json.dumps(row), flush=True)
         rows.append(row)
-        ms = row["nf4_b1_ms"]
-        if isinstance(ms, float) and (best is None or ms < best[1]):
-            best = (cfg, ms)
-    if best:
-        _set(*best[0])
-    return {"rows": rows, "chosen": best and list(best[0])}
+        if time.perf_counter() - start > budget:
+            row["skipped"] = f"the sweep's budget of {budget:.0f} s was spent"
+            continue
+        try:
+            _qmatmul.configure(setting)
+        except ValueError as e:
+            row["error"] = str(e)
+            continue
+        for (fmt, B), (x, ref) in refs.items():
+            try:
+                g = jax.jit(layer(fmt, "kernel")).lower(x, quant[fmt]).compile()
+                y = np.asarray(g(x, quant[fmt]).astype(jnp.float32))
+                row[f"{fmt}_b{B}_ms"] = round(bench(g, x, quant[fmt], n=10), 3)
+                row[f"{fmt}_b{B}_err"] = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-30))
+            except Exception as e:  # noqa: BLE001  (a setting that does not compile is recorded)
+                row[f"{fmt}_b{B}_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps(row), flush=True)
+    best = {}
+    for fmt, B in refs:
+        ok = [r for r in rows if isinstance(r.get(f"{fmt}_b{B}_ms"), float) and r[f"{fmt}_b{B}_err"] <= WRONG]
+        if ok:
+            r = min(ok, key=lambda r: r[f"{fmt}_b{B}_ms"])
+            best[f"{fmt}_b{B}"] = {"setting": r["setting"], "ms": r[f"{fmt}_b{B}_ms"]}
+    chosen = best.get(f"nf4_b{batches[0]}", {}).get("setting", "")
+    _qmatmul.configure(chosen)  # "": the defaults
+    out = {"rows": rows, "best": best, "chosen": chosen, "wrong_above": WRONG,
+           "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    print(json.dumps({"best": best}), flush=True)
+    print(json.dumps({"chosen": chosen}), flush=True)
+    return out
 
 
 def main() -> None:
@@ -87,8 +140,15 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=None)
     p.add_argument("--programs", type=int, nargs="*", default=[], help="also time nf4_kernel with these PROGRAMS")
     p.add_argument(
-        "--sweep", nargs="*", default=[], help="kernel settings bk,bn,warps,stages,programs[,gemv] to try first"
+        "--sweep",
+        nargs="*",
+        default=[],
+        help="kernel settings bk,bn,warps,stages,programs[,gemv[,flags]] (jaxlora._qmatmul.configure) to try first",
     )
+    p.add_argument("--sweep-preset", choices=sorted(PRESETS), default=None, help="a ready list of --sweep settings")
+    p.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 16], help="the first one chooses")
+    p.add_argument("--sweep-budget", type=float, default=150, help="seconds; later settings are skipped")
+    p.add_argument("--qmatmul", default="", help="a setting for the main table (after a sweep: its choice)")
     p.add_argument("--copy-mib", type=int, default=2048, help="MiB copied to measure the bandwidth")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -136,15 +196,17 @@ def main() -> None:
     wanted = args.modes or list(modes)
 
     bw = copy_bandwidth(args.copy_mib)
-    tuned = sweep(args.sweep, quant, layer, bw) if args.sweep else None
+    _qmatmul.configure(args.qmatmul)
+    settings = args.sweep + PRESETS.get(args.sweep_preset, [])
+    tuned = sweep(settings, quant, layer, args.sweep_batches, args.sweep_budget) if settings else None
     res = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "shape": [L, D, F],
         "copy_GBps": round(bw, 1),
-        "qmatmul": {"LOOKUP": _qmatmul.LOOKUP, "PROGRAMS": _qmatmul.PROGRAMS, "WARPS": _qmatmul.WARPS,
-                    "STAGES": _qmatmul.STAGES, "TILE": _qmatmul.TILE, "GEMV": _qmatmul.GEMV},
+        "qmatmul": _qmatmul.switches(),
+        "qmatmul_setting": tuned["chosen"] if tuned else args.qmatmul,
         "sweep": tuned,
         "results": [],
     }  # fmt: skip
