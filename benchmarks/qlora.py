@@ -4,8 +4,11 @@ Modes:
   train_bf16  LoRA on the bfloat16 base (the reference).
   train_int8  LoRA on the int8 base (``jaxlora.quantize(params, "int8")``).
   train_nf4   QLoRA on the NF4 base (block 64, double quantization).
-  decode_bf16 / decode_nf4  decode steps (one new token per sequence, a ``--cache``-token KV cache
-              attended in full, one LoRA adapter unmerged) at each of ``--decode-batches``.
+  decode_bf16 / decode_int8 / decode_nf4  decode steps (one new token per sequence, a ``--cache``-token
+              KV cache attended in full, one LoRA adapter unmerged) at each of ``--decode-batches``, each
+              program compiled with ``jaxlora.serving_compiler_options()`` (the fast skinny bf16 GEMM).
+``--qmatmul SETTING`` sets the fused kernel's switches in each worker before anything is traced
+(``jaxlora._qmatmul.configure``; e.g. ``benchmarks.qdecode``'s ``sweep.chosen``); the JSON records them.
 The driver also counts the bytes of the NF4 base against the bf16 one from the leaves' shapes alone
 (``jax.eval_shape``, no device memory): with the default targets (embedding and ``lm_head`` kept in
 bf16) and with every matrix quantized, for ``--config`` (the real 8B on a CPU in seconds).
@@ -30,7 +33,7 @@ import os
 import time
 
 TRAIN = ("train_bf16", "train_int8", "train_nf4")
-DECODE = ("decode_bf16", "decode_nf4")
+DECODE = ("decode_bf16", "decode_int8", "decode_nf4")
 
 
 def _base(init, fmt: str | None):
@@ -108,9 +111,11 @@ def _measure(a: argparse.Namespace) -> dict:
     import optax
 
     import jaxlora
+    from jaxlora import _qmatmul
 
     from . import common, models
 
+    _qmatmul.configure(a.qmatmul)  # before anything is traced
     cfg = models.configure(a.config, override=a.override, policy=a.policy)
     model = models.Decoder(cfg)
     fmt = {"bf16": None, "int8": "int8", "nf4": "nf4"}[a.mode.split("_")[1]]
@@ -128,7 +133,8 @@ def _measure(a: argparse.Namespace) -> dict:
     base_bytes = jaxlora._quant.nbytes(params)
     build_s = time.perf_counter() - t0
     out = {"mode": a.mode, "base_bytes": base_bytes, "bits_per_parameter": 8 * base_bytes / cfg.params(),
-           "build_s": round(build_s, 1), "batch": cfg.batch, "seq": cfg.seq}  # fmt: skip
+           "build_s": round(build_s, 1), "batch": cfg.batch, "seq": cfg.seq, "qmatmul_setting": a.qmatmul,
+           "qmatmul": _qmatmul.switches()}  # fmt: skip
     if fmt:  # the quantized weights alone (the embedding and lm_head stay bf16): NF4 ~4.127 bits, ratio ~0.258
         out["quantized_bits"] = jaxlora.bits_per_parameter(params)
         out["quantized_ratio_to_bf16"] = out["quantized_bits"] / 16
@@ -162,7 +168,11 @@ def _measure(a: argparse.Namespace) -> dict:
         config = jaxlora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=models.targets(cfg))
         lora = jaxlora.init(jax.random.key(1), params, config, fn=model.apply, args=args(1))
         lora = {p: dataclasses.replace(f, b=jnp.full(f.b.shape, 0.01, f.b.dtype)) for p, f in lora.items()}
-        fwd = jax.jit(lambda p, l, t, c, pos: jaxlora.apply(model.apply, p, l, t, c, pos), donate_argnums=3)
+        options = jaxlora.serving_compiler_options()  # cuBLAS for the skinny bf16 products (and XLA's fallback)
+        fwd = jax.jit(lambda p, l, t, c, pos: jaxlora.apply(model.apply, p, l, t, c, pos), donate_argnums=3,
+                      compiler_options=options or None)  # fmt: skip
+        out["compiler_options"] = options
+        out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["cache"] = a.cache
         out["decode"] = {}
         for b in [int(x) for x in a.decode_batches.split(",")]:
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--override", default="{}", help="JSON of ModelConfig fields to change")
     p.add_argument("--policy", default="block", help="what each rematerialized block keeps in the train modes "
                    "(benchmarks.train_step's --policy: block, none, dots, minimal, outputs, mlp)")  # fmt: skip
+    p.add_argument("--qmatmul", default="", help="the fused kernel's bk,bn,warps,stages,programs[,gemv[,flags]]")
     p.add_argument("--mode", default="train_nf4")
     p.add_argument("--timeout", type=float, default=420, help="seconds a process may take")
     p.add_argument("--out", default=None)
@@ -215,11 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = models.configure(a.config, override=a.override, policy=a.policy)  # a bad policy fails here
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
              "--override", a.override, "--decode-batches", a.decode_batches, "--cache", str(a.cache),
-             "--cache-form", a.cache_form, "--policy", a.policy]  # fmt: skip
+             "--cache-form", a.cache_form, "--policy", a.policy, "--qmatmul", a.qmatmul]  # fmt: skip
     jobs = {m: ["--mode", m, *flags] for m in a.modes.split(",") if m}
     result = {**common.environment(), "benchmark": "qlora", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "params": cfg.params(), "rank": a.rank,
-              "remat_policy": a.policy if cfg.remat else None}  # fmt: skip
+              "remat_policy": a.policy if cfg.remat else None, "qmatmul_setting": a.qmatmul}  # fmt: skip
     result["base_bytes"] = stored_base_bytes(a.config, a.override)
     bb = result["base_bytes"]
     print(f"{a.config} base: bf16 {common.gb(bb['bf16'])}; NF4 with the default targets {common.gb(bb['default'])} "
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         for b in [int(x) for x in a.batches.split(",") if x]:
             o = json.dumps({**json.loads(a.override if a.big == a.config else "{}"), "batch": b, "seq": a.big_seq})
             bflags = ["--config", a.big, "--rank", str(a.rank), "--steps", "2", "--warmup", "0", "--override", o,
-                      "--policy", a.policy]  # fmt: skip
+                      "--policy", a.policy, "--qmatmul", a.qmatmul]  # fmt: skip
             big.update(common.run_workers("benchmarks.qlora", {f"{a.big}_nf4_b{b}": ["--mode", "train_nf4", *bflags]},
                                           a.timeout, parallel=False))  # fmt: skip
         result["big"] = {"config_name": a.big, "config": dataclasses.asdict(models.configure(a.big)), "runs": big}
@@ -257,8 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['tokens_per_s']:>10.0f} {common.gb(r['peak_bytes']):>10} {common.gb(r['base_bytes']):>10} "
                   f"{r.get('base_ratio_to_bf16', float('nan')):>10.3f}")  # fmt: skip
         for b, d in r.get("decode", {}).items():
-            print(f"{name:<12} batch {b}: {d['median_ms']:.2f} ms, {d['tokens_per_s']:.0f} tokens/s, "
-                  f"base {common.gb(r['base_bytes'])}")  # fmt: skip
+            bf = m.get("decode_bf16", {}).get("decode", {}).get(b)
+            if bf:
+                d["vs_bf16"] = d["tokens_per_s"] / bf["tokens_per_s"]  # > 1: faster than bf16
+            print(f"{name:<12} batch {b}: {d['median_ms']:.2f} ms, {d['tokens_per_s']:.0f} tokens/s "
+                  f"({d.get('vs_bf16', float('nan')):.2f}x bf16), base {common.gb(r['base_bytes'])}")  # fmt: skip
     for name, r in result.get("big", {}).get("runs", {}).items():
         if "error" in r:
             print(f"{name}: failed: {r['error'][:200]}")

@@ -149,9 +149,16 @@ def test_qlora_modes_run(mode):
     from benchmarks import qlora
 
     # the NF4 step under a jaxlora.remat_policy (tiny_scan has remat): the names reach a quantized base
-    a = argparse.Namespace(config="tiny_scan", mode=mode, rank=4, steps=1, warmup=0, override="{}",
+    from jaxlora import _qmatmul
+
+    setting = "128,128,4,3,4096,1,reduce+words" if mode == "decode_nf4" else ""  # the worker sets the kernel's
+    a = argparse.Namespace(config="tiny_scan", mode=mode, rank=4, steps=1, warmup=0, override="{}", qmatmul=setting,
                            decode_batches="1,8", cache=16, cache_form="xs", policy="outputs")  # fmt: skip
-    out = qlora._measure(a)
+    try:
+        out = qlora._measure(a)
+    finally:
+        _qmatmul.configure("")
+    assert out["qmatmul_setting"] == setting and out["qmatmul"]["WORDS"] == bool(setting)
     assert out["bits_per_parameter"] < 16 if mode.endswith("nf4") else out["bits_per_parameter"] == 16
     assert out.get("median_ms", 1) > 0
     assert out.get("loss", 0.0) == pytest.approx(out.get("loss", 0.0))  # finite
