@@ -296,6 +296,14 @@ def _nf4_tree(idx: Array) -> Array:
     return jnp.broadcast_to(vals[0], idx.shape).astype(jnp.float32)
 
 
+def _interleave(tiles: list[Array]) -> Array:
+    """``out[:, w·P + p] = tiles[p][:, w]`` for ``P`` (a power of 2) tiles, by 2-way joins (all Triton lowers)."""
+    while len(tiles) > 1:
+        h = len(tiles) // 2
+        tiles = [jnp.stack([tiles[p], tiles[p + h]], axis=-1).reshape(tiles[p].shape[0], -1) for p in range(h)]
+    return tiles[0]
+
+
 def _kernel(
     *refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
     reduce_step, hints, interpret,
@@ -393,7 +401,7 @@ def _kernel(
     else:
         if gemv and not reduce_step:
             accs = tuple(jnp.sum(acc, axis=0).reshape(1, width) for acc in accs)
-        out = jnp.stack(accs, axis=-1).reshape(m, bn) if phases > 1 else accs[0]
+        out = _interleave(list(accs))
     o_ref[...] = out.astype(o_ref.dtype)
 
 

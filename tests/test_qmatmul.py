@@ -1,5 +1,7 @@
 """The fused dequantize-and-multiply kernel (`jaxlora._qmatmul`) in Pallas's interpreter, against exact products."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,23 @@ def test_variants_equal_the_exact_product_forward_and_transposed(variant, fmt, b
     x = jax.random.normal(jax.random.key(rows), (rows, 256), dtype)
     _check(_qmatmul.matmul(x, q, interpret=True), x, q)
     _check(_qmatmul.matmul(x, q, transpose=True, interpret=True), x, q, transpose=True)
+
+
+def test_variants_lower_to_triton_without_a_gpu():
+    """Pallas's Triton lowering runs on any host: every variant of the sweep's preset reaches Triton IR
+    (the interpreter alone would accept ops Triton does not lower, e.g. a 4-way ``stack``)."""
+    from benchmarks.qdecode import PRESETS
+
+    q = {fmt: _quantized(fmt, 64, True, jnp.bfloat16, shape=(256, 256)) for fmt in ("nf4", "int8")}
+    try:
+        for setting in {s.split(",", 5)[-1]: s for s in PRESETS["h200"]}.values():  # one a (gemv, flags)
+            _qmatmul.configure(setting)
+            for fmt, rows, transpose in (("nf4", 1, False), ("nf4", 1, True), ("int8", 16, False)):
+                f = jax.jit(functools.partial(_qmatmul.matmul, transpose=transpose, interpret=False))
+                hlo = f.trace(jnp.ones((rows, 256), jnp.bfloat16), q[fmt]).lower(lowering_platforms=("cuda",))
+                assert "__gpu" in hlo.as_text(), setting  # the Triton kernel's custom call
+    finally:
+        _qmatmul.configure("")
 
 
 def test_configure_sets_every_switch_and_words_load_uint32():
@@ -269,8 +288,16 @@ def test_qdecode_benchmark_runs_and_checks_the_kernel_against_xla(tmp_path, monk
 
     out = tmp_path / "q.json"
     argv = ["qdecode", "--shape", "1,128,256", "--batches", "1", "--modes", "bf16", "nf4_xla", "nf4_kernel"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--copy-mib", "8", "--out", str(out)])
-    qdecode.main()
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    sweep = ["--sweep", "128,128,4,3,4096,1,reduce+words", "64,128,4,3,512", "--sweep-batches", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, *sweep, "--copy-mib", "8", "--out", str(out)])
+    try:
+        qdecode.main()
+    finally:
+        _qmatmul.configure("")
+    res = json.loads(out.read_text())
+    assert res["sweep"]["chosen"] == res["qmatmul_setting"] in ("128,128,4,3,4096,1,reduce+words", "64,128,4,3,512")
+    assert all(r[f"{fmt}_b1_err"] < 2e-2 for r in res["sweep"]["rows"] for fmt in ("nf4", "int8"))
+    assert set(res["sweep"]["best"]) == {"nf4_b1", "int8_b1"}
+    rows = {r["mode"]: r for r in res["results"]}
     assert rows["nf4_kernel"]["against"] == "nf4_xla" and rows["nf4_kernel"]["rel_err"] < 2e-2
     assert {"floor_ms", "x_floor", "TBps", "vs_bf16"} <= set(rows["nf4_kernel"])  # each figure beside its floor
