@@ -104,6 +104,24 @@ def test_variants_lower_to_triton_without_a_gpu():
         _qmatmul.configure("")
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (CI has none)")
+@pytest.mark.parametrize("setting", ["", *VARIANTS])
+def test_compiled_kernel_on_a_gpu_equals_the_exact_product(setting):
+    """The device run's check: the kernel Triton compiles (not the interpreter) under the defaults and
+    each variant, every layout, one row and tensor-core tiles, forward and transposed."""
+    try:
+        _qmatmul.configure(setting)
+        for fmt, block, double_quant, dtype in LAYOUTS:
+            q = _quantized(fmt, block, double_quant, dtype, shape=(512, 1024), seed=5)
+            for rows in (1, 8, 16):
+                x = jax.random.normal(jax.random.key(rows), (rows, 512), dtype)
+                _check(jax.jit(_qmatmul.matmul)(x, q), x, q)
+                g = jax.random.normal(jax.random.key(rows + 1), (rows, 1024), dtype)
+                _check(jax.jit(functools.partial(_qmatmul.matmul, transpose=True))(g, q), g, q, transpose=True)
+    finally:
+        _qmatmul.configure("")
+
+
 def test_configure_sets_every_switch_and_words_load_uint32():
     q = _quantized("int8", None, None, jnp.float32, shape=(512, 128))
     x = jnp.ones((1, 512))
