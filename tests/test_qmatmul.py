@@ -87,6 +87,7 @@ def test_variants_equal_the_exact_product_forward_and_transposed(variant, fmt, b
     _check(_qmatmul.matmul(x, q, transpose=True, interpret=True), x, q, transpose=True)
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")  # jax >= 0.11
 def test_variants_lower_to_triton_without_a_gpu():
     """Pallas's Triton lowering runs on any host: every variant of the sweep's preset reaches Triton IR
     (the interpreter alone would accept ops Triton does not lower, e.g. a 4-way ``stack``)."""
@@ -105,6 +106,7 @@ def test_variants_lower_to_triton_without_a_gpu():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (CI has none)")
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")  # jax >= 0.11
 @pytest.mark.parametrize("setting", ["", *VARIANTS])
 def test_compiled_kernel_on_a_gpu_equals_the_exact_product(setting):
     """The device run's check: the kernel Triton compiles (not the interpreter) under the defaults and
