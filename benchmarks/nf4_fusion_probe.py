@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlora
-from jaxlora._quant import NF4, dequantize_weight
+from jaxlora._quantized import NF4, dequantize_weight
 
 
 def bench(f, *args, n: int = 20) -> float:

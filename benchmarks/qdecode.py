@@ -39,7 +39,7 @@ import numpy as np
 
 import jaxlora
 from jaxlora import _qmatmul
-from jaxlora._quant import dequantize_weight
+from jaxlora._quantized import dequantize_weight
 
 
 def bench(f, *args, n: int = 20) -> float:

@@ -42,7 +42,7 @@ def _base(init, fmt: str | None):
     import jax
     import jax.numpy as jnp
 
-    from jaxlora import _quant
+    from jaxlora import _quantized
     from jaxlora._tree import module_path
 
     abstract = jax.eval_shape(init, jax.random.key(0))
@@ -55,7 +55,7 @@ def _base(init, fmt: str | None):
 
             def make(key, shape=leaf.shape, dtype=leaf.dtype):
                 keys = jax.random.split(key, shape[0])
-                layer = lambda k: _quant.encode((0.02 * jax.random.normal(k, shape[1:])).astype(dtype), fmt)  # noqa: E731
+                layer = lambda k: _quantized.encode((0.02 * jax.random.normal(k, shape[1:])).astype(dtype), fmt)  # noqa: E731
                 return jax.lax.map(layer, keys)
 
             leaves.append(jax.jit(make)(key))
@@ -95,13 +95,13 @@ def stored_base_bytes(config: str, override: str = "{}", fmt: str = "nf4") -> di
         "default": jax.eval_shape(lambda p: jaxlora.quantize(p, fmt), abstract),
         "every_matrix": jax.eval_shape(lambda p: jaxlora.quantize(p, fmt, targets=every, exclude=()), abstract),
     }
-    out = {"format": fmt, "bf16": jaxlora._quant.nbytes(abstract)}
+    out = {"format": fmt, "bf16": jaxlora._quantized.nbytes(abstract)}
     for k, q in quantized.items():
-        out[k] = jaxlora._quant.nbytes(q)
+        out[k] = jaxlora._quantized.nbytes(q)
         out[f"{k}_ratio_to_bf16"] = out[k] / out["bf16"]
-    q = jax.tree_util.tree_flatten_with_path(quantized["default"], is_leaf=jaxlora._quant.is_quantized)[0]
-    out["kept_float_in_default"] = [module_path(kp) for kp, x in q
-                                    if module_path(kp) in matrices and not jaxlora._quant.is_quantized(x)]  # fmt: skip
+    packed = jaxlora._quantized.is_quantized
+    q = jax.tree_util.tree_flatten_with_path(quantized["default"], is_leaf=packed)[0]
+    out["kept_float_in_default"] = [module_path(kp) for kp, x in q if module_path(kp) in matrices and not packed(x)]
     return out
 
 
@@ -130,7 +130,7 @@ def _measure(a: argparse.Namespace) -> dict:
         params = _base(lambda k: model.init(k, *args(1)), fmt)
     else:
         params = _base(lambda k: model.init(k, tokens), fmt)
-    base_bytes = jaxlora._quant.nbytes(params)
+    base_bytes = jaxlora._quantized.nbytes(params)
     build_s = time.perf_counter() - t0
     out = {"mode": a.mode, "base_bytes": base_bytes, "bits_per_parameter": 8 * base_bytes / cfg.params(),
            "build_s": round(build_s, 1), "batch": cfg.batch, "seq": cfg.seq, "qmatmul_setting": a.qmatmul,

@@ -104,7 +104,7 @@ def main(pretrain_steps: int = 200, lora_steps: int = 120, rank: int = 8) -> dic
         rows[name] = dict(
             base_loss=round(evaluate(lambda x, y, b=base: base_loss(b, x, y), code_test), 3),
             lora_loss=round(evaluate(lambda x, y, lo=lora, f=loss_of: f(lo, x, y), code_test), 3),
-            base_bytes=jaxlora._quant.nbytes(base),
+            base_bytes=jaxlora._quantized.nbytes(base),
             matrix_bits=round(jaxlora.bits_per_parameter(base), 3) if name == "nf4" else 16.0,
         )
     print(f"{'base':<6} {'base alone':>11} {'+ LoRA':>8} {'base bytes':>12} {'bits/param (matrices)':>22}")

@@ -20,15 +20,15 @@ import numpy as np
 
 from ._config import matches
 from ._core import _probe, linear_weights
-from ._quantized import DQ_GROUP as DQ_GROUP
-from ._quantized import FORMATS as FORMATS
-from ._quantized import NF4 as NF4
-from ._quantized import Quantized as Quantized
-from ._quantized import _outer_count
-from ._quantized import dequantize_weight as dequantize_weight
-from ._quantized import encode as encode
-from ._quantized import is_quantized as is_quantized
-from ._quantized import nbytes as nbytes
+from ._quantized import (
+    DQ_GROUP,
+    FORMATS,
+    Quantized,
+    _outer_count,
+    dequantize_weight,
+    encode,
+    is_quantized,
+)
 from ._tree import _names, module_path, weights
 
 DEFAULT_TARGETS = (".*",)  # every floating leaf of >= 2 axes named kernel or weight...

@@ -18,7 +18,7 @@ import pytest
 
 import jaxlora
 from jaxlora import _tree
-from jaxlora._quant import encode
+from jaxlora._quantized import encode
 
 V, D, H, K, F, L = 64, 32, 2, 16, 64, 3  # vocabulary, width, heads, head size, MLP width, layers
 TOKENS = jnp.arange(8).reshape(2, 4) % V

@@ -11,7 +11,7 @@ from helpers import run_with_devices
 
 import jaxlora
 from jaxlora import _qmatmul
-from jaxlora._quant import dequantize_weight
+from jaxlora._quantized import dequantize_weight
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from linen_models import MODELS
 
 import jaxlora
-from jaxlora import _quant
+from jaxlora import _quantized
 
 NF4_PUBLISHED = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
                  0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]  # fmt: skip
@@ -31,15 +31,15 @@ def test_nf4_table_is_bitsandbytes_normal_map():
     neg = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
     values = np.sort(np.concatenate([pos, [0.0], neg]))
     values /= values.max()
-    np.testing.assert_allclose(_quant.NF4, values, atol=2e-7)
-    np.testing.assert_allclose(_quant.NF4, NF4_PUBLISHED, atol=5e-5)
+    np.testing.assert_allclose(_quantized.NF4, values, atol=2e-7)
+    np.testing.assert_allclose(_quantized.NF4, NF4_PUBLISHED, atol=5e-5)
 
 
 def _nf4_reference(w, block=64):
     """Codes and per-block absmax with NumPy (nearest code, ties to the lower one)."""
     x = np.asarray(w, np.float64).reshape(-1, block)
     absmax = np.abs(x).max(-1)
-    idx = np.abs(x[..., None] / absmax[:, None, None] - _quant.NF4.astype(np.float64)).argmin(-1)
+    idx = np.abs(x[..., None] / absmax[:, None, None] - _quantized.NF4.astype(np.float64)).argmin(-1)
     return idx.reshape(-1), absmax
 
 
@@ -56,7 +56,7 @@ def test_nf4_layout_matches_numpy_reference():
 
 TINY = float(np.finfo(np.float32).tiny)
 FLOOR = 128 * TINY  # below this, magnitudes (and nested steps, int8 scales) code as 0
-HALF_GAP = float(np.diff(_quant.NF4.astype(np.float64)).max() / 2)  # 0.1519: between -1 and -0.696
+HALF_GAP = float(np.diff(_quantized.NF4.astype(np.float64)).max() / 2)  # 0.1519: between -1 and -0.696
 
 
 _dequantize = jax.jit(jaxlora.dequantize)  # one compiled program a shape, not one dispatch an op
@@ -207,7 +207,7 @@ def test_apply_equals_apply_on_dequantized(kind, fmt):
     if fmt == "int8" and kind.startswith("embed"):
         pytest.skip("int8 scales run along the last axis: fine for tables too, covered by nf4 here")
     q = _quantize_targets(params, target, fmt)
-    assert any(isinstance(v, jaxlora.Quantized) for v in jax.tree_util.tree_leaves(q, is_leaf=_quant.is_quantized))
+    assert any(isinstance(v, jaxlora.Quantized) for v in jax.tree_util.tree_leaves(q, is_leaf=_quantized.is_quantized))
     lora = jaxlora.init(jax.random.key(1), q, jaxlora.LoraConfig(rank=2, targets=target), fn=model.apply, args=(x,))
     lora = jax.tree_util.tree_map(lambda v: v + 0.3, lora)
     f = jax.jit(lambda q, lora, x: jaxlora.apply(model.apply, q, lora, x))
@@ -334,7 +334,7 @@ def test_training_step_with_optax_and_merge():
     assert losses[-1] < losses[0]
     merged = jaxlora.merge(q, lora, dtype=jnp.bfloat16)
     assert not any(
-        isinstance(v, jaxlora.Quantized) for v in jax.tree_util.tree_leaves(merged, is_leaf=_quant.is_quantized)
+        isinstance(v, jaxlora.Quantized) for v in jax.tree_util.tree_leaves(merged, is_leaf=_quantized.is_quantized)
     )
     want = jaxlora.apply(model.apply, q, lora, x).astype(jnp.float32)
     np.testing.assert_allclose(model.apply(merged, x).astype(jnp.float32), want, atol=0.05 * float(jnp.abs(want).max()))
