@@ -7,7 +7,9 @@ per layer in a ``lax.scan`` (as ``benchmarks/nf4_fusion_probe.py``), for each ba
   cuBLAS, the fast skinny GEMM);
 * ``int8_xla`` / ``nf4_xla`` / ``nf4nodq_xla``: jaxlora's quantized weights, dequantized then multiplied
   by XLA (`_qmatmul.reference`, what `jaxlora.apply` ran before the kernel);
-* ``int8_kernel`` / ``nf4_kernel`` / ``nf4nodq_kernel``: the kernel (``nf4`` has double quantization);
+* ``int8_kernel`` / ``nf4_kernel`` / ``nf4nodq_kernel``: the kernel (``nf4`` has double quantization),
+  reading each layer's codes inside the stack as `jaxlora.apply` does; ``*_kernel_sliced``: the kernel
+  on the scan's slice of the stack, which XLA copies out for the custom call;
   ``nf4_kernel_select``: NF4's lookup as 15 selects instead of a table load;
 * ``nf4_dx_kernel`` / ``nf4_dx_xla``: the activation gradient ``g·Wᵀ`` (``g: (B, F)``).
 
@@ -61,7 +63,7 @@ def copy_bandwidth(mib: int = 2048) -> float:
 # `--sweep-preset h200`: settings "bk,bn,warps,stages,programs,gemv,flags" (`jaxlora._qmatmul.configure`)
 PRESETS = {
     "h200": [
-        "128,128,4,3,512,1,loop", "64,128,4,3,512,1,loop",  # today's default and the last sweep's runner-up
+        "128,128,4,3,512,1,loop", "64,128,4,3,512,1,loop",  # the first default (PROGRAMS 512) and its runner-up
         # A, split: the contraction split until each program takes one step (no loop)
         "128,128,4,3,4096,1,loop", "64,128,4,3,4096,1,loop", "32,128,4,1,4096,1,loop", "128,128,4,3,2048,1,loop",
         "128,256,8,3,4096,1,loop",
@@ -165,20 +167,25 @@ def main() -> None:
     def scan(body, xs):
         return jax.lax.scan(lambda c, w: (c, body(w)), 0, xs)[1].sum(0)
 
-    def layer(fmt, how, transpose=False, lookup=None, programs=None):
+    def layer(fmt, how, transpose=False, lookup=None, programs=None, sliced=False):
+        """One product per layer: XLA's on the scan's slice, or the kernel reading each layer inside the
+        stack (``layer=i``, as `jaxlora.apply` runs it) or, ``sliced``, on the slice (the copy it costs)."""
+
         def run(x, q):
-            def one(q):
+            def one(q, i=None):
                 if how == "xla":
                     w = dequantize_weight(q, x.dtype)
                     return jnp.dot(x, w.T if transpose else w, preferred_element_type=jnp.float32).astype(x.dtype)
                 old = _qmatmul.PROGRAMS
                 _qmatmul.PROGRAMS = programs or old
                 try:
-                    return _qmatmul.matmul(x, q, transpose=transpose, lookup=lookup, interpret=interpret)
+                    return _qmatmul.matmul(x, q, layer=i, transpose=transpose, lookup=lookup, interpret=interpret)
                 finally:
                     _qmatmul.PROGRAMS = old
 
-            return scan(one, q)
+            if how == "xla" or sliced:
+                return scan(one, q)
+            return scan(lambda i: one(q, i), jnp.arange(q.shape[0], dtype=jnp.int32))
 
         return run
 
@@ -187,6 +194,8 @@ def main() -> None:
         q = quant[fmt]
         modes[f"{fmt}_xla"] = (layer(fmt, "xla"), q, q.nbytes, "bf16", False)
         modes[f"{fmt}_kernel"] = (layer(fmt, "kernel"), q, q.nbytes, f"{fmt}_xla", False)
+        if fmt != "nf4nodq":
+            modes[f"{fmt}_kernel_sliced"] = (layer(fmt, "kernel", sliced=True), q, q.nbytes, f"{fmt}_xla", False)
     q = quant["nf4"]
     modes["nf4_kernel_select"] = (layer("nf4", "kernel", lookup="select"), q, q.nbytes, "nf4_xla", False)
     for n in args.programs:

@@ -39,6 +39,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from ._quantized import DQ_GROUP, NF4, Quantized, dequantize_weight
+from ._quantized import layer as layer_of
 
 Array = jax.Array
 
@@ -59,7 +60,10 @@ WORDS = False  # load the codes as uint32 words (8 NF4 or 4 int8 columns a word)
 HINTS = False  # tell Triton each step's offsets are multiples of the tile (`pl.multiple_of`)
 WARPS, STAGES = 4, 3
 TILE, TILE_T = (128, 128), (128, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
-PROGRAMS = 512  # split the contraction until the grid has about this many programs (steps == 1 at most)
+# split the contraction until the grid has about this many programs (one step each at most): in the H200
+# sweep 4096 was within 13% of the best of 38 settings for NF4 and int8 at 1 and 16 rows, 512 within 59%
+# (benchmarks/results/qdecode_h200_variants.json)
+PROGRAMS = 4096
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -75,11 +79,13 @@ def _tiles(q: Quantized, transpose: bool) -> tuple[int, int]:
     return (bk, max(bn, q.block_size)) if q.format == "nf4" else (bk, bn)
 
 
-def covers(q: Quantized, rows: int, dtype: Any) -> str | None:
-    """Why the kernel does not cover ``x: (rows, K) · W`` (None: it does). Static shapes only."""
+def covers(q: Quantized, rows: int, dtype: Any, stacked: bool = False) -> str | None:
+    """Why the kernel does not cover ``x: (rows, K) · W`` (None: it does). Static shapes only.
+
+    ``stacked``: ``W`` is one layer of ``q``'s stacked axis (`matmul`'s ``layer``), else ``q`` is 2-D."""
     dtype = jnp.dtype(dtype)
-    if q.outer or len(q.inner) != 2:
-        return f"W {q.shape} is not 2-D"
+    if len(q.outer) != stacked or len(q.inner) != 2:
+        return f"W {q.shape} is not 2-D" + (" (or one layer of a stack)" if stacked else "")
     if dtype not in _DTYPES:
         return f"activations of dtype {dtype.name}"
     if rows > MAX_ROWS:
@@ -95,9 +101,9 @@ def covers(q: Quantized, rows: int, dtype: Any) -> str | None:
     return None
 
 
-def mode(q: Quantized, rows: int, dtype: Any) -> str:
-    """``"kernel"``, ``"interpret"`` or ``"xla"``: how `dot` computes ``x: (rows, K) · W``."""
-    if covers(q, rows, dtype) is not None:
+def mode(q: Quantized, rows: int, dtype: Any, stacked: bool = False) -> str:
+    """``"kernel"``, ``"interpret"`` or ``"xla"``: how `dot` computes ``x: (rows, K) · W`` (`covers`)."""
+    if covers(q, rows, dtype, stacked) is not None:
         return "xla"
     if _MODE is not None:
         return _MODE
@@ -177,6 +183,7 @@ def matmul(
     x: Array,
     q: Quantized,
     *,
+    layer: Array | int | None = None,
     transpose: bool = False,
     out_dtype: Any = None,
     lookup: str | None = None,
@@ -186,11 +193,13 @@ def matmul(
     """``x·W`` (``x: (m, K)``) or, with ``transpose``, ``x·Wᵀ`` (``x: (m, N)``) for a 2-D ``W: (K, N)``.
 
     ``W`` is dequantized tile by tile to ``x``'s dtype (the values `dequantize_weight` gives), the
-    products accumulate in float32, the result is ``out_dtype`` (default ``x``'s). ``lookup`` picks
-    how NF4 codes become values (`LOOKUP`), ``splits`` how many programs share the contraction
-    (default: enough for about `PROGRAMS`), ``interpret`` runs Pallas's interpreter (default: unless
-    on a GPU). `REDUCE`, `WORDS` and `HINTS` are read when traced. Raises ValueError for shapes
-    `covers` refuses.
+    products accumulate in float32, the result is ``out_dtype`` (default ``x``'s). ``layer`` (an int
+    or a traced scalar) makes ``W`` that layer of a stacked ``q``: the kernel reads the layer's codes
+    inside the whole stack, so a ``scan`` over layers copies none of them out first (a custom call
+    takes whole buffers). ``lookup`` picks how NF4 codes become values (`LOOKUP`), ``splits`` how many
+    programs share the contraction (default: enough for about `PROGRAMS`), ``interpret`` runs Pallas's
+    interpreter (default: unless on a GPU). `REDUCE`, `WORDS` and `HINTS` are read when traced.
+    Raises ValueError for shapes `covers` refuses.
     """
     from jax.experimental import pallas as pl
 
@@ -201,13 +210,13 @@ def matmul(
         raise ValueError(f"lookup={lookup!r}: expected one of {LOOKUPS}.")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m = x.shape[0]
-    why = covers(q, min(m, MAX_ROWS), x.dtype)
+    why = covers(q, min(m, MAX_ROWS), x.dtype, stacked=layer is not None)
     if why is not None or x.ndim != 2 or x.shape[1] != q.inner[1 if transpose else 0]:
         raise ValueError(
             f"the fused dequantize-and-multiply kernel does not cover x {x.shape} against {q!r}"
-            f" (transpose={transpose}): {why or 'x does not match W'}; use `reference` (jaxlora.apply falls back"
-            " to it by itself)."
-        )
+            f" (transpose={transpose}, layer={'None' if layer is None else 'given'}): {why or 'x does not match W'};"
+            " use `reference` (jaxlora.apply falls back to it by itself)."
+        )  # fmt: skip
     k, n = q.inner
     bk, bn = _tiles(q, transpose)
     bm = 1 if m == 1 and GEMV else _rows_block(m)
@@ -223,47 +232,45 @@ def matmul(
         )
     part = reduce // s  # the contraction's share of one program
     steps = part // chunk
-    # W's region a program reads: forward (part rows, bn columns) at (split, j); transposed (bk, part) at (j, split)
-    region = (bk, part) if transpose else (part, bn)
-    at = (lambda i, j, t: (j, t)) if transpose else (lambda i, j, t: (t, j))
     # the codes' phases: columns of W that one loaded element holds (a byte: 2 NF4 or 1 int8; a word: 8 or 4)
     words = WORDS and (q.format == "int8" or q.block_size % 8 == 0)
     phases = (8 if words else 2) if q.format == "nf4" else (4 if words else 1)
 
-    operands, specs = [xp], [pl.BlockSpec((bm, part), lambda i, j, t: (i, t))]
-    f32 = jnp.float32
-    per = 1 if q.format == "int8" else 2  # W's columns a stored byte holds
-    codes = q.codes.reshape(k, n // per)
+    # The codes and the block absmax are read from the whole stack (rows layer·K onwards): `_stacked`
+    # lays them out as (layers·K, ·) without a copy. The small per-layer scales are sliced out.
+    codes, absmax, small, base = _stacked(q, layer)
     if words:  # little-endian: byte b of a word is its bits 8b..8b+7 (XLA's bitcast on every backend)
-        codes = lax.bitcast_convert_type(codes.reshape(k, n // per // 4, 4), jnp.uint32)
-    operands += [codes]
-    specs += [pl.BlockSpec((region[0], region[1] // phases), at)]
+        codes = lax.bitcast_convert_type(codes.reshape(codes.shape[0], -1, 4), jnp.uint32)
+    whole = lambda v: pl.BlockSpec(v.shape, lambda i, j, t: (0,) * v.ndim)  # noqa: E731  (indexed in the kernel)
+    names = ["x", "base", "codes"]
+    operands = [xp, base, codes]
+    specs = [pl.BlockSpec((bm, part), lambda i, j, t: (i, t)), whole(base), whole(codes)]
+    f32 = jnp.float32
     if q.format == "int8":
         # one row of scales per phase: scale[p, w] is column phases·w + p's
-        operands += [q.scale.reshape(n // phases, phases).T]
-        specs += [pl.BlockSpec((phases, region[1] // phases), lambda i, j, t: (0, at(i, j, t)[1]))]
+        names += ["scale"]
+        operands += [small.scale.reshape(n // phases, phases).T]
     else:
-        bs, nbr = q.block_size, n // q.block_size
-        absmax = q.scale[: k * nbr].reshape(k, nbr)
+        names += ["absmax"]
         operands += [absmax]
-        specs += [pl.BlockSpec((region[0], region[1] // bs), at)]
         consts = np.zeros(32, np.float32)
         consts[:16] = NF4
         consts = jnp.asarray(consts)
         if q.double_quant:
-            consts = consts.at[16].set(q.scale_mean.reshape(())[()].astype(f32))
-            groups = q.scale_scale.shape[0]
+            consts = consts.at[16].set(small.scale_mean.reshape(())[()].astype(f32))
+            groups = small.scale_scale.shape[0]
             padded = 1 << max(4, (groups - 1).bit_length())
-            operands += [jnp.pad(q.scale_scale.astype(f32), (0, padded - groups))]
-            specs += [pl.BlockSpec((padded,), lambda i, j, t: (0,))]
+            names += ["steps"]
+            operands += [jnp.pad(small.scale_scale.astype(f32), (0, padded - groups))]
+        names += ["consts"]
         operands += [consts]
-        specs += [pl.BlockSpec((32,), lambda i, j, t: (0,))]
+    specs += [whole(v) for v in operands[len(specs) :]]
     top = float(jnp.finfo(q.dtype).max)
     kernel = functools.partial(
-        _kernel, fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps, tile=(bk, bn),
-        transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size, dtype=jnp.dtype(x.dtype), top=top,
-        lookup=lookup, gemv=m == 1 and GEMV, phases=phases, words=words, reduce_step=REDUCE == "step",
-        hints=HINTS, interpret=interpret,
+        _kernel, names=tuple(names), fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps,
+        tile=(bk, bn), transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size,
+        dtype=jnp.dtype(x.dtype), top=top, lookup=lookup, gemv=m == 1 and GEMV, phases=phases, words=words,
+        reduce_step=REDUCE == "step", hints=HINTS, interpret=interpret,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, out_n) if one else (s, mp, out_n), out_dtype if one else f32)
@@ -287,6 +294,37 @@ def matmul(
     return y[:m] if mp != m else y
 
 
+_INDEX_LIMIT = 2**31  # the kernel's offsets are int32: a larger stack is sliced per layer first
+
+
+def _stacked(q: Quantized, layer: Any) -> tuple[Array, Array | None, Quantized, Array]:
+    """``(codes, absmax, small, base)`` for the kernel: the codes as ``(layers·K, N / per byte)`` and
+    NF4's block absmax as ``(layers·K, N / block)``, reshaped from the whole stack without a copy (the
+    layer's rows start at ``base[0]`` and ``base[1]``); ``small``, the layer's own `Quantized`, whose
+    per-layer scales the kernel takes as they are.
+
+    Where the reshape would copy (double quantization pads the absmax codes to whole groups of 256)
+    that part is sliced out of the layer; where the stack outgrows int32 offsets, all of it is, as
+    ``scan`` would slice it.
+    """
+    k, n = q.inner
+    per = 1 if q.format == "int8" else 2
+    zero = jnp.zeros((), jnp.int32)
+    small, layers, index = q, 1, zero
+    if layer is not None:
+        small, layers, index = layer_of(q, layer), q.outer[0], jnp.asarray(layer, jnp.int32)
+        if layers * k * (n // per) >= _INDEX_LIMIT:
+            small_only = _stacked(small, None)
+            return small_only[0], small_only[1], small, small_only[3]
+    codes = q.codes.reshape(layers * k, n // per)
+    if q.format == "int8":
+        return codes, None, small, jnp.stack([index * k, zero])
+    nbr = n // q.block_size
+    if q.scale.shape[-1] == k * nbr:
+        return codes, q.scale.reshape(layers * k, nbr), small, jnp.stack([index * k, index * k])
+    return codes, small.scale[: k * nbr].reshape(k, nbr), small, jnp.stack([index * k, zero])
+
+
 def _nf4_tree(idx: Array) -> Array:
     """NF4's value of each 4-bit code by a binary tree of selects on its bits (8 + 4 + 2 + 1)."""
     vals: list[Any] = [float(v) for v in NF4]
@@ -305,41 +343,46 @@ def _interleave(tiles: list[Array]) -> Array:
 
 
 def _kernel(
-    *refs, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
+    *refs, names, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
     reduce_step, hints, interpret,
 ):  # fmt: skip
     from jax.experimental import pallas as pl
 
-    x_ref, o_ref = refs[0], refs[-1]
+    ref = dict(zip(names, refs))
+    x_ref, o_ref = ref["x"], refs[-1]
     bk, bn = tile
     width = bn // phases  # the columns of W a step gives each phase
     f32 = jnp.float32
     j, t = pl.program_id(1), pl.program_id(2)
-    # the program's region of W starts at (row0, col0)
+    # the program's region of W starts at (row0, col0); the layer's codes at row codes0 of the stack
     row0, col0 = (j * bk, t * part) if transpose else (t * part, j * bn)
+    codes0, absmax0 = ref["base"][0], ref["base"][1]
+
+    def at(start, size):
+        return pl.ds(pl.multiple_of(start, size) if hints else start, size)
 
     def weights(r, c):
-        """W[r : r + bk, c : c + bn] of the region (local offsets) in the activations' dtype, as its
-        `phases` tiles of (bk, width): tile p holds the columns c + phases·w + p."""
-        codes = refs[1][pl.ds(r, bk), pl.ds(c // phases, width)]  # an element holds `phases` columns
+        """W[r : r + bk, c : c + bn] of the region (offsets within it) in the activations' dtype, as
+        its `phases` tiles of (bk, width): tile p holds the columns c + phases·w + p."""
+        rows, cols = row0 + r, col0 + c  # within the layer's W
+        codes = ref["codes"][at(codes0 + rows, bk), at(cols // phases, width)]  # an element holds `phases` columns
         if fmt == "int8":
-            scale_ref = refs[2]
+            scale_ref = ref["scale"]
             if words:  # byte p of each word, sign-extended
-                cols = [(codes >> (8 * p)).astype(jnp.int32) & 255 for p in range(4)]
-                cols = [v - ((v & 128) << 1) for v in cols]
+                ints = [(codes >> (8 * p)).astype(jnp.int32) & 255 for p in range(4)]
+                ints = [v - ((v & 128) << 1) for v in ints]
             else:
-                cols = [codes]
+                ints = [codes]
             return [
-                jnp.clip(v.astype(f32) * scale_ref[pl.ds(p, 1), pl.ds(c // phases, width)], -top, top).astype(dtype)
-                for p, v in enumerate(cols)
+                jnp.clip(v.astype(f32) * scale_ref[pl.ds(p, 1), at(cols // phases, width)], -top, top).astype(dtype)
+                for p, v in enumerate(ints)
             ]
-        absmax_ref, consts_ref = refs[2], refs[-2]
-        amax = absmax_ref[pl.ds(r, bk), pl.ds(c // bs, bn // bs)]
+        consts_ref = ref["consts"]
+        amax = ref["absmax"][at(absmax0 + rows, bk), pl.ds(cols // bs, bn // bs)]
         if double:
-            ss_ref = refs[3]
-            rows = row0 + r + lax.broadcasted_iota(jnp.int32, amax.shape, 0)
-            blocks = (col0 + c) // bs + lax.broadcasted_iota(jnp.int32, amax.shape, 1)
-            step = ss_ref[(rows * nbr + blocks) // DQ_GROUP]
+            row = rows + lax.broadcasted_iota(jnp.int32, amax.shape, 0)
+            blocks = cols // bs + lax.broadcasted_iota(jnp.int32, amax.shape, 1)
+            step = ref["steps"][(row * nbr + blocks) // DQ_GROUP]
             mean = consts_ref[pl.ds(16, 1)].reshape(1, 1)
             amax = amax.astype(f32) * step + mean
         amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, bs // phases)).reshape(bk, width)
@@ -412,41 +455,44 @@ def _compiler_params(warps: int, stages: int):
     return cls(num_warps=warps, num_stages=stages)
 
 
-def dot(x: Array, q: Quantized, out_dtype: Any = None) -> Array:
-    """``x·W`` for ``x: (..., K)`` and a 2-D quantized ``W: (K, N)``, by the kernel where `mode` picks it.
+def dot(x: Array, q: Quantized, out_dtype: Any = None, layer: Array | int | None = None) -> Array:
+    """``x·W`` for ``x: (..., K)`` and a 2-D quantized ``W: (K, N)`` (or layer ``layer`` of a stacked
+    ``q``), by the kernel where `mode` picks it.
 
     Differentiable in ``x`` (``dx = g·Wᵀ``, by the same kernel) and, only when asked, in ``W``'s
     float leaves (through `reference`); the frozen base costs no gradient otherwise.
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     rows = math.prod(x.shape[:-1])
-    how = mode(q, rows, x.dtype)
+    how = mode(q, rows, x.dtype, stacked=layer is not None)
     if how == "xla":
-        return reference(x, q, out_dtype)
+        return reference(x, q if layer is None else layer_of(q, layer), out_dtype)
     leaves, treedef = jax.tree_util.tree_flatten(q)
-    y = _dot(x.reshape(rows, x.shape[-1]), leaves, treedef, out_dtype, how == "interpret")
+    index = None if layer is None else jnp.asarray(layer, jnp.int32)
+    y = _dot(x.reshape(rows, x.shape[-1]), leaves, index, treedef, out_dtype, how == "interpret")
     return y.reshape(*x.shape[:-1], q.inner[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _dot(x, leaves, treedef, out_dtype, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dot(x, leaves, layer, treedef, out_dtype, interpret):
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    return matmul(x, q, out_dtype=out_dtype, interpret=interpret)
+    return matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret)
 
 
-def _dot_fwd(x, leaves, treedef, out_dtype, interpret):
+def _dot_fwd(x, leaves, layer, treedef, out_dtype, interpret):
     need_w = any(p.perturbed for p in leaves)
     x, leaves = x.value, [p.value for p in leaves]
+    layer = None if layer is None else layer.value
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    return matmul(x, q, out_dtype=out_dtype, interpret=interpret), (x, leaves, need_w)
+    return matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret), (x, leaves, layer, need_w)
 
 
 def _dot_bwd(treedef, out_dtype, interpret, res, g):
-    x, leaves, need_w = res
+    x, leaves, layer, need_w = res
     if isinstance(g, SymbolicZero):
-        return None, [None] * len(leaves)
+        return None, [None] * len(leaves), None
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    dx = matmul(g.astype(x.dtype), q, transpose=True, out_dtype=x.dtype, interpret=interpret)
+    dx = matmul(g.astype(x.dtype), q, layer=layer, transpose=True, out_dtype=x.dtype, interpret=interpret)
     dleaves = [None] * len(leaves)
     if need_w:  # someone differentiates the quantized leaves themselves: XLA's path, exactly
         floats = [i for i, v in enumerate(leaves) if jnp.issubdtype(v.dtype, jnp.floating)]
@@ -455,12 +501,13 @@ def _dot_bwd(treedef, out_dtype, interpret, res, g):
             full = list(leaves)
             for i, v in zip(floats, fl):
                 full[i] = v
-            return reference(x, jax.tree_util.tree_unflatten(treedef, full), out_dtype)
+            w = jax.tree_util.tree_unflatten(treedef, full)
+            return reference(x, w if layer is None else layer_of(w, layer), out_dtype)
 
         grads = jax.vjp(f, *(leaves[i] for i in floats))[1](g.astype(out_dtype))
         for i, d in zip(floats, grads):
             dleaves[i] = d
-    return dx, dleaves
+    return dx, dleaves, None
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd, symbolic_zeros=True)

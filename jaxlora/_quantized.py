@@ -229,6 +229,15 @@ def encode(
     return Quantized(*leaves, format=format, inner=w.shape[k:], dtype=w.dtype, block_size=block_size)
 
 
+def layer(q: Quantized, i: Any) -> Quantized:
+    """Layer ``i`` of a stacked ``q`` (its outer axis indexed away, ``i`` may be traced): what
+    ``lax.scan`` hands each step when it slices ``q``."""
+    if not q.outer:
+        raise ValueError(f"{q!r} has no stacked axis to index.")
+    take = lambda v: None if v is None else jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False)  # noqa: E731
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(q), [take(v) for v in jax.tree_util.tree_leaves(q)])
+
+
 def dequantize_weight(q: Quantized, dtype: Any = None) -> jax.Array:
     """The float weight of ``q`` in ``dtype`` (default: its own), computed in float32."""
     dtype = jnp.dtype(dtype or q.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from ._eval import (
@@ -103,19 +104,24 @@ def _scan(eqn, invals, ctx: Context):
     nconsts, ncarry = scan_counts(eqn)
     consts, init, xs = invals[:nconsts], invals[nconsts : nconsts + ncarry], invals[nconsts + ncarry :]
     init = [untag(v, "carried through a loop", ctx) for v in init]
-    # a quantized stacked weight is sliced per step as it is; one without a stacked axis, dequantized
+    # a quantized stacked weight stays whole, each step getting its layer (`Lazy.scan_layer`: the
+    # fused kernel reads the layer's codes in place); one without a stacked axis is dequantized
     xs = [v if _scannable(v) else realize(v) for v in xs]
     for v in xs:
         if isinstance(v, Tagged) and not ctx.probing:
             _check_leading(v)
+    stacks = {n: _lazy(v) for n, v in enumerate(xs) if _lazy(v) is not None}
+    xs = [_with_w(v, None) if n in stacks else v for n, v in enumerate(xs)]
+    steps = jnp.arange(p["length"], dtype=jnp.int32) if stacks else None
     jaxpr, jconsts = closed(p["jaxpr"])
     outer_key = ctx.next_key()
     keys = None if outer_key is None else jax.random.split(outer_key, p["length"])
 
     def body(carry, step):
-        x, key = step
+        x, key, index = step
         saved, ctx.dropout_key = ctx.dropout_key, key
         x = [_slice_leading(v, ctx) if isinstance(v, Tagged) else v for v in x]
+        x = [_with_w(v, stacks[n].scan_layer(index)) if n in stacks else v for n, v in enumerate(x)]
         try:
             # A step handing back its own slice of a stacked weight (nnx.scan returns the layer
             # state): the stacked output is that weight itself. Carried outputs are never forwarded.
@@ -130,13 +136,23 @@ def _scan(eqn, invals, ctx: Context):
         return outs[:ncarry], outs[ncarry:]
 
     forwards: dict[int, int] = {}
-    carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    carry, ys = lax.scan(body, init, (xs, keys, steps), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     return forward([*carry, *ys], forwards, invals)
 
 
 def _scannable(v) -> bool:
     w = v.w if isinstance(v, Tagged) else v
     return not isinstance(w, Lazy) or w.scannable()
+
+
+def _lazy(v) -> Lazy | None:
+    w = v.w if isinstance(v, Tagged) else v
+    return w if isinstance(w, Lazy) else None
+
+
+def _with_w(v, w):
+    """``v`` with its weight ``w``: ``v`` is a bare weight or a `Tagged` one."""
+    return Tagged(w, v.a, v.b, v.view, v.factors, v.m) if isinstance(v, Tagged) else w
 
 
 @register("cond")
