@@ -11,7 +11,10 @@ per layer in a ``lax.scan`` (as ``benchmarks/nf4_fusion_probe.py``), for each ba
   reading each layer's codes inside the stack as `jaxlora.apply` does; ``*_kernel_sliced``: the kernel
   on the scan's slice of the stack, which XLA copies out for the custom call;
   ``nf4_kernel_select``: NF4's lookup as 15 selects instead of a table load;
-* ``nf4_dx_kernel`` / ``nf4_dx_xla``: the activation gradient ``g·Wᵀ`` (``g: (B, F)``).
+* ``nf4_dx_kernel`` / ``nf4_dx_xla``: the activation gradient ``g·Wᵀ`` (``g: (B, F)``);
+* diagnostics, not products: ``*_kernel_read_only``, the kernel with the codes' integers standing for
+  ``W`` (`_qmatmul.READ_ONLY`: its loads and sums without the dequantization); ``*_codes_xla``, XLA
+  summing every code once (the stored layout's read ceiling).
 
 Each figure is printed with its bytes floor (the stored bytes at the copy bandwidth measured in the
 same run), effective TB/s (stored bytes / time) and its error against the XLA form on the same
@@ -167,7 +170,7 @@ def main() -> None:
     def scan(body, xs):
         return jax.lax.scan(lambda c, w: (c, body(w)), 0, xs)[1].sum(0)
 
-    def layer(fmt, how, transpose=False, lookup=None, programs=None, sliced=False):
+    def layer(fmt, how, transpose=False, lookup=None, programs=None, sliced=False, read_only=False):
         """One product per layer: XLA's on the scan's slice, or the kernel reading each layer inside the
         stack (``layer=i``, as `jaxlora.apply` runs it) or, ``sliced``, on the slice (the copy it costs)."""
 
@@ -176,18 +179,21 @@ def main() -> None:
                 if how == "xla":
                     w = dequantize_weight(q, x.dtype)
                     return jnp.dot(x, w.T if transpose else w, preferred_element_type=jnp.float32).astype(x.dtype)
-                old = _qmatmul.PROGRAMS
-                _qmatmul.PROGRAMS = programs or old
+                old = _qmatmul.PROGRAMS, _qmatmul.READ_ONLY
+                _qmatmul.PROGRAMS, _qmatmul.READ_ONLY = programs or old[0], read_only or old[1]
                 try:
                     return _qmatmul.matmul(x, q, layer=i, transpose=transpose, lookup=lookup, interpret=interpret)
                 finally:
-                    _qmatmul.PROGRAMS = old
+                    _qmatmul.PROGRAMS, _qmatmul.READ_ONLY = old
 
             if how == "xla" or sliced:
                 return scan(one, q)
             return scan(lambda i: one(q, i), jnp.arange(q.shape[0], dtype=jnp.int32))
 
         return run
+
+    def codes_read(x, q):  # XLA reading every code once (a sum), the bytes' ceiling for this layout
+        return scan(lambda c: jnp.sum(c.astype(jnp.int32)).astype(x.dtype).reshape(1, 1), q.codes)
 
     modes = {"bf16": (lambda x, w: scan(lambda w: x @ w, w), W, W.nbytes, "bf16", False)}
     for fmt in ("int8", "nf4", "nf4nodq"):
@@ -196,6 +202,8 @@ def main() -> None:
         modes[f"{fmt}_kernel"] = (layer(fmt, "kernel"), q, q.nbytes, f"{fmt}_xla", False)
         if fmt != "nf4nodq":
             modes[f"{fmt}_kernel_sliced"] = (layer(fmt, "kernel", sliced=True), q, q.nbytes, f"{fmt}_xla", False)
+            modes[f"{fmt}_kernel_read_only"] = (layer(fmt, "kernel", read_only=True), q, q.nbytes, None, False)
+        modes[f"{fmt}_codes_xla"] = (codes_read, q, q.nbytes, None, False)
     q = quant["nf4"]
     modes["nf4_kernel_select"] = (layer("nf4", "kernel", lookup="select"), q, q.nbytes, "nf4_xla", False)
     for n in args.programs:

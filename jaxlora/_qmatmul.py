@@ -58,6 +58,9 @@ LOOKUPS = ("gather", "select", "tree")
 REDUCE = "after"  # the one-row path sums its products over the contraction "after" the loop or each "step"
 WORDS = False  # load the codes as uint32 words (8 NF4 or 4 int8 columns a word), unpacked by shifts
 HINTS = False  # tell Triton each step's offsets are multiples of the tile (`pl.multiple_of`)
+# a timing diagnostic, not a product: the codes' integers stand for W (no lookup, no scales), so a
+# benchmark can tell the kernel's loads and sums from its dequantization
+READ_ONLY = False
 WARPS, STAGES = 4, 3
 TILE, TILE_T = (128, 128), (128, 128)  # (rows, columns) of W dequantized a step: forward, and for dx
 # split the contraction until the grid has about this many programs (one step each at most): in the H200
@@ -121,12 +124,15 @@ def _splits(programs: int, reduce: int, chunk: int) -> int:
     return s
 
 
-_SWITCHES = ("TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS")
+_SWITCHES = (
+    "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+)  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
 _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches take their defaults)
     "reduce": ("REDUCE", "step"),
     "words": ("WORDS", True),
     "hints": ("HINTS", True),
+    "readonly": ("READ_ONLY", True),
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
 
@@ -270,7 +276,7 @@ def matmul(
         _kernel, names=tuple(names), fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps,
         tile=(bk, bn), transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size,
         dtype=jnp.dtype(x.dtype), top=top, lookup=lookup, gemv=m == 1 and GEMV, phases=phases, words=words,
-        reduce_step=REDUCE == "step", hints=HINTS, interpret=interpret,
+        reduce_step=REDUCE == "step", hints=HINTS, read_only=READ_ONLY, interpret=interpret,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, out_n) if one else (s, mp, out_n), out_dtype if one else f32)
@@ -344,7 +350,7 @@ def _interleave(tiles: list[Array]) -> Array:
 
 def _kernel(
     *refs, names, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
-    reduce_step, hints, interpret,
+    reduce_step, hints, read_only, interpret,
 ):  # fmt: skip
     from jax.experimental import pallas as pl
 
@@ -366,6 +372,8 @@ def _kernel(
         its `phases` tiles of (bk, width): tile p holds the columns c + phases·w + p."""
         rows, cols = row0 + r, col0 + c  # within the layer's W
         codes = ref["codes"][at(codes0 + rows, bk), at(cols // phases, width)]  # an element holds `phases` columns
+        if read_only:
+            return [codes.astype(dtype)] * phases
         if fmt == "int8":
             scale_ref = ref["scale"]
             if words:  # byte p of each word, sign-extended

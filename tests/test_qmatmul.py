@@ -125,7 +125,8 @@ def test_variants_lower_to_triton_without_a_gpu():
 
     q = {fmt: _quantized(fmt, 64, True, jnp.bfloat16, shape=(256, 256)) for fmt in ("nf4", "int8")}
     try:
-        for setting in {s.split(",", 5)[-1]: s for s in PRESETS["h200"]}.values():  # one a (gemv, flags)
+        settings = {s.split(",", 5)[-1]: s for s in PRESETS["h200"]}  # one a (gemv, flags)
+        for setting in [*settings.values(), "128,128,4,3,4096,1,readonly"]:  # and qdecode's diagnostic
             _qmatmul.configure(setting)
             for fmt, rows, transpose in (("nf4", 1, False), ("nf4", 1, True), ("int8", 16, False)):
                 f = jax.jit(functools.partial(_qmatmul.matmul, transpose=transpose, interpret=False))
@@ -367,7 +368,8 @@ def test_qdecode_benchmark_runs_and_checks_the_kernel_against_xla(tmp_path, monk
     from benchmarks import qdecode
 
     out = tmp_path / "q.json"
-    argv = ["qdecode", "--shape", "1,128,256", "--batches", "1", "--modes", "bf16", "nf4_xla", "nf4_kernel"]
+    modes = ["bf16", "nf4_xla", "nf4_kernel", "nf4_kernel_sliced", "nf4_kernel_read_only", "nf4_codes_xla"]
+    argv = ["qdecode", "--shape", "2,128,256", "--batches", "1", "--modes", *modes]
     sweep = ["--sweep", "128,128,4,3,4096,1,reduce+words", "64,128,4,3,512", "--sweep-batches", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, *sweep, "--copy-mib", "8", "--out", str(out)])
     try:
@@ -379,5 +381,7 @@ def test_qdecode_benchmark_runs_and_checks_the_kernel_against_xla(tmp_path, monk
     assert all(r[f"{fmt}_b1_err"] < 2e-2 for r in res["sweep"]["rows"] for fmt in ("nf4", "int8"))
     assert set(res["sweep"]["best"]) == {"nf4_b1", "int8_b1"}
     rows = {r["mode"]: r for r in res["results"]}
-    assert rows["nf4_kernel"]["against"] == "nf4_xla" and rows["nf4_kernel"]["rel_err"] < 2e-2
+    for mode in ("nf4_kernel", "nf4_kernel_sliced"):  # the layer read in place, and the scan's slice
+        assert rows[mode]["against"] == "nf4_xla" and rows[mode]["rel_err"] < 2e-2
+    assert rows["nf4_kernel_read_only"]["against"] is None and "ms" in rows["nf4_codes_xla"]  # diagnostics
     assert {"floor_ms", "x_floor", "TBps", "vs_bf16"} <= set(rows["nf4_kernel"])  # each figure beside its floor
