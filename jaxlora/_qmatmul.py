@@ -318,10 +318,9 @@ def _stacked(q: Quantized, layer: Any) -> tuple[Array, Array | None, Quantized, 
     zero = jnp.zeros((), jnp.int32)
     small, layers, index = q, 1, zero
     if layer is not None:
+        if q.outer[0] * k * (n // per) >= _INDEX_LIMIT:
+            return _stacked(layer_of(q, layer), None)
         small, layers, index = layer_of(q, layer), q.outer[0], jnp.asarray(layer, jnp.int32)
-        if layers * k * (n // per) >= _INDEX_LIMIT:
-            small_only = _stacked(small, None)
-            return small_only[0], small_only[1], small, small_only[3]
     codes = q.codes.reshape(layers * k, n // per)
     if q.format == "int8":
         return codes, None, small, jnp.stack([index * k, zero])
