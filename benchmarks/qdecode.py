@@ -29,7 +29,8 @@ reports the fastest for each format and batch, and prints ``{"chosen": setting}`
 
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false PYTHONPATH=. python -m benchmarks.qdecode --out r.json
     python -m benchmarks.qdecode --shape 2,256,256 --batches 1 --sweep 128,128,4,3,4096,1,reduce --copy-mib 8
-    ... --modes nf4_kernel nf4_kernel_sliced --profile /tmp/q   # then: python -m benchmarks.trace_summary /tmp/q_*.trace.json.gz
+    ... --modes nf4_kernel nf4_kernel_sliced --profile /tmp/q
+    python -m benchmarks.trace_summary /tmp/q_*.trace.json.gz   # where each mode's time goes
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def main() -> None:
     p.add_argument("--sweep-budget", type=float, default=150, help="seconds; later settings are skipped")
     p.add_argument("--qmatmul", default="", help="a setting for the main table (after a sweep: its choice)")
     p.add_argument("--copy-mib", type=int, default=2048, help="MiB copied to measure the bandwidth")
-    p.add_argument("--profile", default=None, help="per mode and batch: a trace of 3 calls and the HLO at PREFIX_<mode>_b<B>")
+    p.add_argument("--profile", default=None, help="3 calls traced and the HLO, at PREFIX_<mode>_b<B>")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     L, D, F = (int(v) for v in args.shape.split(","))
@@ -245,7 +246,7 @@ def main() -> None:
                     prefix = f"{args.profile}_{name}_b{B}"
                     with open(prefix + ".hlo.txt", "w") as fh:
                         fh.write(g.as_text())
-                    common.profile(lambda: jax.block_until_ready(g(x, w)), prefix)
+                    common.profile(lambda g=g, x=x, w=w: jax.block_until_ready(g(x, w)), prefix)
             except Exception as e:  # noqa: BLE001  (a failing mode is recorded, the others still run)
                 row = {"mode": name, "batch": B, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 res["results"].append(row)

@@ -234,8 +234,7 @@ def layer(q: Quantized, i: Any) -> Quantized:
     ``lax.scan`` hands each step when it slices ``q``."""
     if not q.outer:
         raise ValueError(f"{q!r} has no stacked axis to index.")
-    take = lambda v: None if v is None else jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False)  # noqa: E731
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(q), [take(v) for v in jax.tree_util.tree_leaves(q)])
+    return jax.tree_util.tree_map(lambda v: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False), q)
 
 
 def dequantize_weight(q: Quantized, dtype: Any = None) -> jax.Array:

@@ -6,10 +6,10 @@ Rules that may take a `Packed` weight as it is (`LAZY_RULES`), before the evalua
   its params to the compute dtype, e.g. Flax's ``dtype=jnp.bfloat16``);
 * ``dot_general`` of activations ``x (..., K)`` against ``W (K, N)`` (a Dense layer: ``x``'s last
   axis against ``W``'s first, no batch axes) runs `_qmatmul.dot` where `_qmatmul.mode` picks the
-  kernel (a GPU, shapes it covers, few rows), a layer of a scanned stack read in place (`Packed.layer`); a targeted weight adds its LoRA term
-  ``scale·(x·a)·b`` beside it, as `_matmul.lora_op`'s factored form does. DoRA, LoRA dropout, an
-  adapter stack (``adapter_ids``), other layouts and a mesh of several devices (``jax.set_mesh``)
-  fall back: the weight is dequantized and the op runs as before.
+  kernel (a GPU, shapes it covers, few rows; a scanned stack's layer is read in place, `Packed.layer`);
+  a targeted weight adds its LoRA term ``scale·(x·a)·b`` beside it, as `_matmul.lora_op`'s factored
+  form does. DoRA, LoRA dropout, an adapter stack (``adapter_ids``), other layouts and a mesh of
+  several devices (``jax.set_mesh``) fall back: the weight is dequantized and the op runs as before.
 
 Every other case returns None and the evaluator dequantizes the weight (`_eval.realize`).
 """
