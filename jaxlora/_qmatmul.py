@@ -90,6 +90,8 @@ def covers(q: Quantized, rows: int, dtype: Any, stacked: bool = False) -> str | 
         return f"activations of dtype {dtype.name}"
     if rows > MAX_ROWS:
         return f"{rows} rows (> MAX_ROWS={MAX_ROWS}: XLA's dequantize-then-matmul amortises the read)"
+    if rows == 0:
+        return "no rows (an empty batch: the kernel's row tiles need at least one)"
     k, n = q.inner
     bk, bn = (max(a, b) for a, b in zip(_tiles(q, False), _tiles(q, True)))
     if q.format == "nf4":

@@ -228,6 +228,8 @@ def test_non_finite_group_decodes_to_nan_as_the_reference_does():
         (lambda: _quantized("nf4", 48, True, jnp.float32, shape=(128, 384)), 1, "not a power of 2"),
         (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(2, 64, 128)), 1, "is not 2-D"),
         (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(128, 128)), _qmatmul.MAX_ROWS + 1, "rows"),
+        # an empty batch (a server's empty decode or prefill group): the kernel's row tiles would not fit
+        (lambda: _quantized("int8", None, None, jnp.float32, shape=(128, 128)), 0, "no rows"),
     ],
 )
 def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
@@ -241,6 +243,20 @@ def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
     if rows <= _qmatmul.MAX_ROWS:  # (matmul itself takes many rows: the benchmarks time it there)
         with pytest.raises(ValueError, match="does not cover x .* falls back"):
             _qmatmul.matmul(x, q, interpret=True)
+
+
+def test_an_empty_batch_through_a_scanned_stack_gives_empty_outputs(interpret):
+    """Zero rows once reached the kernel (0 <= MAX_ROWS), whose 16-row tiles do not fit an empty x: a
+    TypeError from deep in Pallas where XLA's path returns the empty result."""
+    q = {"w": _quantized("nf4", 64, True, jnp.float32, shape=(2, 128, 128))}
+    fn = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]  # noqa: E731
+    config = jaxlora.LoraConfig(rank=2, targets="w")
+    lora = jaxlora.init(jax.random.key(0), q, config, fn=fn, args=(jnp.ones((1, 128)),))
+    for shape in ((0, 128), (3, 0, 128)):
+        x = jnp.ones(shape)
+        assert jax.jit(lambda q, lora, x: jaxlora.apply(fn, q, lora, x))(q, lora, x).shape == shape
+        g = jax.grad(lambda lora, x: jnp.sum(jaxlora.apply(fn, q, lora, x)), argnums=(0, 1))(lora, x)
+        assert g[1].shape == shape and not np.any(np.asarray(g[0]["w"].a))  # no rows: no gradient
 
 
 def test_mode_is_xla_off_gpu_and_follows_the_switch(monkeypatch):
