@@ -343,6 +343,35 @@ def test_apply_uses_the_kernel_with_lora_riding_along(monkeypatch, fmt):
             np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * float(jnp.abs(b).max()))
 
 
+def _dots_in_kernels(jaxpr) -> list:
+    found = [e for call in _pallas_calls(jaxpr) for e in _eqns(call.params["jaxpr"])]
+    return [e for e in found if e.primitive.name == "dot_general"]
+
+
+def _eqns(jaxpr) -> list:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return [x for e in jaxpr.eqns for x in [e, *(y for sub in _subjaxprs(e) for y in _eqns(sub))]]
+
+
+def test_the_kernel_multiplies_at_the_precision_the_model_asks_for(interpret):
+    """A float32 Dense with precision=HIGHEST: XLA's dot computes in IEEE float32; the kernel's tile
+    products once dropped the precision, and Pallas's Triton lowering multiplies float32 tiles with
+    precision None in TF32 (10-bit mantissas: ~1e-3 relative). The interpreter on a CPU computes exactly
+    either way, so the test reads the kernels' own dot_general equations (what the Triton lowering reads),
+    forward and for dx, and checks the values against float64 products."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    model = nn.Dense(128, precision=jax.lax.Precision.HIGHEST, use_bias=False)
+    x = jax.random.normal(jax.random.key(1), (3, 128))  # 3 rows: the tensor-core tiles, not the one-row sums
+    q = jaxlora.quantize(model.init(jax.random.key(0), x), "int8")
+    loss = lambda x: jnp.sum(jnp.sin(jaxlora.apply(model.apply, q, {}, x)))  # noqa: E731
+    dots = _dots_in_kernels(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
+    assert len(dots) == 2 and all(e.params["precision"] == highest for e in dots), [e.params for e in dots]
+    w = q["params"]["kernel"]
+    _check(jaxlora.apply(model.apply, q, {}, x), x, w)
+    g = jnp.cos(jaxlora.apply(model.apply, q, {}, x))
+    _check(jax.grad(loss)(x), g, w, transpose=True)
+
+
 @pytest.mark.slow
 def test_sharded_result_equals_single_device():
     out = run_with_devices(
