@@ -372,6 +372,39 @@ def test_the_kernel_multiplies_at_the_precision_the_model_asks_for(interpret):
     _check(jax.grad(loss)(x), g, w, transpose=True)
 
 
+class _RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(256, name="up")(x)  # its output feeds gelu: "outputs" saves it
+        return x + nn.Dense(128, name="down")(nn.gelu(h))
+
+
+@pytest.mark.parametrize("keep", ["minimal", "outputs"])
+def test_remat_policies_save_the_same_named_values_on_the_kernel_path(monkeypatch, keep):
+    """jaxlora.remat_policy saves values that lora_op names ("lora_xa", "lora_out/<path>"); the kernel path
+    (_qdot) named none, so under a policy its backward recomputed x·a and re-ran the kernel forward (a
+    weight read a layer) where XLA's path kept them. Both paths must save the same named values."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals  # (the public way to list them)
+
+    model = nn.remat(_RematBlock, policy=jaxlora.remat_policy(keep))()
+    x = jnp.ones((1, 128))
+    q = jaxlora.quantize(model.init(jax.random.key(0), x), "nf4")
+    lora = jaxlora.init(jax.random.key(1), q, jaxlora.LoraConfig(rank=2), fn=model.apply, args=(x,))
+    names = {}
+    for forced in ("interpret", "xla"):
+        monkeypatch.setattr(_qmatmul, "_MODE", forced)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda lora: jnp.sum(jaxlora.apply(model.apply, q, lora, x)), lora)
+        names[forced] = sorted(re.findall(r"named '([^']+)'", out.getvalue()))
+    assert names["xla"] == (["lora_xa"] * 2 if keep == "minimal" else ["lora_out/up", "lora_xa", "lora_xa"])
+    assert names["interpret"] == names["xla"]
+
+
 @pytest.mark.slow
 def test_sharded_result_equals_single_device():
     out = run_with_devices(

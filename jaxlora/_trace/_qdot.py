@@ -22,8 +22,9 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-from .. import _qmatmul
+from .. import _qmatmul, _remat
 from .._matmul import _cast, _on_mesh
 from ._eval import LAZY_RULES, Context, Tagged
 from ._quantized import Packed, folds
@@ -67,7 +68,9 @@ def _dot_general(eqn, invals: list[Any], ctx: Context) -> list[Any] | None:
     y = _qmatmul.dot(x, w.q, out_dtype, w.layer, precision)
     first, second = _cast(v.a, v.b, f.scale, x.dtype)  # as lora_op's factored form: scale folded into a
     t = lax.dot_general(x, first, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return [y + lax.dot_general(t, second, (((t.ndim - 1,), (0,)), ((), ())), precision=precision).astype(y.dtype)]
+    t = checkpoint_name(t, _remat.XA)  # named as lora_op names them, for jaxlora.remat_policy
+    z = y + lax.dot_general(t, second, (((t.ndim - 1,), (0,)), ((), ())), precision=precision).astype(y.dtype)
+    return [checkpoint_name(z, f"{_remat.OUT}/{view.path}")]
 
 
 LAZY_RULES["convert_element_type"] = _convert
