@@ -491,7 +491,9 @@ def merge(
         i = targets[path].index
         q = leaves[i]
         w = merged[i]
-        back = _quantized.encode(w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant)
+        back = _quantized.encode(  # in q's layout: a 3-D weight that is no stack stays one block run
+            w.astype(q.dtype), q.format, block_size=q.block_size, double_quant=q.double_quant, stacked=len(q.outer)
+        )
         err = jnp.linalg.norm(_quantized.dequantize_weight(back, jnp.float32) - w)
         report[path] = {
             "error": err / jnp.linalg.norm(w),

@@ -70,10 +70,10 @@ PROGRAMS = 4096
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def reference(x: Array, q: Quantized, out_dtype: Any = None) -> Array:
+def reference(x: Array, q: Quantized, out_dtype: Any = None, precision: Any = None) -> Array:
     """``x·W`` by XLA: ``W`` dequantized in ``x``'s dtype (`dequantize_weight`), then one ``dot``."""
     w = dequantize_weight(q, x.dtype)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+    return jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
 def _tiles(q: Quantized, transpose: bool) -> tuple[int, int]:
@@ -93,6 +93,8 @@ def covers(q: Quantized, rows: int, dtype: Any, stacked: bool = False) -> str | 
         return f"activations of dtype {dtype.name}"
     if rows > MAX_ROWS:
         return f"{rows} rows (> MAX_ROWS={MAX_ROWS}: XLA's dequantize-then-matmul amortises the read)"
+    if rows == 0:
+        return "no rows (an empty batch: the kernel's row tiles need at least one)"
     k, n = q.inner
     bk, bn = (max(a, b) for a, b in zip(_tiles(q, False), _tiles(q, True)))
     if q.format == "nf4":
@@ -195,6 +197,7 @@ def matmul(
     lookup: str | None = None,
     splits: int | None = None,
     interpret: bool | None = None,
+    precision: Any = None,
 ) -> Array:
     """``x·W`` (``x: (m, K)``) or, with ``transpose``, ``x·Wᵀ`` (``x: (m, N)``) for a 2-D ``W: (K, N)``.
 
@@ -204,7 +207,10 @@ def matmul(
     inside the whole stack, so a ``scan`` over layers copies none of them out first (a custom call
     takes whole buffers). ``lookup`` picks how NF4 codes become values (`LOOKUP`), ``splits`` how many
     programs share the contraction (default: enough for about `PROGRAMS`), ``interpret`` runs Pallas's
-    interpreter (default: unless on a GPU). `REDUCE`, `WORDS` and `HINTS` are read when traced.
+    interpreter (default: unless on a GPU). ``precision`` is the model's own ``dot_general`` precision,
+    given to the tile products: Triton multiplies float32 tiles in TF32 unless it asks for more
+    (``HIGHEST``: IEEE float32, as XLA's ``dot`` then computes). `REDUCE`, `WORDS` and `HINTS` are read
+    when traced.
     Raises ValueError for shapes `covers` refuses.
     """
     from jax.experimental import pallas as pl
@@ -276,7 +282,7 @@ def matmul(
         _kernel, names=tuple(names), fmt=q.format, double=q.format == "nf4" and q.double_quant, steps=steps,
         tile=(bk, bn), transpose=transpose, part=part, bs=q.block_size, nbr=n // q.block_size,
         dtype=jnp.dtype(x.dtype), top=top, lookup=lookup, gemv=m == 1 and GEMV, phases=phases, words=words,
-        reduce_step=REDUCE == "step", hints=HINTS, read_only=READ_ONLY, interpret=interpret,
+        reduce_step=REDUCE == "step", hints=HINTS, read_only=READ_ONLY, interpret=interpret, precision=precision,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, out_n) if one else (s, mp, out_n), out_dtype if one else f32)
@@ -349,7 +355,7 @@ def _interleave(tiles: list[Array]) -> Array:
 
 def _kernel(
     *refs, names, fmt, double, steps, tile, transpose, part, bs, nbr, dtype, top, lookup, gemv, phases, words,
-    reduce_step, hints, read_only, interpret,
+    reduce_step, hints, read_only, interpret, precision,
 ):  # fmt: skip
     from jax.experimental import pallas as pl
 
@@ -421,7 +427,7 @@ def _kernel(
             if not reduce_step:
                 return a * w32
             return jnp.sum(a * w32, axis=0, keepdims=True) if contract_w == 0 else jnp.sum(a * w32, axis=1)[None]
-        return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=f32)
+        return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), precision=precision, preferred_element_type=f32)
 
     def offset(i, size):
         return pl.multiple_of(i * size, size) if hints and not isinstance(i, int) else i * size
@@ -462,9 +468,11 @@ def _compiler_params(warps: int, stages: int):
     return cls(num_warps=warps, num_stages=stages)
 
 
-def dot(x: Array, q: Quantized, out_dtype: Any = None, layer: Array | int | None = None) -> Array:
+def dot(
+    x: Array, q: Quantized, out_dtype: Any = None, layer: Array | int | None = None, precision: Any = None
+) -> Array:
     """``x·W`` for ``x: (..., K)`` and a 2-D quantized ``W: (K, N)`` (or layer ``layer`` of a stacked
-    ``q``), by the kernel where `mode` picks it.
+    ``q``), by the kernel where `mode` picks it; ``precision`` is the model's ``dot_general``'s (`matmul`).
 
     Differentiable in ``x`` (``dx = g·Wᵀ``, by the same kernel) and, only when asked, in ``W``'s
     float leaves (through `reference`); the frozen base costs no gradient otherwise.
@@ -473,33 +481,36 @@ def dot(x: Array, q: Quantized, out_dtype: Any = None, layer: Array | int | None
     rows = math.prod(x.shape[:-1])
     how = mode(q, rows, x.dtype, stacked=layer is not None)
     if how == "xla":
-        return reference(x, q if layer is None else layer_of(q, layer), out_dtype)
+        return reference(x, q if layer is None else layer_of(q, layer), out_dtype, precision)
     leaves, treedef = jax.tree_util.tree_flatten(q)
     index = None if layer is None else jnp.asarray(layer, jnp.int32)
-    y = _dot(x.reshape(rows, x.shape[-1]), leaves, index, treedef, out_dtype, how == "interpret")
+    y = _dot(x.reshape(rows, x.shape[-1]), leaves, index, treedef, out_dtype, how == "interpret", precision)
     return y.reshape(*x.shape[:-1], q.inner[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _dot(x, leaves, layer, treedef, out_dtype, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _dot(x, leaves, layer, treedef, out_dtype, interpret, precision):
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    return matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret)
+    return matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret, precision=precision)
 
 
-def _dot_fwd(x, leaves, layer, treedef, out_dtype, interpret):
+def _dot_fwd(x, leaves, layer, treedef, out_dtype, interpret, precision):
     need_w = any(p.perturbed for p in leaves)
     x, leaves = x.value, [p.value for p in leaves]
     layer = None if layer is None else layer.value
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    return matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret), (x, leaves, layer, need_w)
+    y = matmul(x, q, layer=layer, out_dtype=out_dtype, interpret=interpret, precision=precision)
+    return y, (x, leaves, layer, need_w)
 
 
-def _dot_bwd(treedef, out_dtype, interpret, res, g):
+def _dot_bwd(treedef, out_dtype, interpret, precision, res, g):
     x, leaves, layer, need_w = res
     if isinstance(g, SymbolicZero):
         return None, [None] * len(leaves), None
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    dx = matmul(g.astype(x.dtype), q, layer=layer, transpose=True, out_dtype=x.dtype, interpret=interpret)
+    dx = matmul(
+        g.astype(x.dtype), q, layer=layer, transpose=True, out_dtype=x.dtype, interpret=interpret, precision=precision
+    )
     dleaves = [None] * len(leaves)
     if need_w:  # someone differentiates the quantized leaves themselves: XLA's path, exactly
         floats = [i for i, v in enumerate(leaves) if jnp.issubdtype(v.dtype, jnp.floating)]
@@ -509,7 +520,7 @@ def _dot_bwd(treedef, out_dtype, interpret, res, g):
             for i, v in zip(floats, fl):
                 full[i] = v
             w = jax.tree_util.tree_unflatten(treedef, full)
-            return reference(x, w if layer is None else layer_of(w, layer), out_dtype)
+            return reference(x, w if layer is None else layer_of(w, layer), out_dtype, precision)
 
         grads = jax.vjp(f, *(leaves[i] for i in floats))[1](g.astype(out_dtype))
         for i, d in zip(floats, grads):

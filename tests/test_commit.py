@@ -115,6 +115,80 @@ def test_peft_carries_files_it_did_not_write(tmp_path):
         w.save(adapter, 1, overwrite=True)
 
 
+def test_peft_into_a_directory_of_other_files_keeps_that_directory(tmp_path, monkeypatch):
+    """save_peft into a run's output directory (no checkpoint there) once copied the directory and deleted
+    the original: a log file open in it kept writing into the deleted copy, and every line after the save
+    was lost without a word. The directory must stay (same inode); its files are untouched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = open(run / "train.log", "w")
+    log.write("step 1\n")
+    log.flush()
+    inode = os.stat(run).st_ino
+    w = faults.Writer("peft", size=8, rank=2)
+    w.save(run, 1)
+    log.write("step 2\n")
+    log.flush()
+    assert os.stat(run).st_ino == inode
+    assert (run / "train.log").read_text() == "step 1\nstep 2\n"
+    _same(w.load(run), w.expected(1))
+    w.save(run, 2, overwrite=True)  # replacing the adapter there: in place too
+    log.write("step 3\n")
+    log.close()
+    assert (run / "train.log").read_text() == "step 1\nstep 2\nstep 3\n"
+    assert os.stat(run).st_ino == inode and sorted(os.listdir(tmp_path)) == ["run"]
+    assert "train.log" not in _commit.read_manifest(run)["files"]  # not vouched for
+    _same(w.load(run), w.expected(2))
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):  # the weights renamed in, the config's rename fails: the old adapter back
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        w.save(run, 3, overwrite=True)
+    monkeypatch.undo()
+    _same(w.load(run), w.expected(2))
+    assert sorted(os.listdir(tmp_path)) == ["run"] and sorted(os.listdir(run)) == sorted(
+        ["train.log", "adapter_config.json", "adapter_model.safetensors", _commit.MANIFEST]
+    )
+
+
+def test_a_kill_between_the_renames_into_a_directory_of_other_files_keeps_the_old_adapter(tmp_path):
+    """The worst moment of a save into a directory jaxlora does not replace: killed before its last rename
+    (the manifest's). The reader then refuses the mix and reads the old adapter kept beside (with a warning); the
+    next save repairs the directory and removes the litter."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("log\n")
+    w = faults.Writer("peft", size=8, rank=2)
+    w.save(run, 1)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import faults
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(src)
+    if len(calls) == 3:  # the config and the weights renamed in, the manifest not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+faults.Writer("peft", size=8, rank=2).save({str(run)!r}, 2, overwrite=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    with pytest.warns(UserWarning, match="disagrees with its jaxlora_manifest.json.*interrupted.*jaxlora-old"):
+        _same(w.load(run), w.expected(1))
+    assert (run / "train.log").read_text() == "log\n"
+    w.save(run, 3, overwrite=True)
+    _same(w.load(run), w.expected(3))
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_save_through_a_symlink_replaces_its_target(tmp_path):
     w = faults.Writer("adapter", size=8, rank=2)
     step = w.save(tmp_path / "step_100", 1)

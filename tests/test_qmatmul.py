@@ -229,6 +229,8 @@ def test_non_finite_group_decodes_to_nan_as_the_reference_does():
         (lambda: _quantized("nf4", 48, True, jnp.float32, shape=(128, 384)), 1, "not a power of 2"),
         (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(2, 64, 128)), 1, "is not 2-D"),
         (lambda: _quantized("nf4", 64, True, jnp.float32, shape=(128, 128)), _qmatmul.MAX_ROWS + 1, "rows"),
+        # an empty batch (a server's empty decode or prefill group): the kernel's row tiles would not fit
+        (lambda: _quantized("int8", None, None, jnp.float32, shape=(128, 128)), 0, "no rows"),
     ],
 )
 def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
@@ -242,6 +244,20 @@ def test_uncovered_shapes_fall_back_to_xla(interpret, make, rows, why):
     if rows <= _qmatmul.MAX_ROWS:  # (matmul itself takes many rows: the benchmarks time it there)
         with pytest.raises(ValueError, match="does not cover x .* falls back"):
             _qmatmul.matmul(x, q, interpret=True)
+
+
+def test_an_empty_batch_through_a_scanned_stack_gives_empty_outputs(interpret):
+    """Zero rows once reached the kernel (0 <= MAX_ROWS), whose 16-row tiles do not fit an empty x: a
+    TypeError from deep in Pallas where XLA's path returns the empty result."""
+    q = {"w": _quantized("nf4", 64, True, jnp.float32, shape=(2, 128, 128))}
+    fn = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]  # noqa: E731
+    config = jaxlora.LoraConfig(rank=2, targets="w")
+    lora = jaxlora.init(jax.random.key(0), q, config, fn=fn, args=(jnp.ones((1, 128)),))
+    for shape in ((0, 128), (3, 0, 128)):
+        x = jnp.ones(shape)
+        assert jax.jit(lambda q, lora, x: jaxlora.apply(fn, q, lora, x))(q, lora, x).shape == shape
+        g = jax.grad(lambda lora, x: jnp.sum(jaxlora.apply(fn, q, lora, x)), argnums=(0, 1))(lora, x)
+        assert g[1].shape == shape and not np.any(np.asarray(g[0]["w"].a))  # no rows: no gradient
 
 
 def test_mode_is_xla_off_gpu_and_follows_the_switch(monkeypatch):
@@ -326,6 +342,68 @@ def test_apply_uses_the_kernel_with_lora_riding_along(monkeypatch, fmt):
         for name in ("a", "b"):
             a, b = getattr(g[path], name), getattr(g_want[path], name)
             np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * float(jnp.abs(b).max()))
+
+
+def _dots_in_kernels(jaxpr) -> list:
+    found = [e for call in _pallas_calls(jaxpr) for e in _eqns(call.params["jaxpr"])]
+    return [e for e in found if e.primitive.name == "dot_general"]
+
+
+def _eqns(jaxpr) -> list:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return [x for e in jaxpr.eqns for x in [e, *(y for sub in _subjaxprs(e) for y in _eqns(sub))]]
+
+
+def test_the_kernel_multiplies_at_the_precision_the_model_asks_for(interpret):
+    """A float32 Dense with precision=HIGHEST: XLA's dot computes in IEEE float32; the kernel's tile
+    products once dropped the precision, and Pallas's Triton lowering multiplies float32 tiles with
+    precision None in TF32 (10-bit mantissas: ~1e-3 relative). The interpreter on a CPU computes exactly
+    either way, so the test reads the kernels' own dot_general equations (what the Triton lowering reads),
+    forward and for dx, and checks the values against float64 products."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    model = nn.Dense(128, precision=jax.lax.Precision.HIGHEST, use_bias=False)
+    x = jax.random.normal(jax.random.key(1), (3, 128))  # 3 rows: the tensor-core tiles, not the one-row sums
+    q = jaxlora.quantize(model.init(jax.random.key(0), x), "int8")
+    loss = lambda x: jnp.sum(jnp.sin(jaxlora.apply(model.apply, q, {}, x)))  # noqa: E731
+    dots = _dots_in_kernels(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
+    assert len(dots) == 2 and all(e.params["precision"] == highest for e in dots), [e.params for e in dots]
+    w = q["params"]["kernel"]
+    _check(jaxlora.apply(model.apply, q, {}, x), x, w)
+    g = jnp.cos(jaxlora.apply(model.apply, q, {}, x))
+    _check(jax.grad(loss)(x), g, w, transpose=True)
+
+
+class _RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(256, name="up")(x)  # its output feeds gelu: "outputs" saves it
+        return x + nn.Dense(128, name="down")(nn.gelu(h))
+
+
+@pytest.mark.parametrize("keep", ["minimal", "outputs"])
+def test_remat_policies_save_the_same_named_values_on_the_kernel_path(monkeypatch, keep):
+    """jaxlora.remat_policy saves values that lora_op names ("lora_xa", "lora_out/<path>"); the kernel path
+    (_qdot) named none, so under a policy its backward recomputed x·a and re-ran the kernel forward (a
+    weight read a layer) where XLA's path kept them. Both paths must save the same named values."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals  # (the public way to list them)
+
+    model = nn.remat(_RematBlock, policy=jaxlora.remat_policy(keep))()
+    x = jnp.ones((1, 128))
+    q = jaxlora.quantize(model.init(jax.random.key(0), x), "nf4")
+    lora = jaxlora.init(jax.random.key(1), q, jaxlora.LoraConfig(rank=2), fn=model.apply, args=(x,))
+    names = {}
+    for forced in ("interpret", "xla"):
+        monkeypatch.setattr(_qmatmul, "_MODE", forced)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda lora: jnp.sum(jaxlora.apply(model.apply, q, lora, x)), lora)
+        names[forced] = sorted(re.findall(r"named '([^']+)'", out.getvalue()))
+    assert names["xla"] == (["lora_xa"] * 2 if keep == "minimal" else ["lora_out/up", "lora_xa", "lora_xa"])
+    assert names["interpret"] == names["xla"]
 
 
 @pytest.mark.slow

@@ -343,6 +343,35 @@ def test_training_step_with_optax_and_merge():
     assert set(report) == set(lora) and all(0 < float(r["error"]) < 0.2 for r in report.values())
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_merge_requantizes_in_the_layout_quantize_chose(fmt):
+    """A 3-D weight that is not a stack (DenseGeneral's (in, heads, head_dim), which quantize(fn=) codes
+    as one block run, outer axes ()) comes back from merge(quantize=True) in that layout, not re-read as
+    a stack of `in` layers (other codes and scale shapes, 256-block absmax groups per row). The values:
+    exactly encode's of the merged weight in the original layout (the same function on the same input)."""
+
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral((4, 32), name="q")(x)
+
+    model, x = Heads(), jnp.ones((1, 64))
+    params = model.init(jax.random.key(0), x)
+    q = jaxlora.quantize(params, fmt, fn=model.apply, args=(x,))
+    before = q["params"]["q"]["kernel"]
+    assert before.outer == ()  # the trace saw no stacked axis
+    lora = jaxlora.init(jax.random.key(1), q, jaxlora.LoraConfig(rank=2), fn=model.apply, args=(x,))
+    lora = jax.tree_util.tree_map(lambda v: v + 0.05, lora)
+    requant, _ = jaxlora.merge(q, lora, quantize=True)
+    after = requant["params"]["q"]["kernel"]
+    assert after.outer == before.outer
+    assert [v.shape for v in jax.tree_util.tree_leaves(after)] == [v.shape for v in jax.tree_util.tree_leaves(before)]
+    merged = jaxlora.merge(q, lora, dtype=jnp.float32)["params"]["q"]["kernel"]
+    want = _quantized.encode(merged, fmt, stacked=0)
+    for got, ref in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_orbax_round_trip_and_fingerprint(tmp_path):
     _, params, x = _scan_model()
     q = jaxlora.quantize(params, "nf4")

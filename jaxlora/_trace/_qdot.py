@@ -6,10 +6,11 @@ Rules that may take a `Packed` weight as it is (`LAZY_RULES`), before the evalua
   its params to the compute dtype, e.g. Flax's ``dtype=jnp.bfloat16``);
 * ``dot_general`` of activations ``x (..., K)`` against ``W (K, N)`` (a Dense layer: ``x``'s last
   axis against ``W``'s first, no batch axes) runs `_qmatmul.dot` where `_qmatmul.mode` picks the
-  kernel (a GPU, shapes it covers, few rows; a scanned stack's layer is read in place, `Packed.layer`);
-  a targeted weight adds its LoRA term ``scale·(x·a)·b`` beside it, as `_matmul.lora_op`'s factored
-  form does. DoRA, LoRA dropout, an adapter stack (``adapter_ids``), other layouts and a mesh of
-  several devices (``jax.set_mesh``) fall back: the weight is dequantized and the op runs as before.
+  kernel (a GPU, shapes it covers, few rows; a scanned stack's layer is read in place, `Packed.layer`;
+  at the op's own precision); a targeted weight adds its LoRA term ``scale·(x·a)·b`` beside it, as
+  `_matmul.lora_op`'s factored form does. DoRA, LoRA dropout, an adapter stack (``adapter_ids``),
+  other layouts and a mesh of several devices (``jax.set_mesh``) fall back: the weight is
+  dequantized and the op runs as before.
 
 Every other case returns None and the evaluator dequantizes the weight (`_eval.realize`).
 """
@@ -21,8 +22,9 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-from .. import _qmatmul
+from .. import _qmatmul, _remat
 from .._matmul import _cast, _on_mesh
 from ._eval import LAZY_RULES, Context, Tagged
 from ._quantized import Packed, folds
@@ -53,20 +55,22 @@ def _dot_general(eqn, invals: list[Any], ctx: Context) -> list[Any] | None:
     if lb or rb or tuple(rc) != (0,) or tuple(lc) != (x.ndim - 1,) or x.dtype != w.dtype:
         return None
     out_dtype = eqn.params.get("preferred_element_type") or x.dtype
+    precision = eqn.params.get("precision")  # the kernel's tile products take it too (float32: TF32 or IEEE)
     if _qmatmul.mode(w.q, math.prod(x.shape[:-1]), x.dtype, stacked=w.layer is not None) == "xla":
         return None
     if not isinstance(v, Tagged):
-        return [_qmatmul.dot(x, w.q, out_dtype, w.layer)]
+        return [_qmatmul.dot(x, w.q, out_dtype, w.layer, precision)]
     f = v.factors
     view = v.view  # W's own (in, out) axes, as they are (a slice of a stacked weight inside scan is too)
     dense = "".join(f.roles[k] for k in view.origin) == "io" if f is not None else False
     if not dense or view.present != view.origin or view.merged or v.m is not None or f.dropout or v.a.ndim != 2:
         return None
-    y = _qmatmul.dot(x, w.q, out_dtype, w.layer)
+    y = _qmatmul.dot(x, w.q, out_dtype, w.layer, precision)
     first, second = _cast(v.a, v.b, f.scale, x.dtype)  # as lora_op's factored form: scale folded into a
-    precision = eqn.params.get("precision")
     t = lax.dot_general(x, first, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return [y + lax.dot_general(t, second, (((t.ndim - 1,), (0,)), ((), ())), precision=precision).astype(y.dtype)]
+    t = checkpoint_name(t, _remat.XA)  # named as lora_op names them, for jaxlora.remat_policy
+    z = y + lax.dot_general(t, second, (((t.ndim - 1,), (0,)), ((), ())), precision=precision).astype(y.dtype)
+    return [checkpoint_name(z, f"{_remat.OUT}/{view.path}")]
 
 
 LAZY_RULES["convert_element_type"] = _convert

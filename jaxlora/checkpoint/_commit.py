@@ -12,6 +12,13 @@ and the next save removes them. A single file (a merged ``.safetensors``) is wri
 file beside the target, fsynced and ``os.replace``d: one atomic rename; its checksum lives in the
 safetensors header (`seal_safetensors`).
 
+A PEFT directory may also hold files jaxlora did not write (a hub repo's ``README.md``, a training run's
+logs): that directory is never replaced, since a copy would lose what is written to it after the copy
+(through a log file's open handle, by another process). The new files go into it instead, one rename
+each, the manifest last; the files they replace are kept beside it (hard links, a complete ``old``
+leftover) until all are in place, and put back if a rename fails. A kill between those renames leaves
+the directory's manifest disagreeing with its files, which every reader refuses (never a silent mix).
+
 Concurrent writers to one path each write their own staging path and hold an ``fcntl`` lock on the
 parent directory while renaming; the clean-up removes only superseded ``old`` leftovers and the
 staging paths of processes on this host that no longer run, never another live writer's work.
@@ -224,7 +231,7 @@ def check_replaceable(path: Path, kind: str, *, overwrite: bool, slot: bool = Fa
     """Raise unless ``path`` may be written: absent, or (with ``overwrite``) a checkpoint of ``kind``.
 
     ``slot``: an existing directory that holds no checkpoint may receive one (PEFT files into a repo);
-    its files are carried into the new directory.
+    its files stay where they are (`_place`).
     """
     found = kind_of(path)
     if found == "empty" and not path.exists() and not leftovers(path, kind):
@@ -306,8 +313,19 @@ def leftovers(path: Path, kind: str, legacy: Callable[[Path], bool] | None = Non
 
 def locate(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) -> Path:
     """``path``, or where a write interrupted between its two renames left no ``path``, the newest
-    complete leftover beside it (with a warning)."""
-    if path.exists() or not (found := leftovers(path, kind, legacy)):
+    complete leftover beside it (with a warning); likewise where a write into a directory of other
+    files (`_place`) was interrupted between its renames, leaving ``path``'s files disagreeing with its
+    manifest beside the complete copy of the files it replaced."""
+    if path.exists():
+        if not path.is_dir() or not (found := leftovers(path, kind, legacy)) or complete(path, kind):
+            return path  # (the reader verifies path itself, and names what is damaged)
+        warnings.warn(
+            f"{path} disagrees with its {MANIFEST}: a save into it was interrupted between its renames. Using "
+            f"the complete checkpoint it left at {found[0]}; save to {path} again to repair it.",
+            stacklevel=4,
+        )
+        return found[0]
+    if not (found := leftovers(path, kind, legacy)):
         return path
     others = "".join(f", {p}" for p in found[1:])
     warnings.warn(
@@ -346,13 +364,6 @@ def _sync(collective: bool, name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _copy(src: Path, dst: Path) -> None:
-    if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True)
-    else:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
 @contextlib.contextmanager
 def committing(
     path: str | os.PathLike,
@@ -374,9 +385,10 @@ def committing(
       kind: one of ``KINDS``; an existing target must be of this kind.
       overwrite: replace an existing target.
       collective: every JAX process writes (Orbax); process 0 alone checksums and renames, after a barrier.
-      slot: see `check_replaceable`. The existing directory's entries other than ``carry`` (the names
-        jaxlora writes) are copied into the new directory, so a hub repo's ``README.md`` survives; they
-        are left out of the manifest (jaxlora does not vouch for them).
+        slot: see `check_replaceable`. An existing directory holding entries other than ``carry`` (the
+        names jaxlora writes) and the manifest is kept: the new files are renamed into it (`_place`),
+        so a hub repo's ``README.md`` or a run's open log file is untouched; they are left out of the
+        manifest (jaxlora does not vouch for them).
       carry: with ``slot``, the names that the writer writes itself.
     """
     import jax
@@ -391,14 +403,12 @@ def committing(
         yield staging
         _sync(collective, f"jaxlora wrote {staging}")
         if lead:
-            extra = []
-            if slot and target.is_dir():
-                for name in sorted(set(os.listdir(target)) - set(carry) - {MANIFEST}):
-                    if not (staging / name).exists():
-                        _copy(target / name, staging / name)
-                        extra.append(name)
-            write_manifest(staging, kind, skip=extra)
-            _swap(target, staging, aside, {kind, "empty"} | ({None} if slot else set()))
+            write_manifest(staging, kind)
+            allowed = {kind, "empty"} | ({None} if slot else set())
+            if slot and target.is_dir() and set(os.listdir(target)) - set(carry) - {MANIFEST}:
+                _place(target, staging, aside, allowed)  # others' files there: the directory stays
+            else:
+                _swap(target, staging, aside, allowed)
     except BaseException:
         if lead:
             for p in target.parent.glob(f"{glob.escape(staging.name)}*"):
@@ -424,6 +434,51 @@ def _swap(target: Path, staging: Path, aside: Path, allowed: set[str | None]) ->
                 os.replace(aside, target)  # the old one back in place
             raise
         os.fsync(fd)
+        _remove(aside)
+        clean_up(target)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _place(target: Path, staging: Path, aside: Path, allowed: set[str | None]) -> None:
+    """Rename each file of ``staging`` into the existing directory ``target``, the manifest last, leaving its
+    other entries alone. The files replaced are hard-linked into ``aside`` first (a complete leftover while
+    the renames run), put back if one fails, and deleted once all are in place."""
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
+        if (found := kind_of(target)) not in allowed:
+            raise ValueError(
+                f"{target} became {KINDS.get(found or '', _describe(target))} while this save ran; nothing written."
+            )
+        names = sorted(os.listdir(staging), key=lambda n: (n == MANIFEST, n))
+        old = [n for n in names if os.path.lexists(target / n) and not (target / n).is_dir()]
+        if old:
+            aside.mkdir()
+            for n in old:
+                try:
+                    os.link(target / n, aside / n, follow_symlinks=False)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target / n, aside / n, follow_symlinks=False)
+            for dirpath, _, _ in os.walk(aside):
+                _fsync(Path(dirpath))
+        done: list[str] = []
+        try:
+            for n in names:
+                os.replace(staging / n, target / n)
+                done.append(n)
+        except BaseException:
+            for n in reversed(done):  # the old files back in place; a new one where there was none removed
+                if n in old:
+                    os.replace(aside / n, target / n)
+                else:
+                    _remove(target / n)
+            _remove(aside)
+            raise
+        os.fsync(fd)
+        _fsync(target)
+        _remove(staging)
         _remove(aside)
         clean_up(target)
     finally:

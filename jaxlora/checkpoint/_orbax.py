@@ -6,11 +6,14 @@ roles and dropout, the `LoraConfig` it was made with, and the base fingerprint).
 `LoraFactors` are no pytree leaves, so they travel in the JSON and `restore` rebuilds the factors.
 Every save goes through `_commit.committing`: written beside ``directory``, checksummed in
 ``jaxlora_manifest.json``, then renamed into place; `restore` and `info` verify the manifest before
-reading anything and check the JSON item against itself.
+reading anything and check the JSON item against itself. The JSON item also holds the SHA-256 of each
+array's values (`_digests`), checked once they are read: a ``CheckpointManager`` step, which Orbax
+writes and no manifest covers, is verified too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -19,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .._config import LoraConfig
@@ -105,6 +109,41 @@ def _arrays(lora: Mapping[str, LoraFactors]) -> dict[str, dict[str, jax.Array]]:
     }
 
 
+def _digests(arrays: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, str]] | None:
+    """The SHA-256 of each array's bytes (C order, its own dtype), keyed as `_arrays` keys them; None where
+    some array is not all on this process (several JAX processes: each holds only its shards)."""
+    leaves = [x for entry in arrays.values() for x in entry.values()]
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+        return None
+    host = jax.device_get({k: dict(v) for k, v in arrays.items()})  # one transfer for the whole tree
+    return {
+        k: {n: hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for n, x in entry.items()}
+        for k, entry in host.items()
+    }
+
+
+def _check_digests(meta: dict[str, Any], arrays: Mapping[str, Any], where: Path | str) -> None:
+    """Raise if an array read back differs from the one saved (a flipped bit in a file no manifest covers)."""
+    want = meta.get("sha256")
+    if not isinstance(want, dict):
+        return  # saved before jaxlora recorded them, or by several processes
+    got = _digests({k: v for k, v in arrays.items() if isinstance(v, Mapping)})
+    if got is None:
+        return
+    paths = list(meta["modules"])
+    bad = [
+        f"{paths[int(k[1:])] if k[1:].isdigit() and int(k[1:]) < len(paths) else k!r}.{n}"
+        for k, entry in want.items()
+        for n, digest in (entry.items() if isinstance(entry, dict) else ())
+        if got.get(k, {}).get(n) != digest
+    ]
+    if bad:
+        raise _commit.CorruptCheckpointError(
+            f"{where} is damaged: the values read back differ from those saved (SHA-256 recorded at save) for "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; restore an earlier checkpoint or save again."
+        )
+
+
 def save_args(
     lora: Mapping[str, LoraFactors],
     *,
@@ -121,7 +160,8 @@ def save_args(
       fingerprint: the base fingerprint itself (``info(path).base``), when params are not at hand.
 
     Returns:
-      ``{"lora": StandardSave, "lora_meta": JsonSave}``.
+      ``{"lora": StandardSave, "lora_meta": JsonSave}``. The JSON item records the SHA-256 of every
+      array's values (one device-to-host copy of the adapter, here), which `restore_step` checks.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, orbax.checkpoint as ocp
@@ -129,10 +169,9 @@ def save_args(
       >>> sorted(jaxlora.checkpoint.save_args(lora))
       ['lora', 'lora_meta']
     """
-    return {
-        ARRAYS: ocp.args.StandardSave(_arrays(lora)),
-        META: ocp.args.JsonSave(metadata(lora, config=config, params=params, fingerprint=fingerprint)),
-    }
+    arrays = _arrays(lora)
+    meta = metadata(lora, config=config, params=params, fingerprint=fingerprint)
+    return {ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave({**meta, "sha256": _digests(arrays)})}
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -432,6 +471,7 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
             f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
             "restore an earlier checkpoint or save again."
         ) from e
+    _check_digests(meta, arrays, path)
     return _rebuild(meta, arrays, path)
 
 
@@ -458,7 +498,8 @@ def restore_step(
 
     Raises:
       FileNotFoundError: if the manager holds no finished step.
-      ValueError: as `restore`.
+      ValueError: as `restore`; `CorruptCheckpointError` (a ValueError) where the values read back differ
+        from the SHA-256 recorded by `save_args` (a flipped bit in the step's files).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlora, tempfile, orbax.checkpoint as ocp
@@ -487,4 +528,5 @@ def restore_step(
             f"Step {step} of {manager.directory} is truncated or corrupt ({type(e).__name__}: {str(e)[:300]}); "
             "restore an earlier step."
         ) from e
+    _check_digests(meta, out[ARRAYS], f"Step {step} of {manager.directory}")
     return _rebuild(meta, out[ARRAYS], f"step {step} of {manager.directory}"), {k: out[k] for k in items}

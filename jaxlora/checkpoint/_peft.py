@@ -366,8 +366,9 @@ def save_peft(
       base_model_name_or_path: written to the config, as PEFT does (e.g. ``"bert-base-uncased"``).
       overwrite: replace the PEFT adapter in ``directory`` (and nothing else). Both files are written
         into a new directory beside it and swapped in together, so a reader sees the old adapter or
-        the new one, never a mix; other files already there (a hub repo's ``README.md``) are copied
-        along, unchecked.
+        the new one, never a mix. A directory that also holds other files (a hub repo's ``README.md``,
+        a run's logs) is kept as it is: the two files are renamed into it, and jaxlora's readers refuse
+        the moment between the renames (its manifest then disagrees), never read a mix.
       initial: for an adapter trained from `jaxlora.init_from_weights` (PiSSA, OLoRA) on the residual
         base: the tree as that function returned it. The file then holds an ordinary LoRA against
         the *original* weights, ``ΔW = scale·(a·b - a₀·b₀)`` at rank ``2r`` (``a' = [a | a₀]``,
