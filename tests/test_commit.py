@@ -100,6 +100,30 @@ def test_overwrite_refuses_what_is_not_its_kind(tmp_path, kind):
         w.save(theirs, 1)
 
 
+def test_overwrite_never_replaces_an_orbax_checkpoint_or_safetensors_file_jaxlora_did_not_write(tmp_path):
+    """A user's own Orbax state or weights file has a merged export's layout but no manifest (no checksum in
+    the header): overwrite=True once replaced them; it now refuses, naming what is there, and keeps them."""
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import load_file, save_file
+
+    state = {"w": np.arange(6.0).reshape(2, 3)}
+    theirs = tmp_path / "train_state"
+    with ocp.StandardCheckpointer() as c:
+        c.save(theirs, state)
+    weights = tmp_path / "base.safetensors"
+    save_file(state, weights)
+    for kind, path, what in (("merged", theirs, "Orbax checkpoint"), ("safetensors", weights, ".safetensors file")):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        with pytest.raises(ValueError, match=f"is an? {what} jaxlora did not write .*nothing was written"):
+            faults.Writer(kind, size=8, rank=2).save(path, 1, overwrite=True)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing removed, nothing left behind
+    with ocp.StandardCheckpointer() as c:
+        np.testing.assert_array_equal(c.restore(theirs)["w"], state["w"])
+    np.testing.assert_array_equal(load_file(weights)["w"], state["w"])
+    ours = faults.Writer("merged", size=8, rank=2).save(tmp_path / "export", 1)  # jaxlora's own: replaced
+    faults.Writer("merged", size=8, rank=2).save(ours, 2, overwrite=True)
+
+
 def test_peft_carries_files_it_did_not_write(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

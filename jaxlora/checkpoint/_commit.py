@@ -59,6 +59,12 @@ KINDS = {
     "merged": "an Orbax checkpoint (a merged export)",
     "safetensors": "a .safetensors file",
 }
+# what looks like a kind but was not written by jaxlora (no manifest, no checksum in the header):
+# never a kind a save may replace, so overwrite=True cannot take a user's own Orbax state or weights
+FOREIGN = {
+    "orbax": f"an Orbax checkpoint jaxlora did not write (it has no {MANIFEST})",
+    "foreign_safetensors": f"a .safetensors file jaxlora did not write (no {SHA_KEY} in its header)",
+}
 READERS = {
     "adapter": "read it with jaxlora.checkpoint.restore",
     "stack": "read it with jaxlora.checkpoint.restore_stack",
@@ -194,11 +200,20 @@ def warn_unverified(root: Path, what: str) -> None:
 
 def kind_of(path: Path) -> str | None:
     """The kind of checkpoint at ``path`` (see ``KINDS``), from its manifest or, for one written before
-    manifests, its layout; ``None`` for anything else (a missing or empty path is ``"empty"``)."""
+    manifests, its layout; ``None`` for anything else (a missing or empty path is ``"empty"``). An
+    Orbax directory without a manifest or a safetensors file without jaxlora's checksum is one of
+    `FOREIGN`'s kinds: jaxlora did not write it, so no save replaces it."""
     if not path.exists() and not path.is_symlink():
         return "empty"
     if path.is_file():
-        return "safetensors" if path.suffix == ".safetensors" else None
+        if path.suffix != ".safetensors":
+            return None
+        try:
+            return "safetensors" if sealed_offsets(path) is not None else "foreign_safetensors"
+        except CorruptCheckpointError:
+            return "safetensors"  # jaxlora's, its checksum entry damaged: replaceable by a new export
+        except OSError:
+            return None
     if not path.is_dir():
         return None
     names = set(os.listdir(path))
@@ -216,8 +231,13 @@ def kind_of(path: Path) -> str | None:
     if names & {"adapter_config.json", "adapter_model.safetensors"}:
         return "peft"
     if names & {"_CHECKPOINT_METADATA", "_METADATA", "orbax.checkpoint"}:
-        return "merged"
+        return "orbax"  # jaxlora's merged exports carry a manifest (read above)
     return None
+
+
+def _what(path: Path, found: str | None) -> str:
+    """What is at ``path``, whose `kind_of` is ``found``, in words."""
+    return KINDS.get(found) or FOREIGN.get(found) or _describe(path)
 
 
 def _describe(path: Path) -> str:
@@ -244,7 +264,7 @@ def check_replaceable(path: Path, kind: str, *, overwrite: bool, slot: bool = Fa
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path.")
     if found in (kind, "empty"):
         return
-    what = KINDS[found] if found in KINDS else _describe(path)
+    what = _what(path, found)
     raise ValueError(
         f"{path} is {what}, not {KINDS[kind]}: overwrite=True replaces only {KINDS[kind]}, so nothing was "
         "written. Choose another path, or move it away yourself if it may go."
@@ -423,9 +443,7 @@ def _swap(target: Path, staging: Path, aside: Path, allowed: set[str | None]) ->
         fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
         if target.exists():
             if (found := kind_of(target)) not in allowed:
-                raise ValueError(
-                    f"{target} became {KINDS.get(found or '', _describe(target))} while this save ran; nothing written."
-                )
+                raise ValueError(f"{target} became {_what(target, found)} while this save ran; nothing written.")
             os.replace(target, aside)  # killed from here ...
         try:
             os.replace(staging, target)  # ... to here, readers fall back on `staging` (complete) and warn
@@ -449,9 +467,7 @@ def _place(target: Path, staging: Path, aside: Path, allowed: set[str | None]) -
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
         if (found := kind_of(target)) not in allowed:
-            raise ValueError(
-                f"{target} became {KINDS.get(found or '', _describe(target))} while this save ran; nothing written."
-            )
+            raise ValueError(f"{target} became {_what(target, found)} while this save ran; nothing written.")
         names = sorted(os.listdir(staging), key=lambda n: (n == MANIFEST, n))
         old = [n for n in names if os.path.lexists(target / n) and not (target / n).is_dir()]
         if old:
