@@ -7,6 +7,7 @@
 # cache form (and a multiply-and-sum attention, since removed), every mode with --cache-form carry,
 # qlora_decode, then the decode modes with the default xs form (multi_adapter_h200_decode_xs.json).
 # Then (2026-12-02, issue 14): kernels fused_a, and llama8b lora alone (train_llama8b_lora_h200.json).
+# Ready, not yet run (2026-12-03): next25 and next26, one device call each.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -42,6 +43,22 @@ for section in "$@"; do
       timeout 150 python3 -m pytest tests/test_fused.py -q -p no:cacheprovider 2>&1 | tail -3
       timeout 200 python3 -m benchmarks.kernels --config A --repeats 10 --out $OUT/kernels_A_h200.json ;;
     fused_a) timeout 240 $T --config A --modes full,lora,lora_fused --timeout 230 --out $OUT/train_A_fused_h200.json ;;
+    next25)  # issue 25 in one device call (under 10 min): the kernel's GPU test, the layer read in place against
+      # the slice, the diagnostics and their profiles, then the 8B decode (docs/performance.md, "Ready")
+      timeout 120 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 200 python3 -m benchmarks.qdecode \
+        --batches 1 16 --modes bf16 int8_kernel int8_kernel_sliced int8_kernel_read_only int8_codes_xla \
+        nf4_kernel nf4_kernel_sliced nf4_kernel_read_only nf4_codes_xla --profile $OUT/q --out $OUT/qdecode_h200_in_place.json
+      python3 -m benchmarks.trace_summary $OUT/q_*.trace.json.gz > $OUT/qdecode_h200_in_place_profiles.txt 2>&1
+      timeout 240 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1,8,64 --timeout 110 --out $OUT/qlora_decode_h200_in_place.json ;;
+    next26)  # issue 26's remaining peers and policy (under 10 min)
+      timeout 280 python3 -m benchmarks.train_step --config B --modes full,lora,peft_compiled --lora-dtype bfloat16 \
+        --parallel --timeout 270 --out $OUT/train_B_bf16_peers_h200.json
+      timeout 150 python3 -m benchmarks.train_step --config llama8b --modes lora --lora-dtype bfloat16 --policy mlp \
+        --timeout 140 --out $OUT/train_llama8b_bf16_mlp_h200.json
+      timeout 160 python3 -m benchmarks.train_step --config llama8b --modes peft_ckpt,peft_compiled_ckpt \
+        --lora-dtype float32 --timeout 150 --out $OUT/train_llama8b_peft_f32_ckpt_h200.json ;;
     *) echo "unknown section $section" ;;
   esac
 done
