@@ -51,7 +51,8 @@ for section in "$@"; do
         nf4_kernel nf4_kernel_sliced nf4_kernel_read_only nf4_codes_xla --profile $OUT/q --out $OUT/qdecode_h200_in_place.json
       python3 -m benchmarks.trace_summary $OUT/q_*.trace.json.gz > $OUT/qdecode_h200_in_place_profiles.txt 2>&1
       timeout 240 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
-        --decode-batches 1,8,64 --timeout 110 --out $OUT/qlora_decode_h200_in_place.json ;;
+        --decode-batches 1,8,64 --timeout 110 --profile $OUT/d --out $OUT/qlora_decode_h200_in_place.json
+      python3 -m benchmarks.trace_summary $OUT/d_*.trace.json.gz > $OUT/qlora_decode_h200_in_place_profiles.txt 2>&1 ;;
     next26)  # issue 26's remaining peers and policy (under 10 min)
       timeout 280 python3 -m benchmarks.train_step --config B --modes full,lora,peft_compiled --lora-dtype bfloat16 \
         --parallel --timeout 270 --out $OUT/train_B_bf16_peers_h200.json

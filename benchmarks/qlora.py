@@ -190,6 +190,11 @@ def _measure(a: argparse.Namespace) -> dict:
             ms = models.timeit(step, a.steps, a.warmup + 1)
             out["decode"][str(b)] = {"median_ms": models.median(ms), "tokens_per_s": b / (models.median(ms) / 1e3),
                                      "compile_s": round(compile_s, 2)}  # fmt: skip
+            if a.profile:  # where a step's time goes: python -m benchmarks.trace_summary PREFIX_*.trace.json.gz
+                prefix = f"{a.profile}_{a.mode}_b{b}"
+                with open(prefix + ".hlo.txt", "w") as fh:
+                    fh.write(compiled.as_text())
+                common.profile(step, prefix)
     out["peak_bytes"] = models.peak_bytes()
     return out
 
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--qmatmul", default="", help="the fused kernel's bk,bn,warps,stages,programs[,gemv[,flags]]")
     p.add_argument("--mode", default="train_nf4")
     p.add_argument("--timeout", type=float, default=420, help="seconds a process may take")
+    p.add_argument("--profile", default="", help="decode modes: 3 steps traced and the HLO at PREFIX_<mode>_b<B>")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = models.configure(a.config, override=a.override, policy=a.policy)  # a bad policy fails here
     flags = ["--config", a.config, "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
              "--override", a.override, "--decode-batches", a.decode_batches, "--cache", str(a.cache),
-             "--cache-form", a.cache_form, "--policy", a.policy, "--qmatmul", a.qmatmul]  # fmt: skip
+             "--cache-form", a.cache_form, "--policy", a.policy, "--qmatmul", a.qmatmul,
+             "--profile", a.profile]  # fmt: skip
     jobs = {m: ["--mode", m, *flags] for m in a.modes.split(",") if m}
     result = {**common.environment(), "benchmark": "qlora", "config_name": a.config,
               "config": dataclasses.asdict(cfg), "params": cfg.params(), "rank": a.rank,

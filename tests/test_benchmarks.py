@@ -145,7 +145,7 @@ def test_moe_modes_run(mode):
 
 
 @pytest.mark.parametrize("mode", ["train_nf4", "decode_nf4", "decode_bf16"])
-def test_qlora_modes_run(mode):
+def test_qlora_modes_run(mode, tmp_path):
     from benchmarks import qlora
 
     # the NF4 step under a jaxlora.remat_policy (tiny_scan has remat): the names reach a quantized base
@@ -153,7 +153,8 @@ def test_qlora_modes_run(mode):
 
     setting = "128,128,4,3,4096,1,reduce+words" if mode == "decode_nf4" else ""  # the worker sets the kernel's
     a = argparse.Namespace(config="tiny_scan", mode=mode, rank=4, steps=1, warmup=0, override="{}", qmatmul=setting,
-                           decode_batches="1,8", cache=16, cache_form="xs", policy="outputs")  # fmt: skip
+                           decode_batches="1,8", cache=16, cache_form="xs", policy="outputs",
+                           profile=str(tmp_path / "p") if mode == "decode_bf16" else "")  # fmt: skip
     try:
         out = qlora._measure(a)
     finally:
@@ -164,6 +165,10 @@ def test_qlora_modes_run(mode):
     assert out.get("loss", 0.0) == pytest.approx(out.get("loss", 0.0))  # finite
     if mode.startswith("decode"):
         assert set(out["decode"]) == {"1", "8"} and all(d["tokens_per_s"] > 0 for d in out["decode"].values())
+    if mode == "decode_bf16":  # --profile: a trace and the HLO per batch
+        assert {f"p_decode_bf16_b{b}.{ext}" for b in (1, 8) for ext in ("hlo.txt", "trace.json.gz")} <= {
+            f.name for f in tmp_path.iterdir()
+        }
 
 
 def test_qlora_base_bytes_from_shapes_alone():
