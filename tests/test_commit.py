@@ -163,15 +163,8 @@ def test_peft_into_a_directory_of_other_files_keeps_that_directory(tmp_path, mon
     assert os.stat(run).st_ino == inode and sorted(os.listdir(tmp_path)) == ["run"]
     assert "train.log" not in _commit.read_manifest(run)["files"]  # not vouched for
     _same(w.load(run), w.expected(2))
-    real, calls = os.replace, []
-
-    def fail_second(src, dst):  # the weights renamed in, the config's rename fails: the old adapter back
-        calls.append(src)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_second)
+    # the weights renamed in, the config's rename fails: the old adapter back
+    _fail_replace(monkeypatch, 2, OSError(28, "No space left on device"))
     with pytest.raises(OSError, match="No space"):
         w.save(run, 3, overwrite=True)
     monkeypatch.undo()
@@ -382,18 +375,23 @@ def test_cli_inspect_a_stack(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["names"] == ["one", "two"]
 
 
-def test_a_failed_second_rename_puts_the_old_one_back(tmp_path, monkeypatch):
-    w = faults.Writer("adapter", size=8, rank=2)
-    path = w.save(tmp_path / "a", 1)
+def _fail_replace(monkeypatch, n: int, error: OSError) -> None:
+    """Make the ``n``-th ``os.replace`` from now raise ``error`` (the others rename as usual)."""
     real, calls = os.replace, []
 
     def replace(src, dst):
         calls.append(src)
-        if len(calls) == 2:  # staging -> target
-            raise OSError(18, "Invalid cross-device link")
+        if len(calls) == n:
+            raise error
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_failed_second_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    w = faults.Writer("adapter", size=8, rank=2)
+    path = w.save(tmp_path / "a", 1)
+    _fail_replace(monkeypatch, 2, OSError(18, "Invalid cross-device link"))  # the second: staging -> target
     with pytest.raises(OSError, match="cross-device"):
         w.save(path, 2, overwrite=True)
     monkeypatch.undo()
