@@ -60,6 +60,18 @@ for section in "$@"; do
         --timeout 140 --out $OUT/train_llama8b_bf16_mlp_h200.json
       timeout 160 python3 -m benchmarks.train_step --config llama8b --modes peft_ckpt,peft_compiled_ckpt \
         --lora-dtype float32 --timeout 150 --out $OUT/train_llama8b_peft_f32_ckpt_h200.json ;;
+    summed25)  # issue 25 (run 2026-12-03): XLA's multiply-and-sum against the kernel, a short re-sweep of the
+      # kernel now that it reads layers in place, then the 8B decode with the kernel (the summed form, a
+      # library switch then, lost 2-10x and was removed: qlora_decode_h200_summed.json)
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 230 python3 -m benchmarks.qdecode \
+        --batches 1 4 16 --modes bf16 int8_kernel int8_reduce_xla nf4_kernel nf4_reduce_xla nf4nodq_reduce_xla \
+        --sweep 128,128,4,3,4096,1,loop 128,256,8,3,4096,1,loop 32,128,4,1,4096,1,loop 128,128,4,3,4096,1,tree \
+        128,128,4,3,4096,1,words+tree 64,256,4,3,1024,1,words 256,256,8,3,2048,1,loop 128,512,8,3,4096,1,loop \
+        --sweep-batches 1 16 --sweep-budget 110 --out $OUT/qdecode_h200_summed.json
+      for s in kernel:128,128,4,3,4096,1,loop; do
+        timeout 150 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+          --decode-batches 1,4,16 --qmatmul "${s#*:}" --timeout 140 --out $OUT/qlora_decode_h200_${s%%:*}.json
+      done ;;
     *) echo "unknown section $section" ;;
   esac
 done

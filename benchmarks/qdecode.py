@@ -14,7 +14,9 @@ per layer in a ``lax.scan`` (as ``benchmarks/nf4_fusion_probe.py``), for each ba
 * ``nf4_dx_kernel`` / ``nf4_dx_xla``: the activation gradient ``g·Wᵀ`` (``g: (B, F)``);
 * diagnostics, not products: ``*_kernel_read_only``, the kernel with the codes' integers standing for
   ``W`` (`_qmatmul.READ_ONLY`: its loads and sums without the dequantization); ``*_codes_xla``, XLA
-  summing every code once (the stored layout's read ceiling).
+  summing every code once (the stored layout's read ceiling);
+* ``*_reduce_xla``: the product as XLA's multiply-and-sum over the contraction, the dequantization fused
+  into the reduction's input (no dot, no float ``W`` in memory).
 
 Each figure is printed with its bytes floor (the stored bytes at the copy bandwidth measured in the
 same run), effective TB/s (stored bytes / time) and its error against the XLA form on the same
@@ -196,6 +198,20 @@ def main() -> None:
 
         return run
 
+    def reduce_xla(x, q):
+        """x·W as XLA's multiply-and-sum over the contraction (no dot): the dequantization fuses into the
+        reduction's input, so the float W is never written. On the H200 it lost to the kernel 2.7-12x at
+        1-16 rows (benchmarks/results/qdecode_h200_summed.json), so the library does not offer it."""
+
+        def one(w):
+            w = dequantize_weight(w, jnp.float32)
+            if x.dtype != jnp.float32:  # W rounded to x's dtype, as XLA's path multiplies it
+                info = jnp.finfo(x.dtype)
+                w = jax.lax.reduce_precision(w, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+            return jnp.sum(x.astype(jnp.float32)[:, :, None] * w[None], axis=1).astype(x.dtype)
+
+        return scan(one, q)
+
     def codes_read(x, q):  # XLA reading every code once (a sum), the bytes' ceiling for this layout
         return scan(lambda c: jnp.sum(c.astype(jnp.int32)).astype(x.dtype).reshape(1, 1), q.codes)
 
@@ -208,6 +224,7 @@ def main() -> None:
             modes[f"{fmt}_kernel_sliced"] = (layer(fmt, "kernel", sliced=True), q, q.nbytes, f"{fmt}_xla", False)
             modes[f"{fmt}_kernel_read_only"] = (layer(fmt, "kernel", read_only=True), q, q.nbytes, None, False)
         modes[f"{fmt}_codes_xla"] = (codes_read, q, q.nbytes, None, False)
+        modes[f"{fmt}_reduce_xla"] = (reduce_xla, q, q.nbytes, f"{fmt}_xla", False)
     q = quant["nf4"]
     modes["nf4_kernel_select"] = (layer("nf4", "kernel", lookup="select"), q, q.nbytes, "nf4_xla", False)
     for n in args.programs:
