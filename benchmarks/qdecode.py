@@ -200,7 +200,7 @@ def main() -> None:
 
     def reduce_xla(x, q):
         """x·W as XLA's multiply-and-sum over the contraction (no dot): the dequantization fuses into the
-        reduction's input, so the float W is never written. On the H200 it lost to the kernel 2.7-12x at
+        reduction's input, so the float W is never written. On the H200 it lost to the kernel 2.5-12x at
         1-16 rows (benchmarks/results/qdecode_h200_summed.json), so the library does not offer it."""
 
         def one(w):
