@@ -72,6 +72,24 @@ for section in "$@"; do
         timeout 150 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
           --decode-batches 1,4,16 --qmatmul "${s#*:}" --timeout 140 --out $OUT/qlora_decode_h200_${s%%:*}.json
       done ;;
+    rows25)  # issue 25: the kernel past 16 rows now that it reads layers in place (MAX_ROWS, flag rowsN)
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 200 python3 -m benchmarks.qdecode \
+        --batches 32 64 128 --modes bf16 int8_xla int8_kernel nf4_xla nf4_kernel \
+        --sweep 128,128,4,3,4096,1,loop 64,128,4,3,4096,1,loop 128,128,8,3,4096,1,loop 128,128,4,3,1024,1,loop \
+        --sweep-batches 64 --sweep-budget 60 --out $OUT/qdecode_h200_rows.json
+      timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 16,32,64,128 --qmatmul 128,128,4,3,4096,1,rows64 --timeout 190 \
+        --out $OUT/qlora_decode_h200_rows64.json ;;
+    splits25)  # issue 25: warps, stages and programs at 1, 16 and 64 rows on the gate/up and the down shapes
+      # (the kernels ran at 166-255 registers a thread, 12-19% occupancy, in the 8B int8 decode trace)
+      S="128,128,4,3,4096,1,loop 128,128,8,3,4096,1,loop 128,128,8,1,4096,1,loop 128,128,4,1,1024,1,loop
+         128,128,8,1,1024,1,loop 128,128,8,3,1024,1,loop 128,128,8,1,512,1,loop 64,128,4,1,1024,1,loop
+         128,128,8,3,2048,1,loop 128,128,4,3,4096,1,reduce"
+      for shape in 32,4096,14336 32,14336,4096; do
+        XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 240 python3 -m benchmarks.qdecode \
+          --shape $shape --batches 1 --modes bf16 --sweep $S --sweep-batches 1 16 64 --sweep-budget 200 \
+          --copy-mib 1024 --out $OUT/qdecode_h200_splits_${shape//,/x}.json | grep -v '"sweep": {'
+      done ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -50,6 +50,9 @@ MODES = ("kernel", "interpret", "xla")
 # beyond this many rows XLA's dequantize-then-matmul is used: on the H200 the kernel won at 1, 8 and 16
 # rows, and at 64 (tiles of 128) it lost (benchmarks/results/qdecode_h200.json)
 MAX_ROWS = 16
+# the activation gradient (g·Wᵀ) takes the kernel up to this many rows, XLA's path beyond: on the H200
+# the transposed kernel lost 2.8x at 64 rows (qdecode_h200.json), so it never follows MAX_ROWS up
+MAX_ROWS_T = 16
 GEMV = True  # one row: broadcast products and sums instead of a 16-row tensor-core tile
 # how a tile finds NF4's 16 values: "gather" (a table load), "select" (15 compares and selects) or
 # "tree" (a binary tree of 8 + 4 + 2 + 1 selects on the code's bits)
@@ -120,14 +123,15 @@ def _rows_block(m: int) -> int:
 
 
 def _splits(programs: int, reduce: int, chunk: int) -> int:
-    s = 1
-    while programs * s * 2 <= PROGRAMS and reduce % (s * 2 * chunk) == 0:
-        s *= 2
-    return s
+    """How many programs share the contraction: the largest divisor of its ``reduce // chunk`` steps that
+    keeps the grid within `PROGRAMS` (any divisor: the 8B's 14,336-row contraction is 112 = 7·16 steps)."""
+    steps = reduce // chunk
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and (d == 1 or programs * d <= PROGRAMS))
 
 
 _SWITCHES = (
     "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
 _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches take their defaults)
@@ -135,6 +139,7 @@ _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches 
     "words": ("WORDS", True),
     "hints": ("HINTS", True),
     "readonly": ("READ_ONLY", True),
+    **{f"rows{n}": ("MAX_ROWS", n) for n in (16, 32, 64, 128)},
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
 
@@ -148,8 +153,8 @@ def configure(setting: str) -> dict[str, Any]:
     """Set every switch from a benchmark setting ``"bk,bn,warps,stages,programs[,gemv[,flags]]"``.
 
     ``TILE`` and ``TILE_T`` become ``(bk, bn)``; ``gemv`` is 1 or 0 (default 1); ``flags`` joins with
-    ``+`` any of ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints`` (`HINTS`) and one of
-    `LOOKUPS` (default ``gather``), or is ``loop`` for none. Switches a setting does not name go back
+    ``+`` any of ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints`` (`HINTS`), ``rowsN``
+    (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or is ``loop`` for none. Switches a setting does not name go back
     to their defaults, so settings never leak into each other. Returns `switches`. The empty string
     restores the defaults.
 
@@ -508,9 +513,16 @@ def _dot_bwd(treedef, out_dtype, interpret, precision, res, g):
     if isinstance(g, SymbolicZero):
         return None, [None] * len(leaves), None
     q = jax.tree_util.tree_unflatten(treedef, leaves)
-    dx = matmul(
-        g.astype(x.dtype), q, layer=layer, transpose=True, out_dtype=x.dtype, interpret=interpret, precision=precision
-    )
+    if g.shape[0] <= MAX_ROWS_T:
+        dx = matmul(
+            g.astype(x.dtype), q, layer=layer, transpose=True, out_dtype=x.dtype, interpret=interpret,
+            precision=precision,
+        )  # fmt: skip
+    else:  # XLA's path: W dequantized in x's dtype, then g·Wᵀ
+        w = dequantize_weight(q if layer is None else layer_of(q, layer), x.dtype)
+        dx = lax.dot_general(
+            g.astype(x.dtype), w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        ).astype(x.dtype)
     dleaves = [None] * len(leaves)
     if need_w:  # someone differentiates the quantized leaves themselves: XLA's path, exactly
         floats = [i for i, v in enumerate(leaves) if jnp.issubdtype(v.dtype, jnp.floating)]

@@ -203,6 +203,16 @@ def test_split_contraction_equals_one_program():
         _qmatmul.matmul(x, q, splits=4, interpret=True)
 
 
+def test_the_default_split_takes_any_divisor_of_the_steps(monkeypatch):
+    # 3 steps of 128 (as the 8B's 14,336 = 112 steps, not a power of 2): split 3 ways when the grid has room
+    assert _qmatmul._splits(8, 384, 128) == 3
+    monkeypatch.setattr(_qmatmul, "PROGRAMS", 16)
+    assert _qmatmul._splits(8, 384, 128) == 1 and _qmatmul._splits(4, 14336, 128) == 4
+    q = _quantized("int8", None, None, jnp.float32, shape=(384, 128))
+    x = jax.random.normal(jax.random.key(1), (1, 384))
+    _check(_qmatmul.matmul(x, q, splits=3, interpret=True), x, q)
+
+
 @pytest.mark.parametrize("lookup", ["select", "tree"])
 def test_select_lookups_equal_the_table_load(lookup):
     q = _quantized("nf4", 64, False, jnp.bfloat16, shape=(128, 128))
@@ -267,6 +277,19 @@ def test_mode_is_xla_off_gpu_and_follows_the_switch(monkeypatch):
     for forced in _qmatmul.MODES:
         monkeypatch.setattr(_qmatmul, "_MODE", forced)
         assert _qmatmul.mode(q, 1, jnp.float32) == forced
+
+
+def test_rows_past_the_transposed_limit_take_xla_for_dx(interpret, monkeypatch):
+    # MAX_ROWS raised for the forward (a decode batch of 40); the activation gradient stays on XLA's path
+    monkeypatch.setattr(_qmatmul, "MAX_ROWS", 64)
+    q = _quantized("nf4", 64, True, jnp.bfloat16, shape=(128, 256))
+    x = jax.random.normal(jax.random.key(1), (40, 128), jnp.bfloat16)
+    c = jax.random.normal(jax.random.key(2), (40, 256), jnp.bfloat16)
+    loss = lambda x: jnp.sum(_qmatmul.dot(x, q).astype(jnp.float32) * c)  # noqa: E731
+    calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
+    assert len(calls) == 1  # the forward's; dx is XLA's
+    _check(_qmatmul.dot(x, q), x, q)
+    _check(jax.jit(jax.grad(loss))(x), c.astype(jnp.bfloat16), q, transpose=True)
 
 
 def test_dot_gradients_for_x_and_for_the_float_leaves(interpret):
