@@ -90,6 +90,10 @@ for section in "$@"; do
           --shape $shape --batches 1 --modes bf16 --sweep $S --sweep-batches 1 16 64 --sweep-budget 200 \
           --copy-mib 1024 --out $OUT/qdecode_h200_splits_${shape//,/x}.json | grep -v '"sweep": {'
       done ;;
+    tiles25)  # issue 25: the many-row settings (TILE_M...) and divisor splits: the GPU test, then the 8B decode
+      timeout 150 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
+      timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1,4,16,64 --timeout 190 --out $OUT/qlora_decode_h200_tiles.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -47,9 +47,10 @@ Array = jax.Array
 # "interpret" (the kernel in Pallas's interpreter) or "xla" force one where the kernel covers the shapes.
 _MODE: str | None = None
 MODES = ("kernel", "interpret", "xla")
-# beyond this many rows XLA's dequantize-then-matmul is used: on the H200 the kernel won at 1, 8 and 16
-# rows, and at 64 (tiles of 128) it lost (benchmarks/results/qdecode_h200.json)
-MAX_ROWS = 16
+# beyond this many rows XLA's dequantize-then-matmul is used: on the H200 the kernel (`TILE_M`...) took
+# NF4 at 64 rows in 2.9-3.0 ms against XLA's 8.7, int8 2.1-2.3 against 4.0; at 128 rows it was not
+# measured with these settings (benchmarks/results/qdecode_h200_rows.json, _splits_*.json)
+MAX_ROWS = 64
 # the activation gradient (g·Wᵀ) takes the kernel up to this many rows, XLA's path beyond: on the H200
 # the transposed kernel lost 2.8x at 64 rows (qdecode_h200.json), so it never follows MAX_ROWS up
 MAX_ROWS_T = 16
@@ -70,6 +71,11 @@ TILE, TILE_T = (128, 128), (128, 128)  # (rows, columns) of W dequantized a step
 # sweep 4096 was within 13% of the best of 38 settings for NF4 and int8 at 1 and 16 rows, 512 within 59%
 # (benchmarks/results/qdecode_h200_variants.json)
 PROGRAMS = 4096
+# the forward on 2 to MAX_ROWS rows (tensor-core tiles): its own tile, warps, stages and programs. On the
+# H200 (qdecode_h200_splits_*.json, both 8B MLP shapes) (64, 128), 4, 1, 1024 was the fastest of 10 at
+# 16 and 64 rows for NF4 and within 8% for int8: NF4 3.32 / 2.93-3.03 ms against 3.74-3.91 / 4.80-4.84
+# with the one-row setting, whose split writes float32 partials larger than the codes at these rows
+TILE_M, WARPS_M, STAGES_M, PROGRAMS_M = (64, 128), 4, 1, 1024
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -79,9 +85,10 @@ def reference(x: Array, q: Quantized, out_dtype: Any = None, precision: Any = No
     return jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
-def _tiles(q: Quantized, transpose: bool) -> tuple[int, int]:
-    """(rows, columns) of ``W`` a step of the kernel dequantizes (`TILE`; at least one NF4 block wide)."""
-    bk, bn = TILE_T if transpose else TILE
+def _tiles(q: Quantized, transpose: bool, many: bool = False) -> tuple[int, int]:
+    """(rows, columns) of ``W`` a step of the kernel dequantizes (`TILE`, `TILE_T` for ``transpose``,
+    `TILE_M` for ``many`` rows; at least one NF4 block wide)."""
+    bk, bn = TILE_T if transpose else TILE_M if many else TILE
     return (bk, max(bn, q.block_size)) if q.format == "nf4" else (bk, bn)
 
 
@@ -99,7 +106,7 @@ def covers(q: Quantized, rows: int, dtype: Any, stacked: bool = False) -> str | 
     if rows == 0:
         return "no rows (an empty batch: the kernel's row tiles need at least one)"
     k, n = q.inner
-    bk, bn = (max(a, b) for a, b in zip(_tiles(q, False), _tiles(q, True)))
+    bk, bn = (max(t) for t in zip(_tiles(q, False), _tiles(q, True), _tiles(q, False, many=True)))
     if q.format == "nf4":
         bs = q.block_size
         if bs & (bs - 1) or n % bs:
@@ -122,15 +129,17 @@ def _rows_block(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _splits(programs: int, reduce: int, chunk: int) -> int:
+def _splits(programs: int, reduce: int, chunk: int, limit: int | None = None) -> int:
     """How many programs share the contraction: the largest divisor of its ``reduce // chunk`` steps that
-    keeps the grid within `PROGRAMS` (any divisor: the 8B's 14,336-row contraction is 112 = 7·16 steps)."""
-    steps = reduce // chunk
-    return max(d for d in range(1, steps + 1) if steps % d == 0 and (d == 1 or programs * d <= PROGRAMS))
+    keeps the grid within ``limit`` (default `PROGRAMS`; any divisor: the 8B's 14,336-row contraction is
+    112 = 7·16 steps)."""
+    steps, limit = reduce // chunk, limit or PROGRAMS
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and (d == 1 or programs * d <= limit))
 
 
 _SWITCHES = (
-    "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "TILE_M", "WARPS_M", "STAGES_M", "PROGRAMS_M",
+    "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
     "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
@@ -152,11 +161,12 @@ def switches() -> dict[str, Any]:
 def configure(setting: str) -> dict[str, Any]:
     """Set every switch from a benchmark setting ``"bk,bn,warps,stages,programs[,gemv[,flags]]"``.
 
-    ``TILE`` and ``TILE_T`` become ``(bk, bn)``; ``gemv`` is 1 or 0 (default 1); ``flags`` joins with
+    ``TILE``, ``TILE_T`` and ``TILE_M`` become ``(bk, bn)`` and the warps, stages and programs of every
+    path (one row, many rows, dx) the setting's; ``gemv`` is 1 or 0 (default 1); ``flags`` joins with
     ``+`` any of ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints`` (`HINTS`), ``rowsN``
-    (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or is ``loop`` for none. Switches a setting does not name go back
-    to their defaults, so settings never leak into each other. Returns `switches`. The empty string
-    restores the defaults.
+    (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or is ``loop`` for
+    none. Switches a setting does not name go back to their defaults, so settings never leak into each
+    other. Returns `switches`. The empty string restores the defaults.
 
     >>> configure("128,128,4,3,4096,1,reduce+words+tree")["LOOKUP"]
     'tree'
@@ -186,6 +196,7 @@ def configure(setting: str) -> dict[str, Any]:
     if nums:
         bk, bn, warps, stages, programs, *gemv = nums
         values.update(TILE=(bk, bn), TILE_T=(bk, bn), WARPS=warps, STAGES=stages, PROGRAMS=programs)
+        values.update(TILE_M=(bk, bn), WARPS_M=warps, STAGES_M=stages, PROGRAMS_M=programs)
         values["GEMV"] = bool(gemv[0]) if gemv else True
     values.update(_FLAGS[f] for f in flags)
     globals().update(values)
@@ -235,14 +246,15 @@ def matmul(
             " use `reference` (jaxlora.apply falls back to it by itself)."
         )  # fmt: skip
     k, n = q.inner
-    bk, bn = _tiles(q, transpose)
     bm = 1 if m == 1 and GEMV else _rows_block(m)
+    many = bm > 1 and not transpose  # the forward's tensor-core path: its own settings (`TILE_M`...)
+    bk, bn = _tiles(q, transpose, many)
     mp = -(-m // bm) * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     out_n = k if transpose else n
     out_tile = bk if transpose else bn
     reduce, chunk = (n, bn) if transpose else (k, bk)
-    s = splits or _splits((mp // bm) * (out_n // out_tile), reduce, chunk)
+    s = splits or _splits((mp // bm) * (out_n // out_tile), reduce, chunk, PROGRAMS_M if many else PROGRAMS)
     if reduce % (s * chunk):
         raise ValueError(
             f"splits={s} does not divide the contraction of {reduce} into steps of {chunk}; use a divisor."
@@ -296,7 +308,8 @@ def matmul(
         if one
         else pl.BlockSpec((None, bm, out_tile), lambda i, j, t: (t, i, j))
     )
-    params = {} if interpret else {"compiler_params": _compiler_params(WARPS, STAGES)}
+    warps, stages = (WARPS_M, STAGES_M) if many else (WARPS, STAGES)
+    params = {} if interpret else {"compiler_params": _compiler_params(warps, stages)}
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,

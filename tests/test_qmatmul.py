@@ -147,8 +147,9 @@ def test_variants_lower_to_triton_without_a_gpu():
 @pytest.mark.parametrize("setting", ["", *VARIANTS])
 def test_compiled_kernel_on_a_gpu_equals_the_exact_product(setting):
     """The device run's check: the kernel Triton compiles (not the interpreter), forward and transposed,
-    under the defaults (every layout; 1, 8 and 16 rows) and each variant (three layouts; 1 and 16 rows)."""
-    layouts, row_counts = (LAYOUTS, (1, 8, 16)) if not setting else ([LAYOUTS[0], LAYOUTS[3], LAYOUTS[4]], (1, 16))
+    under the defaults (every layout; 1, 8, 16, 40 and 64 rows) and each variant (three layouts; 1 and 16 rows)."""
+    some = [LAYOUTS[0], LAYOUTS[3], LAYOUTS[4]]
+    layouts, row_counts = (LAYOUTS, (1, 8, 16, 40, 64)) if not setting else (some, (1, 16))
     try:
         _qmatmul.configure(setting)
         for fmt, block, double_quant, dtype in layouts:
@@ -167,7 +168,8 @@ def test_configure_sets_every_switch_and_words_load_uint32():
     x = jnp.ones((1, 512))
     try:
         assert _qmatmul.configure("128,128,2,1,4096,1,words+reduce") == {
-            **_qmatmul._DEFAULTS, "WARPS": 2, "STAGES": 1, "PROGRAMS": 4096, "WORDS": True, "REDUCE": "step"
+            **_qmatmul._DEFAULTS, "WARPS": 2, "STAGES": 1, "PROGRAMS": 4096, "WORDS": True, "REDUCE": "step",
+            "TILE_M": (128, 128), "WARPS_M": 2, "STAGES_M": 1, "PROGRAMS_M": 4096,  # every path takes the setting
         }  # fmt: skip
         jaxpr = str(jax.make_jaxpr(lambda x, q: _qmatmul.matmul(x, q, interpret=True))(x, q))
         assert "grid=(1, 1, 4)" in jaxpr and "uint32" in jaxpr  # one step a program: K split 4 ways
@@ -199,8 +201,8 @@ def test_split_contraction_equals_one_program():
     two = _qmatmul.matmul(x, q, splits=2, interpret=True)
     _check(two, x, q)
     np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6 * float(jnp.abs(one).max()))
-    with pytest.raises(ValueError, match="splits=4 does not divide the contraction of 256"):
-        _qmatmul.matmul(x, q, splits=4, interpret=True)
+    with pytest.raises(ValueError, match="splits=3 does not divide the contraction of 256"):
+        _qmatmul.matmul(x, q, splits=3, interpret=True)
 
 
 def test_the_default_split_takes_any_divisor_of_the_steps(monkeypatch):
