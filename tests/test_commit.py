@@ -4,6 +4,7 @@
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -408,3 +409,21 @@ def test_merge_bases_jaxlora_exported_are_verified(tmp_path):
     with pytest.raises(ckpt.CorruptCheckpointError, match="base.safetensors is damaged: its SHA-256 differs"):
         ckpt.merge_safetensors(base, adapter, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["adapter", "peft", "safetensors"])
+def test_overwrite_false_never_replaces_what_another_save_committed_while_it_wrote(tmp_path, kind):
+    """Two saves without overwrite to one absent path: the second to rename must refuse, not replace the first."""
+    w = faults.Writer(kind, size=8, rank=2)
+    path, mine = tmp_path / w.name, w.save(tmp_path / "mine" / w.name, 2)
+    if kind == "safetensors":
+        writing = _commit.committing_file(path, overwrite=False)
+    else:
+        slot = dict(slot=True, carry=("adapter_config.json", "adapter_model.safetensors")) if kind == "peft" else {}
+        writing = _commit.committing(path, kind=kind, overwrite=False, **slot)
+    with pytest.raises(FileExistsError, match="while this save ran.*overwrite=True"):
+        with writing as staging:  # the check passed: nothing at path yet
+            w.save(path, 1)  # another process's save finishes first
+            (shutil.copy if kind == "safetensors" else shutil.copytree)(mine, staging)
+    _same(w.load(path), w.expected(1))
+    assert sorted(os.listdir(tmp_path)) == sorted(["mine", w.name])
