@@ -414,3 +414,61 @@ def test_adapter_files_get_the_mode_open_would_give(tmp_path, umask):
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()}
     want = oct(0o666 & ~umask)
     assert modes == {"adapter_config.json": want, "adapter_model.safetensors": want, "jaxlora_manifest.json": want}
+
+
+# adapter_config.json as PEFT writes it (every field, at PEFT's defaults), for an adapter of one Linear "fc"
+_PEFT_CONFIG = {
+    "peft_type": "LORA", "task_type": None, "auto_mapping": None, "base_model_name_or_path": "twin", "revision": None,
+    "inference_mode": True, "peft_version": "0.21.0", "r": 2, "lora_alpha": 4, "target_modules": ["fc"],
+    "exclude_modules": None, "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+    "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+    "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+    "lora_ga_config": None, "use_dora": False, "velora_config": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+    "ensure_weight_tying": False,
+}  # fmt: skip
+
+
+def _peft_made(path, **changes):
+    """A PEFT-made adapter directory (no jaxlora metadata, no manifest) of ``fc`` (in 6, out 5, r 2)."""
+    import safetensors.numpy
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    tensors = {f"base_model.model.fc.lora_{n}.weight": rng.normal(size=s).astype(np.float32) for n, s in
+               (("A", (2, 6)), ("B", (5, 2)))}  # fmt: skip
+    safetensors.numpy.save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({**_PEFT_CONFIG, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_peft_made_adapter_with_every_default_field_loads(tmp_path, init):
+    params = {"params": {"fc": {"kernel": jnp.ones((6, 5))}}}
+    lora = ckpt.load_peft(_peft_made(tmp_path / "a", init_lora_weights=init), params=params)
+    assert lora["fc"].a.shape == (6, 2) and lora["fc"].scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [  # PEFT re-runs these inits when it loads the adapter, rewriting the base weight: the factors belong to another W
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'.*base weight"),
+        ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights='pissa_niter_4'"),
+        ({"init_lora_weights": "olora"}, r"init_lora_weights='olora'"),
+        ({"init_lora_weights": "corda"}, r"init_lora_weights='corda'"),
+        ({"init_lora_weights": "lora_ga"}, r"init_lora_weights='lora_ga'"),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, r"init_lora_weights='loftq'"),
+        # these change what the adapter computes beyond W + scale·B·A
+        ({"layer_replication": [[0, 1], [0, 1]]}, r"layer_replication=\[\[0, 1\], \[0, 1\]\]"),
+        ({"alora_invocation_tokens": [5, 7]}, r"alora_invocation_tokens=\[5, 7\]"),
+        ({"arrow_config": {"top_k": 2}}, r"arrow_config="),
+        ({"use_qalora": True}, r"use_qalora=True"),
+        ({"some_future_field": 3}, r"some_future_field=3"),
+    ],
+)
+def test_peft_fields_load_peft_cannot_honour_are_named(tmp_path, changes, match):
+    params = {"params": {"fc": {"kernel": jnp.ones((6, 5))}}}
+    with pytest.raises(ValueError, match=r"(?s)Cannot read the PEFT adapter.*" + match):
+        ckpt.load_peft(_peft_made(tmp_path / "a", **changes), params=params)

@@ -44,6 +44,7 @@ import numpy as np
 
 from .._config import matches
 from .._matmul import LoraFactors
+from .._peft_config import load_problems
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
 from . import _commit, _fingerprint
@@ -479,6 +480,7 @@ def read_peft(
         raise ValueError(f"{path / CONFIG_FILE} is not a readable PEFT LoRA config:\n  " + "\n  ".join(problems))
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
+    problems += load_problems(config)
     to_save = list(config.get("modules_to_save") or [])
     if config.get("bias", "none") != "none":
         problems.append(f"bias is {config['bias']!r}; trained biases are not LoRA factors")
