@@ -253,6 +253,25 @@ def test_leftovers_after_a_kill_between_the_renames(tmp_path, kind):
     assert os.listdir(tmp_path) == [kind]
 
 
+@pytest.mark.parametrize("kind", ["adapter", "peft"])
+def test_leftovers_of_a_save_through_a_symlink_are_found_through_it(tmp_path, kind):
+    """A kill between the renames of a save through ``latest -> step`` leaves the checkpoints beside ``step``."""
+    w = faults.Writer(kind, size=8, rank=2)
+    old, new = (w.save(tmp_path / f"v{v}", v) for v in (1, 2))
+    (tmp_path / "latest").symlink_to("step")
+    dead = _dead_pid()
+    os.rename(old, tmp_path / f"step.jaxlora-old-{_commit._HOST}-{dead}-aaaaaaaa")
+    os.rename(new, tmp_path / f"step.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb")
+    os.utime(tmp_path / f"step.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb" / _commit.MANIFEST)
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'step'} does not exist.*interrupted.*jaxlora-new"):
+        _same(w.load(tmp_path / "latest"), w.expected(2))
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert ckpt.info(tmp_path / "latest").format == ("peft" if kind == "peft" else "orbax")
+    w.save(tmp_path / "latest", 3, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step"]
+    _same(w.load(tmp_path / "latest"), w.expected(3))
+
+
 def test_manifest_and_metadata_errors(tmp_path):
     w = faults.Writer("adapter", size=8, rank=2)
     path = w.save(tmp_path / "a", 1)

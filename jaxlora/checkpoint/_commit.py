@@ -335,7 +335,10 @@ def locate(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) 
     """``path``, or where a write interrupted between its two renames left no ``path``, the newest
     complete leftover beside it (with a warning); likewise where a write into a directory of other
     files (`_place`) was interrupted between its renames, leaving ``path``'s files disagreeing with its
-    manifest beside the complete copy of the files it replaced."""
+    manifest beside the complete copy of the files it replaced. A symlink whose target is missing is
+    followed to it: a save through the link (``latest -> step_100``) left its leftovers beside the target."""
+    if not path.exists() and path.is_symlink():
+        path = resolve(path)
     if path.exists():
         if not path.is_dir() or not (found := leftovers(path, kind, legacy)) or complete(path, kind):
             return path  # (the reader verifies path itself, and names what is damaged)
