@@ -53,13 +53,15 @@ def _lora(model, **kw):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_round_trip_and_config(tmp_path, model, rslora):
+    from jaxlora.checkpoint._peft import _pattern_value
+
     net, params, ids = model
     config, lora = _lora(model, rslora=rslora)
     out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES, config=config, base_model_name_or_path="twin")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is rslora
     assert cfg["target_modules"] == ["attn.heads", "embed", "fc1", "fc2"]
-    assert cfg["rank_pattern"] == {"attn.heads": 2} and cfg["alpha_pattern"] == {"fc2": 3}
+    assert cfg["rank_pattern"] == {r"^attn\.heads": 2} and cfg["alpha_pattern"] == {"^fc2": 3}  # each its module alone
     assert cfg["base_model_name_or_path"] == "twin"
     from safetensors.numpy import load_file
 
@@ -72,8 +74,8 @@ def test_round_trip_and_config(tmp_path, model, rslora):
     assert t["base_model.model.embed.lora_embedding_B"].shape == (16, 4)  # (features, r)
     for p, f in lora.items():  # PEFT's scale formula gives jaxlora's scale exactly
         name = NAMES[p]
-        r = cfg["rank_pattern"].get(name, cfg["r"])
-        alpha = cfg["alpha_pattern"].get(name, cfg["lora_alpha"])
+        r = _pattern_value(cfg["rank_pattern"], name, cfg["r"])  # as PEFT's get_pattern_key
+        alpha = _pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         assert alpha / (math.sqrt(r) if rslora else r) == f.scale, p
     for kw in (
         {},
@@ -472,3 +474,32 @@ def test_peft_fields_load_peft_cannot_honour_are_named(tmp_path, changes, match)
     params = {"params": {"fc": {"kernel": jnp.ones((6, 5))}}}
     with pytest.raises(ValueError, match=r"(?s)Cannot read the PEFT adapter.*" + match):
         ckpt.load_peft(_peft_made(tmp_path / "a", **changes), params=params)
+
+
+def test_a_torch_name_that_ends_another_keeps_its_own_rank_and_alpha(tmp_path):
+    """PEFT takes the first rank/alpha_pattern key matching a whole dotted suffix of a module name: a key
+    ``fc`` also matches ``zblock.fc``. Each module must still get its own rank and scale, in PEFT and back."""
+    from jaxlora.checkpoint._peft import _pattern_value
+
+    w = jnp.ones((4, 4))
+    params = {"params": {n: {"kernel": w} for n in ("fc", "other", "other2")} | {"zblock": {"fc": {"kernel": w}}}}
+    config = jaxlora.LoraConfig(
+        rank=2, alpha=2, targets=["fc", "other.*"], rank_pattern={"^fc": 4}, alpha_pattern={"^fc": 8, "zblock/fc": 32}
+    )
+    lora = jaxlora.init(jax.random.key(0), params, config)
+    made = {p: (f.a.shape[-1], f.scale) for p, f in lora.items() if "fc" in p}
+    assert made == {"fc": (4, 2.0), "zblock/fc": (2, 16.0)}
+    out = ckpt.save_peft(tmp_path / "a", lora, params=params, config=config)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    for torch_name, p in (("fc", "fc"), ("zblock.fc", "zblock/fc")):  # as PEFT reads the config
+        r = _pattern_value(cfg["rank_pattern"], torch_name, cfg["r"])
+        assert (r, _pattern_value(cfg["alpha_pattern"], torch_name, cfg["lora_alpha"]) / r) == (
+            lora[p].a.shape[-1],
+            lora[p].scale,
+        ), torch_name
+    back = ckpt.load_peft(out, params=params)
+    assert {p: f.scale for p, f in back.items()} == {p: f.scale for p, f in lora.items()}
+    # a file whose keys match more than their module (as jaxlora wrote them before) is refused, not misread
+    _rewrite_config(out, alpha_pattern={"fc": 8, "zblock.fc": 32})
+    with pytest.raises(ValueError, match=r"'zblock.fc': PEFT reads scale 4.0 .*saved it with scale 16.0"):
+        ckpt.load_peft(out, params=params)
