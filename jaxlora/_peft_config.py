@@ -44,6 +44,46 @@ _HINTS = {
 }
 
 
+# init_lora_weights whose init rewrites the base weight (PiSSA, CorDA, OLoRA, LoRA-GA: W - scale·B₀·A₀; LoftQ: a
+# quantized residual). PEFT re-runs it when it loads such an adapter, so the factors belong to a base other than W.
+_BASE_REWRITING = ("pissa", "corda", "olora", "lora_ga", "loftq")
+# what `load_peft` reads from a PEFT adapter's config, and the fields that do not change what its tensors compute
+_LOAD_READ = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout", "bias",
+              "modules_to_save", "target_parameters", "init_lora_weights"}  # fmt: skip
+_LOAD_IGNORED = _IGNORED | {
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_config", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config",
+}  # fmt: skip
+_LOAD_HINTS = {
+    "layer_replication": "PEFT builds a model of repeated base layers for this adapter; params hold each layer once",
+    "alora_invocation_tokens": "aLoRA adapts only the tokens from the invocation on; jaxlora adapts every token",
+    "use_qalora": "QALoRA's lora_A reads the input pooled in groups",
+    "arrow_config": "Arrow routes each token among several adapters",
+    "lora_bias": "jaxlora has no bias on lora_B",
+    "trainable_token_indices": "jaxlora does not train single embedding rows",
+}
+
+
+def load_problems(config: Mapping[str, Any]) -> list[str]:
+    """The fields of a PEFT adapter's config under which PEFT computes something other than what `load_peft`
+    reads (``W + scale·B·A`` per module, DoRA, ``modules_to_save``), one sentence each: never dropped silently."""
+    problems = []
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING):
+        problems.append(
+            f"init_lora_weights={init!r}: PEFT rewrites the base weight when it builds this adapter (W - scale·B0·A0, "
+            "or LoftQ's quantized residual), so its factors belong to that base weight, not to the original; convert "
+            "it to a plain LoRA in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)), or, if "
+            "your params are the residual base PEFT saved, set init_lora_weights to true in adapter_config.json"
+        )
+    for name, value in config.items():
+        if name in _LOAD_READ or name in _LOAD_IGNORED or _unset(value):
+            continue
+        hint = _LOAD_HINTS.get(name, "jaxlora does not know how it changes the adapter's output")
+        problems.append(f"{name}={value!r}: {hint}; jaxlora cannot load this adapter as plain LoRA")
+    return problems
+
+
 def peft_spelling_error(names: list[str]) -> TypeError:
     """The one-line error for ``LoraConfig(r=...)`` and the other PEFT spellings."""
     renames = ", ".join(f"{n} -> {PEFT_NAMES[n]}" for n in names)

@@ -4,6 +4,7 @@
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -252,6 +253,25 @@ def test_leftovers_after_a_kill_between_the_renames(tmp_path, kind):
     assert os.listdir(tmp_path) == [kind]
 
 
+@pytest.mark.parametrize("kind", ["adapter", "peft"])
+def test_leftovers_of_a_save_through_a_symlink_are_found_through_it(tmp_path, kind):
+    """A kill between the renames of a save through ``latest -> step`` leaves the checkpoints beside ``step``."""
+    w = faults.Writer(kind, size=8, rank=2)
+    old, new = (w.save(tmp_path / f"v{v}", v) for v in (1, 2))
+    (tmp_path / "latest").symlink_to("step")
+    dead = _dead_pid()
+    os.rename(old, tmp_path / f"step.jaxlora-old-{_commit._HOST}-{dead}-aaaaaaaa")
+    os.rename(new, tmp_path / f"step.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb")
+    os.utime(tmp_path / f"step.jaxlora-new-{_commit._HOST}-{dead}-bbbbbbbb" / _commit.MANIFEST)
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'step'} does not exist.*interrupted.*jaxlora-new"):
+        _same(w.load(tmp_path / "latest"), w.expected(2))
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert ckpt.info(tmp_path / "latest").format == ("peft" if kind == "peft" else "orbax")
+    w.save(tmp_path / "latest", 3, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step"]
+    _same(w.load(tmp_path / "latest"), w.expected(3))
+
+
 def test_manifest_and_metadata_errors(tmp_path):
     w = faults.Writer("adapter", size=8, rank=2)
     path = w.save(tmp_path / "a", 1)
@@ -408,3 +428,21 @@ def test_merge_bases_jaxlora_exported_are_verified(tmp_path):
     with pytest.raises(ckpt.CorruptCheckpointError, match="base.safetensors is damaged: its SHA-256 differs"):
         ckpt.merge_safetensors(base, adapter, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["adapter", "peft", "safetensors"])
+def test_overwrite_false_never_replaces_what_another_save_committed_while_it_wrote(tmp_path, kind):
+    """Two saves without overwrite to one absent path: the second to rename must refuse, not replace the first."""
+    w = faults.Writer(kind, size=8, rank=2)
+    path, mine = tmp_path / w.name, w.save(tmp_path / "mine" / w.name, 2)
+    if kind == "safetensors":
+        writing = _commit.committing_file(path, overwrite=False)
+    else:
+        slot = dict(slot=True, carry=("adapter_config.json", "adapter_model.safetensors")) if kind == "peft" else {}
+        writing = _commit.committing(path, kind=kind, overwrite=False, **slot)
+    with pytest.raises(FileExistsError, match="while this save ran.*overwrite=True"):
+        with writing as staging:  # the check passed: nothing at path yet
+            w.save(path, 1)  # another process's save finishes first
+            (shutil.copy if kind == "safetensors" else shutil.copytree)(mine, staging)
+    _same(w.load(path), w.expected(1))
+    assert sorted(os.listdir(tmp_path)) == sorted(["mine", w.name])

@@ -241,3 +241,37 @@ def test_cli_names_file_that_is_not_json(tmp_path, capsys):
     args = [str(tmp_path / "b.safetensors"), str(tmp_path / "adapter"), str(tmp_path / "o")]
     assert main(["merge", *args, "--names", str(tmp_path / "names.json")]) == 1
     assert "names.json': cannot read a JSON object {regex: replacement} from it (Expecting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_safetensors_fan_in_fan_out(tmp_path, dora):
+    """GPT-2's Conv1D stores its weight (in, out); PEFT then writes fan_in_fan_out=true and merges
+    W + scale·(B·A)ᵀ. A square weight must not take the delta untransposed (its shape cannot tell)."""
+    import safetensors.numpy
+
+    rng = np.random.default_rng(0)
+    base = {"h.0.attn.c_proj.weight": rng.normal(size=(6, 6)), "h.0.mlp.c_fc.weight": rng.normal(size=(6, 10))}
+    base = {k: v.astype(np.float32) for k, v in base.items()}  # (in, out), as Conv1D holds them
+    safetensors.numpy.save_file(base, str(tmp_path / "base.safetensors"))
+    adapter, tensors, want = tmp_path / "adapter", {}, {}
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        A, B = rng.normal(size=(2, w.shape[0])), rng.normal(size=(w.shape[1], 2))  # (r, in), (out, r)
+        tensors |= {f"base_model.model.{module}.lora_A.weight": A, f"base_model.model.{module}.lora_B.weight": B}
+        d = w.T + 2.0 * B @ A  # PEFT's math, in the (out, in) orientation: transpose(W), then back
+        if dora:
+            m = rng.uniform(1, 2, size=w.shape[1])
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = m
+            d = d * (m / np.linalg.norm(d, axis=1))[:, None]
+        want[name] = d.T
+    adapter.mkdir()
+    safetensors.numpy.save_file(
+        {k: v.astype(np.float32) for k, v in tensors.items()}, str(adapter / "adapter_model.safetensors")
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["c_proj", "c_fc"],
+              "fan_in_fan_out": True, "use_dora": dora, "bias": "none", "init_lora_weights": True}  # fmt: skip
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = ckpt.merge_safetensors(tmp_path / "base.safetensors", adapter, tmp_path / "m.safetensors")
+    got = load_file(str(out))
+    for name in base:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)

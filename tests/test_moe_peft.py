@@ -180,12 +180,15 @@ def test_peft_loads_jaxlora_expert_adapter(tmp_path, transposed, mode):
     with torch.no_grad():
         base = twin(xt).numpy()
     np.testing.assert_allclose(base, model.apply(params, x), atol=1e-5, rtol=1e-5)  # the twins agree without LoRA
+    from jaxlora.checkpoint._peft import _pattern_value
+
     config = jaxlora.LoraConfig(**fields)  # its rslora picks use_rslora
     ckpt.save_peft(tmp_path, lora, params=params, names=NAMES, config=config, experts=EXPERTS)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     for p, f in lora.items():  # PEFT's scale formula gives jaxlora's scale exactly, r being the rank per expert
         name = NAMES[p]
-        r, alpha = cfg["rank_pattern"].get(name, cfg["r"]), cfg["alpha_pattern"].get(name, cfg["lora_alpha"])
+        r = _pattern_value(cfg["rank_pattern"], name, cfg["r"])  # as PEFT's get_pattern_key
+        alpha = _pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         assert r == f.rank and alpha / (math.sqrt(r) if cfg["use_rslora"] else r) == f.scale, p
     loaded = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
     assert sum(isinstance(m, peft.tuners.lora.layer.ParamWrapper) for m in loaded.modules()) == 2

@@ -53,13 +53,15 @@ def _lora(model, **kw):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_round_trip_and_config(tmp_path, model, rslora):
+    from jaxlora.checkpoint._peft import _pattern_value
+
     net, params, ids = model
     config, lora = _lora(model, rslora=rslora)
     out = ckpt.save_peft(tmp_path, lora, params=params, names=NAMES, config=config, base_model_name_or_path="twin")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is rslora
     assert cfg["target_modules"] == ["attn.heads", "embed", "fc1", "fc2"]
-    assert cfg["rank_pattern"] == {"attn.heads": 2} and cfg["alpha_pattern"] == {"fc2": 3}
+    assert cfg["rank_pattern"] == {r"^attn\.heads": 2} and cfg["alpha_pattern"] == {"^fc2": 3}  # each its module alone
     assert cfg["base_model_name_or_path"] == "twin"
     from safetensors.numpy import load_file
 
@@ -72,8 +74,8 @@ def test_round_trip_and_config(tmp_path, model, rslora):
     assert t["base_model.model.embed.lora_embedding_B"].shape == (16, 4)  # (features, r)
     for p, f in lora.items():  # PEFT's scale formula gives jaxlora's scale exactly
         name = NAMES[p]
-        r = cfg["rank_pattern"].get(name, cfg["r"])
-        alpha = cfg["alpha_pattern"].get(name, cfg["lora_alpha"])
+        r = _pattern_value(cfg["rank_pattern"], name, cfg["r"])  # as PEFT's get_pattern_key
+        alpha = _pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         assert alpha / (math.sqrt(r) if rslora else r) == f.scale, p
     for kw in (
         {},
@@ -414,3 +416,90 @@ def test_adapter_files_get_the_mode_open_would_give(tmp_path, umask):
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()}
     want = oct(0o666 & ~umask)
     assert modes == {"adapter_config.json": want, "adapter_model.safetensors": want, "jaxlora_manifest.json": want}
+
+
+# adapter_config.json as PEFT writes it (every field, at PEFT's defaults), for an adapter of one Linear "fc"
+_PEFT_CONFIG = {
+    "peft_type": "LORA", "task_type": None, "auto_mapping": None, "base_model_name_or_path": "twin", "revision": None,
+    "inference_mode": True, "peft_version": "0.21.0", "r": 2, "lora_alpha": 4, "target_modules": ["fc"],
+    "exclude_modules": None, "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+    "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+    "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+    "lora_ga_config": None, "use_dora": False, "velora_config": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+    "ensure_weight_tying": False,
+}  # fmt: skip
+
+
+def _peft_made(path, **changes):
+    """A PEFT-made adapter directory (no jaxlora metadata, no manifest) of ``fc`` (in 6, out 5, r 2)."""
+    import safetensors.numpy
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    tensors = {f"base_model.model.fc.lora_{n}.weight": rng.normal(size=s).astype(np.float32) for n, s in
+               (("A", (2, 6)), ("B", (5, 2)))}  # fmt: skip
+    safetensors.numpy.save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({**_PEFT_CONFIG, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_peft_made_adapter_with_every_default_field_loads(tmp_path, init):
+    params = {"params": {"fc": {"kernel": jnp.ones((6, 5))}}}
+    lora = ckpt.load_peft(_peft_made(tmp_path / "a", init_lora_weights=init), params=params)
+    assert lora["fc"].a.shape == (6, 2) and lora["fc"].scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [  # PEFT re-runs these inits when it loads the adapter, rewriting the base weight: the factors belong to another W
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'.*base weight"),
+        ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights='pissa_niter_4'"),
+        ({"init_lora_weights": "olora"}, r"init_lora_weights='olora'"),
+        ({"init_lora_weights": "corda"}, r"init_lora_weights='corda'"),
+        ({"init_lora_weights": "lora_ga"}, r"init_lora_weights='lora_ga'"),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, r"init_lora_weights='loftq'"),
+        # these change what the adapter computes beyond W + scale·B·A
+        ({"layer_replication": [[0, 1], [0, 1]]}, r"layer_replication=\[\[0, 1\], \[0, 1\]\]"),
+        ({"alora_invocation_tokens": [5, 7]}, r"alora_invocation_tokens=\[5, 7\]"),
+        ({"arrow_config": {"top_k": 2}}, r"arrow_config="),
+        ({"use_qalora": True}, r"use_qalora=True"),
+        ({"some_future_field": 3}, r"some_future_field=3"),
+    ],
+)
+def test_peft_fields_load_peft_cannot_honour_are_named(tmp_path, changes, match):
+    params = {"params": {"fc": {"kernel": jnp.ones((6, 5))}}}
+    with pytest.raises(ValueError, match=r"(?s)Cannot read the PEFT adapter.*" + match):
+        ckpt.load_peft(_peft_made(tmp_path / "a", **changes), params=params)
+
+
+def test_a_torch_name_that_ends_another_keeps_its_own_rank_and_alpha(tmp_path):
+    """PEFT takes the first rank/alpha_pattern key matching a whole dotted suffix of a module name: a key
+    ``fc`` also matches ``zblock.fc``. Each module must still get its own rank and scale, in PEFT and back."""
+    from jaxlora.checkpoint._peft import _pattern_value
+
+    w = jnp.ones((4, 4))
+    params = {"params": {n: {"kernel": w} for n in ("fc", "other", "other2")} | {"zblock": {"fc": {"kernel": w}}}}
+    config = jaxlora.LoraConfig(
+        rank=2, alpha=2, targets=["fc", "other.*"], rank_pattern={"^fc": 4}, alpha_pattern={"^fc": 8, "zblock/fc": 32}
+    )
+    lora = jaxlora.init(jax.random.key(0), params, config)
+    made = {p: (f.a.shape[-1], f.scale) for p, f in lora.items() if "fc" in p}
+    assert made == {"fc": (4, 2.0), "zblock/fc": (2, 16.0)}
+    out = ckpt.save_peft(tmp_path / "a", lora, params=params, config=config)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    for torch_name, p in (("fc", "fc"), ("zblock.fc", "zblock/fc")):  # as PEFT reads the config
+        r = _pattern_value(cfg["rank_pattern"], torch_name, cfg["r"])
+        assert (r, _pattern_value(cfg["alpha_pattern"], torch_name, cfg["lora_alpha"]) / r) == (
+            lora[p].a.shape[-1],
+            lora[p].scale,
+        ), torch_name
+    back = ckpt.load_peft(out, params=params)
+    assert {p: f.scale for p, f in back.items()} == {p: f.scale for p, f in lora.items()}
+    # a file whose keys match more than their module (as jaxlora wrote them before) is refused, not misread
+    _rewrite_config(out, alpha_pattern={"fc": 8, "zblock.fc": 32})
+    with pytest.raises(ValueError, match=r"'zblock.fc': PEFT reads scale 4.0 .*saved it with scale 16.0"):
+        ckpt.load_peft(out, params=params)

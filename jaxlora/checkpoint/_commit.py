@@ -335,7 +335,10 @@ def locate(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) 
     """``path``, or where a write interrupted between its two renames left no ``path``, the newest
     complete leftover beside it (with a warning); likewise where a write into a directory of other
     files (`_place`) was interrupted between its renames, leaving ``path``'s files disagreeing with its
-    manifest beside the complete copy of the files it replaced."""
+    manifest beside the complete copy of the files it replaced. A symlink whose target is missing is
+    followed to it: a save through the link (``latest -> step_100``) left its leftovers beside the target."""
+    if not path.exists() and path.is_symlink():
+        path = resolve(path)
     if path.exists():
         if not path.is_dir() or not (found := leftovers(path, kind, legacy)) or complete(path, kind):
             return path  # (the reader verifies path itself, and names what is damaged)
@@ -424,7 +427,8 @@ def committing(
         _sync(collective, f"jaxlora wrote {staging}")
         if lead:
             write_manifest(staging, kind)
-            allowed = {kind, "empty"} | ({None} if slot else set())
+            # what may be at target when the rename runs (another save may have finished meanwhile)
+            allowed = {"empty"} | ({kind} if overwrite else set()) | ({None} if slot else set())
             if slot and target.is_dir() and set(os.listdir(target)) - set(carry) - {MANIFEST}:
                 _place(target, staging, aside, allowed)  # others' files there: the directory stays
             else:
@@ -437,13 +441,25 @@ def committing(
     _sync(collective, f"jaxlora committed {staging}")
 
 
+def _still_replaceable(target: Path, allowed: set[str | None]) -> None:
+    """Raise unless what is at ``target`` now (under the rename lock) is ``allowed`` to be replaced: a save
+    without ``overwrite`` found nothing there when it began, and must not replace what another save put there."""
+    if (found := kind_of(target)) in allowed:
+        return
+    if found in KINDS:
+        raise FileExistsError(
+            f"{target} was written by another save while this save ran; nothing written. Pass overwrite=True to "
+            "replace it, or choose another path."
+        )
+    raise ValueError(f"{target} became {_what(target, found)} while this save ran; nothing written.")
+
+
 def _swap(target: Path, staging: Path, aside: Path, allowed: set[str | None]) -> None:
     fd = os.open(target.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
         if target.exists():
-            if (found := kind_of(target)) not in allowed:
-                raise ValueError(f"{target} became {_what(target, found)} while this save ran; nothing written.")
+            _still_replaceable(target, allowed)
             os.replace(target, aside)  # killed from here ...
         try:
             os.replace(staging, target)  # ... to here, readers fall back on `staging` (complete) and warn
@@ -466,8 +482,7 @@ def _place(target: Path, staging: Path, aside: Path, allowed: set[str | None]) -
     fd = os.open(target.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time
-        if (found := kind_of(target)) not in allowed:
-            raise ValueError(f"{target} became {_what(target, found)} while this save ran; nothing written.")
+        _still_replaceable(target, allowed)
         names = sorted(os.listdir(staging), key=lambda n: (n == MANIFEST, n))
         old = [n for n in names if os.path.lexists(target / n) and not (target / n).is_dir()]
         if old:
@@ -512,8 +527,16 @@ def committing_file(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Pat
     try:
         yield staging
         _fsync(staging)
-        os.replace(staging, target)
-        _fsync(target.parent)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one writer renames at a time, as `_swap`
+            if target.exists() or target.is_symlink():
+                _still_replaceable(target, {"empty"} | ({"safetensors"} if overwrite else set()))
+            os.replace(staging, target)
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
     except BaseException:
         _remove(staging)
         raise

@@ -264,7 +264,11 @@ def save_merged(
     return path
 
 
-def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, float, Any]]:
+def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, bool, np.ndarray, np.ndarray, float, Any]]:
+    """Each module's name, whether its base weight is stored ``(in, out)``, ``A``, ``B``, scale and DoRA magnitude.
+
+    ``(in, out)``: an embedding's ``(vocab, features)``, and under ``fan_in_fan_out`` (which PEFT sets for
+    GPT-2's ``Conv1D``) a linear weight: PEFT then merges ``W + scale·(B·A)ᵀ``."""
     from ._peft import _scale
 
     config, modules, _ = read_peft(adapter)
@@ -274,8 +278,9 @@ def _peft_deltas(adapter: str | os.PathLike) -> Iterator[tuple[str, str, np.ndar
             f"{adapter} holds modules_to_save {saved} (full trained copies); merge_safetensors writes only LoRA "
             "deltas: load it with jaxlora.checkpoint.load_peft and export with jaxlora.checkpoint.save_merged."
         )
+    in_out = bool(config.get("fan_in_fan_out"))
     for name, m in modules.items():
-        yield name, m["kind"], m["A"], m["B"], _scale(config, name, m["A"].shape[0]), m.get("M")
+        yield name, m["kind"] != "linear" or in_out, m["A"], m["B"], _scale(config, name, m["A"].shape[0]), m.get("M")
 
 
 def merge_safetensors(
@@ -289,7 +294,8 @@ def merge_safetensors(
     """Merge a PEFT adapter into a Hugging Face safetensors checkpoint, one tensor at a time (PEFT's math).
 
     ``W (out, in) += scale · B·A`` for ``lora_A``/``lora_B`` and ``W (vocab, features) += scale · (B·A)ᵀ`` for
-    embeddings, summed in float32 and cast back to ``W``'s dtype; with DoRA's ``lora_magnitude_vector``
+    embeddings and, under the config's ``fan_in_fan_out`` (GPT-2's ``Conv1D``, stored ``(in, out)``), linear
+    weights, summed in float32 and cast back to ``W``'s dtype; with DoRA's ``lora_magnitude_vector``
     the sum is then scaled to ``m / ‖W + ΔW‖`` per output feature. Only one base tensor is read at a time.
     ``progress``, if given, is called as ``progress(done, total)`` after each tensor.
 
@@ -316,7 +322,7 @@ def merge_safetensors(
 
     out = Path(out)
     _commit.check_replaceable(_commit.resolve(out), "safetensors", overwrite=overwrite)
-    deltas = {f"{name}.weight": (kind, A, B, s, M) for name, kind, A, B, s, M in _peft_deltas(adapter)}
+    deltas = {f"{name}.weight": (in_out, A, B, s, M) for name, in_out, A, B, s, M in _peft_deltas(adapter)}
     _commit.verify_safetensors(Path(base))  # a merged export of jaxlora's carries its checksum
     try:
         reader = safe_open(str(base), framework="numpy")
@@ -340,8 +346,8 @@ def merge_safetensors(
                     "(a quantized checkpoint? merge into the float checkpoint it was made from)"
                 )
             elif k in deltas:
-                kind, A, B, _, _ = deltas[k]
-                want = (B.shape[0], A.shape[1]) if kind == "linear" else (A.shape[1], B.shape[0])
+                in_out, A, B, _, _ = deltas[k]
+                want = (A.shape[1], B.shape[0]) if in_out else (B.shape[0], A.shape[1])
                 if shape != want:
                     problems.append(f"{k!r}: base {shape}, adapter expects {want}")
         if problems:
@@ -358,17 +364,16 @@ def merge_safetensors(
             dtype = _np_dtype(code)
             w = np.frombuffer(raw, dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype).reshape(shape)
             del raw
-            kind, A, B, s, M = deltas[k]
+            in_out, A, B, s, M = deltas[k]
             acc = np.float64 if code == "F64" else np.float32  # float32, or float64 not to round a float64 base
             d = B.astype(acc) @ A.astype(acc)  # one weight-sized temporary, updated in place
             d *= acc(s)
-            d = d if kind == "linear" else d.T
+            d = d.T if in_out else d
             d += w.astype(acc, copy=False)
             del w
             if M is not None:  # DoRA: m / ‖W + ΔW‖ · (W + ΔW), the norm over the input axis
-                axis = 1 if kind == "linear" else 0
-                g = M.reshape(-1).astype(acc) / np.linalg.norm(d, axis=axis)
-                d *= g[:, None] if kind == "linear" else g[None, :]
+                g = M.reshape(-1).astype(acc) / np.linalg.norm(d, axis=0 if in_out else 1)
+                d *= g[None, :] if in_out else g[:, None]
             return d.astype(dtype, copy=False)
 
         def counted(i: int) -> np.ndarray:

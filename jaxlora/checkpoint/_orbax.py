@@ -339,7 +339,7 @@ def info(directory: PathLike) -> AdapterInfo:
     """
     path = Path(directory).absolute()
     peft = path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists()
-    if peft or not path.exists() and _commit.leftovers(path, "peft"):
+    if peft or not path.exists() and _commit.leftovers(_commit.resolve(path), "peft"):
         return peft_info(path)
     path, meta = _locate(path)
     return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(path))

@@ -44,6 +44,7 @@ import numpy as np
 
 from .._config import matches
 from .._matmul import LoraFactors
+from .._peft_config import load_problems
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
 from . import _commit, _fingerprint
@@ -311,8 +312,9 @@ def save_peft_files(
         "target_modules": sorted(n for n in ranks if n not in targeted),
         "target_parameters": sorted(targeted) or None,
         "use_rslora": rslora,
-        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        # PEFT's keys are regexes matching any dotted suffix ("fc" matches "block.fc"): anchored, each matches its own
+        "rank_pattern": {_exact(n): k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {_exact(n): a for n, a in alphas.items() if a != alpha},
         "lora_dropout": max(dropouts) if dropouts else 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -444,6 +446,11 @@ def against_original(lora: Mapping[str, LoraFactors], initial: Mapping[str, Lora
     return out
 
 
+def _exact(name: str) -> str:
+    """A rank/alpha_pattern key that PEFT matches against ``name`` alone (not against ``x.name``)."""
+    return "^" + re.escape(name)
+
+
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches a whole dotted suffix of ``name``."""
     for key, value in patterns.items():
@@ -479,6 +486,7 @@ def read_peft(
         raise ValueError(f"{path / CONFIG_FILE} is not a readable PEFT LoRA config:\n  " + "\n  ".join(problems))
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be read")
+    problems += load_problems(config)
     to_save = list(config.get("modules_to_save") or [])
     if config.get("bias", "none") != "none":
         problems.append(f"bias is {config['bias']!r}; trained biases are not LoRA factors")
@@ -823,6 +831,13 @@ def load_peft(
         dropout = float(config.get("lora_dropout", 0.0))
         dropout = saved[name][1].get("dropout", dropout) if name in saved else dropout
         scale = _scale(config, param_of.get(name, name), r)
+        if name in saved and not math.isclose(scale, saved[name][1].get("scale", scale), rel_tol=1e-9):
+            problems.append(
+                f"{param_of.get(name, name)!r}: PEFT reads scale {scale} for it from {CONFIG_FILE}, but jaxlora "
+                f"saved it with scale {saved[name][1]['scale']} (a rank/alpha_pattern key of an older jaxlora "
+                "also matches this module); load it with that jaxlora and save it again with this one"
+            )
+            continue
         lora[p] = LoraFactors(a=a, b=b, scale=scale, roles=role, dropout=dropout, m=mag)
     lora.update(_saved_modules(to_save, extra, params, names, dtype, problems))
     if problems:
