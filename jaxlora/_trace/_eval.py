@@ -99,16 +99,17 @@ def is_lazy(v: Any) -> bool:
 _STORED = True
 
 
-def realize(v: Any, eqn=None) -> Any:
+def realize(v: Any, eqn=None, keep: bool = True) -> Any:
     """``v`` with a lazy weight (itself, or a tagged weight's ``w``) turned into its array.
 
     A tagged weight realized for a matmul (``eqn``) keeps its lazy form as ``stored``, for the op's
-    backward pass to form ``W`` again from (`_matmul.lora_op`).
+    backward pass to form ``W`` again from (`_matmul.lora_op`), unless not ``keep`` (inside a remat,
+    whose backward recomputes ``W`` anyway: keeping it there saves one dequantization).
     """
     if isinstance(v, Lazy):
         return v.realize(eqn)
     if isinstance(v, Tagged) and isinstance(v.w, Lazy):
-        stored = v.w if _STORED and eqn is not None and eqn.primitive.name in MATMULS else None
+        stored = v.w if keep and _STORED and eqn is not None and eqn.primitive.name in MATMULS else None
         return Tagged(v.w.realize(eqn), v.a, v.b, v.view, v.factors, v.m, stored)
     return v
 
@@ -464,13 +465,17 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
     if eqn.primitive.name not in KEEPS_LAZY and any(is_lazy(v) for v in invals):
         rule = LAZY_RULES.get(eqn.primitive.name)
         outs = None if rule is None else rule(eqn, invals, ctx)
-        if outs is None and not ctx.probing:
+        # outside a remat a matmul's backward keeps the stored weight, not W (`_frozen`, `Tagged.stored`);
+        # inside one the backward recomputes W from the codes anyway, and keeping it saves a dequantization
+        stored = not ctx.probing and not ctx.in_remat
+        if outs is None and stored:
             outs = _frozen(eqn, invals)
-        if outs is None and not ctx.probing:
+        if outs is None and stored:
             outs = _view(eqn, invals, ctx)
         if outs is not None:
             return outs
-        invals = [realize(v, eqn) for v in invals]  # a quantized weight's first real use: dequantize here
+        # a quantized weight's first real use: dequantize here
+        invals = [realize(v, eqn, keep=stored) for v in invals]
         if not any(isinstance(v, Tagged) for v in invals):
             return bind(eqn, invals)
     return RULES.get(eqn.primitive.name, untag_all)(eqn, invals, ctx)
