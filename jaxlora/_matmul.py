@@ -166,6 +166,7 @@ def lora_op(
     norm_op: Callable[[Array, Array, Array, Array | None], Array] | None = None,
     to_out: Callable[[Array, int], Array] | None = None,
     path: str | None = None,
+    stored: Any = None,
 ) -> Array:
     """``base(x, W) + scale · second_op(first_op(x, first), second)``: a layer op with LoRA.
 
@@ -199,10 +200,16 @@ def lora_op(
     the transient ``W + ΔW`` when that form is chosen, else from the factors, `weight_norm`), and
     ``to_out(g, ndim)`` lays ``g`` out to broadcast against the op's ``ndim``-D output. The backward pass is the
     LoRA one on ``g ⊙ dy``, plus ``dm`` from the saved pre-scale output: still no ``W``-shaped gradient.
+
+    ``stored``, when given, is ``W`` as it is stored (a quantized weight's codes and scales): a pytree
+    whose ``realize()`` is ``w``. The backward pass then keeps it rather than ``w`` and forms ``W``
+    again where ``dx`` needs it (`factored`), so no float copy of a frozen quantized weight outlives
+    the forward pass.
     """
     z, delta_op = _lora_op(
-        x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key
-    )
+        x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key,
+        stored,
+    )  # fmt: skip
     z = checkpoint_name(z, _remat.OUT if path is None else f"{_remat.OUT}/{path}")
     if magnitude is None:
         return z
@@ -214,7 +221,9 @@ def lora_op(
     return (z * g).astype(z.dtype)
 
 
-def _lora_op(x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key):
+def _lora_op(
+    x, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, dropout_rate, dropout_key, stored
+):
     """`lora_op` without DoRA: the op's value and the ``delta_op`` its form used (None: factored)."""
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     xl = x
@@ -223,12 +232,13 @@ def _lora_op(x, w, first, second, scale, base, first_op, second_op, delta_op, si
         xl = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
     if floating:
         if side_by_side and xl is x and not _on_mesh() and _fused.chosen(x, w, first.shape[-1]):
-            return factored(x, xl, w, first, second, scale, base, first_op, second_op, None, False, True), None
+            return factored(x, xl, w, first, second, scale, base, first_op, second_op, None, False, True, stored), None
         if delta_op is not None and (xl is not x or not merge_is_cheaper(x, w, base)):
             delta_op = None
         # the one-read ops pay off with the transient W + ΔW (measured slower and larger without it)
         side_by_side = side_by_side and _SIDE_BY_SIDE and delta_op is not None and w.dtype == x.dtype
-        return factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side), delta_op
+        out = factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, False, stored)
+        return out, delta_op
     y = base(x, w)  # a lookup: integer indices have no gradient, plain autodiff is already minimal
     t = first_op(x, first.astype(y.dtype))
     t = (t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
@@ -307,7 +317,10 @@ def _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, 
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
-def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None, side_by_side=False, fused=False):
+def factored(
+    x, xl, w, first, second, scale, base, first_op, second_op, delta_op=None, side_by_side=False, fused=False,
+    stored=None,
+):  # fmt: skip
     """``base(x, W) + second_op(first_op(xl, scale·first), second)`` with a VJP that has no ``dW``.
 
     ``xl`` is ``x`` after LoRA dropout (``x`` itself without it). With ``delta_op`` (then ``xl`` is
@@ -315,7 +328,10 @@ def factored(x, xl, w, first, second, scale, base, first_op, second_op, delta_op
     and the input gradient are `jaxlora._fused.matmul`. Residuals, each only where a requested
     cotangent needs it (`_factored_fwd`): ``xl`` for ``dA``, the rank-``r`` product ``t = xl·a``
     (named ``"lora_xa"``) for ``dB``, ``W`` (a buffer the caller holds anyway) for ``dx``, the two
-    factors cast to ``x``'s dtype (factor-sized), and ``x`` only for ``dW``.
+    factors cast to ``x``'s dtype (factor-sized), and ``x`` only for ``dW``. Given ``stored`` (``W``
+    as stored, whose ``realize()`` is ``w``: `lora_op`), ``dx`` keeps that instead and forms ``W`` again
+    (where ``W`` is a dequantized weight, the caller holds its codes, not ``W``); it gets no cotangent
+    (a gradient of the stored leaves, if asked for, flows through ``w``).
     """
     f, s = _cast(first, second, scale, xl.dtype)  # no side_by_side: at B = 0 this is base(x, W) + an exact zero
     return _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, False, fused, need_t=False)[0]
@@ -368,12 +384,13 @@ class _Need:
     dt: bool  # the rank product's cotangent
 
 
-def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, fused):
+def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, delta_op, side_by_side, fused, stored):
     # symbolic_zeros=True: each primal comes with `.perturbed`, so the backward pass computes only
     # the cotangents that someone asked for (no dW unless W is differentiated, no dx for a constant x),
     # and the residuals hold only what those need: the rest is a `_Like` (shape and dtype, no bytes).
     nx, nxl, nw, nfirst, nsecond = (p.perturbed for p in (x, xl, w, first, second))
     x, xl, w, first, second = (p.value for p in (x, xl, w, first, second))
+    stored = _values(stored)
     f, s = _cast(first, second, scale, xl.dtype)
     out, t = _forward(x, xl, w, f, s, base, first_op, second_op, delta_op, side_by_side, fused, need_t=nsecond)
     by_fused = fused and (nx or nxl)
@@ -385,7 +402,8 @@ def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, del
     res = (
         _keep(x, nw),
         _keep(xl, nfirst),
-        _keep(w, by_fused or by_merged),
+        _keep(w, (by_fused or by_merged) and stored is None),
+        stored if by_fused or by_merged else None,
         _keep(f, by_fused or dxl or (by_merged and delta_op is not None)),
         _keep(s, need.dt or (by_merged and (delta_op is not None or side_by_side))),
         _keep(t, nsecond),
@@ -397,21 +415,22 @@ def _factored_fwd(x, xl, w, first, second, scale, base, first_op, second_op, del
 
 
 def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fused, res, g):
-    x, xl, w, f, s, t, first, second, need = res
+    x, xl, w, stored, f, s, t, first, second, need = res
     if isinstance(g, SymbolicZero):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     # Each op is linear in the argument transposed, so the forward that jax.vjp traces is dead code.
     dx = dxl = dt = ds = dw = df = None
     g = g.astype(t.dtype)
     if need.fused:  # g·Wᵀ + dt·fᵀ in one kernel: dx holds the LoRA term (xl is x)
         dt = jax.vjp(lambda t: second_op(t, s), _array(t))[1](g)[0]
         k, n = w.shape
+        w = _again(w, stored)
         dx = _fused.matmul(g.reshape(-1, n), w, dt.reshape(-1, dt.shape[-1]), f.T, transpose_w=True)
         dx = dx.reshape(*x.shape[:-1], k).astype(x.dtype)
     elif need.merged:
         # W + ΔW is made again only once g exists: the barrier stops XLA from keeping the forward's
         # copy alive, or preparing every layer's up front.
-        wm = w
+        wm = w = _again(w, stored)
         if delta_op is not None:
             wm, f, s, g = lax.optimization_barrier((w, f, s, g))
             wm = _merged(wm, f, s, delta_op)
@@ -434,10 +453,62 @@ def _factored_bwd(scale, base, first_op, second_op, delta_op, side_by_side, fuse
     if need.first:
         df = jax.vjp(lambda f: first_op(xl, f), _array(f))[1](dt)[0]
         df = df.astype(first.dtype) * jnp.asarray(scale, first.dtype)
-    return dx, dxl, dw, df, ds
+    return dx, dxl, dw, df, ds, None
 
 
 factored.defvjp(_factored_fwd, _factored_bwd, symbolic_zeros=True)
+
+
+def _values(stored: Any) -> Any:
+    """``stored`` with its leaves' values (a custom VJP's ``fwd`` gets each leaf with ``.perturbed``)."""
+    return jax.tree_util.tree_map(lambda p: p.value, stored)
+
+
+def _again(w: Array | _Like, stored: Any) -> Array:
+    """``W`` in the backward pass: the saved ``w``, or ``W`` formed again from its ``stored`` form."""
+    return w if stored is None else stored.realize()
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def frozen(x: Array, w: Array, stored: Any, base: Callable[[Array, Array], Array]) -> Array:
+    """``base(x, W)`` for an op linear in ``x`` (a matmul) whose backward pass keeps ``stored``, not ``W``.
+
+    ``stored`` is ``W`` as it is stored (a quantized weight's codes and scales: a pytree whose
+    ``realize()`` is ``w``); ``dx`` forms ``W`` again from it, as `factored` does for an adapted
+    weight. ``dW`` (only if ``w`` is differentiated) keeps ``x``; ``stored`` gets no cotangent.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> @jax.tree_util.register_static
+      ... class Ones:  # a weight stored as nothing at all (a quantized one: its codes and scales)
+      ...     def realize(self):
+      ...         return jnp.ones((3, 2))
+      >>> jax.grad(lambda x: frozen(x, Ones().realize(), Ones(), jnp.dot).sum())(jnp.zeros((1, 3)))
+      Array([[2., 2., 2.]], dtype=float32)
+    """
+    return base(x, w)
+
+
+def _frozen_fwd(x, w, stored, base):
+    nx, nw = x.perturbed, w.perturbed
+    x, w = x.value, w.value
+    return base(x, w), (_keep(x, nw), _keep(w, False), _values(stored) if nx else None)
+
+
+def _frozen_bwd(base, res, g):
+    x, w, stored = res
+    if isinstance(g, SymbolicZero):
+        return None, None, None
+    dx = dw = None
+    if stored is not None:  # linear in x: the forward that jax.vjp traces is dead code
+        w_again = _again(w, stored)
+        dx = jax.vjp(lambda x: base(x, w_again), _array(x))[1](g)[0]
+    if not isinstance(x, _Like):
+        dw = jax.vjp(lambda w: base(x, w), _array(w))[1](g)[0]
+    return dx, dw, None
+
+
+frozen.defvjp(_frozen_fwd, _frozen_bwd, symbolic_zeros=True)
 
 
 # The stack form the benchmarks and tests may force: None chooses by cost; "gather", "onehot" or
@@ -523,6 +594,7 @@ def stacked_op(
     rows: Rows | None = None,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
+    stored: Any = None,
 ) -> Array:
     """One example's op with its own adapter out of a stack (`jaxlora.stack`), called under ``vmap``.
 
@@ -543,7 +615,8 @@ def stacked_op(
       ``lax.ragged_dot`` over the groups, the rows put back in order (`sgmv`).
 
     ``index`` must be in range: ``jaxlora.apply`` clips each id into ``[0, slots)`` and gives id -1
-    scale 0 and an id outside ``[-1, slots)`` scale NaN (every form then returns NaN).
+    scale 0 and an id outside ``[-1, slots)`` scale NaN (every form then returns NaN). ``stored`` is
+    `lora_op`'s (``W`` as stored, for the backward pass).
     """
     rank = first.shape[first_axis] // slots
     floating = jnp.issubdtype(x.dtype, jnp.floating)
@@ -560,9 +633,9 @@ def stacked_op(
         f = (f * scale.astype(f.dtype)).astype(f.dtype)
         s = lax.dynamic_slice_in_dim(second, index * rank, rank, second_axis)
         return lora_op(x, w, f, s, 1.0, base=base, first_op=first_op, second_op=second_op,
-                       dropout_rate=dropout_rate, dropout_key=dropout_key)  # fmt: skip
+                       dropout_rate=dropout_rate, dropout_key=dropout_key, stored=stored)  # fmt: skip
     xl = _dropout(x, dropout_rate, dropout_key)
-    y = base(x, w)
+    y = base(x, w) if stored is None or not floating else frozen(x, w, stored, base)
     if form == "onehot":
         t = first_op(xl, first.astype(x.dtype))
         column = jnp.arange(first.shape[first_axis]) // rank

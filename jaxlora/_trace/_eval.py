@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from .._matmul import LoraFactors, delta, weight_norm
+from .._matmul import LoraFactors, delta, frozen, weight_norm
 from .._quantized import is_quantized
 from .._tree import is_array
 from ._quantized import Lazy, Packed
@@ -49,18 +49,22 @@ class View:
 @jax.tree_util.register_pytree_node_class
 class Tagged:
     """A targeted weight inside the traced function: its view ``w``, the factors (None when probing)
-    and DoRA's magnitude ``m`` (None without DoRA), each sliced and reshaped alike as views go."""
+    and DoRA's magnitude ``m`` (None without DoRA), each sliced and reshaped alike as views go.
 
-    def __init__(self, w, a, b, view: View, factors: LoraFactors | None, m=None):
-        self.w, self.a, self.b, self.view, self.factors, self.m = w, a, b, view, factors, m
+    ``stored`` is the `Lazy` weight that ``w`` was realized from at the matmul now using it (`realize`),
+    else None: the op's backward pass keeps it rather than ``w`` (`_matmul.lora_op`). Any view drops it.
+    """
+
+    def __init__(self, w, a, b, view: View, factors: LoraFactors | None, m=None, stored=None):
+        self.w, self.a, self.b, self.view, self.factors, self.m, self.stored = w, a, b, view, factors, m, stored
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b, self.m), (self.view, self.factors)
+        return (self.w, self.a, self.b, self.m, self.stored), (self.view, self.factors)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        w, a, b, m = children
-        return cls(w, a, b, *aux, m=m)
+        w, a, b, m, stored = children
+        return cls(w, a, b, *aux, m=m, stored=stored)
 
     def replace(self, w=None, **view_changes) -> Tagged:
         view = dataclasses.replace(self.view, **view_changes) if view_changes else self.view
@@ -81,6 +85,7 @@ class Tagged:
 
 
 KEEPS_LAZY: set[str] = set()  # primitives whose rules carry Lazy values inside (filled by _control)
+VIEWS: set[str] = set()  # primitives that make a view of a weight (filled by _views): a lazy weight's stays lazy
 # rules that may use a lazy weight as it is (a quantized matmul, `_qdot`); None from one: realize it
 LAZY_RULES: dict[str, Callable[[Any, list[Any], Any], list[Any] | None]] = {}
 
@@ -89,13 +94,92 @@ def is_lazy(v: Any) -> bool:
     return isinstance(v, Lazy) or isinstance(v, Tagged) and isinstance(v.w, Lazy)
 
 
-def realize(v: Any, eqn=None) -> Any:
-    """``v`` with a lazy weight (itself, or a tagged weight's ``w``) turned into its array."""
+# False: a matmul's backward pass keeps a lazy weight's realized W, as before the stored form was kept
+# (the tests compare both ways)
+_STORED = True
+
+
+def realize(v: Any, eqn=None, keep: bool = True) -> Any:
+    """``v`` with a lazy weight (itself, or a tagged weight's ``w``) turned into its array.
+
+    A tagged weight realized for a matmul (``eqn``) keeps its lazy form as ``stored``, for the op's
+    backward pass to form ``W`` again from (`_matmul.lora_op`), unless not ``keep`` (inside a remat,
+    whose backward recomputes ``W`` anyway: keeping it there saves one dequantization).
+    """
     if isinstance(v, Lazy):
         return v.realize(eqn)
     if isinstance(v, Tagged) and isinstance(v.w, Lazy):
-        return v.replace(w=v.w.realize(eqn))
+        stored = v.w if keep and _STORED and eqn is not None and eqn.primitive.name in MATMULS else None
+        return Tagged(v.w.realize(eqn), v.a, v.b, v.view, v.factors, v.m, stored)
     return v
+
+
+def _frozen(eqn, invals: Sequence[Any]) -> list[Any] | None:
+    """A matmul of an untargeted lazy weight by `_matmul.frozen`: its backward pass keeps the lazy
+    weight (a quantized one's codes), not ``W``, and forms ``W`` again for ``dx``. None where the
+    equation is no matmul of one lazy weight and one floating operand (the weight is then realized)."""
+    if not _STORED or eqn.primitive.name not in MATMULS or any(isinstance(v, Tagged) for v in invals):
+        return None
+    lazy = [i for i, v in enumerate(invals) if isinstance(v, Lazy)]
+    floating = [i for i, v in enumerate(invals) if i not in lazy and jnp.issubdtype(jnp.result_type(v), jnp.inexact)]
+    if len(lazy) != 1 or len(floating) != 1:
+        return None
+    (k,), (j,) = lazy, floating
+
+    def base(x, w):
+        vals = list(invals)
+        vals[j], vals[k] = x, w
+        return bind(eqn, vals)[0]
+
+    return [frozen(invals[j], invals[k].realize(eqn), invals[k], base)]
+
+
+@jax.tree_util.register_pytree_node_class
+class Viewed(Lazy):
+    """A view (`VIEWS`: a cast, transpose, slice, reshape) of a lazy weight, taken where it is realized.
+
+    ``invals`` are the equation's inputs, the weight among them still lazy; realized, it is exactly
+    the array the evaluator would have made at the view (`realize`, then the equation), so a matmul
+    of the view still has a stored form to keep instead (`_frozen`, `Tagged.stored`).
+    """
+
+    def __init__(self, eqn, invals: Sequence[Any], index: int):
+        self.eqn, self.invals, self.index = eqn, list(invals), index
+        aval = eqn.outvars[index].aval
+        self.shape, self.dtype = tuple(aval.shape), aval.dtype
+
+    def tree_flatten(self):
+        return (self.invals,), (self.eqn, self.index)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], children[0], aux[1])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def realize(self, eqn=None) -> jax.Array:
+        return bind(self.eqn, [realize(v, self.eqn) for v in self.invals])[self.index]
+
+
+def _view(eqn, invals: list[Any], ctx: Context) -> list[Any] | None:
+    """A view of one lazy weight: kept lazy (`Viewed`); a targeted weight's view moves its factors by
+    the view's rule as ever, its ``w`` then the lazy view. None where it is no such view."""
+    lazy = [i for i, v in enumerate(invals) if is_lazy(v)]
+    others = [v for i, v in enumerate(invals) if i not in lazy]
+    if not _STORED or eqn.primitive.name not in VIEWS or len(lazy) != 1 or any(isinstance(v, Tagged) for v in others):
+        return None
+    (k,) = lazy
+    v = invals[k]
+    if isinstance(v, Lazy):
+        return [Viewed(eqn, invals, i) for i in range(len(eqn.outvars))]
+    outs = RULES[eqn.primitive.name](eqn, [realize(u, eqn) for u in invals], ctx)
+    source = [v.w if i == k else u for i, u in enumerate(invals)]
+    return [
+        Tagged(Viewed(eqn, source, i), o.a, o.b, o.view, o.factors, o.m) if isinstance(o, Tagged) else o
+        for i, o in enumerate(outs)
+    ]
 
 
 def _placeholder(v: Any) -> Any:
@@ -381,9 +465,17 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
     if eqn.primitive.name not in KEEPS_LAZY and any(is_lazy(v) for v in invals):
         rule = LAZY_RULES.get(eqn.primitive.name)
         outs = None if rule is None else rule(eqn, invals, ctx)
+        # outside a remat a matmul's backward keeps the stored weight, not W (`_frozen`, `Tagged.stored`);
+        # inside one the backward recomputes W from the codes anyway, and keeping it saves a dequantization
+        stored = not ctx.probing and not ctx.in_remat
+        if outs is None and stored:
+            outs = _frozen(eqn, invals)
+        if outs is None and stored:
+            outs = _view(eqn, invals, ctx)
         if outs is not None:
             return outs
-        invals = [realize(v, eqn) for v in invals]  # a quantized weight's first real use: dequantize here
+        # a quantized weight's first real use: dequantize here
+        invals = [realize(v, eqn, keep=stored) for v in invals]
         if not any(isinstance(v, Tagged) for v in invals):
             return bind(eqn, invals)
     return RULES.get(eqn.primitive.name, untag_all)(eqn, invals, ctx)

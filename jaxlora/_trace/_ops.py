@@ -152,7 +152,7 @@ def _dot_general(eqn, invals, ctx: Context) -> list[Any]:
         # not for a tied table's attend: XLA lays out W + ΔW for the transposed contraction, so at B = 0
         # the op would no longer be the base op on the untouched W
         delta_op=None if swapped else view_delta_op(t), side_by_side=dense, dropout_rate=t.factors.dropout,
-        dropout_key=ctx.next_key(), path=t.view.path, **_dora(t, out_axes),
+        dropout_key=ctx.next_key(), path=t.view.path, stored=t.stored, **_dora(t, out_axes),
     )]  # fmt: skip
 
 
@@ -197,7 +197,7 @@ def _conv(eqn, invals, ctx: Context) -> list[Any]:
         first_op=first_op,
         second_op=second_op,
         delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(), path=t.view.path,
-        **_dora(t, {t.view.origin[out_axis]: feature}),
+        stored=t.stored, **_dora(t, {t.view.origin[out_axis]: feature}),
     )]  # fmt: skip
 
 
@@ -285,5 +285,5 @@ def _stacked(
         x, t.w, first, second, index, scale, sel.slots, sel.examples,
         base=base, first_op=first_op, second_op=second_op, first_axis=first_axes.index("r"),
         second_axis=second_axes.index("r"), t_axis=t_axis, rows=rows, dropout_rate=t.factors.dropout,
-        dropout_key=ctx.next_key(),
+        dropout_key=ctx.next_key(), stored=t.stored,
     )  # fmt: skip

@@ -5,10 +5,12 @@ a float weight) and the evaluator as `Packed`, a `Lazy` pytree over its codes an
 ``remat``, ``cond`` and the optimisation barrier carry it inside as it is; ``scan`` hands each step its
 layer of the stack (`Packed.scan_layer`: the whole stack and the step's index, the layout keeping the
 stacked axis outside the blocks, so the fused kernel reads the layer's codes in place);
-the first other equation that reads it (a cast, a transpose, the matmul itself) gets it dequantized
-(`_eval.realize`), straight to that cast's dtype. So the float weight is formed inside the body of
-the ``scan``/``remat`` that uses it, one layer at a time, and XLA fuses the dequantization into its
-consumer: for a targeted weight, the transient ``W + ΔW`` of `_matmul.lora_op`.
+a view of it (a cast, a transpose, a slice: `_eval.Viewed`) stays lazy too, and the first other
+equation that reads it (the matmul itself) gets it dequantized (`_eval.realize`; a cast that folds,
+straight to the cast's dtype). So the float weight is formed inside the body of the ``scan``/``remat``
+that uses it, one layer at a time, and XLA fuses the dequantization into its consumer: for a targeted
+weight, the transient ``W + ΔW`` of `_matmul.lora_op`. That matmul's backward pass keeps the lazy
+weight (its codes), not the float one, and dequantizes it again (`_matmul.factored`, `_matmul.frozen`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class Lazy:
 
     Defined here, below the evaluator (`_eval` imports it and never the other way round).
 
-    Calls, ``remat``, ``scan`` (each step gets its `scan_layer`) and ``cond`` carry it inside (`KEEPS_LAZY`);
-    any other equation gets it `realize`d first, so a quantized weight is dequantized inside the
-    body that uses it.
+    Calls, ``remat``, ``scan`` (each step gets its `scan_layer`) and ``cond`` carry it inside (`KEEPS_LAZY`),
+    views keep it lazy (`_eval.Viewed`); any other equation gets it `realize`d first, so a quantized
+    weight is dequantized inside the body that uses it. ``realize()`` gives the same array every time:
+    a matmul's backward pass calls it again rather than keep the array (`_matmul.frozen`).
     """
 
     shape: tuple[int, ...]

@@ -120,4 +120,5 @@ def _ragged_dot(eqn, invals, ctx: Context) -> list[Any]:
         first_op=lambda x, a: lax.ragged_dot_general(x, a, sizes, first_dims, precision=p["precision"]),
         second_op=second_op,
         delta_op=view_delta_op(t), dropout_rate=t.factors.dropout, dropout_key=ctx.next_key(), path=t.view.path,
+        stored=t.stored,
     )]  # fmt: skip

@@ -16,9 +16,11 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ._eval import Context, Tagged, View, bind, mismatch, register, untag, untag_all
+from ._eval import VIEWS, Context, Tagged, View, bind, mismatch, register, untag, untag_all
 
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint", "stop_gradient")
+# a lazy (quantized) weight's view stays lazy through these, so its matmul keeps the stored form (`_eval.Viewed`)
+VIEWS.update((*_PASS_THROUGH, "transpose", "slice", "dynamic_slice", "split", "squeeze", "reshape", "reshard"))
 
 
 @register(*_PASS_THROUGH)
