@@ -467,15 +467,15 @@ def _rule(eqn, invals: list[Any], ctx: Context) -> list[Any]:
         outs = None if rule is None else rule(eqn, invals, ctx)
         # outside a remat a matmul's backward keeps the stored weight, not W (`_frozen`, `Tagged.stored`);
         # inside one the backward recomputes W from the codes anyway, and keeping it saves a dequantization
-        stored = not ctx.probing and not ctx.in_remat
-        if outs is None and stored:
+        keep_codes = not ctx.probing and not ctx.in_remat
+        if outs is None and keep_codes:
             outs = _frozen(eqn, invals)
-        if outs is None and stored:
+        if outs is None and keep_codes:
             outs = _view(eqn, invals, ctx)
         if outs is not None:
             return outs
         # a quantized weight's first real use: dequantize here
-        invals = [realize(v, eqn, keep=stored) for v in invals]
+        invals = [realize(v, eqn, keep=keep_codes) for v in invals]
         if not any(isinstance(v, Tagged) for v in invals):
             return bind(eqn, invals)
     return RULES.get(eqn.primitive.name, untag_all)(eqn, invals, ctx)
