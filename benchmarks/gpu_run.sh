@@ -7,7 +7,7 @@
 # cache form (and a multiply-and-sum attention, since removed), every mode with --cache-form carry,
 # qlora_decode, then the decode modes with the default xs form (multi_adapter_h200_decode_xs.json).
 # Then (2026-12-02, issue 14): kernels fused_a, and llama8b lora alone (train_llama8b_lora_h200.json).
-# Ready, not yet run (2026-12-03): next25 and next26, one device call each.
+# Ready, not yet run (2026-12-03): next25 and next26, one device call each. fold25 (2026-12-03).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -94,6 +94,22 @@ for section in "$@"; do
       timeout 150 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
       timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1,4,16,64 --timeout 190 --out $OUT/qlora_decode_h200_tiles.json ;;
+    fold25)  # issue 25: the folded one-row kernel (`_gemv_kernel`): its GPU test, a sweep on both 8B MLP
+      # shapes (batch 1; the first chooses), then the 8B decode at batch 1 with the choice
+      timeout 100 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 200 python3 -m benchmarks.qdecode \
+        --batches 1 --modes bf16 int8_kernel nf4_kernel nf4_kernel_read_only int8_codes_xla nf4_codes_xla \
+        --sweep-preset fold --sweep-batches 1 --sweep-budget 130 --copy-mib 1024 \
+        --out $OUT/qdecode_h200_fold.json | grep -v '"sweep": {'
+      chosen=$(python3 -c "import json; print(json.load(open('$OUT/qdecode_h200_fold.json'))['qmatmul_setting'])")
+      echo "chosen: $chosen"
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 100 python3 -m benchmarks.qdecode \
+        --shape 32,14336,4096 --batches 1 --modes bf16 int8_kernel nf4_kernel --qmatmul "$chosen" \
+        --sweep 128,128,4,3,4096,1,tile 16,512,4,1,1024,1,one 8,512,4,1,1024,1,one 16,256,4,1,1024,1,one \
+        16,512,4,1,2048,1,one 32,512,8,1,1024,1,one --sweep-batches 1 --sweep-budget 50 --copy-mib 1024 \
+        --out $OUT/qdecode_h200_fold_down.json | grep -v '"sweep": {'
+      timeout 130 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1 --qmatmul "$chosen" --timeout 120 --out $OUT/qlora_decode_h200_fold.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -22,9 +22,10 @@ Each figure is printed with its bytes floor (the stored bytes at the copy bandwi
 same run), effective TB/s (stored bytes / time) and its error against the XLA form on the same
 quantized weight (``rel_err``, max |Δ| / max |y|).
 
-``--sweep`` / ``--sweep-preset h200`` first time the kernel's settings (``"bk,bn,warps,stages,programs,
-gemv,flags"``, `jaxlora._qmatmul.configure`: the variants ``reduce``, ``words``, ``tree``/``select``,
-``hints``) on NF4 and int8 at each of ``--sweep-batches``, each with its error against XLA's product;
+``--sweep`` / ``--sweep-preset h200`` (or ``fold``: the one-row kernel's) first time the kernel's settings
+(``"bk,bn,warps,stages,programs,gemv,flags"``, `jaxlora._qmatmul.configure`: the variants ``one``,
+``prefetchN``, ``tile``, ``reduce``, ``words``, ``tree``/``select``, ``hints``) on NF4 and int8 at each
+of ``--sweep-batches``, each with its error against XLA's product;
 it chooses the correct one fastest for NF4 at the first batch (the main table then runs with it),
 reports the fastest for each format and batch, and prints ``{"chosen": setting}`` (also the JSON's
 ``sweep.chosen``, for ``benchmarks.qlora --qmatmul``). Usage::
@@ -92,7 +93,18 @@ PRESETS = {
         "128,128,8,4,1024,1,words",
         # tensor-core tiles for one row too; small and large tiles
         "64,128,4,3,512,0,loop", "64,128,4,3,512,0,words", "32,64,4,3,1024,1,loop", "256,256,8,3,512,1,reduce+words",
-    ]
+    ],
+    # the one-row kernel with x and the block scales folded (`_qmatmul.FOLD`; "one": the numbers set its
+    # GEMV_* alone): wide tiles, loads ahead (prefetch), warps, programs; the tiled path it replaced first
+    "fold": [
+        "128,128,4,3,4096,1,tile",
+        "16,512,4,1,1024,1,one", "16,512,4,1,1024,1,one+prefetch0", "16,512,4,1,1024,1,one+prefetch2",
+        "8,512,4,1,1024,1,one", "32,512,8,1,1024,1,one", "16,1024,8,1,1024,1,one", "8,1024,4,1,1024,1,one",
+        "16,256,4,1,1024,1,one", "32,256,4,1,1024,1,one", "64,256,4,1,1024,1,one+prefetch0",
+        "16,512,4,1,512,1,one", "16,512,4,1,2048,1,one", "16,512,4,1,4096,1,one", "16,512,8,1,1024,1,one",
+        "16,512,2,1,1024,1,one", "16,512,4,3,1024,1,one", "16,512,4,1,1024,1,one+tree",
+        "16,512,4,1,1024,1,one+readonly",
+    ],
 }  # fmt: skip
 WRONG = 2e-2  # a row whose error against XLA's product exceeds this (bf16 outputs: ~4e-3) is never chosen
 

@@ -76,6 +76,13 @@ PROGRAMS = 4096
 # 16 and 64 rows for NF4 and within 8% for int8: NF4 3.32 / 2.93-3.03 ms against 3.74-3.91 / 4.80-4.84
 # with the one-row setting, whose split writes float32 partials larger than the codes at these rows
 TILE_M, WARPS_M, STAGES_M, PROGRAMS_M = (64, 128), 4, 1, 1024
+# the forward on one row (decode) by `_gemv_kernel` (`FOLD`): x and each block's scale folded into one
+# coefficient a block, so a code costs a value lookup and one multiply-add; its own tile (rows of W,
+# columns: wide, so each row of codes is one long contiguous read), warps, stages and programs, and
+# `PREFETCH` steps' codes loaded ahead of their use (a register double buffer: Triton's pipeliner
+# prefetches only what feeds a dot)
+FOLD = True
+GEMV_TILE, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS, PREFETCH = (16, 512), 4, 1, 1024, 1
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -139,7 +146,8 @@ def _splits(programs: int, reduce: int, chunk: int, limit: int | None = None) ->
 
 _SWITCHES = (
     "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "TILE_M", "WARPS_M", "STAGES_M", "PROGRAMS_M",
-    "GEMV", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "GEMV_TILE", "GEMV_WARPS", "GEMV_STAGES", "GEMV_PROGRAMS", "PREFETCH",
+    "GEMV", "FOLD", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
     "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
@@ -148,6 +156,8 @@ _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches 
     "words": ("WORDS", True),
     "hints": ("HINTS", True),
     "readonly": ("READ_ONLY", True),
+    "tile": ("FOLD", False),
+    **{f"prefetch{n}": ("PREFETCH", n) for n in (0, 2)},
     **{f"rows{n}": ("MAX_ROWS", n) for n in (16, 32, 64, 128)},
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
@@ -161,11 +171,13 @@ def switches() -> dict[str, Any]:
 def configure(setting: str) -> dict[str, Any]:
     """Set every switch from a benchmark setting ``"bk,bn,warps,stages,programs[,gemv[,flags]]"``.
 
-    ``TILE``, ``TILE_T`` and ``TILE_M`` become ``(bk, bn)`` and the warps, stages and programs of every
-    path (one row, many rows, dx) the setting's; ``gemv`` is 1 or 0 (default 1); ``flags`` joins with
-    ``+`` any of ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints`` (`HINTS`), ``rowsN``
-    (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or is ``loop`` for
-    none. Switches a setting does not name go back to their defaults, so settings never leak into each
+    ``TILE``, ``TILE_T``, ``TILE_M`` and ``GEMV_TILE`` become ``(bk, bn)`` and the warps, stages and
+    programs of every path (one row, many rows, dx) the setting's; ``gemv`` is 1 or 0 (default 1);
+    ``flags`` joins with ``+`` any of ``one`` (the numbers set the one-row kernel's ``GEMV_*`` alone, the
+    other paths keep their defaults), ``tile`` (`FOLD` off: one row on the tiled kernel), ``prefetch0``
+    or ``prefetch2`` (`PREFETCH`), ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints``
+    (`HINTS`), ``rowsN`` (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or
+    is ``loop`` for none. Switches a setting does not name go back to their defaults, so settings never leak into each
     other. Returns `switches`. The empty string restores the defaults.
 
     >>> configure("128,128,4,3,4096,1,reduce+words+tree")["LOOKUP"]
@@ -184,7 +196,8 @@ def configure(setting: str) -> dict[str, Any]:
         except ValueError:
             problems.append(f"{f!r} is not an integer")
     flags = [f for f in fields[6].split("+") if f not in ("", "loop")] if len(fields) == 7 else []
-    problems += [f"unknown flag {f!r} (expected loop or any of {', '.join(_FLAGS)})" for f in flags if f not in _FLAGS]
+    known = [*_FLAGS, "one"]
+    problems += [f"unknown flag {f!r} (expected loop or any of {', '.join(known)})" for f in flags if f not in known]
     if sum(f in LOOKUPS for f in flags) > 1:
         problems.append(f"more than one lookup among {flags}")
     if problems:
@@ -195,10 +208,12 @@ def configure(setting: str) -> dict[str, Any]:
     values = dict(_DEFAULTS)
     if nums:
         bk, bn, warps, stages, programs, *gemv = nums
-        values.update(TILE=(bk, bn), TILE_T=(bk, bn), WARPS=warps, STAGES=stages, PROGRAMS=programs)
-        values.update(TILE_M=(bk, bn), WARPS_M=warps, STAGES_M=stages, PROGRAMS_M=programs)
+        if "one" not in flags:
+            values.update(TILE=(bk, bn), TILE_T=(bk, bn), WARPS=warps, STAGES=stages, PROGRAMS=programs)
+            values.update(TILE_M=(bk, bn), WARPS_M=warps, STAGES_M=stages, PROGRAMS_M=programs)
+        values.update(GEMV_TILE=(bk, bn), GEMV_WARPS=warps, GEMV_STAGES=stages, GEMV_PROGRAMS=programs)
         values["GEMV"] = bool(gemv[0]) if gemv else True
-    values.update(_FLAGS[f] for f in flags)
+    values.update(_FLAGS[f] for f in flags if f != "one")
     globals().update(values)
     return switches()
 
@@ -246,6 +261,8 @@ def matmul(
             " use `reference` (jaxlora.apply falls back to it by itself)."
         )  # fmt: skip
     k, n = q.inner
+    if m == 1 and GEMV and FOLD and not transpose:
+        return _gemv(x, q, layer, out_dtype, lookup, splits, interpret)
     bm = 1 if m == 1 and GEMV else _rows_block(m)
     many = bm > 1 and not transpose  # the forward's tensor-core path: its own settings (`TILE_M`...)
     bk, bn = _tiles(q, transpose, many)
@@ -322,6 +339,142 @@ def matmul(
     if not one:
         y = y.sum(0).astype(out_dtype)
     return y[:m] if mp != m else y
+
+
+def _fit(size: int, extent: int, least: int) -> int:
+    """The largest of ``size``, ``size/2``, ... (at least ``least``) that divides ``extent``."""
+    while size > least and extent % size:
+        size //= 2
+    return size
+
+
+def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
+    """`matmul` on one row by `_gemv_kernel`: the program (j, t) sums rows ``t·part ...`` of ``W``'s
+    columns ``j·bn ...``, ``GEMV_TILE[0]`` rows a step; the splits' float32 partials are summed by XLA."""
+    from jax.experimental import pallas as pl
+
+    k, n = q.inner
+    nf4 = q.format == "nf4"
+    bk = _fit(GEMV_TILE[0], k, 8)
+    bn = _fit(GEMV_TILE[1], n, max(128, q.block_size if nf4 else 1))
+    s = splits or _splits(n // bn, k, bk, GEMV_PROGRAMS)
+    if k % (s * bk):
+        raise ValueError(f"splits={s} does not divide the contraction of {k} into steps of {bk}; use a divisor.")
+    part = k // s
+    codes, absmax, small, base = _stacked(q, layer)
+    if nf4:  # (rows, blocks, bytes of a block): a block's codes share one coefficient by broadcasting
+        codes = codes.reshape(codes.shape[0], n // q.block_size, q.block_size // 2)
+    f32 = jnp.float32
+    names, operands = ["x", "base", "codes"], [x, base, codes]
+    if nf4:
+        names += ["absmax"]
+        operands += [absmax]
+        consts = np.zeros(32, np.float32)
+        consts[:16] = NF4
+        consts = jnp.asarray(consts)
+        if q.double_quant:
+            consts = consts.at[16].set(small.scale_mean.reshape(())[()].astype(f32))
+            groups = small.scale_scale.shape[0]
+            names += ["steps"]
+            operands += [jnp.pad(small.scale_scale.astype(f32), (0, (1 << max(4, (groups - 1).bit_length())) - groups))]
+        names += ["consts"]
+        operands += [consts]
+    else:
+        names += ["scale"]
+        operands += [small.scale.reshape(1, n).astype(f32)]
+    whole = lambda v: pl.BlockSpec(v.shape, lambda j, t: (0,) * v.ndim)  # noqa: E731  (indexed in the kernel)
+    specs = [pl.BlockSpec((1, part), lambda j, t: (0, t))] + [whole(v) for v in operands[1:]]
+    kernel = functools.partial(
+        _gemv_kernel, names=tuple(names), nf4=nf4, double=nf4 and q.double_quant, steps=part // bk, tile=(bk, bn),
+        part=part, bs=q.block_size, nbr=n // q.block_size, top=float(jnp.finfo(q.dtype).max),
+        lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY,
+    )  # fmt: skip
+    one = s == 1
+    out_shape = jax.ShapeDtypeStruct((1, n) if one else (s, 1, n), out_dtype if one else f32)
+    out_spec = (
+        pl.BlockSpec((1, bn), lambda j, t: (0, j)) if one else pl.BlockSpec((None, 1, bn), lambda j, t: (t, 0, j))
+    )
+    params = {} if interpret else {"compiler_params": _compiler_params(GEMV_WARPS, GEMV_STAGES)}
+    y = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(n // bn, s), in_specs=specs, out_specs=out_spec, interpret=interpret,
+        **params,
+    )(*operands)  # fmt: skip
+    return y if one else y.sum(0).astype(out_dtype)
+
+
+def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only):
+    """One row: ``y[c] = Σ_r x[r]·W[r, c]`` with ``W[r, c] = value(code)·absmax[r, c // bs]`` (NF4) or
+    ``code·scale[c]`` (int8), computed as ``Σ_r value(code)·(x[r]·absmax)`` and ``scale·Σ_r code·x[r]``:
+    per code a lookup and a multiply-add, no rounding of ``W`` to ``x``'s dtype."""
+    from jax.experimental import pallas as pl
+
+    ref = dict(zip(names, refs))
+    x_ref, o_ref = ref["x"], refs[-1]
+    bk, bn = tile
+    phases = 2 if nf4 else 1
+    width = bn // phases
+    f32 = jnp.float32
+    j, t = pl.program_id(0), pl.program_id(1)
+    col0 = j * bn
+    codes0, absmax0 = ref["base"][0], ref["base"][1]
+
+    def load(i):
+        """Step ``i``'s codes and coefficients: for int8 (bk, bn) and x (bk, 1); for NF4 (bk, bn / bs, bs / 2)
+        and x·absmax (bk, bn / bs, 1)."""
+        rows = t * part + i * bk  # within the layer's W
+        xs = x_ref[:, pl.ds(i * bk, bk)].astype(f32).reshape(bk, 1)
+        if not nf4:
+            return ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0, bn)], xs
+        codes = ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0 // bs, bn // bs), :]
+        amax = ref["absmax"][pl.ds(absmax0 + rows, bk), pl.ds(col0 // bs, bn // bs)]
+        if double:
+            row = rows + lax.broadcasted_iota(jnp.int32, amax.shape, 0)
+            blocks = col0 // bs + lax.broadcasted_iota(jnp.int32, amax.shape, 1)
+            mean = ref["consts"][pl.ds(16, 1)].reshape(1, 1)
+            amax = amax.astype(f32) * ref["steps"][(row * nbr + blocks) // DQ_GROUP] + mean
+        amax = amax.astype(f32)
+        # W's values are clipped to its dtype's range: a finite absmax past it is clipped (|value| <= 1)
+        amax = jnp.where(jnp.abs(amax) > top, jnp.where(jnp.abs(amax) < jnp.inf, jnp.sign(amax) * top, amax), amax)
+        return codes, (xs * amax)[:, :, None]
+
+    def fma(accs, codes, coef):
+        if not nf4:
+            return (accs[0] + codes.astype(f32) * coef,)
+        codes = codes.astype(jnp.int32)
+        halves = (codes >> 4, codes & 15)  # the even column in the high nibble
+        if read_only:  # the diagnostic: the codes' integers stand for the values (no lookup)
+            return tuple(acc + h.astype(f32) * coef for acc, h in zip(accs, halves))
+        return tuple(acc + _nf4_value(h, lookup, ref["consts"]) * coef for acc, h in zip(accs, halves))
+
+    accs = tuple(jnp.zeros((bk, bn // bs, bs // 2) if nf4 else (bk, bn), f32) for _ in range(phases))
+    if steps == 1:
+        accs = fma(accs, *load(0))
+    elif prefetch:  # the next `prefetch` steps' loads are issued before this step's arithmetic
+        ahead = tuple(load(min(i, steps - 1)) for i in range(prefetch))
+
+        def body(i, carry):
+            accs, ahead = carry
+            nxt = load(jnp.minimum(i + prefetch, steps - 1))
+            return fma(accs, *ahead[0]), ahead[1:] + (nxt,)
+
+        accs = lax.fori_loop(0, steps, body, (accs, ahead))[0]
+    else:
+        accs = lax.fori_loop(0, steps, lambda i, accs: fma(accs, *load(i)), accs)
+    sums = [jnp.sum(acc, axis=0).reshape(1, width) for acc in accs]
+    out = _interleave(sums) if nf4 else sums[0] * ref["scale"][:, pl.ds(col0, bn)]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _nf4_value(idx: Array, lookup: str, consts_ref: Any) -> Array:
+    """NF4's value (float32) of each 4-bit code in ``idx`` by ``lookup`` (`LOOKUPS`)."""
+    if lookup == "gather":
+        return consts_ref[idx]
+    if lookup == "tree":
+        return _nf4_tree(idx)
+    vals = jnp.zeros(idx.shape, jnp.float32)
+    for code, v in enumerate(NF4.tolist()):
+        vals = jnp.where(idx == code, v, vals)
+    return vals
 
 
 _INDEX_LIMIT = 2**31  # the kernel's offsets are int32: a larger stack is sliced per layer first
@@ -419,15 +572,7 @@ def _kernel(
         amax = jnp.broadcast_to(amax[:, :, None], (bk, bn // bs, bs // phases)).reshape(bk, width)
 
         def value(idx):
-            if lookup == "gather":
-                vals = consts_ref[idx]
-            elif lookup == "tree":
-                vals = _nf4_tree(idx)
-            else:
-                vals = jnp.zeros(idx.shape, f32)
-                for code, v in enumerate(NF4.tolist()):
-                    vals = jnp.where(idx == code, v, vals)
-            return jnp.clip(vals * amax, -top, top).astype(dtype)
+            return jnp.clip(_nf4_value(idx, lookup, consts_ref) * amax, -top, top).astype(dtype)
 
         if not words:
             codes = codes.astype(jnp.int32)

@@ -26,14 +26,18 @@ def _quantized(fmt, block, double_quant, dtype, shape=(128, 384), seed=0):
     return jaxlora.quantize({"w": w}, fmt, targets="w", **kw)["w"]
 
 
-def _check(y, x, q, transpose=False):
+def _check(y, x, q, transpose=False, folded=None):
     """``y`` against the float64 product of ``x`` and the dequantized ``W`` (the values XLA's path multiplies).
 
     Both sides multiply the same ``W`` (the kernel dequantizes each tile to `dequantize_weight`'s values),
     so they differ only by float32 accumulation (``K·eps32`` of ``|x|·|W|``) and by the output's one
     rounding to its dtype (half an ulp: ``2**-9`` relative in bfloat16; the bound allows ``2**-8``).
+    ``folded`` (default: one row forward under `_qmatmul.FOLD`): the one-row kernel never rounds ``W`` to
+    ``x``'s dtype, so its ``W`` is the float32 one.
     """
-    w = np.asarray(dequantize_weight(q, x.dtype), np.float64)
+    if folded is None:
+        folded = not transpose and x.shape[0] == 1 and _qmatmul.GEMV and _qmatmul.FOLD
+    w = np.asarray(dequantize_weight(q, jnp.float32 if folded else x.dtype), np.float64)
     w = w.T if transpose else w
     x64 = np.asarray(x, np.float64)
     exact, scale = x64 @ w, np.abs(x64) @ np.abs(w)
@@ -94,9 +98,12 @@ def test_a_stack_past_int32_offsets_is_sliced_per_layer(monkeypatch):
 
 
 VARIANTS = [  # benchmark settings (`_qmatmul.configure`): each variant of the kernel the sweep times
-    "128,128,4,3,4096,1,reduce",  # the contraction split to one step a program, summed each step
-    "128,128,4,3,512,1,words",  # uint32 words of codes: 8 NF4 (4 int8) column phases
-    "64,128,4,3,2,1,reduce+words+tree+hints",  # 2 programs: a loop of 4 steps
+    "16,256,4,1,4,1,prefetch2",  # one row folded (`_gemv_kernel`): 4 steps a program, 2 loaded ahead
+    "32,128,4,1,2,1,prefetch0+tree",  # 2 programs of 4 steps, no loads ahead; the tree lookup
+    "8,128,4,1,4096,1,loop",  # one step a program
+    "128,128,4,3,4096,1,reduce+tile",  # the tiled one-row path: K split to one step a program, summed each step
+    "128,128,4,3,512,1,words+tile",  # uint32 words of codes: 8 NF4 (4 int8) column phases
+    "64,128,4,3,2,1,reduce+words+tree+hints+tile",  # 2 programs: a loop of 4 steps
     "64,128,4,3,512,0,words+select",  # tensor-core tiles on the phases
 ]
 
@@ -125,7 +132,7 @@ def test_variants_lower_to_triton_without_a_gpu():
 
     q = {fmt: _quantized(fmt, 64, True, jnp.bfloat16, shape=(256, 256)) for fmt in ("nf4", "int8")}
     try:
-        settings = {s.split(",", 5)[-1]: s for s in PRESETS["h200"]}  # one a (gemv, flags)
+        settings = {s.split(",", 5)[-1]: s for s in PRESETS["h200"] + PRESETS["fold"]}  # one a (gemv, flags)
         for setting in [*settings.values(), "128,128,4,3,4096,1,readonly"]:  # and qdecode's diagnostic
             _qmatmul.configure(setting)
             for fmt, rows, transpose in (("nf4", 1, False), ("nf4", 1, True), ("int8", 16, False)):
@@ -167,13 +174,19 @@ def test_configure_sets_every_switch_and_words_load_uint32():
     q = _quantized("int8", None, None, jnp.float32, shape=(512, 128))
     x = jnp.ones((1, 512))
     try:
-        assert _qmatmul.configure("128,128,2,1,4096,1,words+reduce") == {
+        assert _qmatmul.configure("128,128,2,1,4096,1,words+reduce+tile") == {
             **_qmatmul._DEFAULTS, "WARPS": 2, "STAGES": 1, "PROGRAMS": 4096, "WORDS": True, "REDUCE": "step",
             "TILE_M": (128, 128), "WARPS_M": 2, "STAGES_M": 1, "PROGRAMS_M": 4096,  # every path takes the setting
+            "GEMV_TILE": (128, 128), "GEMV_WARPS": 2, "GEMV_STAGES": 1, "GEMV_PROGRAMS": 4096, "FOLD": False,
         }  # fmt: skip
         jaxpr = str(jax.make_jaxpr(lambda x, q: _qmatmul.matmul(x, q, interpret=True))(x, q))
         assert "grid=(1, 1, 4)" in jaxpr and "uint32" in jaxpr  # one step a program: K split 4 ways
         assert _qmatmul.configure("64,128,4,3,512")["WORDS"] is False  # unnamed switches reset
+        one = _qmatmul.configure("8,1024,8,2,2048,1,one+prefetch2")  # the one-row kernel's numbers alone
+        assert one == {
+            **_qmatmul._DEFAULTS, "GEMV_TILE": (8, 1024), "GEMV_WARPS": 8, "GEMV_STAGES": 2, "GEMV_PROGRAMS": 2048,
+            "PREFETCH": 2,
+        }  # fmt: skip
     finally:
         _qmatmul.configure("")
     assert _qmatmul.switches() == _qmatmul._DEFAULTS
@@ -203,6 +216,28 @@ def test_split_contraction_equals_one_program():
     np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6 * float(jnp.abs(one).max()))
     with pytest.raises(ValueError, match="splits=3 does not divide the contraction of 256"):
         _qmatmul.matmul(x, q, splits=3, interpret=True)
+
+
+@pytest.mark.parametrize("fmt,block,double_quant,dtype", [LAYOUTS[0], LAYOUTS[4]])
+def test_one_row_loads_ahead_and_splits_change_nothing_but_the_sum_order(fmt, block, double_quant, dtype):
+    """The folded one-row kernel: loads issued 0, 1 or 2 steps ahead give the same bits (the arithmetic
+    is the same); splitting the contraction only reorders a float32 sum; a non-power-of-2 width falls
+    back to a narrower tile."""
+    q = _quantized(fmt, block, double_quant, dtype, shape=(512, 640), seed=6)  # 640: 128-wide tiles only
+    x = jax.random.normal(jax.random.key(1), (1, 512), dtype)
+    outs = []
+    try:
+        for ahead in (0, 1, 2):
+            _qmatmul.configure(f"16,512,4,1,4,1,one+prefetch{ahead}" if ahead != 1 else "16,512,4,1,4,1,one")
+            outs.append(_qmatmul.matmul(x, q, interpret=True))
+        _qmatmul.configure("16,512,4,1,4,1,one")
+        one = _qmatmul.matmul(x, q, splits=1, interpret=True)
+    finally:
+        _qmatmul.configure("")
+    for y in outs:
+        np.testing.assert_array_equal(y, outs[0])
+        _check(y, x, q)
+    _check(one, x, q)
 
 
 def test_the_default_split_takes_any_divisor_of_the_steps(monkeypatch):
