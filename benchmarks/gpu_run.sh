@@ -94,22 +94,23 @@ for section in "$@"; do
       timeout 150 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
       timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1,4,16,64 --timeout 190 --out $OUT/qlora_decode_h200_tiles.json ;;
-    fold25)  # issue 25: the folded one-row kernel (`_gemv_kernel`): its GPU test, a sweep on both 8B MLP
-      # shapes (batch 1; the first chooses), then the 8B decode at batch 1 with the choice
-      timeout 100 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 200 python3 -m benchmarks.qdecode \
-        --batches 1 --modes bf16 int8_kernel nf4_kernel nf4_kernel_read_only int8_codes_xla nf4_codes_xla \
-        --sweep-preset fold --sweep-batches 1 --sweep-budget 130 --copy-mib 1024 \
-        --out $OUT/qdecode_h200_fold.json | grep -v '"sweep": {'
+    fold25)  # issue 25: the folded kernel (`_gemv_kernel`): its GPU test, a one-row sweep on both 8B MLP shapes
+      # (the first chooses), a sweep at 4 and 8 rows, then the 8B decode at batch 1 with the one-row choice
+      timeout 90 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -x -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
+      Q="python3 -m benchmarks.qdecode --copy-mib 1024 --sweep-batches 1"
+      export XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false"
+      timeout 170 $Q --batches 1 --modes bf16 int8_kernel nf4_kernel nf4_kernel_read_only int8_codes_xla nf4_codes_xla \
+        --sweep-preset fold --sweep-budget 110 --out $OUT/qdecode_h200_fold.json | grep -v '"sweep": {'
       chosen=$(python3 -c "import json; print(json.load(open('$OUT/qdecode_h200_fold.json'))['qmatmul_setting'])")
       echo "chosen: $chosen"
-      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" timeout 100 python3 -m benchmarks.qdecode \
-        --shape 32,14336,4096 --batches 1 --modes bf16 int8_kernel nf4_kernel --qmatmul "$chosen" \
-        --sweep 128,128,4,3,4096,1,tile 16,512,4,1,1024,1,one 8,512,4,1,1024,1,one 16,256,4,1,1024,1,one \
-        16,512,4,1,2048,1,one 32,512,8,1,1024,1,one --sweep-batches 1 --sweep-budget 50 --copy-mib 1024 \
-        --out $OUT/qdecode_h200_fold_down.json | grep -v '"sweep": {'
-      timeout 130 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
-        --decode-batches 1 --qmatmul "$chosen" --timeout 120 --out $OUT/qlora_decode_h200_fold.json ;;
+      timeout 80 $Q --shape 32,14336,4096 --batches 1 --modes bf16 int8_kernel nf4_kernel --sweep "$chosen" \
+        128,128,4,3,4096,1,tile 16,512,4,1,1024,1,one 8,512,4,1,1024,1,one 16,256,4,1,2048,1,one \
+        --sweep-budget 40 --out $OUT/qdecode_h200_fold_down.json | grep -v '"sweep": {'
+      timeout 80 $Q --batches 4 --modes bf16 --sweep-preset fold_rows --sweep-batches 4 8 --sweep-budget 55 \
+        --out $OUT/qdecode_h200_fold_rows.json | grep -v '"sweep": {'
+      export XLA_FLAGS="${XLA_FLAGS% --xla_gpu_enable_triton_gemm=false}"
+      timeout 120 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1 --qmatmul "$chosen" --timeout 110 --out $OUT/qlora_decode_h200_fold.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -105,6 +105,12 @@ PRESETS = {
         "16,512,2,1,1024,1,one", "16,512,4,3,1024,1,one", "16,512,4,1,1024,1,one+tree",
         "16,512,4,1,1024,1,one+readonly",
     ],
+    # 2-8 rows folded too (sweep at 4 and 8 rows; the first is the tensor-core path, the default there)
+    "fold_rows": [
+        "16,512,4,1,1024,1,one", "8,512,4,1,1024,1,one+fold4", "4,512,4,1,1024,1,one+fold4",
+        "8,256,4,1,1024,1,one+fold4", "4,1024,4,1,1024,1,one+fold4", "4,512,4,1,1024,1,one+fold8",
+        "2,512,4,1,1024,1,one+fold8", "2,1024,8,1,1024,1,one+fold8",
+    ],
 }  # fmt: skip
 WRONG = 2e-2  # a row whose error against XLA's product exceeds this (bf16 outputs: ~4e-3) is never chosen
 

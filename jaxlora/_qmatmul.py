@@ -83,6 +83,7 @@ TILE_M, WARPS_M, STAGES_M, PROGRAMS_M = (64, 128), 4, 1, 1024
 # prefetches only what feeds a dot)
 FOLD = True
 GEMV_TILE, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS, PREFETCH = (16, 512), 4, 1, 1024, 1
+FOLD_ROWS = 1  # up to this many rows (a power of 2) take the folded kernel: a lookup a code, a multiply-add a row
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -147,7 +148,7 @@ def _splits(programs: int, reduce: int, chunk: int, limit: int | None = None) ->
 _SWITCHES = (
     "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "TILE_M", "WARPS_M", "STAGES_M", "PROGRAMS_M",
     "GEMV_TILE", "GEMV_WARPS", "GEMV_STAGES", "GEMV_PROGRAMS", "PREFETCH",
-    "GEMV", "FOLD", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "GEMV", "FOLD", "FOLD_ROWS", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
     "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
@@ -158,6 +159,7 @@ _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches 
     "readonly": ("READ_ONLY", True),
     "tile": ("FOLD", False),
     **{f"prefetch{n}": ("PREFETCH", n) for n in (0, 2)},
+    **{f"fold{n}": ("FOLD_ROWS", n) for n in (2, 4, 8)},
     **{f"rows{n}": ("MAX_ROWS", n) for n in (16, 32, 64, 128)},
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
@@ -261,7 +263,7 @@ def matmul(
             " use `reference` (jaxlora.apply falls back to it by itself)."
         )  # fmt: skip
     k, n = q.inner
-    if m == 1 and GEMV and FOLD and not transpose:
+    if _folded(m, transpose):
         return _gemv(x, q, layer, out_dtype, lookup, splits, interpret)
     bm = 1 if m == 1 and GEMV else _rows_block(m)
     many = bm > 1 and not transpose  # the forward's tensor-core path: its own settings (`TILE_M`...)
@@ -348,12 +350,21 @@ def _fit(size: int, extent: int, least: int) -> int:
     return size
 
 
+def _folded(rows: int, transpose: bool) -> bool:
+    """Whether `matmul` takes the folded kernel (`_gemv_kernel`) for ``rows`` rows: its ``W`` is never
+    rounded to ``x``'s dtype."""
+    return FOLD and not transpose and rows <= FOLD_ROWS and (rows > 1 or GEMV)
+
+
 def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
-    """`matmul` on one row by `_gemv_kernel`: the program (j, t) sums rows ``t·part ...`` of ``W``'s
+    """`matmul` on a few rows by `_gemv_kernel`: the program (j, t) sums rows ``t·part ...`` of ``W``'s
     columns ``j·bn ...``, ``GEMV_TILE[0]`` rows a step; the splits' float32 partials are summed by XLA."""
     from jax.experimental import pallas as pl
 
     k, n = q.inner
+    m = x.shape[0]
+    mp = 1 << (m - 1).bit_length()  # Triton's blocks are powers of 2
+    x = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     nf4 = q.format == "nf4"
     bk = _fit(GEMV_TILE[0], k, 8)
     bn = _fit(GEMV_TILE[1], n, max(128, q.block_size if nf4 else 1))
@@ -383,29 +394,31 @@ def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
         names += ["scale"]
         operands += [small.scale.reshape(1, n).astype(f32)]
     whole = lambda v: pl.BlockSpec(v.shape, lambda j, t: (0,) * v.ndim)  # noqa: E731  (indexed in the kernel)
-    specs = [pl.BlockSpec((1, part), lambda j, t: (0, t))] + [whole(v) for v in operands[1:]]
+    specs = [pl.BlockSpec((mp, part), lambda j, t: (0, t))] + [whole(v) for v in operands[1:]]
     kernel = functools.partial(
         _gemv_kernel, names=tuple(names), nf4=nf4, double=nf4 and q.double_quant, steps=part // bk, tile=(bk, bn),
         part=part, bs=q.block_size, nbr=n // q.block_size, top=float(jnp.finfo(q.dtype).max),
         lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY,
     )  # fmt: skip
     one = s == 1
-    out_shape = jax.ShapeDtypeStruct((1, n) if one else (s, 1, n), out_dtype if one else f32)
+    out_shape = jax.ShapeDtypeStruct((mp, n) if one else (s, mp, n), out_dtype if one else f32)
     out_spec = (
-        pl.BlockSpec((1, bn), lambda j, t: (0, j)) if one else pl.BlockSpec((None, 1, bn), lambda j, t: (t, 0, j))
+        pl.BlockSpec((mp, bn), lambda j, t: (0, j)) if one else pl.BlockSpec((None, mp, bn), lambda j, t: (t, 0, j))
     )
     params = {} if interpret else {"compiler_params": _compiler_params(GEMV_WARPS, GEMV_STAGES)}
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n // bn, s), in_specs=specs, out_specs=out_spec, interpret=interpret,
         **params,
     )(*operands)  # fmt: skip
-    return y if one else y.sum(0).astype(out_dtype)
+    y = y if one else y.sum(0).astype(out_dtype)
+    return y[:m] if mp != m else y
 
 
 def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only):
-    """One row: ``y[c] = Σ_r x[r]·W[r, c]`` with ``W[r, c] = value(code)·absmax[r, c // bs]`` (NF4) or
+    """``y[c] = Σ_r x[r]·W[r, c]`` with ``W[r, c] = value(code)·absmax[r, c // bs]`` (NF4) or
     ``code·scale[c]`` (int8), computed as ``Σ_r value(code)·(x[r]·absmax)`` and ``scale·Σ_r code·x[r]``:
-    per code a lookup and a multiply-add, no rounding of ``W`` to ``x``'s dtype."""
+    per code a lookup and a multiply-add (a row of ``x``), no rounding of ``W`` to ``x``'s dtype.
+    One row has (bk, ...) tiles; ``m`` rows a leading axis of ``m``."""
     from jax.experimental import pallas as pl
 
     ref = dict(zip(names, refs))
@@ -417,12 +430,14 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
     j, t = pl.program_id(0), pl.program_id(1)
     col0 = j * bn
     codes0, absmax0 = ref["base"][0], ref["base"][1]
+    m = x_ref.shape[0]
+    lead = () if m == 1 else (m,)
 
     def load(i):
         """Step ``i``'s codes and coefficients: for int8 (bk, bn) and x (bk, 1); for NF4 (bk, bn / bs, bs / 2)
         and x·absmax (bk, bn / bs, 1)."""
         rows = t * part + i * bk  # within the layer's W
-        xs = x_ref[:, pl.ds(i * bk, bk)].astype(f32).reshape(bk, 1)
+        xs = x_ref[:, pl.ds(i * bk, bk)].astype(f32).reshape(*lead, bk, 1)
         if not nf4:
             return ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0, bn)], xs
         codes = ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0 // bs, bn // bs), :]
@@ -435,18 +450,21 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         amax = amax.astype(f32)
         # W's values are clipped to its dtype's range: a finite absmax past it is clipped (|value| <= 1)
         amax = jnp.where(jnp.abs(amax) > top, jnp.where(jnp.abs(amax) < jnp.inf, jnp.sign(amax) * top, amax), amax)
-        return codes, (xs * amax)[:, :, None]
+        return codes, (xs * (amax[None] if lead else amax))[..., None]
 
     def fma(accs, codes, coef):
+        def wide(v):  # a tile beside each row of x
+            return v[None] if lead else v
+
         if not nf4:
-            return (accs[0] + codes.astype(f32) * coef,)
+            return (accs[0] + wide(codes.astype(f32)) * coef,)
         codes = codes.astype(jnp.int32)
         halves = (codes >> 4, codes & 15)  # the even column in the high nibble
         if read_only:  # the diagnostic: the codes' integers stand for the values (no lookup)
-            return tuple(acc + h.astype(f32) * coef for acc, h in zip(accs, halves))
-        return tuple(acc + _nf4_value(h, lookup, ref["consts"]) * coef for acc, h in zip(accs, halves))
+            return tuple(acc + wide(h.astype(f32)) * coef for acc, h in zip(accs, halves))
+        return tuple(acc + wide(_nf4_value(h, lookup, ref["consts"])) * coef for acc, h in zip(accs, halves))
 
-    accs = tuple(jnp.zeros((bk, bn // bs, bs // 2) if nf4 else (bk, bn), f32) for _ in range(phases))
+    accs = tuple(jnp.zeros((*lead, bk, bn // bs, bs // 2) if nf4 else (*lead, bk, bn), f32) for _ in range(phases))
     if steps == 1:
         accs = fma(accs, *load(0))
     elif prefetch:  # the next `prefetch` steps' loads are issued before this step's arithmetic
@@ -460,7 +478,7 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         accs = lax.fori_loop(0, steps, body, (accs, ahead))[0]
     else:
         accs = lax.fori_loop(0, steps, lambda i, accs: fma(accs, *load(i)), accs)
-    sums = [jnp.sum(acc, axis=0).reshape(1, width) for acc in accs]
+    sums = [jnp.sum(acc, axis=len(lead)).reshape(m, width) for acc in accs]
     out = _interleave(sums) if nf4 else sums[0] * ref["scale"][:, pl.ds(col0, bn)]
     o_ref[...] = out.astype(o_ref.dtype)
 
