@@ -196,17 +196,21 @@ def _restore_params(path: Path) -> Any:
 
     from .checkpoint import _commit
 
-    _commit.verify(path.absolute(), "merged")  # a merged export of jaxlora's: checked before it is read
-    if (path / "orbax.checkpoint").exists():  # Orbax's v1 layout, e.g. a merged export of jaxlora's
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shapes = ocp.v1.metadata(path.absolute()).metadata
-        is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), shapes, is_leaf=is_array
-        )
-        return ocp.v1.load(path.absolute(), abstract)
-    with ocp.StandardCheckpointer() as c:
-        return c.restore(path.absolute())
+    def read(commit: _commit.Commit) -> Any:  # all of one commit, as every jaxlora reader
+        commit.verify()  # a merged export of jaxlora's: checked before it is read
+        root = commit.root
+        if (root / "orbax.checkpoint").exists():  # Orbax's v1 layout, e.g. a merged export of jaxlora's
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shapes = ocp.v1.metadata(root).metadata
+            is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), shapes, is_leaf=is_array
+            )
+            return ocp.v1.load(root, abstract)
+        with ocp.StandardCheckpointer() as c:
+            return c.restore(root)
+
+    return _commit.read(path.absolute(), "merged", read)
 
 
 def _names_hint(names: str | None, *, torch_adapter: bool = False) -> str:

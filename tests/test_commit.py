@@ -3,10 +3,14 @@
 ``faults.py`` (next to this file) runs the kill and corruption campaigns at large counts.
 """
 
+import dataclasses
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -446,3 +450,133 @@ def test_overwrite_false_never_replaces_what_another_save_committed_while_it_wro
             (shutil.copy if kind == "safetensors" else shutil.copytree)(mine, staging)
     _same(w.load(path), w.expected(1))
     assert sorted(os.listdir(tmp_path)) == sorted(["mine", w.name])
+
+
+# A function each reader calls after it read the manifest and its metadata (config, JSON item) and before it
+# reads the arrays: another process's save that commits there is the race a reader must survive.
+RACE_POINTS = {
+    "adapter": ("jaxlora.checkpoint._orbax", "_checkpointer"),
+    "stack": ("jaxlora.checkpoint._stack", "_checkpointer"),
+    "peft": ("jaxlora.checkpoint._peft", "config_problems"),
+}
+
+
+def _race(monkeypatch, kind, writer, path, versions):
+    """From now on, the reader of ``kind`` lets ``writer`` save the next of ``versions`` at ``path``
+    (overwrite=True, committed) between its metadata and its arrays, once per read attempt."""
+    module, name = RACE_POINTS[kind]
+    module = importlib.import_module(module)
+    real, pending, saving = getattr(module, name), list(versions), []
+
+    def between(*a, **k):
+        if pending and not saving:  # the writer's own calls pass through
+            saving.append(True)
+            try:
+                writer.save(path, pending.pop(0), overwrite=True)
+            finally:
+                saving.pop()
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, between)
+    return pending
+
+
+def _racing_writers(kind):
+    old, new = faults.Writer(kind, size=8, rank=2), faults.Writer(kind, size=8, rank=2)
+    new.config = dataclasses.replace(new.config, alpha=5.0)  # other scales too: a mix of metadata and arrays shows
+    return old, new
+
+
+@pytest.mark.parametrize("kind", sorted(RACE_POINTS))
+def test_a_read_racing_an_overwrite_returns_one_commit_never_a_mix(tmp_path, kind, monkeypatch):
+    """Another process saves (overwrite=True) to the path while it is read: between the manifest and the arrays."""
+    old, new = _racing_writers(kind)
+    path = old.save(tmp_path / kind, 1)
+    left = _race(monkeypatch, kind, new, path, [2])
+    got = old.load(path)
+    assert not left  # the save did run inside the read
+    assert _equal(got, old.expected(1)) or _equal(got, new.expected(2)), "a mix of the two adapters"
+    assert _equal(got, new.expected(2))  # read again, whole, once the save had replaced it
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [kind]
+
+
+@pytest.mark.parametrize("kind", sorted(RACE_POINTS))
+def test_a_read_that_every_save_overtakes_raises_replaced_while_read(tmp_path, kind, monkeypatch):
+    """A save commits inside every attempt of the read: the reader gives up with a clear error, never a mix."""
+    old, new = _racing_writers(kind)
+    path = old.save(tmp_path / kind, 1)
+    _race(monkeypatch, kind, new, path, range(2, 12))
+    with pytest.raises(ckpt.CheckpointReplacedError, match=f"{path} was replaced while being read.*do not save to"):
+        old.load(path)
+
+
+def test_a_read_racing_a_save_into_a_directory_of_other_files_never_mixes(tmp_path, monkeypatch):
+    """The PEFT files of a repo are renamed into it one by one (the directory stays): the same race."""
+    old, new = _racing_writers("peft")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# adapter\n")
+    old.save(repo, 1)
+    left = _race(monkeypatch, "peft", new, repo, [2])
+    got = old.load(repo)
+    assert not left and _equal(got, new.expected(2))
+    _race(monkeypatch, "peft", new, repo, range(3, 13))
+    with pytest.raises(ckpt.CheckpointReplacedError, match=f"{repo} was replaced while being read"):
+        old.load(repo)
+
+
+def test_a_read_during_a_live_save_between_its_renames_waits_for_it(tmp_path, monkeypatch):
+    """A save into a directory of other files, paused after its first rename (the directory then disagrees
+    with its manifest): the read waits for the rename lock and reads the new adapter, with no warning that
+    a save was interrupted."""
+    old, new = _racing_writers("peft")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.log").write_text("log\n")
+    old.save(repo, 1)
+    real, paused = os.replace, threading.Event()
+
+    def replace(src, dst):
+        real(src, dst)
+        if threading.current_thread() is not threading.main_thread() and not paused.is_set():
+            paused.set()  # the new config is in, the old weights and manifest still there
+            time.sleep(0.5)
+
+    monkeypatch.setattr(os, "replace", replace)
+    writer = threading.Thread(target=new.save, args=(repo, 2), kwargs=dict(overwrite=True))
+    writer.start()
+    assert paused.wait(60)
+    got = old.load(repo)
+    writer.join()
+    assert _equal(got, new.expected(2))
+
+
+def test_merge_safetensors_never_reads_two_bases(tmp_path, monkeypatch):
+    """The base replaced by a new export after its header was read: refused, never its header with the other's data."""
+    import safetensors
+    from safetensors.numpy import load_file
+
+    from jaxlora.checkpoint._merged import write_safetensors
+
+    def export(v, **k):  # a sealed base with the torch name the PEFT adapter's "w" gets
+        write_safetensors(base, [("w.weight", (8, 8), "F32")], lambda i: np.full((8, 8), v, np.float32), **k)
+
+    base, w = tmp_path / "base.safetensors", faults.Writer("peft", size=8, rank=2)
+    adapter = w.save(tmp_path / "adapter", 1)
+    export(1.0)
+    real = safetensors.safe_open
+
+    def then_replaced(*a, **k):
+        f = real(*a, **k)
+        export(2.0, overwrite=True)
+        return f
+
+    monkeypatch.setattr(safetensors, "safe_open", then_replaced)
+    with pytest.raises(ckpt.CheckpointReplacedError, match="base.safetensors was replaced while being read"):
+        ckpt.merge_safetensors(base, adapter, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    monkeypatch.undo()
+    out = load_file(str(ckpt.merge_safetensors(base, adapter, tmp_path / "out.safetensors")))["w.weight"]
+    f = w.lora(1)["w"]
+    np.testing.assert_allclose(out, 2.0 + f.scale * np.asarray(f.a @ f.b).T, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """Adapter checkpoints: Orbax (`save`, `restore`), PEFT files (`save_peft`, `load_peft`), merged export, stacks."""
 
+from ._commit import CheckpointReplacedError as CheckpointReplacedError
 from ._commit import CorruptCheckpointError as CorruptCheckpointError
 from ._fingerprint import check as check_base
 from ._fingerprint import fingerprint as fingerprint
@@ -21,6 +22,7 @@ from ._stack import save_stack as save_stack
 
 __all__ = [
     "AdapterInfo",
+    "CheckpointReplacedError",
     "CorruptCheckpointError",
     "TUNIX_NAMES",
     "check_base",

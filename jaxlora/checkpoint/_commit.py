@@ -22,12 +22,22 @@ the directory's manifest disagreeing with its files, which every reader refuses 
 Concurrent writers to one path each write their own staging path and hold an ``fcntl`` lock on the
 parent directory while renaming; the clean-up removes only superseded ``old`` leftovers and the
 staging paths of processes on this host that no longer run, never another live writer's work.
+
+A reader may race such a writer: it reads the manifest, and the files it opens next may already be the
+next commit's. Every reader therefore reads through `read`: it notes what identifies the commit at the
+path (the directory, its entries' inodes, the manifest's bytes, which hold a random ``commit`` id), reads
+the files it parses itself through `Commit.read_bytes` (checked against that manifest's checksums), and
+keeps the result only if the same commit is still there afterwards; otherwise it reads again, and after
+`READ_ATTEMPTS` raises `CheckpointReplacedError`. A committed file or directory is never changed in
+place, so a commit still in place after the read is the one every file came from. A single file (a
+merged ``.safetensors``) is read through one handle, checked through it (`verify_safetensors`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -40,7 +50,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 MANIFEST = "jaxlora_manifest.json"
 MANIFEST_FORMAT = "jaxlora.manifest"
@@ -72,17 +82,45 @@ READERS = {
     "merged": "read it with orbax.checkpoint.v1.load",
     "safetensors": "read it with safetensors",
 }
+READ_ATTEMPTS = 3  # reads of a checkpoint that saves keep replacing, before `read` gives up
 _warned: set[str] = set()
+T = TypeVar("T")
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint or export whose files do not match what was written: damaged on disk, never data."""
 
 
-def _sha256(path: Path, *, skip: tuple[int, int] | None = None) -> str:
+class CheckpointReplacedError(OSError):
+    """A checkpoint that another save replaced while it was read, every time it was read: nothing is
+    returned rather than a mix of two checkpoints."""
+
+
+def replaced(path: Path, attempts: int = 1) -> CheckpointReplacedError:
+    """The error for a checkpoint at ``path`` that a save replaced during each of ``attempts`` reads."""
+    during = "while it was being read" if attempts == 1 else f"during each of {attempts} attempts to read it"
+    return CheckpointReplacedError(
+        f"{path} was replaced while being read: another save (overwrite=True) committed a new checkpoint there "
+        f"{during}, so nothing was returned rather than a mix of the two. Retry, or do not save to a path you are "
+        "loading from (save each checkpoint to a new path and read only finished ones)."
+    )
+
+
+@contextlib.contextmanager
+def _opened(src: Path | BinaryIO) -> Iterator[BinaryIO]:
+    """``src`` opened for reading (a file already open: rewound, and left open)."""
+    if isinstance(src, Path):
+        with open(src, "rb") as f:
+            yield f
+    else:
+        src.seek(0)
+        yield src
+
+
+def _sha256(src: Path | BinaryIO, *, skip: tuple[int, int] | None = None) -> str:
     """SHA-256 of a file read in chunks; ``skip=(start, stop)`` hashes those bytes as zeros."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _opened(src) as f:
         pos = 0
         while chunk := f.read(_CHUNK):
             if skip and pos < skip[1] and pos + len(chunk) > skip[0]:
@@ -121,7 +159,13 @@ def write_manifest(root: Path, kind: str, *, skip: Sequence[str] = ()) -> None:
         f = root / rel
         files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
         _fsync(f)
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": kind, "files": files}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "kind": kind,
+        "commit": secrets.token_hex(8),  # no two commits' manifests alike, even of the same files (`read`)
+        "files": files,
+    }
     with open(root / MANIFEST, "w") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         f.flush()
@@ -133,10 +177,12 @@ def write_manifest(root: Path, kind: str, *, skip: Sequence[str] = ()) -> None:
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """The manifest of ``root`` (``None`` if it has none); a damaged one raises."""
     f = root / MANIFEST
-    if not f.is_file():
-        return None
+    return _parse_manifest(root, f.read_bytes()) if f.is_file() else None
+
+
+def _parse_manifest(root: Path, raw: bytes) -> dict[str, Any]:
     try:
-        m = json.loads(f.read_bytes())
+        m = json.loads(raw)
         ok = (
             m["format"] == MANIFEST_FORMAT
             and m["version"] == MANIFEST_VERSION
@@ -164,9 +210,10 @@ def verify(root: Path, kind: str) -> bool:
     Raises:
       CorruptCheckpointError: naming every damaged or missing file.
     """
-    m = read_manifest(root)
-    if m is None:
-        return False
+    return Commit(root, kind).verify()
+
+
+def _check_files(root: Path, kind: str, m: dict[str, Any]) -> None:
     if m["kind"] != kind:
         raise ValueError(f"{root} is {KINDS[m['kind']]}, not {KINDS[kind]}: {READERS[m['kind']]}.")
     problems = []
@@ -184,7 +231,103 @@ def verify(root: Path, kind: str) -> bool:
             f"{root} is damaged; restore an earlier checkpoint or save again (if you changed a file on purpose, "
             f"delete {MANIFEST} to read it unverified):\n  " + "\n  ".join(shown)
         )
-    return True
+
+
+def _stamp(root: Path) -> tuple[Any, ...] | None:
+    """What tells the commit at ``root`` from any other: the directory (a file: its size and time too), the
+    inodes of its entries and its manifest's bytes; ``None`` if nothing is there."""
+    try:
+        st = os.stat(root)
+        if not os.path.isdir(root):
+            return st.st_dev, st.st_ino, (st.st_size, st.st_mtime_ns), None
+        entries = tuple(sorted((e.name, e.inode()) for e in os.scandir(root)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        manifest: bytes | None = (root / MANIFEST).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        manifest = None
+    return st.st_dev, st.st_ino, entries, manifest
+
+
+class Commit:
+    """The checkpoint of ``kind`` at ``root`` as a reader found it: its manifest then (`manifest`), its files
+    read checked against that manifest (`read_bytes`), and whether ``root`` still holds it (`current`)."""
+
+    def __init__(self, root: Path, kind: str):
+        self.root, self.kind = root, kind
+        self.stamp = _stamp(root)
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest ``root`` held when this read began (``None``: none); a damaged one raises."""
+        raw = None if self.stamp is None else self.stamp[3]
+        return None if raw is None else _parse_manifest(self.root, raw)
+
+    def verify(self) -> bool:
+        """`verify`, against `manifest`."""
+        if (m := self.manifest) is None:
+            return False
+        _check_files(self.root, self.kind, m)
+        return True
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of ``root / rel``, checked against `manifest` where it lists the file.
+
+        Raises:
+          CorruptCheckpointError: if they differ from what the manifest records (damaged, or the next commit's).
+        """
+        data = (self.root / rel).read_bytes()
+        want = (self.manifest or {"files": {}})["files"].get(rel)
+        if want is not None and (len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]):
+            raise CorruptCheckpointError(
+                f"{self.root / rel} differs from the file recorded in {MANIFEST} (SHA-256 at save); restore an "
+                "earlier checkpoint or save again."
+            )
+        return data
+
+    def current(self) -> bool:
+        """Whether ``root`` still holds this commit."""
+        return _stamp(self.root) == self.stamp
+
+
+def read(path: Path, kind: str, reader: Callable[[Commit], T], legacy: Callable[[Path], bool] | None = None) -> T:
+    """``reader(commit)`` for the checkpoint of ``kind`` at ``path`` (`locate`), returned only if the same commit
+    is still in place once it has read: what another save (overwrite=True) committed meanwhile is read again.
+    An error raised while the same commit stays in place is the checkpoint's own, and propagates.
+
+    Raises:
+      CheckpointReplacedError: if a save replaced it during each of `READ_ATTEMPTS` reads.
+    """
+    last: BaseException | None = None
+    for _ in range(READ_ATTEMPTS):
+        commit = Commit(locate(path, kind, legacy), kind)
+        try:
+            out = reader(commit)
+        except Exception as e:
+            _settle(commit.root)  # a save renaming there now: its error is not the checkpoint's
+            if commit.current():
+                raise
+            last = e
+            continue
+        if commit.current():
+            return out
+        last = None
+    raise replaced(path, READ_ATTEMPTS) from last
+
+
+def _settle(path: Path) -> None:
+    """Wait until no save is renaming beside ``path`` (each holds the parent's lock while it does)."""
+    try:
+        fd = os.open(resolve(path).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        pass  # a file system without locks: `read` still sees the commit change
+    finally:
+        os.close(fd)  # the lock with it
 
 
 def warn_unverified(root: Path, what: str) -> None:
@@ -336,20 +479,23 @@ def locate(path: Path, kind: str, legacy: Callable[[Path], bool] | None = None) 
     complete leftover beside it (with a warning); likewise where a write into a directory of other
     files (`_place`) was interrupted between its renames, leaving ``path``'s files disagreeing with its
     manifest beside the complete copy of the files it replaced. A symlink whose target is missing is
-    followed to it: a save through the link (``latest -> step_100``) left its leftovers beside the target."""
+    followed to it: a save through the link (``latest -> step_100``) left its leftovers beside the target.
+    A save renaming there right now is waited for first: its leftovers are gone once it is done."""
     if not path.exists() and path.is_symlink():
         path = resolve(path)
-    if path.exists():
-        if not path.is_dir() or not (found := leftovers(path, kind, legacy)) or complete(path, kind):
+    for settled in (False, True):
+        found = [] if path.exists() and not path.is_dir() else leftovers(path, kind, legacy)
+        if not found or (path.exists() and complete(path, kind)):
             return path  # (the reader verifies path itself, and names what is damaged)
+        if not settled:
+            _settle(path)
+    if path.exists():
         warnings.warn(
             f"{path} disagrees with its {MANIFEST}: a save into it was interrupted between its renames. Using "
             f"the complete checkpoint it left at {found[0]}; save to {path} again to repair it.",
             stacklevel=4,
         )
         return found[0]
-    if not (found := leftovers(path, kind, legacy)):
-        return path
     others = "".join(f", {p}" for p in found[1:])
     warnings.warn(
         f"{path} does not exist: a save(..., overwrite=True) was interrupted between its two renames. Using the "
@@ -548,13 +694,14 @@ def committing_file(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Pat
 PLACEHOLDER = "0" * 64
 
 
-def sealed_offsets(path: Path) -> tuple[int, int] | None:
-    """Where the checksum's hex digits sit in a sealed safetensors file (``None``: not sealed).
+def sealed_offsets(path: Path, handle: BinaryIO | None = None) -> tuple[int, int] | None:
+    """Where the checksum's hex digits sit in a sealed safetensors file (``None``: not sealed), read through
+    ``handle`` (an open file of ``path``) if given.
 
     Raises:
       CorruptCheckpointError: for a file jaxlora wrote whose checksum entry is itself damaged.
     """
-    with open(path, "rb") as f:
+    with _opened(handle or path) as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         raw = f.read(min(max(n, 1 << 16), 100 * 2**20))  # a damaged length still finds the entry
@@ -581,24 +728,27 @@ def seal(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def verify_safetensors(path: Path) -> bool:
+def verify_safetensors(path: Path, handle: BinaryIO | None = None) -> bool:
     """Check a safetensors file jaxlora wrote against its checksum (``False``: not sealed, unverified).
+
+    Through ``handle``, an open file of ``path``, if given: what is read from it afterwards is the file checked,
+    even if a save replaces ``path`` meanwhile.
 
     Raises:
       CorruptCheckpointError: if the file does not match.
     """
-    if not path.is_file():
+    if handle is None and not path.is_file():
         return False  # the reader names what is missing
     try:
-        where = sealed_offsets(path)
+        where = sealed_offsets(path, handle)
     except OSError as e:
         raise CorruptCheckpointError(f"{path} cannot be read ({e}).") from None
     if where is None:
         return False
-    with open(path, "rb") as f:
+    with _opened(handle or path) as f:
         f.seek(where[0])
         recorded = f.read(64).decode("ascii", "replace")
-    if _sha256(path, skip=where) != recorded:
+    if _sha256(handle or path, skip=where) != recorded:
         raise CorruptCheckpointError(
             f"{path} is damaged: its SHA-256 differs from the one jaxlora recorded when it wrote it "
             f"({SHA_KEY} in its header); export it again."

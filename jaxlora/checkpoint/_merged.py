@@ -26,13 +26,9 @@ from .._matmul import LoraFactors
 from .._tree import _names, nearest
 from . import _commit
 from ._peft import read_peft
+from ._safetensors import DTYPES as _DTYPES
+from ._safetensors import np_dtype
 
-# numpy dtype name -> safetensors code; bfloat16 and the float8 types are ml_dtypes' (a jax dependency)
-_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0", "complex64": "C64", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-}  # fmt: skip
 # bits per element of each code safetensors knows; F4 and F6 pack several elements a byte, have no numpy
 # array type, and are only ever copied byte for byte (merge_safetensors' unadapted tensors)
 _BITS = {
@@ -303,6 +299,7 @@ def merge_safetensors(
       FileExistsError: if ``out`` exists and ``overwrite`` is false.
       FileNotFoundError: if ``base`` does not exist.
       CorruptCheckpointError: if ``base`` is a jaxlora export that no longer matches its checksum.
+      CheckpointReplacedError: if a save replaced ``base`` while it was read.
       ValueError: naming adapter modules whose ``<name>.weight`` the base lacks, whose shape differs or
         that is no float tensor (a quantized checkpoint); for a damaged base or adapter.
 
@@ -323,14 +320,24 @@ def merge_safetensors(
     out = Path(out)
     _commit.check_replaceable(_commit.resolve(out), "safetensors", overwrite=overwrite)
     deltas = {f"{name}.weight": (in_out, A, B, s, M) for name, in_out, A, B, s, M in _peft_deltas(adapter)}
-    _commit.verify_safetensors(Path(base))  # a merged export of jaxlora's carries its checksum
     try:
-        reader = safe_open(str(base), framework="numpy")
+        data = open(base, "rb")  # every byte of the base is read through this one handle
     except FileNotFoundError:
         raise FileNotFoundError(f"The base {base} does not exist.") from None
-    except Exception as e:  # safetensors raises its own error type for a damaged header
+    except OSError as e:  # a directory, say
         raise ValueError(f"The base {base} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
-    with reader as f, open(base, "rb") as data:
+    try:
+        _commit.verify_safetensors(Path(base), data)  # a merged export of jaxlora's carries its checksum
+        try:
+            reader = safe_open(str(base), framework="numpy")
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise ValueError(f"The base {base} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
+        if not os.path.samestat(os.fstat(data.fileno()), os.stat(base)):
+            raise _commit.replaced(Path(base))  # the header safe_open read is another file's: a save replaced base
+    except BaseException:
+        data.close()
+        raise
+    with reader as f, data:
         keys = list(f.keys())
         meta = f.metadata() or {}
         start, spans = _data_spans(data)
@@ -361,7 +368,7 @@ def merge_safetensors(
             raw = data.read(hi - lo)  # unadapted tensors are copied byte for byte, whatever their dtype
             if k not in deltas:
                 return raw
-            dtype = _np_dtype(code)
+            dtype = np_dtype(code)
             w = np.frombuffer(raw, dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype).reshape(shape)
             del raw
             in_out, A, B, s, M = deltas[k]
@@ -384,14 +391,6 @@ def merge_safetensors(
 
         write_safetensors(out, entries, counted, metadata={**meta, "merged_by": "jaxlora"}, overwrite=overwrite)
     return out
-
-
-def _np_dtype(code: str) -> np.dtype:
-    """The numpy dtype of a safetensors code that has one (bfloat16 and float8 from ml_dtypes)."""
-    import ml_dtypes
-
-    name = {v: k for k, v in _DTYPES.items()}[code]
-    return np.dtype(getattr(ml_dtypes, name, None) or name)
 
 
 def _is_float(code: str) -> bool:

@@ -6,7 +6,8 @@ roles and dropout, the `LoraConfig` it was made with, and the base fingerprint).
 `LoraFactors` are no pytree leaves, so they travel in the JSON and `restore` rebuilds the factors.
 Every save goes through `_commit.committing`: written beside ``directory``, checksummed in
 ``jaxlora_manifest.json``, then renamed into place; `restore` and `info` verify the manifest before
-reading anything and check the JSON item against itself. The JSON item also holds the SHA-256 of each
+reading anything and check the JSON item against itself, all from one commit (`_commit.read`: a save
+racing the read makes it read again, never mix the two). The JSON item also holds the SHA-256 of each
 array's values (`_digests`), checked once they are read: a ``CheckpointManager`` step, which Orbax
 writes and no manifest covers, is verified too.
 """
@@ -227,35 +228,31 @@ def _legacy(p: Path) -> bool:
     if not ((p / "_CHECKPOINT_METADATA").is_file() and (p / ARRAYS).is_dir()):
         return False
     try:
-        _check_meta(p)
+        _check_meta(_commit.Commit(p, "adapter"))
     except ValueError:
         return False
     return True
 
 
-def _locate(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint at ``path`` (or the leftover an interrupted overwrite left), verified, and its JSON item."""
-    found = _commit.locate(path, "adapter", _legacy)
-    return found, _read_meta(found, leftover=found != path)
-
-
-def _read_meta(path: Path, *, leftover: bool = False) -> dict[str, Any]:
-    """The JSON item of the checkpoint at ``path``, after checking it is one jaxlora can read, intact."""
+def _read_meta(commit: _commit.Commit, asked: Path) -> dict[str, Any]:
+    """The JSON item of the checkpoint a read of ``asked`` found, after checking it is one jaxlora can read, intact."""
+    path = commit.root
     if not path.exists():
         raise FileNotFoundError(f"No adapter checkpoint at {path}: it does not exist.")
-    if not leftover and (".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name):
+    if path == asked and (".orbax-checkpoint-tmp" in path.name or ".jaxlora-new-" in path.name):
         raise ValueError(
             f"{path} is an unfinished save (it was interrupted); restore {path.name.split('.jaxlora-')[0]}"
             " or the previous checkpoint instead."
         )
-    verified = path.is_dir() and _commit.verify(path, "adapter")
-    meta = _check_meta(path)
+    verified = path.is_dir() and commit.verify()
+    meta = _check_meta(commit)
     if not verified and not path.name.isdigit():  # a CheckpointManager's step is Orbax's, and has no manifest
         _commit.warn_unverified(path, "the adapter")
     return meta
 
 
-def _check_meta(path: Path) -> dict[str, Any]:
+def _check_meta(commit: _commit.Commit) -> dict[str, Any]:
+    path = commit.root
     if not path.is_dir():
         raise ValueError(f"{path} is a file, not an adapter checkpoint directory.")
     meta_file = path / META / "metadata"
@@ -273,7 +270,7 @@ def _check_meta(path: Path) -> dict[str, Any]:
             hint = f"it has no {META}/metadata file"
         raise ValueError(f"{path} is not a jaxlora adapter checkpoint: {hint}.")
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(commit.read_bytes(f"{META}/metadata"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _commit.CorruptCheckpointError(
             f"{path} is corrupt: {META}/metadata is not valid JSON ({e}); restore an earlier checkpoint or save again."
@@ -341,8 +338,12 @@ def info(directory: PathLike) -> AdapterInfo:
     peft = path.is_dir() and (path / "adapter_config.json").is_file() and not (path / META).exists()
     if peft or not path.exists() and _commit.leftovers(_commit.resolve(path), "peft"):
         return peft_info(path)
-    path, meta = _locate(path)
-    return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(path))
+
+    def read(commit: _commit.Commit) -> AdapterInfo:
+        meta = _read_meta(commit, path)
+        return AdapterInfo("orbax", meta["version"], meta["config"], meta["modules"], meta["base"], _size(commit.root))
+
+    return _commit.read(path, "adapter", read, _legacy)
 
 
 def _sharding_for(shardings: Any, path: str, name: str) -> jax.sharding.Sharding | None:
@@ -443,6 +444,7 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
 
     Raises:
       FileNotFoundError: if ``directory`` does not exist.
+      CheckpointReplacedError: if saves to ``directory`` replaced it during each of three attempts to read it.
       ValueError: for a foreign, unfinished, corrupt or newer-version checkpoint, or a base whose
         adapted weights have other shapes (naming the mismatching paths).
 
@@ -454,25 +456,29 @@ def restore(directory: PathLike, *, params: Any = None, shardings: Any = None) -
       >>> jaxlora.checkpoint.restore(path)["w"].scale
       2.0
     """
-    path, meta = _locate(Path(directory).absolute())
-    if params is not None and meta["base"] is not None:
-        _fingerprint.check(meta["base"], params, source=f"The adapter at {path}")
-    if not (path / ARRAYS).is_dir():
-        raise _commit.CorruptCheckpointError(
-            f"{path} is corrupt: its {ARRAYS!r} item (the arrays) is missing; restore an earlier checkpoint."
-        )
-    target = _abstract(meta, shardings)
-    try:
-        arrays = _checkpointer().restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[
-            ARRAYS
-        ]
-    except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-        raise _commit.CorruptCheckpointError(
-            f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
-            "restore an earlier checkpoint or save again."
-        ) from e
-    _check_digests(meta, arrays, path)
-    return _rebuild(meta, arrays, path)
+    asked = Path(directory).absolute()
+
+    def read(commit: _commit.Commit) -> Lora:  # all of one commit (`_commit.read`)
+        path, meta = commit.root, _read_meta(commit, asked)
+        if params is not None and meta["base"] is not None:
+            _fingerprint.check(meta["base"], params, source=f"The adapter at {path}")
+        if not (path / ARRAYS).is_dir():
+            raise _commit.CorruptCheckpointError(
+                f"{path} is corrupt: its {ARRAYS!r} item (the arrays) is missing; restore an earlier checkpoint."
+            )
+        target = _abstract(meta, shardings)
+        try:
+            items = ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)})
+            arrays = _checkpointer().restore(path, args=items)[ARRAYS]
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            raise _commit.CorruptCheckpointError(
+                f"{path} is truncated or corrupt: reading its arrays failed ({type(e).__name__}: {str(e)[:300]}); "
+                "restore an earlier checkpoint or save again."
+            ) from e
+        _check_digests(meta, arrays, path)
+        return _rebuild(meta, arrays, path)
+
+    return _commit.read(asked, "adapter", read, _legacy)
 
 
 def restore_step(
@@ -515,7 +521,7 @@ def restore_step(
     if step is None:
         raise FileNotFoundError(f"{manager.directory} holds no finished checkpoint step; nothing to resume from.")
     path = Path(manager.directory) / str(step)
-    meta = _check_meta(path) if path.is_dir() else None  # a manager's step has no jaxlora manifest
+    meta = _check_meta(_commit.Commit(path, "adapter")) if path.is_dir() else None  # no jaxlora manifest there
     if meta is None:
         meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     if params is not None and meta["base"] is not None:

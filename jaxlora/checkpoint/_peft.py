@@ -47,7 +47,7 @@ from .._matmul import LoraFactors
 from .._peft_config import load_problems
 from .._saved import SavedModule
 from .._tree import module_leaves, nearest, weights
-from . import _commit, _fingerprint
+from . import _commit, _fingerprint, _safetensors
 from ._info import AdapterInfo, config_to_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -462,10 +462,15 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
 def read_peft(
     directory: str | os.PathLike,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Any] | None]:
-    """The config, ``{torch name: {"kind", "A", "B"}}`` and jaxlora's metadata (or ``None``) of a PEFT dir."""
-    from safetensors import safe_open
+    """The config, ``{torch name: {"kind", "A", "B"}}`` and jaxlora's metadata (or ``None``) of a PEFT dir,
+    all of one commit (`_commit.read`)."""
+    return _commit.read(Path(directory).absolute(), "peft", _read_peft)
 
-    path = _commit.locate(Path(directory).absolute(), "peft")
+
+def _read_peft(
+    commit: _commit.Commit,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Any] | None]:
+    path = commit.root
     if not path.exists():
         raise FileNotFoundError(f"No PEFT adapter at {path}: it does not exist.")
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
@@ -476,9 +481,9 @@ def read_peft(
             else ""
         )
         raise ValueError(f"{path} is not a PEFT adapter: {missing} missing{hint}.")
-    verified = _commit.verify(path, "peft")  # written by jaxlora: every file checked before it is read
+    verified = commit.verify()  # written by jaxlora: every file checked before it is read
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads(commit.read_bytes(CONFIG_FILE))  # each file read once, checked as it is read
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the adapter is corrupt.") from None
     problems = config_problems(config)
@@ -491,30 +496,27 @@ def read_peft(
     if config.get("bias", "none") != "none":
         problems.append(f"bias is {config['bias']!r}; trained biases are not LoRA factors")
     modules: dict[str, dict[str, Any]] = {}
+    data = commit.read_bytes(WEIGHTS_FILE)
     try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="numpy") as f:
-            meta = f.metadata() or {}
-            for key in f.keys():
-                suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-                module, _, leaf = key[len(PREFIX) :].rpartition(".")
-                # PEFT's modules_to_save entries match a module name or a dotted suffix of it
-                if (
-                    suffix is None
-                    and key.startswith(PREFIX)
-                    and any(module == m or module.endswith(f".{m}") for m in to_save)
-                ):
-                    modules.setdefault(module, {"kind": "saved", "tensors": {}})["tensors"][leaf] = f.get_tensor(key)
-                    continue
-                if suffix is None or not key.startswith(PREFIX):
-                    problems.append(f"tensor {key!r} is not a LoRA factor jaxlora can read")
-                    continue
-                kind, which = _SUFFIXES[suffix]
-                entry = modules.setdefault(key[len(PREFIX) : -len(suffix)], {})
-                entry[which] = f.get_tensor(key)
-                if kind is not None:
-                    entry["kind"] = kind
+        meta, tensors = _safetensors.load(data)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({type(e).__name__}: {e}).") from e
+    del data
+    for key in sorted(tensors):
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        module, _, leaf = key[len(PREFIX) :].rpartition(".")
+        # PEFT's modules_to_save entries match a module name or a dotted suffix of it
+        if suffix is None and key.startswith(PREFIX) and any(module == m or module.endswith(f".{m}") for m in to_save):
+            modules.setdefault(module, {"kind": "saved", "tensors": {}})["tensors"][leaf] = tensors[key]
+            continue
+        if suffix is None or not key.startswith(PREFIX):
+            problems.append(f"tensor {key!r} is not a LoRA factor jaxlora can read")
+            continue
+        kind, which = _SUFFIXES[suffix]
+        entry = modules.setdefault(key[len(PREFIX) : -len(suffix)], {})
+        entry[which] = tensors[key]
+        if kind is not None:
+            entry["kind"] = kind
     missing = [
         m
         for m in to_save
@@ -675,6 +677,7 @@ def load_peft(
 
     Raises:
       FileNotFoundError: if ``directory`` does not exist.
+      CheckpointReplacedError: if saves to ``directory`` replaced it during each of three attempts to read it.
       ValueError: for a directory that is not a readable LoRA adapter (naming what is missing,
         ``modules_to_save``, trained biases), torch names no weight of ``params`` maps to, or factor
         shapes that do not fit the weights.
@@ -875,8 +878,12 @@ def _saved_modules(
 
 def peft_info(directory: str | os.PathLike) -> AdapterInfo:
     """`jaxlora.checkpoint.info` for a PEFT directory."""
-    path = _commit.locate(Path(directory).absolute(), "peft")
-    config, modules, extra = read_peft(path)
+    return _commit.read(Path(directory).absolute(), "peft", _peft_info)
+
+
+def _peft_info(commit: _commit.Commit) -> AdapterInfo:
+    path = commit.root
+    config, modules, extra = _read_peft(commit)
     saved = {m.get("key", m["torch"]): (p, m) for p, m in (extra or {}).get("modules", {}).items()}
     keys, _ = nested_keys(list(config.get("target_parameters") or []), PARAMETER_ORDER)
     expert_keys = {k: q for q, k in keys.items()}  # tensor key -> the torch parameter it adapts

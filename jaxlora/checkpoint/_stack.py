@@ -5,7 +5,8 @@ keyed ``m0``, ``m1``, ... as in `save`) and ``lora_stack_meta`` (JSON: format, v
 names, whether scales are folded, each module's path, roles, dropout, shapes and its adapters'
 scales and ranks, the base fingerprint). Version 1 stored scales and ranks as float32 arrays in
 ``lora_stack``; they are read, validated, into the static metadata.
-It is written with the protocol of `_commit` (beside, checksummed, renamed in) and verified on read.
+It is written with the protocol of `_commit` (beside, checksummed, renamed in), and verified and read from
+one commit (`_commit.read`).
 """
 
 from __future__ import annotations
@@ -105,10 +106,15 @@ def restore_stack(directory: str | os.PathLike, *, params: Any = None, sharding:
 
     Raises:
       FileNotFoundError: if ``directory`` does not exist.
+      CheckpointReplacedError: if saves to ``directory`` replaced it during each of three attempts to read it.
       CorruptCheckpointError: if a file differs from what was saved, or the metadata contradicts itself.
       ValueError: for a directory that is not a stack checkpoint, a newer format, or another base.
     """
-    path, meta = read_stack_meta(directory)
+    return _commit.read(Path(directory).absolute(), "stack", lambda commit: _restore(commit, params, sharding), _legacy)
+
+
+def _restore(commit: _commit.Commit, params: Any, sharding: Any) -> LoraStack:
+    path, meta = _stack_meta(commit)
     if params is not None and meta["base"] is not None:
         _fingerprint.check(meta["base"], params, source=f"The stack at {path}")
     n, old = len(meta["names"]), meta["version"] < 2
@@ -157,16 +163,20 @@ def _legacy(p: Path) -> bool:
 def read_stack_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The stack checkpoint at ``directory`` (or the leftover an interrupted overwrite left), verified
     against its manifest, and its metadata, checked against itself."""
-    path = _commit.locate(Path(directory).absolute(), "stack", _legacy)
+    return _commit.read(Path(directory).absolute(), "stack", _stack_meta, _legacy)
+
+
+def _stack_meta(commit: _commit.Commit) -> tuple[Path, dict[str, Any]]:
+    path = commit.root
     if not path.exists():
         raise FileNotFoundError(f"No stack checkpoint at {path}: it does not exist.")
-    verified = path.is_dir() and _commit.verify(path, "stack")
+    verified = path.is_dir() and commit.verify()
     meta_file = path / META / "metadata"
     if not meta_file.is_file():
         hint = "use jaxlora.checkpoint.restore for one adapter" if (path / "lora_meta").exists() else "no metadata"
         raise ValueError(f"{path} is not a jaxlora stack checkpoint ({META}/metadata is missing: {hint}).")
     try:
-        meta = json.loads(meta_file.read_bytes())
+        meta = json.loads(commit.read_bytes(f"{META}/metadata"))
     except (ValueError, UnicodeDecodeError) as e:
         raise _commit.CorruptCheckpointError(
             f"{path} is corrupt: {META}/metadata is not valid JSON ({e}); restore an earlier checkpoint or save again."
