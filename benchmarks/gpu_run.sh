@@ -111,6 +111,21 @@ for section in "$@"; do
       export XLA_FLAGS="${XLA_FLAGS% --xla_gpu_enable_triton_gemm=false}"
       timeout 120 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1 --qmatmul "$chosen" --timeout 110 --out $OUT/qlora_decode_h200_fold.json ;;
+    sum25)  # issue 25: the folded kernel summing each step's rows at once (FOLD_SUM): GPU test, one-row sweep on
+      # both 8B MLP shapes (the first chooses), then the 8B decode at 1, 4, 16, 64 rows with the choice
+      timeout 90 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
+      Q="python3 -m benchmarks.qdecode --copy-mib 1024 --sweep-batches 1"
+      export XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false"
+      timeout 170 $Q --batches 1 --modes bf16 int8_kernel nf4_kernel nf4_kernel_read_only \
+        --sweep-preset fold_sum --sweep-budget 120 --out $OUT/qdecode_h200_fold_sum.json | grep -v '"sweep": {'
+      chosen=$(python3 -c "import json; print(json.load(open('$OUT/qdecode_h200_fold_sum.json'))['qmatmul_setting'])")
+      echo "chosen: $chosen"
+      timeout 70 $Q --shape 32,14336,4096 --batches 1 --modes bf16 int8_kernel nf4_kernel --sweep "$chosen" \
+        16,512,4,1,1024,1,one 8,2048,2,1,1024,1,one+sum 16,2048,2,1,512,1,one+sum \
+        --sweep-budget 35 --out $OUT/qdecode_h200_fold_sum_down.json | grep -v '"sweep": {'
+      export XLA_FLAGS="${XLA_FLAGS% --xla_gpu_enable_triton_gemm=false}"
+      timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1,4,16,64 --qmatmul "$chosen" --timeout 190 --out $OUT/qlora_decode_h200_fold_sum.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

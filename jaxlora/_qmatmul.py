@@ -84,6 +84,10 @@ TILE_M, WARPS_M, STAGES_M, PROGRAMS_M = (64, 128), 4, 1, 1024
 FOLD = True
 GEMV_TILE, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS, PREFETCH = (16, 512), 4, 1, 1024, 1
 FOLD_ROWS = 1  # up to this many rows (a power of 2) take the folded kernel: a lookup a code, a multiply-add a row
+# the folded kernel sums each step's rows at once into a (columns,) accumulator: with a tile one row of
+# which spans every thread (bn/2 bytes = warps·32·16 for NF4), that sum stays inside each thread, and the
+# tile's rows become independent loads in flight instead of accumulator registers
+FOLD_SUM = False
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -148,7 +152,7 @@ def _splits(programs: int, reduce: int, chunk: int, limit: int | None = None) ->
 _SWITCHES = (
     "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "TILE_M", "WARPS_M", "STAGES_M", "PROGRAMS_M",
     "GEMV_TILE", "GEMV_WARPS", "GEMV_STAGES", "GEMV_PROGRAMS", "PREFETCH",
-    "GEMV", "FOLD", "FOLD_ROWS", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "GEMV", "FOLD", "FOLD_ROWS", "FOLD_SUM", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
     "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
@@ -160,6 +164,7 @@ _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches 
     "tile": ("FOLD", False),
     **{f"prefetch{n}": ("PREFETCH", n) for n in (0, 2)},
     **{f"fold{n}": ("FOLD_ROWS", n) for n in (2, 4, 8)},
+    "sum": ("FOLD_SUM", True),
     **{f"rows{n}": ("MAX_ROWS", n) for n in (16, 32, 64, 128)},
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
@@ -398,7 +403,7 @@ def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
     kernel = functools.partial(
         _gemv_kernel, names=tuple(names), nf4=nf4, double=nf4 and q.double_quant, steps=part // bk, tile=(bk, bn),
         part=part, bs=q.block_size, nbr=n // q.block_size, top=float(jnp.finfo(q.dtype).max),
-        lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY,
+        lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY, each_step=FOLD_SUM,
     )  # fmt: skip
     one = s == 1
     out_shape = jax.ShapeDtypeStruct((mp, n) if one else (s, mp, n), out_dtype if one else f32)
@@ -414,7 +419,7 @@ def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
     return y[:m] if mp != m else y
 
 
-def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only):
+def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only, each_step):
     """``y[c] = Σ_r x[r]·W[r, c]`` with ``W[r, c] = value(code)·absmax[r, c // bs]`` (NF4) or
     ``code·scale[c]`` (int8), computed as ``Σ_r value(code)·(x[r]·absmax)`` and ``scale·Σ_r code·x[r]``:
     per code a lookup and a multiply-add (a row of ``x``), no rounding of ``W`` to ``x``'s dtype.
@@ -456,15 +461,19 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         def wide(v):  # a tile beside each row of x
             return v[None] if lead else v
 
+        def add(acc, products):  # summed over the step's rows now (`FOLD_SUM`) or after the loop
+            return acc + (jnp.sum(products, axis=len(lead)) if each_step else products)
+
         if not nf4:
-            return (accs[0] + wide(codes.astype(f32)) * coef,)
+            return (add(accs[0], wide(codes.astype(f32)) * coef),)
         codes = codes.astype(jnp.int32)
         halves = (codes >> 4, codes & 15)  # the even column in the high nibble
         if read_only:  # the diagnostic: the codes' integers stand for the values (no lookup)
-            return tuple(acc + wide(h.astype(f32)) * coef for acc, h in zip(accs, halves))
-        return tuple(acc + wide(_nf4_value(h, lookup, ref["consts"])) * coef for acc, h in zip(accs, halves))
+            return tuple(add(acc, wide(h.astype(f32)) * coef) for acc, h in zip(accs, halves))
+        return tuple(add(acc, wide(_nf4_value(h, lookup, ref["consts"])) * coef) for acc, h in zip(accs, halves))
 
-    accs = tuple(jnp.zeros((*lead, bk, bn // bs, bs // 2) if nf4 else (*lead, bk, bn), f32) for _ in range(phases))
+    shape = (*lead, *(() if each_step else (bk,)), *((bn // bs, bs // 2) if nf4 else (bn,)))
+    accs = tuple(jnp.zeros(shape, f32) for _ in range(phases))
     if steps == 1:
         accs = fma(accs, *load(0))
     elif prefetch:  # the next `prefetch` steps' loads are issued before this step's arithmetic
@@ -478,7 +487,7 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         accs = lax.fori_loop(0, steps, body, (accs, ahead))[0]
     else:
         accs = lax.fori_loop(0, steps, lambda i, accs: fma(accs, *load(i)), accs)
-    sums = [jnp.sum(acc, axis=len(lead)).reshape(m, width) for acc in accs]
+    sums = [(acc if each_step else jnp.sum(acc, axis=len(lead))).reshape(m, width) for acc in accs]
     out = _interleave(sums) if nf4 else sums[0] * ref["scale"][:, pl.ds(col0, bn)]
     o_ref[...] = out.astype(o_ref.dtype)
 
