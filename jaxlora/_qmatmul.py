@@ -439,25 +439,36 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
     lead = () if m == 1 else (m,)
 
     def load(i):
-        """Step ``i``'s codes and coefficients: for int8 (bk, bn) and x (bk, 1); for NF4 (bk, bn / bs, bs / 2)
-        and x·absmax (bk, bn / bs, 1)."""
+        """Step ``i``'s loads, as loaded (used only in `fma`, so loads ahead stay in flight until then): the
+        codes (int8: (bk, bn); NF4: (bk, bn / bs, bs / 2)), x's (·, bk), and NF4's absmax (bk, bn / bs) with,
+        double-quantized, each block's group step."""
         rows = t * part + i * bk  # within the layer's W
-        xs = x_ref[:, pl.ds(i * bk, bk)].astype(f32).reshape(*lead, bk, 1)
+        xs = x_ref[:, pl.ds(i * bk, bk)]
         if not nf4:
             return ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0, bn)], xs
         codes = ref["codes"][pl.ds(codes0 + rows, bk), pl.ds(col0 // bs, bn // bs), :]
         amax = ref["absmax"][pl.ds(absmax0 + rows, bk), pl.ds(col0 // bs, bn // bs)]
-        if double:
-            row = rows + lax.broadcasted_iota(jnp.int32, amax.shape, 0)
-            blocks = col0 // bs + lax.broadcasted_iota(jnp.int32, amax.shape, 1)
-            mean = ref["consts"][pl.ds(16, 1)].reshape(1, 1)
-            amax = amax.astype(f32) * ref["steps"][(row * nbr + blocks) // DQ_GROUP] + mean
+        if not double:
+            return codes, xs, amax
+        row = rows + lax.broadcasted_iota(jnp.int32, amax.shape, 0)
+        blocks = col0 // bs + lax.broadcasted_iota(jnp.int32, amax.shape, 1)
+        return codes, xs, amax, ref["steps"][(row * nbr + blocks) // DQ_GROUP]
+
+    def coefficient(xs, amax, step=None):
+        """x·absmax (·, bk, bn / bs, 1), or x (·, bk, 1) for int8."""
+        xs = xs.astype(f32).reshape(*lead, bk, 1)
+        if amax is None:
+            return xs
         amax = amax.astype(f32)
+        if step is not None:
+            amax = amax * step + ref["consts"][pl.ds(16, 1)].reshape(1, 1)
         # W's values are clipped to its dtype's range: a finite absmax past it is clipped (|value| <= 1)
         amax = jnp.where(jnp.abs(amax) > top, jnp.where(jnp.abs(amax) < jnp.inf, jnp.sign(amax) * top, amax), amax)
-        return codes, (xs * (amax[None] if lead else amax))[..., None]
+        return (xs * (amax[None] if lead else amax))[..., None]
 
-    def fma(accs, codes, coef):
+    def fma(accs, codes, xs, amax=None, step=None):
+        coef = coefficient(xs, amax, step)
+
         def wide(v):  # a tile beside each row of x
             return v[None] if lead else v
 
