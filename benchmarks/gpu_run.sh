@@ -126,6 +126,14 @@ for section in "$@"; do
       export XLA_FLAGS="${XLA_FLAGS% --xla_gpu_enable_triton_gemm=false}"
       timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1,4,16,64 --qmatmul "$chosen" --timeout 190 --out $OUT/qlora_decode_h200_fold_sum.json ;;
+    last25)  # issue 25: which layout fails the GPU test under two variants (diagnostic), the 8B QLoRA step
+      # without remat (the backward keeps the codes), then the 70B QLoRA at 6 x 4,096 if time is left
+      timeout 90 python3 benchmarks/diag/qmatmul_gpu_failures.py 16,256,4,1,8,0,fold4+prefetch2 \
+        8,1024,2,1,8,0,one+sum+fold4 16,256,4,1,8,0,prefetch2 2>&1 | grep -v "^WARNING\|Deprecat" | grep -v " ok$"
+      timeout 220 python3 -m benchmarks.qlora --modes train_bf16,train_nf4 --big '' --policy none --timeout 200 \
+        --out $OUT/qlora_train_h200_no_remat.json
+      timeout 250 python3 -m benchmarks.qlora --modes '' --big llama70b --batches 6 --timeout 240 \
+        --out $OUT/qlora_70b_h200_b6.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -109,7 +109,8 @@ PRESETS = {
     # (NF4: bn/2 bytes = warps·32·16), so the tile's rows are loads in flight, not accumulators
     "fold_sum": [
         "8,512,4,1,1024,1,one", "16,512,4,1,1024,1,one", "8,512,4,1,1024,1,one+prefetch2",
-        "16,512,4,1,512,1,one+prefetch2", "8,2048,2,1,1024,1,one+sum", "16,2048,2,1,1024,1,one+sum", "32,2048,2,1,1024,1,one+sum",
+        "16,512,4,1,512,1,one+prefetch2", "8,2048,2,1,1024,1,one+sum", "16,2048,2,1,1024,1,one+sum",
+        "32,2048,2,1,1024,1,one+sum",
         "8,2048,2,1,512,1,one+sum", "16,2048,2,1,512,1,one+sum", "8,2048,2,1,2048,1,one+sum",
         "8,2048,2,1,1024,1,one+sum+prefetch0", "16,2048,2,1,1024,1,one+sum+prefetch0",
         "8,2048,2,1,1024,1,one+sum+prefetch2", "8,4096,4,1,1024,1,one+sum", "16,4096,4,1,512,1,one+sum",
