@@ -94,7 +94,8 @@ for section in "$@"; do
       timeout 150 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
       timeout 200 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1,4,16,64 --timeout 190 --out $OUT/qlora_decode_h200_tiles.json ;;
-    fold25)  # issue 25: the folded kernel (`_gemv_kernel`): its GPU test, a one-row sweep on both 8B MLP shapes
+    fold25)  # (run 2026-12-03; the presets fold_rows and fold_sum are gone with what they timed: the result
+      # files hold their settings) issue 25: the folded kernel (`_gemv_kernel`): its GPU test, a one-row sweep on both 8B MLP shapes
       # (the first chooses), a sweep at 4 and 8 rows, then the 8B decode at batch 1 with the one-row choice
       timeout 90 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -x -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
       Q="python3 -m benchmarks.qdecode --copy-mib 1024 --sweep-batches 1"
@@ -111,7 +112,7 @@ for section in "$@"; do
       export XLA_FLAGS="${XLA_FLAGS% --xla_gpu_enable_triton_gemm=false}"
       timeout 120 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1 --qmatmul "$chosen" --timeout 110 --out $OUT/qlora_decode_h200_fold.json ;;
-    sum25)  # issue 25: the folded kernel summing each step's rows at once (FOLD_SUM): GPU test, one-row sweep on
+    sum25)  # (run 2026-12-03, see fold25) issue 25: the folded kernel summing each step's rows at once (FOLD_SUM): GPU test, one-row sweep on
       # both 8B MLP shapes (the first chooses), then the 8B decode at 1, 4, 16, 64 rows with the choice
       timeout 90 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k "compiled_kernel and not tile and not select" 2>&1 | tail -3
       Q="python3 -m benchmarks.qdecode --copy-mib 1024 --sweep-batches 1"
@@ -134,6 +135,10 @@ for section in "$@"; do
         --out $OUT/qlora_train_h200_no_remat.json
       timeout 250 python3 -m benchmarks.qlora --modes '' --big llama70b --batches 6 --timeout 240 \
         --out $OUT/qlora_70b_h200_b6.json ;;
+    final25)  # issue 25, the defaults as shipped: the GPU test (every variant now traced afresh), the 8B decode
+      timeout 120 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
+      timeout 220 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
+        --decode-batches 1,4,16,64 --timeout 210 --out $OUT/qlora_decode_h200_final.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

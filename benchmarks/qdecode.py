@@ -105,24 +105,6 @@ PRESETS = {
         "16,512,2,1,1024,1,one", "16,512,4,3,1024,1,one", "16,512,4,1,1024,1,one+tree",
         "16,512,4,1,1024,1,one+readonly",
     ],
-    # the folded kernel summing each step's rows at once (`FOLD_SUM`): a tile row spans every thread
-    # (NF4: bn/2 bytes = warps·32·16), so the tile's rows are loads in flight, not accumulators
-    "fold_sum": [
-        "8,512,4,1,1024,1,one", "16,512,4,1,1024,1,one", "8,512,4,1,1024,1,one+prefetch2",
-        "16,512,4,1,512,1,one+prefetch2", "8,2048,2,1,1024,1,one+sum", "16,2048,2,1,1024,1,one+sum",
-        "32,2048,2,1,1024,1,one+sum",
-        "8,2048,2,1,512,1,one+sum", "16,2048,2,1,512,1,one+sum", "8,2048,2,1,2048,1,one+sum",
-        "8,2048,2,1,1024,1,one+sum+prefetch0", "16,2048,2,1,1024,1,one+sum+prefetch0",
-        "8,2048,2,1,1024,1,one+sum+prefetch2", "8,4096,4,1,1024,1,one+sum", "16,4096,4,1,512,1,one+sum",
-        "16,1024,1,1,1024,1,one+sum", "32,1024,1,1,512,1,one+sum", "8,2048,4,1,1024,1,one+sum",
-        "16,2048,2,1,256,1,one+sum+prefetch0", "32,2048,2,1,256,1,one+sum+prefetch0",
-    ],
-    # 2-8 rows folded too (sweep at 4 and 8 rows; the first is the tensor-core path, the default there)
-    "fold_rows": [
-        "16,512,4,1,1024,1,one", "8,512,4,1,1024,1,one+fold4", "4,512,4,1,1024,1,one+fold4",
-        "8,256,4,1,1024,1,one+fold4", "4,1024,4,1,1024,1,one+fold4", "4,512,4,1,1024,1,one+fold8",
-        "2,512,4,1,1024,1,one+fold8", "2,1024,8,1,1024,1,one+fold8",
-    ],
 }  # fmt: skip
 WRONG = 2e-2  # a row whose error against XLA's product exceeds this (bf16 outputs: ~4e-3) is never chosen
 

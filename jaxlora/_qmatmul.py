@@ -77,17 +77,15 @@ PROGRAMS = 4096
 # with the one-row setting, whose split writes float32 partials larger than the codes at these rows
 TILE_M, WARPS_M, STAGES_M, PROGRAMS_M = (64, 128), 4, 1, 1024
 # the forward on one row (decode) by `_gemv_kernel` (`FOLD`): x and each block's scale folded into one
-# coefficient a block, so a code costs a value lookup and one multiply-add; its own tile (rows of W,
-# columns: wide, so each row of codes is one long contiguous read), warps, stages and programs, and
-# `PREFETCH` steps' codes loaded ahead of their use (a register double buffer: Triton's pipeliner
-# prefetches only what feeds a dot)
+# coefficient a block, so a code costs a value lookup and one multiply-add; its own tile (NF4's rows and
+# columns of W a step, 4 KB of codes: wide, so each row is one contiguous read; int8, a byte a code,
+# takes half the rows), warps, stages and programs, and `PREFETCH` steps' loads issued ahead of their use
+# (Triton's pipeliner prefetches only what feeds a dot). On the H200 (qdecode_h200_fold*.json) it took the
+# probe's NF4 from 2.06-2.45 ms to 1.39-1.77 and int8 from 1.94 to 1.32-1.56 (bf16 1.26-1.39); summing
+# each step's rows at once and folding 2-8 rows too were slower (1.6-42 ms; 4.0-6.1 ms at 4 rows against
+# the tensor cores' 3.4) and were removed
 FOLD = True
 GEMV_TILE, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS, PREFETCH = (16, 512), 4, 1, 1024, 1
-FOLD_ROWS = 1  # up to this many rows (a power of 2) take the folded kernel: a lookup a code, a multiply-add a row
-# the folded kernel sums each step's rows at once into a (columns,) accumulator: with a tile one row of
-# which spans every thread (bn/2 bytes = warps·32·16 for NF4), that sum stays inside each thread, and the
-# tile's rows become independent loads in flight instead of accumulator registers
-FOLD_SUM = False
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -152,7 +150,7 @@ def _splits(programs: int, reduce: int, chunk: int, limit: int | None = None) ->
 _SWITCHES = (
     "TILE", "TILE_T", "WARPS", "STAGES", "PROGRAMS", "TILE_M", "WARPS_M", "STAGES_M", "PROGRAMS_M",
     "GEMV_TILE", "GEMV_WARPS", "GEMV_STAGES", "GEMV_PROGRAMS", "PREFETCH",
-    "GEMV", "FOLD", "FOLD_ROWS", "FOLD_SUM", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
+    "GEMV", "FOLD", "LOOKUP", "REDUCE", "WORDS", "HINTS", "READ_ONLY",
     "MAX_ROWS",
 )  # fmt: skip
 _DEFAULTS = {name: globals()[name] for name in _SWITCHES}
@@ -163,8 +161,6 @@ _FLAGS = {  # a setting's variant flags: the switch each sets (unnamed switches 
     "readonly": ("READ_ONLY", True),
     "tile": ("FOLD", False),
     **{f"prefetch{n}": ("PREFETCH", n) for n in (0, 2)},
-    **{f"fold{n}": ("FOLD_ROWS", n) for n in (2, 4, 8)},
-    "sum": ("FOLD_SUM", True),
     **{f"rows{n}": ("MAX_ROWS", n) for n in (16, 32, 64, 128)},
     **{lookup: ("LOOKUP", lookup) for lookup in LOOKUPS},
 }
@@ -185,7 +181,8 @@ def configure(setting: str) -> dict[str, Any]:
     or ``prefetch2`` (`PREFETCH`), ``reduce`` (`REDUCE` ``"step"``), ``words`` (`WORDS`), ``hints``
     (`HINTS`), ``rowsN`` (`MAX_ROWS` N: 16, 32, 64 or 128) and one of `LOOKUPS` (default ``gather``), or
     is ``loop`` for none. Switches a setting does not name go back to their defaults, so settings never leak into each
-    other. Returns `switches`. The empty string restores the defaults.
+    other; JAX's caches are cleared, since a trace keeps the switches it saw. Returns `switches`. The
+    empty string restores the defaults.
 
     >>> configure("128,128,4,3,4096,1,reduce+words+tree")["LOOKUP"]
     'tree'
@@ -222,6 +219,7 @@ def configure(setting: str) -> dict[str, Any]:
         values["GEMV"] = bool(gemv[0]) if gemv else True
     values.update(_FLAGS[f] for f in flags if f != "one")
     globals().update(values)
+    jax.clear_caches()  # the switches are read when a function is traced: a trace made before must not be reused
     return switches()
 
 
@@ -356,22 +354,18 @@ def _fit(size: int, extent: int, least: int) -> int:
 
 
 def _folded(rows: int, transpose: bool) -> bool:
-    """Whether `matmul` takes the folded kernel (`_gemv_kernel`) for ``rows`` rows: its ``W`` is never
-    rounded to ``x``'s dtype."""
-    return FOLD and not transpose and rows <= FOLD_ROWS and (rows > 1 or GEMV)
+    """Whether `matmul` takes the folded kernel (`_gemv_kernel`): its ``W`` is never rounded to ``x``'s dtype."""
+    return FOLD and GEMV and not transpose and rows == 1
 
 
 def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
-    """`matmul` on a few rows by `_gemv_kernel`: the program (j, t) sums rows ``t·part ...`` of ``W``'s
-    columns ``j·bn ...``, ``GEMV_TILE[0]`` rows a step; the splits' float32 partials are summed by XLA."""
+    """`matmul` on one row by `_gemv_kernel`: the program (j, t) sums rows ``t·part ...`` of ``W``'s
+    columns ``j·bn ...``, a tile of rows a step; the splits' float32 partials are summed by XLA."""
     from jax.experimental import pallas as pl
 
     k, n = q.inner
-    m = x.shape[0]
-    mp = 1 << (m - 1).bit_length()  # Triton's blocks are powers of 2
-    x = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     nf4 = q.format == "nf4"
-    bk = _fit(GEMV_TILE[0], k, 8)
+    bk = _fit(GEMV_TILE[0] if nf4 else max(GEMV_TILE[0] // 2, 1), k, 1)  # int8: the same bytes a step
     bn = _fit(GEMV_TILE[1], n, max(128, q.block_size if nf4 else 1))
     s = splits or _splits(n // bn, k, bk, GEMV_PROGRAMS)
     if k % (s * bk):
@@ -399,31 +393,29 @@ def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
         names += ["scale"]
         operands += [small.scale.reshape(1, n).astype(f32)]
     whole = lambda v: pl.BlockSpec(v.shape, lambda j, t: (0,) * v.ndim)  # noqa: E731  (indexed in the kernel)
-    specs = [pl.BlockSpec((mp, part), lambda j, t: (0, t))] + [whole(v) for v in operands[1:]]
+    specs = [pl.BlockSpec((1, part), lambda j, t: (0, t))] + [whole(v) for v in operands[1:]]
     kernel = functools.partial(
         _gemv_kernel, names=tuple(names), nf4=nf4, double=nf4 and q.double_quant, steps=part // bk, tile=(bk, bn),
         part=part, bs=q.block_size, nbr=n // q.block_size, top=float(jnp.finfo(q.dtype).max),
-        lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY, each_step=FOLD_SUM,
+        lookup=lookup, prefetch=PREFETCH, read_only=READ_ONLY,
     )  # fmt: skip
     one = s == 1
-    out_shape = jax.ShapeDtypeStruct((mp, n) if one else (s, mp, n), out_dtype if one else f32)
+    out_shape = jax.ShapeDtypeStruct((1, n) if one else (s, 1, n), out_dtype if one else f32)
     out_spec = (
-        pl.BlockSpec((mp, bn), lambda j, t: (0, j)) if one else pl.BlockSpec((None, mp, bn), lambda j, t: (t, 0, j))
+        pl.BlockSpec((1, bn), lambda j, t: (0, j)) if one else pl.BlockSpec((None, 1, bn), lambda j, t: (t, 0, j))
     )
     params = {} if interpret else {"compiler_params": _compiler_params(GEMV_WARPS, GEMV_STAGES)}
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n // bn, s), in_specs=specs, out_specs=out_spec, interpret=interpret,
         **params,
     )(*operands)  # fmt: skip
-    y = y if one else y.sum(0).astype(out_dtype)
-    return y[:m] if mp != m else y
+    return y if one else y.sum(0).astype(out_dtype)
 
 
-def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only, each_step):
+def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, lookup, prefetch, read_only):
     """``y[c] = Σ_r x[r]·W[r, c]`` with ``W[r, c] = value(code)·absmax[r, c // bs]`` (NF4) or
     ``code·scale[c]`` (int8), computed as ``Σ_r value(code)·(x[r]·absmax)`` and ``scale·Σ_r code·x[r]``:
-    per code a lookup and a multiply-add (a row of ``x``), no rounding of ``W`` to ``x``'s dtype.
-    One row has (bk, ...) tiles; ``m`` rows a leading axis of ``m``."""
+    per code a lookup and a multiply-add, no rounding of ``W`` to ``x``'s dtype."""
     from jax.experimental import pallas as pl
 
     ref = dict(zip(names, refs))
@@ -435,12 +427,10 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
     j, t = pl.program_id(0), pl.program_id(1)
     col0 = j * bn
     codes0, absmax0 = ref["base"][0], ref["base"][1]
-    m = x_ref.shape[0]
-    lead = () if m == 1 else (m,)
 
     def load(i):
         """Step ``i``'s loads, as loaded (used only in `fma`, so loads ahead stay in flight until then): the
-        codes (int8: (bk, bn); NF4: (bk, bn / bs, bs / 2)), x's (·, bk), and NF4's absmax (bk, bn / bs) with,
+        codes (int8: (bk, bn); NF4: (bk, bn / bs, bs / 2)), x's (1, bk), and NF4's absmax (bk, bn / bs) with,
         double-quantized, each block's group step."""
         rows = t * part + i * bk  # within the layer's W
         xs = x_ref[:, pl.ds(i * bk, bk)]
@@ -455,8 +445,8 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         return codes, xs, amax, ref["steps"][(row * nbr + blocks) // DQ_GROUP]
 
     def coefficient(xs, amax, step=None):
-        """x·absmax (·, bk, bn / bs, 1), or x (·, bk, 1) for int8."""
-        xs = xs.astype(f32).reshape(*lead, bk, 1)
+        """x·absmax (bk, bn / bs, 1), or x (bk, 1) for int8."""
+        xs = xs.astype(f32).reshape(bk, 1)
         if amax is None:
             return xs
         amax = amax.astype(f32)
@@ -464,27 +454,20 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
             amax = amax * step + ref["consts"][pl.ds(16, 1)].reshape(1, 1)
         # W's values are clipped to its dtype's range: a finite absmax past it is clipped (|value| <= 1)
         amax = jnp.where(jnp.abs(amax) > top, jnp.where(jnp.abs(amax) < jnp.inf, jnp.sign(amax) * top, amax), amax)
-        return (xs * (amax[None] if lead else amax))[..., None]
+        return (xs * amax)[:, :, None]
 
     def fma(accs, codes, xs, amax=None, step=None):
         coef = coefficient(xs, amax, step)
 
-        def wide(v):  # a tile beside each row of x
-            return v[None] if lead else v
-
-        def add(acc, products):  # summed over the step's rows now (`FOLD_SUM`) or after the loop
-            return acc + (jnp.sum(products, axis=len(lead)) if each_step else products)
-
         if not nf4:
-            return (add(accs[0], wide(codes.astype(f32)) * coef),)
+            return (accs[0] + codes.astype(f32) * coef,)
         codes = codes.astype(jnp.int32)
         halves = (codes >> 4, codes & 15)  # the even column in the high nibble
         if read_only:  # the diagnostic: the codes' integers stand for the values (no lookup)
-            return tuple(add(acc, wide(h.astype(f32)) * coef) for acc, h in zip(accs, halves))
-        return tuple(add(acc, wide(_nf4_value(h, lookup, ref["consts"])) * coef) for acc, h in zip(accs, halves))
+            return tuple(acc + h.astype(f32) * coef for acc, h in zip(accs, halves))
+        return tuple(acc + _nf4_value(h, lookup, ref["consts"]) * coef for acc, h in zip(accs, halves))
 
-    shape = (*lead, *(() if each_step else (bk,)), *((bn // bs, bs // 2) if nf4 else (bn,)))
-    accs = tuple(jnp.zeros(shape, f32) for _ in range(phases))
+    accs = tuple(jnp.zeros((bk, bn // bs, bs // 2) if nf4 else (bk, bn), f32) for _ in range(phases))
     if steps == 1:
         accs = fma(accs, *load(0))
     elif prefetch:  # the next `prefetch` steps' loads are issued before this step's arithmetic
@@ -498,7 +481,7 @@ def _gemv_kernel(*refs, names, nf4, double, steps, tile, part, bs, nbr, top, loo
         accs = lax.fori_loop(0, steps, body, (accs, ahead))[0]
     else:
         accs = lax.fori_loop(0, steps, lambda i, accs: fma(accs, *load(i)), accs)
-    sums = [(acc if each_step else jnp.sum(acc, axis=len(lead))).reshape(m, width) for acc in accs]
+    sums = [jnp.sum(acc, axis=0).reshape(1, width) for acc in accs]
     out = _interleave(sums) if nf4 else sums[0] * ref["scale"][:, pl.ds(col0, bn)]
     o_ref[...] = out.astype(o_ref.dtype)
 

@@ -1,4 +1,5 @@
 """Which layout, row count and direction of a GPU variant fails `_check` (the device run's diagnostic)."""
+
 import functools
 import sys
 
