@@ -139,6 +139,8 @@ for section in "$@"; do
       timeout 120 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel 2>&1 | tail -3
       timeout 220 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 --big "" \
         --decode-batches 1,4,16,64 --timeout 210 --out $OUT/qlora_decode_h200_final.json ;;
+    test25)  # the compiled kernel's GPU test alone (final25's timed out in its last variant)
+      timeout 280 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel -rf --tb=line 2>&1 | tail -8 ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -100,7 +100,7 @@ def test_a_stack_past_int32_offsets_is_sliced_per_layer(monkeypatch):
 VARIANTS = [  # benchmark settings (`_qmatmul.configure`): each variant of the kernel the sweep times
     "16,256,4,1,4,1,prefetch2",  # one row folded (`_gemv_kernel`): 4 steps a program, 2 loaded ahead
     "32,128,4,1,2,1,prefetch0+tree",  # 2 programs of 4 steps, no loads ahead; the tree lookup
-    "8,128,4,1,4096,1,loop",  # one step a program
+    "8,128,4,1,4096,1,one",  # one step a program (the other paths keep their tiles: a dot needs 16)
     "128,128,4,3,4096,1,reduce+tile",  # the tiled one-row path: K split to one step a program, summed each step
     "128,128,4,3,512,1,words+tile",  # uint32 words of codes: 8 NF4 (4 int8) column phases
     "64,128,4,3,2,1,reduce+words+tree+hints+tile",  # 2 programs: a loop of 4 steps
