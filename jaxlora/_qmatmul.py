@@ -302,19 +302,9 @@ def matmul(
         names += ["scale"]
         operands += [small.scale.reshape(n // phases, phases).T]
     else:
-        names += ["absmax"]
-        operands += [absmax]
-        consts = np.zeros(32, np.float32)
-        consts[:16] = NF4
-        consts = jnp.asarray(consts)
-        if q.double_quant:
-            consts = consts.at[16].set(small.scale_mean.reshape(())[()].astype(f32))
-            groups = small.scale_scale.shape[0]
-            padded = 1 << max(4, (groups - 1).bit_length())
-            names += ["steps"]
-            operands += [jnp.pad(small.scale_scale.astype(f32), (0, padded - groups))]
-        names += ["consts"]
-        operands += [consts]
+        more = _nf4_operands(absmax, small)
+        names += list(more)
+        operands += list(more.values())
     specs += [whole(v) for v in operands[len(specs) :]]
     top = float(jnp.finfo(q.dtype).max)
     kernel = functools.partial(
@@ -344,6 +334,22 @@ def matmul(
     if not one:
         y = y.sum(0).astype(out_dtype)
     return y[:m] if mp != m else y
+
+
+def _nf4_operands(absmax: Array, small: Quantized) -> dict[str, Array]:
+    """NF4's operands beside the codes, by name: the block absmax, with double quantization each group's
+    step (padded to a power of 2), and ``consts``: the 16 values, then the absmax mean at 16."""
+    f32 = jnp.float32
+    consts = np.zeros(32, np.float32)
+    consts[:16] = NF4
+    out = {"absmax": absmax}
+    if small.double_quant:
+        groups = small.scale_scale.shape[0]
+        out["steps"] = jnp.pad(small.scale_scale.astype(f32), (0, (1 << max(4, (groups - 1).bit_length())) - groups))
+        out["consts"] = jnp.asarray(consts).at[16].set(small.scale_mean.reshape(())[()].astype(f32))
+    else:
+        out["consts"] = jnp.asarray(consts)
+    return out
 
 
 def _fit(size: int, extent: int, least: int) -> int:
@@ -377,18 +383,9 @@ def _gemv(x, q, layer, out_dtype, lookup, splits, interpret):
     f32 = jnp.float32
     names, operands = ["x", "base", "codes"], [x, base, codes]
     if nf4:
-        names += ["absmax"]
-        operands += [absmax]
-        consts = np.zeros(32, np.float32)
-        consts[:16] = NF4
-        consts = jnp.asarray(consts)
-        if q.double_quant:
-            consts = consts.at[16].set(small.scale_mean.reshape(())[()].astype(f32))
-            groups = small.scale_scale.shape[0]
-            names += ["steps"]
-            operands += [jnp.pad(small.scale_scale.astype(f32), (0, (1 << max(4, (groups - 1).bit_length())) - groups))]
-        names += ["consts"]
-        operands += [consts]
+        more = _nf4_operands(absmax, small)
+        names += list(more)
+        operands += list(more.values())
     else:
         names += ["scale"]
         operands += [small.scale.reshape(1, n).astype(f32)]
