@@ -141,6 +141,14 @@ for section in "$@"; do
         --decode-batches 1,4,16,64 --timeout 210 --out $OUT/qlora_decode_h200_final.json ;;
     test25)  # the compiled kernel's GPU test alone (final25's timed out in its last variant)
       timeout 280 python3 -m pytest tests/test_qmatmul.py -q -p no:cacheprovider -k compiled_kernel -rf --tb=line 2>&1 | tail -8 ;;
+    now26)  # issue 25's 70B at 7 x 4,096; issue 26: the 8B LoRA step (outputs, bf16 factors) and the frozen
+      # forward profiled, with the compiled HLO (what XLA merges, where the time goes)
+      timeout 250 python3 -m benchmarks.qlora --modes '' --big llama70b --batches 7 --timeout 240 \
+        --out $OUT/qlora_70b_h200_b7.json
+      timeout 260 python3 -m benchmarks.train_step --config llama8b --modes lora,frozen --policy outputs \
+        --lora-dtype bfloat16 --steps 5 --warmup 2 --timeout 240 --profile /tmp/p8 --out $OUT/train_llama8b_profiled_h200.json
+      python3 -m benchmarks.trace_summary /tmp/p8_*.trace.json.gz > $OUT/train_llama8b_profiled_h200.txt 2>&1
+      for h in /tmp/p8_*.hlo.txt; do gzip -c "$h" > $OUT/$(basename "$h" | tr @ _).gz; done ;;
     *) echo "unknown section $section" ;;
   esac
 done
