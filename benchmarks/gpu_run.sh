@@ -149,6 +149,10 @@ for section in "$@"; do
         --lora-dtype bfloat16 --steps 5 --warmup 2 --timeout 240 --profile /tmp/p8 --out $OUT/train_llama8b_profiled_h200.json
       python3 -m benchmarks.trace_summary /tmp/p8_*.trace.json.gz > $OUT/train_llama8b_profiled_h200.txt 2>&1
       for h in /tmp/p8_*.hlo.txt; do gzip -c "$h" > $OUT/$(basename "$h" | tr @ _).gz; done ;;
+    peer26)  # issue 26: XLA groups the shrink products on the GPU (test), then PEFT's last peer (its compile is long)
+      timeout 90 python3 -m pytest tests/test_matmul.py -q -p no:cacheprovider -k on_a_gpu -rs 2>&1 | tail -3
+      timeout 490 python3 -m benchmarks.train_step --config llama8b --modes peft_compiled_ckpt --lora-dtype float32 \
+        --timeout 480 --out $OUT/train_llama8b_peft_compiled_f32_ckpt_h200.json ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -1,5 +1,7 @@
 """The factored matmul's custom VJP against plain autodiff of the reference math ``op(x, W + ΔW)``."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -226,3 +228,30 @@ def test_bfloat16_step_makes_no_float32_activation(merged, monkeypatch):
     got = _big_float32(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(lora, x).jaxpr, x.size // 4)
     want = _big_float32(jax.make_jaxpr(jax.grad(base))(x).jaxpr, x.size // 4)
     assert got == want, (got, want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA's dot_merger is a pass of the GPU pipeline")
+def test_on_a_gpu_xla_makes_one_gemm_of_the_products_of_projections_sharing_an_input():
+    """design.md, "Projections that share an input": the rewrite keeps q, k and v apart and XLA's GPU
+    pipeline groups their rank-r products, here the weight gradients ``xᵀ·(g·Bᵀ)`` of the three ``A``
+    (one product with 3·r columns)."""
+    d, r, tokens = 512, 8, 256
+    ks = jax.random.split(jax.random.key(0), 5)
+    params = {n: jax.random.normal(k, (d, d), jnp.bfloat16) / 16 for n, k in zip("qkv", ks)}
+    x = jax.random.normal(ks[3], (tokens, d), jnp.bfloat16)
+
+    def fn(params, x):
+        return jnp.tanh(x @ params["q"]) * (x @ params["k"]) + x @ params["v"]
+
+    lora = jaxlora.init(ks[4], params, jaxlora.LoraConfig(rank=r, targets=("q", "k", "v")), fn=fn, args=(x,))
+    lora = jax.tree.map(lambda v: v + 0.01, lora)  # B ≠ 0
+
+    def loss(lora):
+        return jaxlora.apply(fn, params, lora, x).astype(jnp.float32).var()
+
+    hlo = jax.jit(jax.grad(loss)).lower(lora).compile().as_text()
+    results = [re.match(r"\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) (.*)", line) for line in hlo.splitlines()]
+    gemms = [m for m in results if m and re.search(r"cublas|gemm|^dot\(", m[2])]  # m[1]: the result's shape
+    grouped = [m[0] for m in gemms if re.search(rf"\[(\d+,)*{3 * r}\]", m[1])]
+    assert gemms, "no GEMM found in the compiled HLO:\n" + hlo
+    assert grouped, "no GEMM with 3·r columns:\n" + "\n".join(m[0] for m in gemms)
