@@ -153,6 +153,17 @@ for section in "$@"; do
       timeout 90 python3 -m pytest tests/test_matmul.py -q -p no:cacheprovider -k on_a_gpu -rs 2>&1 | tail -3
       timeout 490 python3 -m benchmarks.train_step --config llama8b --modes peft_compiled_ckpt --lora-dtype float32 \
         --timeout 480 --out $OUT/train_llama8b_peft_compiled_f32_ckpt_h200.json ;;
+    dsf26)  # issue 26: the scan's weight slices are copied out for cuBLAS (memcpy128, 16.7 ms a step): XLA's dynamic
+      # slice fusion reads them in place. The 8B step (outputs, bf16 factors) and the bf16 decode, without and with it
+      for f in "" "--xla_gpu_enable_dynamic_slice_fusion=true"; do
+        tag=$([ -n "$f" ] && echo dsf || echo base)
+        XLA_FLAGS="$XLA_FLAGS $f" timeout 150 python3 -m benchmarks.train_step --config llama8b --modes lora \
+          --policy outputs --lora-dtype bfloat16 --steps 5 --warmup 2 --timeout 140 --profile /tmp/s_$tag \
+          --out $OUT/train_llama8b_$tag.json | grep -v "^ *$"
+        python3 -m benchmarks.trace_summary /tmp/s_${tag}_*.trace.json.gz | head -8
+        XLA_FLAGS="$XLA_FLAGS $f" timeout 120 python3 -m benchmarks.qlora --modes decode_bf16 --big "" \
+          --decode-batches 1,16 --timeout 110 --out $OUT/decode_bf16_$tag.json | grep -i "decode_bf16\|ms"
+      done ;;
     *) echo "unknown section $section" ;;
   esac
 done
