@@ -164,6 +164,16 @@ for section in "$@"; do
         XLA_FLAGS="$XLA_FLAGS $f" timeout 120 python3 -m benchmarks.qlora --modes decode_bf16 --big "" \
           --decode-batches 1,16 --timeout 110 --out $OUT/decode_bf16_$tag.json | grep -i "decode_bf16\|ms"
       done ;;
+    graphs)  # decode with XLA's command buffers taking the layer loop too (CUDA graphs: fewer launches), against
+      # the defaults in the same call; then the 8B step with its layers unrolled (no weight slice copied out of the scan)
+      CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+      for f in "" "$CB"; do
+        tag=$([ -n "$f" ] && echo graphs || echo default)
+        XLA_FLAGS="$XLA_FLAGS $f" timeout 150 python3 -m benchmarks.qlora --modes decode_bf16,decode_int8,decode_nf4 \
+          --big "" --decode-batches 1,16 --timeout 140 --out $OUT/qlora_decode_h200_$tag.json | grep "batch"
+      done
+      timeout 200 python3 -m benchmarks.train_step --config llama8b --modes lora --policy outputs --lora-dtype bfloat16 \
+        --override '{"scan": false}' --steps 5 --warmup 2 --timeout 190 --out $OUT/train_llama8b_unrolled_h200.json ;;
     *) echo "unknown section $section" ;;
   esac
 done
