@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._trace import UnsupportedError as UnsupportedError
     from ._tree import module_path as module_path
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 # public name -> (module, attribute or None for the module itself)
 _EXPORTS = {

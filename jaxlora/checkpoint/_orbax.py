@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from .._config import LoraConfig
 from .._matmul import LoraFactors
 from .._saved import SavedModule
+from .._version import __version__
 from . import _commit, _fingerprint
 from ._info import AdapterInfo as AdapterInfo
 from ._info import config_from_json as config_from_json
@@ -52,8 +53,6 @@ def metadata(
     fingerprint: _fingerprint.Fingerprint | None = None,
 ) -> dict[str, Any]:
     """The JSON item saved next to the arrays (format, version, modules, config, base fingerprint)."""
-    from .. import __version__
-
     if not isinstance(lora, Mapping) or not all(isinstance(f, (LoraFactors, SavedModule)) for f in lora.values()):
         raise TypeError("lora must be the dict of LoraFactors that jaxlora.init returns.")
     saved = {

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .._stack import LoraStack, stack
+from .._version import __version__
 from . import _commit, _fingerprint
 from ._info import module_problems
 from ._peft import PARAMETER_ORDER, Names, load_peft
@@ -62,8 +63,6 @@ def save_stack(directory: str | os.PathLike, stk: LoraStack, *, params: Any = No
       >>> jaxlora.checkpoint.restore_stack(path, params=params).names
       ('one',)
     """
-    from .. import __version__
-
     if not isinstance(stk, LoraStack):
         raise TypeError(f"save_stack saves a jaxlora.LoraStack, got {type(stk).__name__}; use save for one adapter.")
     roles, dropout = dict(stk.roles), dict(stk.dropout)
