@@ -173,7 +173,9 @@ for section in "$@"; do
           --big "" --decode-batches 1,16 --timeout 140 --out $OUT/qlora_decode_h200_$tag.json | grep "batch"
       done
       timeout 200 python3 -m benchmarks.train_step --config llama8b --modes lora --policy outputs --lora-dtype bfloat16 \
-        --override '{"scan": false}' --steps 5 --warmup 2 --timeout 190 --out $OUT/train_llama8b_unrolled_h200.json ;;
+        --override '{"scan": false}' --steps 5 --warmup 2 --timeout 190 --out $OUT/train_llama8b_unrolled_h200.json
+      timeout 150 python3 -m benchmarks.train_step --config llama8b --modes peft_ckpt --lora-dtype float32 --steps 5 \
+        --warmup 2 --timeout 140 --out $OUT/train_llama8b_peft_eager_f32_ckpt_h200.json ;;
     *) echo "unknown section $section" ;;
   esac
 done
