@@ -176,6 +176,12 @@ for section in "$@"; do
         --override '{"scan": false}' --steps 5 --warmup 2 --timeout 190 --out $OUT/train_llama8b_unrolled_h200.json
       timeout 150 python3 -m benchmarks.train_step --config llama8b --modes peft_ckpt --lora-dtype float32 --steps 5 \
         --warmup 2 --timeout 140 --out $OUT/train_llama8b_peft_eager_f32_ckpt_h200.json ;;
+    unrolled)  # the 8B step (outputs, bf16 factors) with its layers unrolled, then scanned, in one call
+      for o in '{"scan": false}' '{}'; do
+        tag=$([ "$o" = '{}' ] && echo scanned || echo unrolled)
+        timeout 220 python3 -m benchmarks.train_step --config llama8b --modes lora --policy outputs --lora-dtype bfloat16 \
+          --override "$o" --steps 5 --warmup 2 --timeout 210 --out $OUT/train_llama8b_${tag}_h200.json | grep -v "^ *$"
+      done ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -113,15 +113,14 @@ CONFIGS = {
 def configure(
     name: str, remat: bool = False, scan: bool = False, override: str = "{}", policy: str = "block"
 ) -> ModelConfig:
-    """``CONFIGS[name]`` with remat/scan switched on by flag (never off: llama8b has both; ``policy="none"``
-    takes remat away), the remat policy, and JSON overrides."""
+    """``CONFIGS[name]`` with remat/scan switched on by flag (``policy="none"`` takes remat away), the remat
+    policy, then JSON overrides, which may also switch them off (``'{"scan": false}'``: the layers unrolled)."""
     import json
 
     c = CONFIGS[name]
     remat_policy(policy)  # a bad name fails here, in the driver
-    return dataclasses.replace(
-        c, remat=remat or c.remat, scan=scan or c.scan, remat_policy=policy, **json.loads(override)
-    )
+    fields = dict(remat=remat or c.remat, scan=scan or c.scan, remat_policy=policy) | json.loads(override)
+    return dataclasses.replace(c, **fields)
 
 
 POLICIES = ("block", "none", "dots", "minimal", "outputs", "mlp")
