@@ -8,6 +8,8 @@
 # qlora_decode, then the decode modes with the default xs form (multi_adapter_h200_decode_xs.json).
 # Then (2026-12-02, issue 14): kernels fused_a, and llama8b lora alone (train_llama8b_lora_h200.json).
 # Ready, not yet run (2026-12-03): next25 and next26, one device call each. fold25 (2026-12-03).
+# 2026-12-04 (the device's clock): now26, peer26, dsf26, graphs (its unrolled step failed: --override could not
+# switch scan off then), unrolled, and the unrolled step with --policy mlp by hand (train_llama8b_unrolled_mlp_h200.json).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune ${XLA_FLAGS:-}"
@@ -156,13 +158,13 @@ for section in "$@"; do
     dsf26)  # issue 26: the scan's weight slices are copied out for cuBLAS (memcpy128, 16.7 ms a step): XLA's dynamic
       # slice fusion reads them in place. The 8B step (outputs, bf16 factors) and the bf16 decode, without and with it
       for f in "" "--xla_gpu_enable_dynamic_slice_fusion=true"; do
-        tag=$([ -n "$f" ] && echo dsf || echo base)
+        tag=$([ -n "$f" ] && echo _dsf)
         XLA_FLAGS="$XLA_FLAGS $f" timeout 150 python3 -m benchmarks.train_step --config llama8b --modes lora \
-          --policy outputs --lora-dtype bfloat16 --steps 5 --warmup 2 --timeout 140 --profile /tmp/s_$tag \
-          --out $OUT/train_llama8b_$tag.json | grep -v "^ *$"
-        python3 -m benchmarks.trace_summary /tmp/s_${tag}_*.trace.json.gz | head -8
+          --policy outputs --lora-dtype bfloat16 --steps 5 --warmup 2 --timeout 140 --profile /tmp/s$tag \
+          --out $OUT/train_llama8b_outputs_bf16${tag}_h200.json | grep -v "^ *$"
+        python3 -m benchmarks.trace_summary /tmp/s${tag}_*.trace.json.gz | head -8
         XLA_FLAGS="$XLA_FLAGS $f" timeout 120 python3 -m benchmarks.qlora --modes decode_bf16 --big "" \
-          --decode-batches 1,16 --timeout 110 --out $OUT/decode_bf16_$tag.json | grep -i "decode_bf16\|ms"
+          --decode-batches 1,16 --timeout 110 --out $OUT/decode_bf16${tag}_h200.json | grep -i "decode_bf16\|ms"
       done ;;
     graphs)  # decode with XLA's command buffers taking the layer loop too (CUDA graphs: fewer launches), against
       # the defaults in the same call; then the 8B step with its layers unrolled (no weight slice copied out of the scan)
