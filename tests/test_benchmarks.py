@@ -293,6 +293,14 @@ def test_train_step_rejects_an_unknown_policy():
         models.configure("tiny_scan", policy="all")
 
 
+def test_overrides_may_unroll_a_scanned_config():
+    """``--override '{"scan": false}'`` unrolls the layers of a config that scans them (the 8B's unrolled rows)."""
+    from benchmarks import models
+
+    assert models.configure("tiny_scan").scan and not models.configure("tiny_scan", override='{"scan": false}').scan
+    assert models.configure("tiny", scan=True, override='{"n_layers": 1}').scan
+
+
 def test_model_flops_count_the_lora_products():
     """Full fine-tuning 6·N·tokens, LoRA 4·N·tokens plus 6·tokens·r·(in + out) per adapted matrix, both plus
     attention; MFU against 989 TFLOP/s where the backend is a GPU."""
